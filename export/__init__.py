@@ -1,0 +1,1 @@
+"""PyTorch -> ONNX: wrappers with explicit ids inputs, export, verification, precision variants."""
