@@ -24,7 +24,7 @@ _COMMAND_MODULES = [
 class _Main(click.Group):
     """Turns MaeDeployError into a one-line message and its documented exit code."""
 
-    def invoke(self, ctx: click.Context):  # noqa: D401
+    def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except MaeDeployError as e:

@@ -1,0 +1,570 @@
+"""Read every MAE checkpoint a user has; write the native format.
+
+Formats, detected automatically:
+
+- ``native``: a directory with ``config.json`` (``"format": "mae-deploy-checkpoint"``) and
+  ``model.safetensors``.
+- ``official``: ``.pth`` files of the official MAE code, ``{'model': state_dict, ...}``: encoder-only
+  ``mae_pretrain_vit_*``, ``*_full`` (decoder, norm-pix targets), ``mae_visualize_*`` (raw-pixel targets),
+  fine-tuned (``fc_norm`` + ``head``), and full training checkpoints (optimizer, scaler, args).
+- ``hf``: Hugging Face ViTMAE directories (``config.json`` with ``model_type: vit_mae`` +
+  ``model.safetensors`` or ``pytorch_model.bin``); q/k/v are fused into ``qkv``; ``layer_norm_eps`` kept.
+- ``timm``: timm ViT/MAE state dicts (bare dicts or ``.safetensors``) — the official key layout without
+  the ``{'model': ...}`` wrapper.
+
+Pickles are read with ``torch.load(weights_only=True)``: a file that would import or run code is refused
+and nothing in it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pickle
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from mae_deploy.errors import CheckpointError
+from training.model import MODEL_CONFIGS, MAEConfig, MaskedAutoencoderViT, VisionTransformer
+
+NATIVE_FORMAT = "mae-deploy-checkpoint"
+NATIVE_VERSION = 1
+# Head counts cannot be read off weight shapes; these are the released architectures' (ViT-S/Ti too).
+_HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint in the official key layout, with the architecture it needs."""
+
+    config: MAEConfig
+    state_dict: dict[str, torch.Tensor]
+    parts: list[str]  # subset of ["encoder", "decoder", "head"]
+    format: str  # "native" | "official" | "hf" | "timm"
+    source: str
+    notes: list[str] = field(default_factory=list)
+    num_classes: int = 0
+    global_pool: bool = False
+
+    @property
+    def is_classifier(self) -> bool:
+        return "head" in self.parts
+
+    def parameter_counts(self) -> dict[str, int]:
+        counts = {"encoder": 0, "decoder": 0, "head": 0}
+        for k, v in self.state_dict.items():
+            if k in ("pos_embed", "decoder_pos_embed"):
+                continue  # fixed sin-cos buffers, not learned in pretraining
+            counts[_part_of(k)] += v.numel()
+        return {k: v for k, v in counts.items() if v}
+
+
+def _part_of(key: str) -> str:
+    if key.startswith(("decoder", "mask_token")):
+        return "decoder"
+    if key.startswith(("head", "fc_norm")):
+        return "head"
+    return "encoder"
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading raw files
+# --------------------------------------------------------------------------------------------------
+
+
+def _torch_load(path: Path) -> object:
+    try:
+        # argparse.Namespace holds the training args in official training checkpoints: plain data.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            found = re.search(r"(?:GLOBAL|global) ([\w.]+)", str(e))
+            what = f" (it asks for {found.group(1)})" if found else ""
+            raise CheckpointError(
+                f"refused to load {path}: the pickle references code that loading would run{what}. "
+                "Only tensors and plain containers are loaded (torch.load weights_only=True). If you trust "
+                "the file, re-save its state_dict with torch.save(sd, ...) and convert that."
+            ) from None
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({e}); is it truncated?") from None
+    except Exception as e:  # torch raises RuntimeError/EOFError/ValueError for damaged zips
+        raise CheckpointError(
+            f"could not read {path} as a PyTorch checkpoint: {type(e).__name__}: {str(e).splitlines()[0]}. "
+            "The file may be truncated (re-download it) or not a checkpoint at all."
+        ) from None
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        raise CheckpointError(
+            f"could not read {path} as safetensors: {str(e).splitlines()[0]}; the file may be truncated"
+        ) from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"could not read {path}: {e}") from None
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """'native' | 'hf' | 'timm' | 'official' for a directory or file, or a CheckpointError."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {p} does not exist")
+    if p.is_dir():
+        cfg_path = p / "config.json"
+        if not cfg_path.exists():
+            raise CheckpointError(
+                f"{p} is a directory without config.json: expected a native checkpoint or a Hugging Face "
+                "ViTMAE directory"
+            )
+        cfg = _read_json(cfg_path)
+        if cfg.get("format") == NATIVE_FORMAT:
+            return "native"
+        if cfg.get("model_type") in ("vit_mae", "vit"):
+            return "hf"
+        if "architecture" in cfg or "pretrained_cfg" in cfg:
+            return "timm"
+        raise CheckpointError(f"{cfg_path} is neither a mae-deploy, Hugging Face ViTMAE nor timm config")
+    if p.suffix == ".safetensors":
+        return "timm"
+    return "official"  # refined to 'timm' / 'hf' by the key layout once loaded
+
+
+# --------------------------------------------------------------------------------------------------
+# Key layouts -> the official layout
+# --------------------------------------------------------------------------------------------------
+
+_HF_LAYER = re.compile(
+    r"^(?:vit\.)?(?:encoder\.layer|layers)\.(\d+)\.(.+)$|^decoder\.(?:decoder_layers|decoder_encoder\.layer)\.(\d+)\.(.+)$"
+)
+_HF_SUB = {  # transformers 4.x names and 5.x names -> official block names
+    "layernorm_before": "norm1",
+    "layernorm_after": "norm2",
+    "attention.output.dense": "attn.proj",
+    "attention.o_proj": "attn.proj",
+    "intermediate.dense": "mlp.fc1",
+    "mlp.fc1": "mlp.fc1",
+    "output.dense": "mlp.fc2",
+    "mlp.fc2": "mlp.fc2",
+}
+_HF_QKV = {"attention.attention.query": 0, "attention.attention.key": 1, "attention.attention.value": 2,
+           "attention.q_proj": 0, "attention.k_proj": 1, "attention.v_proj": 2}
+_HF_TOP = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
+    "decoder.mask_token": "mask_token",
+    "decoder.decoder_pos_embed": "decoder_pos_embed",
+}
+
+
+def hf_to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename Hugging Face ViTMAE keys (transformers 4.x or 5.x) and fuse q/k/v into qkv."""
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[str, str], list] = {}
+    unknown = []
+    for key, value in sd.items():
+        k = key[len("vit."):] if key.startswith("vit.") else key
+        if k in _HF_TOP:
+            out[_HF_TOP[k]] = value
+            continue
+        if k.startswith("decoder.") and k.split(".")[1] in ("decoder_embed", "decoder_norm", "decoder_pred"):
+            out[k[len("decoder."):]] = value
+            continue
+        m = _HF_LAYER.match(key)
+        if not m:
+            unknown.append(key)
+            continue
+        prefix = f"blocks.{m.group(1)}" if m.group(1) is not None else f"decoder_blocks.{m.group(3)}"
+        rest = m.group(2) or m.group(4)
+        sub, _, kind = rest.rpartition(".")  # kind: weight | bias
+        if sub in _HF_QKV:
+            qkv.setdefault((prefix, kind), [None, None, None])[_HF_QKV[sub]] = value
+        elif sub in _HF_SUB:
+            out[f"{prefix}.{_HF_SUB[sub]}.{kind}"] = value
+        else:
+            unknown.append(key)
+    for (prefix, kind), parts in qkv.items():
+        if any(t is None for t in parts):
+            raise CheckpointError(f"Hugging Face checkpoint has an incomplete query/key/value set in {prefix}")
+        out[f"{prefix}.attn.qkv.{kind}"] = torch.cat(parts, dim=0)
+    if unknown:
+        raise CheckpointError(f"unexpected keys in Hugging Face checkpoint: {_shorten(unknown)}")
+    return out
+
+
+def official_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`hf_to_official`, in transformers' saved (4.x) naming."""
+    top = {v: k for k, v in _HF_TOP.items()}
+    sub = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.output.dense",
+           "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}
+    out = {}
+    for key, value in sd.items():
+        if key in top:
+            out[("" if key in ("mask_token", "decoder_pos_embed") else "vit.") + top[key]] = value
+            continue
+        m = re.match(r"^(blocks|decoder_blocks)\.(\d+)\.(.+)\.(weight|bias)$", key)
+        if not m:
+            out[f"decoder.{key}"] = value  # decoder_embed / decoder_norm / decoder_pred
+            continue
+        base = (f"vit.encoder.layer.{m.group(2)}" if m.group(1) == "blocks"
+                else f"decoder.decoder_layers.{m.group(2)}")
+        if m.group(3) == "attn.qkv":
+            for name, t in zip(("query", "key", "value"), value.chunk(3, dim=0), strict=True):
+                out[f"{base}.attention.attention.{name}.{m.group(4)}"] = t.clone()
+        else:
+            out[f"{base}.{sub[m.group(3)]}.{m.group(4)}"] = value
+    return out
+
+
+def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # DDP wraps the model as `module.`; torch.compile as `_orig_mod.`.
+    for prefix in ("module.", "_orig_mod."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def _shorten(items: list[str], n: int = 8) -> str:
+    items = sorted(items)
+    more = f" … and {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+# --------------------------------------------------------------------------------------------------
+# Architecture from weights
+# --------------------------------------------------------------------------------------------------
+
+
+def infer_config(
+    sd: dict[str, torch.Tensor],
+    hints: dict | None = None,
+    notes: list[str] | None = None,
+) -> tuple[MAEConfig, int, bool]:
+    """Architecture, num_classes and global_pool from an official-layout state dict.
+
+    ``hints`` may carry ``model`` (a registry name, e.g. from the training args), ``num_heads``,
+    ``decoder_num_heads``, ``norm_pix_loss``, ``norm_eps``: values that weight shapes cannot tell.
+    """
+    hints = dict(hints or {})
+    notes = notes if notes is not None else []
+    for key in ("patch_embed.proj.weight", "cls_token", "blocks.0.attn.qkv.weight"):
+        if key not in sd:
+            raise CheckpointError(
+                f"this does not look like an MAE/ViT checkpoint: '{key}' is missing "
+                f"(found keys like {_shorten(list(sd), 5)})"
+            )
+    proj = sd["patch_embed.proj.weight"]
+    dim, in_chans, patch = proj.shape[0], proj.shape[1], proj.shape[-1]
+    if "pos_embed" not in sd:
+        raise CheckpointError("checkpoint has no pos_embed: cannot tell the image size")
+    num_patches = sd["pos_embed"].shape[1] - 1
+    grid = math.isqrt(num_patches)
+    if grid * grid != num_patches:
+        raise CheckpointError(f"pos_embed holds {num_patches} patch positions, not a square grid")
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / dim
+    base = _registry_match(sd, hints.get("model"), patch, dim, depth, mlp_ratio)
+    if hints.get("num_heads"):
+        heads = int(hints["num_heads"])
+    elif base is not None and base.embed_dim == dim:
+        heads = base.num_heads
+    elif dim in _HEADS_BY_WIDTH:
+        heads = _HEADS_BY_WIDTH[dim]
+    else:
+        heads = max(1, dim // 64)
+        notes.append(
+            f"num_heads is not stored in the weights; assumed {heads} (head dim 64). Override with --num-heads"
+        )
+    kw = dict(
+        name=base.name if base is not None else "custom",
+        img_size=grid * patch, patch_size=patch, in_chans=in_chans, embed_dim=dim, depth=depth,
+        num_heads=heads, mlp_ratio=mlp_ratio, qkv_bias="blocks.0.attn.qkv.bias" in sd,
+        norm_eps=float(hints.get("norm_eps", 1e-6)), decoder_depth=0,
+    )
+    if "decoder_embed.weight" in sd:
+        ddim = sd["decoder_embed.weight"].shape[0]
+        kw["decoder_embed_dim"] = ddim
+        kw["decoder_depth"] = 1 + max(
+            (int(k.split(".")[1]) for k in sd if k.startswith("decoder_blocks.")), default=-1
+        )
+        if hints.get("decoder_num_heads"):
+            kw["decoder_num_heads"] = int(hints["decoder_num_heads"])
+        elif base is not None and base.decoder_embed_dim == ddim:
+            kw["decoder_num_heads"] = base.decoder_num_heads
+        else:
+            kw["decoder_num_heads"] = max(1, ddim // 32)  # 512 -> 16 as released
+        if "norm_pix_loss" in hints:
+            kw["norm_pix_loss"] = bool(hints["norm_pix_loss"])
+        else:
+            kw["norm_pix_loss"] = True
+            notes.append(
+                "norm_pix_loss is not recorded in this checkpoint; assumed True (the released *_full "
+                "checkpoints). mae_visualize_* checkpoints predict raw pixels: pass --no-norm-pix-loss"
+            )
+    num_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
+    global_pool = "fc_norm.weight" in sd
+    try:
+        return MAEConfig(**kw), num_classes, global_pool
+    except ValueError as e:
+        raise CheckpointError(f"inconsistent architecture read from the weights: {e}") from None
+
+
+def _registry_match(
+    sd: dict[str, torch.Tensor], name: str | None, patch: int, dim: int, depth: int, mlp_ratio: float
+) -> MAEConfig | None:
+    """The registry architecture named in the hints, or the one whose shapes match these weights."""
+    if name:  # official args say e.g. 'mae_vit_base_patch16'; fine-tuning args 'vit_base_patch16'
+        for candidate in (str(name), "mae_" + str(name)):
+            if candidate in MODEL_CONFIGS:
+                return MODEL_CONFIGS[candidate]
+    for cfg in MODEL_CONFIGS.values():
+        same_encoder = (cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.mlp_ratio) == (patch, dim, depth, mlp_ratio)
+        if same_encoder and (
+            "decoder_embed.weight" not in sd or cfg.decoder_embed_dim == sd["decoder_embed.weight"].shape[0]
+        ):
+            return cfg
+    return None
+
+
+def _hints_from_args(args: object) -> dict:
+    hints = {}
+    for name in ("model", "norm_pix_loss"):
+        if hasattr(args, name):
+            hints[name] = getattr(args, name)
+    if isinstance(args, dict):
+        hints.update({k: args[k] for k in ("model", "norm_pix_loss") if k in args})
+    return hints
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
+def load_checkpoint(path: str | os.PathLike, **hints) -> LoadedCheckpoint:
+    """Read any supported checkpoint into the official key layout plus its architecture.
+
+    ``hints`` override what the weights cannot tell: ``num_heads``, ``decoder_num_heads``,
+    ``norm_pix_loss``, ``model`` (registry name).
+    """
+    p = Path(path)
+    fmt = detect_format(p)
+    notes: list[str] = []
+    hints = {k: v for k, v in hints.items() if v is not None}
+
+    if fmt == "native":
+        meta = _read_json(p / "config.json")
+        if meta.get("format_version", 1) > NATIVE_VERSION:
+            raise CheckpointError(
+                f"{p} has native format version {meta['format_version']}; this mae-deploy reads up to "
+                f"{NATIVE_VERSION}: upgrade mae-deploy"
+            )
+        arch = dict(meta["architecture"])
+        head = meta.get("head", {})
+        try:
+            cfg = MAEConfig.from_dict(arch)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{p / 'config.json'}: {e}") from None
+        weights = p / "model.safetensors"
+        if not weights.exists():
+            raise CheckpointError(f"{p} has config.json but no model.safetensors")
+        sd = _load_safetensors(weights)
+        loaded = LoadedCheckpoint(cfg, sd, list(meta.get("parts", [])), fmt, str(p), notes,
+                                  int(head.get("num_classes", 0)), bool(head.get("global_pool", False)))
+        _check_keys(loaded)
+        return loaded
+
+    if fmt == "hf":
+        hf_cfg = _read_json(p / "config.json")
+        if (p / "model.safetensors").exists():
+            raw = _load_safetensors(p / "model.safetensors")
+        elif (p / "pytorch_model.bin").exists():
+            raw = _torch_load(p / "pytorch_model.bin")
+        else:
+            raise CheckpointError(f"{p} has a Hugging Face config but no model.safetensors or pytorch_model.bin")
+        sd = hf_to_official(raw)
+        if hf_cfg.get("hidden_act", "gelu") != "gelu":
+            raise CheckpointError(f"hidden_act={hf_cfg['hidden_act']} is not supported (MAE uses exact GELU)")
+        hints = {
+            "num_heads": hf_cfg.get("num_attention_heads"),
+            "decoder_num_heads": hf_cfg.get("decoder_num_attention_heads"),
+            "norm_pix_loss": hf_cfg.get("norm_pix_loss", False),
+            "norm_eps": hf_cfg.get("layer_norm_eps", 1e-12),
+            **hints,
+        }
+        if "pos_embed" not in sd and "image_size" in hf_cfg:
+            raise CheckpointError(f"{p}: position embeddings missing from the weights")
+        cfg, ncls, gpool = infer_config(sd, hints, notes)
+        if "decoder_embed.weight" in sd and hf_cfg.get("decoder_intermediate_size") not in (
+            None, int(cfg.decoder_embed_dim * cfg.mlp_ratio)
+        ):
+            raise CheckpointError("decoder_intermediate_size / decoder_hidden_size differs from the encoder's "
+                                  "mlp ratio; mae-deploy uses one mlp_ratio for both")
+        loaded = LoadedCheckpoint(cfg, sd, _parts(sd), fmt, str(p), notes, ncls, gpool)
+        _check_keys(loaded)
+        return loaded
+
+    # A single file: official .pth, timm state dict (.pth/.bin/.safetensors).
+    if p.suffix == ".safetensors":
+        obj: object = _load_safetensors(p)
+    else:
+        obj = _torch_load(p)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{p} holds a {type(obj).__name__}, not a state dict or {{'model': ...}}")
+    if "model" in obj and isinstance(obj["model"], dict):
+        sd, fmt = obj["model"], "official"
+        hints = {**_hints_from_args(obj.get("args")), **hints}
+        if "optimizer" in obj:
+            notes.append(f"training checkpoint (epoch {obj.get('epoch', '?')}): optimizer state ignored")
+    elif "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        sd, fmt = obj["state_dict"], "timm"
+    else:
+        sd, fmt = obj, "timm"
+    sd = _strip_prefixes({k: v for k, v in sd.items() if isinstance(v, torch.Tensor)})
+    if any(k.startswith(("vit.embeddings", "embeddings.patch_embeddings")) for k in sd):
+        sd, fmt = hf_to_official(sd), "hf"
+    name = p.name.lower()
+    if "norm_pix_loss" not in hints and "decoder_embed.weight" in sd:
+        if "visualize" in name:
+            hints["norm_pix_loss"] = False
+        elif "_full" in name:
+            hints["norm_pix_loss"] = True
+    cfg, ncls, gpool = infer_config(sd, hints, notes)
+    loaded = LoadedCheckpoint(cfg, sd, _parts(sd), fmt, str(p), notes, ncls, gpool)
+    _check_keys(loaded)
+    return loaded
+
+
+def _parts(sd: dict) -> list[str]:
+    parts = ["encoder"]
+    if "decoder_embed.weight" in sd:
+        parts.append("decoder")
+    if "head.weight" in sd:
+        parts.append("head")
+    return parts
+
+
+def build_model(ckpt: LoadedCheckpoint) -> MaskedAutoencoderViT | VisionTransformer:
+    """An empty model of the checkpoint's architecture (MAE, or classifier when it has a head)."""
+    if ckpt.is_classifier:
+        return VisionTransformer(replace(ckpt.config, decoder_depth=0), ckpt.num_classes, ckpt.global_pool)
+    cfg = ckpt.config if "decoder" in ckpt.parts else replace(ckpt.config, decoder_depth=0)
+    return MaskedAutoencoderViT(cfg)
+
+
+def _check_keys(ckpt: LoadedCheckpoint) -> None:
+    expected = build_model(ckpt).state_dict()
+    if not ckpt.parts:
+        ckpt.parts = _parts(ckpt.state_dict)
+    missing = [k for k in expected if k not in ckpt.state_dict]
+    unexpected = [k for k in ckpt.state_dict if k not in expected]
+    wrong = [
+        f"{k} {tuple(v.shape)} vs expected {tuple(expected[k].shape)}"
+        for k, v in ckpt.state_dict.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_shorten(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_shorten(unexpected)}")
+    if wrong:
+        problems.append(f"shape mismatches: {_shorten(wrong, 4)}")
+    if problems:
+        raise CheckpointError(
+            f"{ckpt.source} ({ckpt.format}) does not match the architecture read from it "
+            f"({ckpt.config.name}, dim {ckpt.config.embed_dim}, depth {ckpt.config.depth}): " + "; ".join(problems)
+        )
+    if "decoder" not in ckpt.parts and not ckpt.is_classifier:
+        ckpt.notes.append("encoder-only checkpoint: feature extraction works; reconstruction needs a decoder "
+                          "(use a *_full or *_visualize checkpoint)")
+
+
+def load_model(path: str | os.PathLike, **hints) -> tuple[MaskedAutoencoderViT | VisionTransformer, LoadedCheckpoint]:
+    """Model with the checkpoint's weights, in eval mode."""
+    ckpt = load_checkpoint(path, **hints)
+    model = build_model(ckpt)
+    model.load_state_dict({k: v.float() for k, v in ckpt.state_dict.items()}, strict=True)
+    return model.eval(), ckpt
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+
+
+def save_native(
+    model: MaskedAutoencoderViT | VisionTransformer,
+    dst: str | os.PathLike,
+    parts: list[str] | None = None,
+    source: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write config.json + model.safetensors into ``dst`` atomically (temp dir, then rename)."""
+    from safetensors.torch import save_file
+
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise CheckpointError(f"{dst} already exists; pass --overwrite to replace it")
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    is_cls = isinstance(model, VisionTransformer)
+    meta = {
+        "format": NATIVE_FORMAT,
+        "format_version": NATIVE_VERSION,
+        "architecture": model.config.to_dict(),
+        "parts": parts or _parts(sd),
+        "source": source or {},
+    }
+    if is_cls:
+        meta["head"] = {"num_classes": model.num_classes, "global_pool": model.global_pool}
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst
+
+
+def save_official(model: torch.nn.Module, dst: str | os.PathLike) -> Path:
+    """Write ``{'model': state_dict}`` as the official code does (atomic)."""
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    torch.save({"model": model.state_dict()}, tmp)
+    os.replace(tmp, dst)
+    return dst
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool = False, **hints) -> LoadedCheckpoint:
+    """Any supported checkpoint -> native directory; returns what was read."""
+    model, ckpt = load_model(src, **hints)
+    source = {"format": ckpt.format, "path": str(Path(src).resolve()), "notes": ckpt.notes}
+    save_native(model, dst, parts=ckpt.parts, source=source, overwrite=overwrite)
+    return ckpt
