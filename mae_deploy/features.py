@@ -1,0 +1,129 @@
+"""Feature extraction: images -> encoder features, with every patch visible, batched.
+
+Pools:
+
+- ``cls``: the cls token of the encoder output (after the encoder's final LayerNorm);
+- ``mean``: the mean of the L patch tokens, cls excluded, as the official global pool does. The official
+  fine-tuned classifier applies a separate ``fc_norm`` after this mean; our latent is the pretrained
+  encoder's output, already after its ``norm``, and no ``fc_norm`` is applied;
+- ``tokens``: all tokens, (N, L+1, D), cls first.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from itertools import islice
+
+import numpy as np
+from PIL import Image
+
+from mae_deploy.bundle import Bundle
+from mae_deploy.errors import InputError
+from mae_deploy.masking import all_visible, check_pixel_values
+from mae_deploy.preprocess import ImageLike, Preprocessor
+from mae_deploy.runners import Runner, create_runner
+
+POOLS = ("cls", "mean", "tokens")
+
+
+def pool_latent(latent: np.ndarray, pool: str) -> np.ndarray:
+    """(N, 1+L, D) encoder output -> (N, D) for cls/mean, or the tokens unchanged."""
+    if pool == "cls":
+        return latent[:, 0]
+    if pool == "mean":
+        return latent[:, 1:].mean(axis=1)
+    if pool == "tokens":
+        return latent
+    raise InputError(f"pool must be one of {list(POOLS)}, got {pool!r}")
+
+
+def _chunks(items: Iterable, n: int) -> Iterator[list]:
+    it = iter(items)
+    while chunk := list(islice(it, n)):
+        yield chunk
+
+
+class FeatureExtractor:
+    """Features for images, uint8 arrays or paths, through any runner.
+
+    ``runner`` lets several pipelines share one (e.g. a warmed-up GPU session); otherwise one is created
+    from ``backend``/``device``/``precision`` and ``runner_opts``. Use as a context manager, or call
+    :meth:`close`, to release it.
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle | str | os.PathLike,
+        backend: str = "ort",
+        device: str = "cpu",
+        precision: str = "fp32",
+        pool: str = "cls",
+        batch_size: int = 32,
+        runner: Runner | None = None,
+        preprocessor: Preprocessor | None = None,
+        **runner_opts,
+    ) -> None:
+        if pool not in POOLS:
+            raise InputError(f"pool must be one of {list(POOLS)}, got {pool!r}")
+        if batch_size < 1:
+            raise InputError(f"batch_size must be at least 1, got {batch_size}")
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+        self.pool = pool
+        self.batch_size = batch_size
+        self.preprocessor = preprocessor or Preprocessor.from_bundle(self.bundle)
+        self._own_runner = runner is None
+        self.runner = runner or create_runner(self.bundle, backend, device=device, precision=precision, **runner_opts)
+
+    @property
+    def dim(self) -> int:
+        return self.bundle.embed_dim
+
+    def extract_pixels(self, pixel_values: np.ndarray) -> np.ndarray:
+        """Already preprocessed float32 (N, C, H, W) -> pooled features (one runner call)."""
+        b = self.bundle
+        x = check_pixel_values(pixel_values, b.in_chans, b.image_size)
+        ids_keep, _, _ = all_visible(x.shape[0], b.num_patches)
+        return pool_latent(self.runner.encode(x, ids_keep), self.pool)
+
+    def extract(self, images: ImageLike | Iterable[ImageLike], progress: bool = False) -> np.ndarray:
+        """One image or an iterable of them -> float32 (N, D), or (N, L+1, D) for ``pool="tokens"``.
+
+        A uint8 array of shape (N, H, W, C) counts as N images. Images are preprocessed and encoded
+        ``batch_size`` at a time.
+        """
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            images = list(images)
+        elif isinstance(images, (str, os.PathLike, Image.Image)) or (
+            isinstance(images, np.ndarray) and images.ndim in (2, 3)
+        ):
+            images = [images]
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(images) if hasattr(images, "__len__") else None, unit="img", desc="features")
+        out = []
+        try:
+            for chunk in _chunks(images, self.batch_size):
+                out.append(self.extract_pixels(self.preprocessor(chunk)))
+                if bar is not None:
+                    bar.update(len(chunk))
+        finally:
+            if bar is not None:
+                bar.close()
+        if not out:
+            raise InputError("no images given")
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+    __call__ = extract
+
+    def close(self) -> None:
+        if self._own_runner:
+            self.runner.close()
+
+    def __enter__(self) -> FeatureExtractor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
