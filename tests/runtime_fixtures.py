@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -71,10 +72,12 @@ def _export_graphs(model, dst: Path) -> list[dict]:
     ]
     for part, module, args, inputs, output, dyn in jobs:
         f = dst / f"{part}.onnx"
-        torch.onnx.export(
-            module.eval(), args, str(f), input_names=list(inputs), output_names=[output],
-            dynamic_shapes=dyn, dynamo=True, external_data=False, verbose=False,
-        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*axis name")  # pixel_values and ids_keep share `batch`
+            torch.onnx.export(
+                module.eval(), args, str(f), input_names=list(inputs), output_names=[output],
+                dynamic_shapes=dyn, dynamo=True, external_data=False, verbose=False,
+            )
         shapes = {
             "pixel_values": ["batch", C, S, S], "ids_keep": ["batch", "visible"],
             "latent": ["batch", "visible+1", D], "ids_restore": ["batch", L], "pred": ["batch", L, cfg.patch_dim],

@@ -1,0 +1,226 @@
+"""Preprocessing: the official evaluation transform, every image mode, arrays, unreadable files, bombs."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mae_deploy.errors import InputError
+from mae_deploy.preprocess import Preprocessor, check_min_side, to_rgb
+
+MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def _pixels(x: np.ndarray) -> np.ndarray:
+    """Normalised (N, C, H, W) -> 0..255 (N, H, W, C) floats."""
+    return ((x.transpose(0, 2, 3, 1) * STD + MEAN) * 255.0).astype(np.float64)
+
+
+@pytest.fixture
+def pre() -> Preprocessor:
+    return Preprocessor(image_size=32)
+
+
+def _photo(size=(60, 40)) -> Image.Image:
+    """A non-square image with structure (so resizing and cropping errors show)."""
+    skimage = pytest.importorskip("skimage")
+    return Image.fromarray(skimage.data.coffee()).resize(size, Image.Resampling.BILINEAR)
+
+
+@pytest.mark.parametrize("resize", ["shorter_side_crop", "direct"])
+@pytest.mark.parametrize("size", [(60, 40), (40, 61), (36, 36)])
+def test_matches_torchvision_eval_transform(resize, size):
+    tv = pytest.importorskip("torchvision.transforms")
+    img = _photo(size)
+    if resize == "direct":
+        ref = tv.Compose([tv.Resize((32, 32), interpolation=tv.InterpolationMode.BICUBIC)])
+    else:
+        ref = tv.Compose([tv.Resize(int(32 / 0.875), interpolation=tv.InterpolationMode.BICUBIC), tv.CenterCrop(32)])
+    ref = tv.Compose([ref, tv.ToTensor(), tv.Normalize(MEAN.tolist(), STD.tolist())])
+    ours = Preprocessor(image_size=32, resize=resize)([img])
+    assert ours.shape == (1, 3, 32, 32) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours[0], ref(img).numpy(), atol=1e-6)
+
+
+def test_224_photo_matches_torchvision():
+    tv = pytest.importorskip("torchvision.transforms")
+    skimage = pytest.importorskip("skimage")
+    img = Image.fromarray(skimage.data.chelsea())  # 451 x 300
+    ref = tv.Compose([tv.Resize(256, interpolation=tv.InterpolationMode.BICUBIC), tv.CenterCrop(224), tv.ToTensor(),
+                      tv.Normalize(MEAN.tolist(), STD.tolist())])
+    np.testing.assert_allclose(Preprocessor(224)(img)[0], ref(img).numpy(), atol=1e-6)
+
+
+def test_from_config_and_batches(pre, tmp_path):
+    p = Preprocessor.from_config({"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0})
+    white = Image.new("RGB", (50, 40), "white")
+    np.testing.assert_allclose(p(white), 1.0)  # (1 - 0.5) / 0.5
+    white.save(tmp_path / "w.png")
+    arr = np.full((20, 30, 3), 255, np.uint8)
+    batch = p([white, tmp_path / "w.png", str(tmp_path / "w.png"), arr])
+    assert batch.shape == (4, 3, 32, 32)
+    np.testing.assert_allclose(batch, 1.0)
+
+
+def test_mode_L_and_1(pre):
+    gray = pre(Image.new("L", (40, 40), 128))
+    assert gray.shape == (1, 3, 32, 32)
+    np.testing.assert_allclose(_pixels(gray), 128, atol=1e-3)
+    np.testing.assert_allclose(_pixels(pre(Image.new("1", (40, 40), 1))), 255, atol=1e-3)
+
+
+def test_alpha_is_composited_on_white(pre):
+    transparent = Image.new("LA", (40, 40), (0, 0))  # black but fully transparent -> white
+    np.testing.assert_allclose(_pixels(pre(transparent)), 255, atol=1e-3)
+    half_red = Image.new("RGBA", (40, 40), (255, 0, 0, 128))
+    px = _pixels(pre(half_red))[0, 16, 16]
+    np.testing.assert_allclose(px, [255, 127, 127], atol=1.5)
+
+
+def test_palette_with_and_without_transparency(pre, tmp_path):
+    p = Image.new("P", (40, 40), 0)
+    p.putpalette([0, 0, 255] + [255, 0, 0] * 255)  # index 0 blue, the rest red
+    np.testing.assert_allclose(_pixels(pre(p))[0, 10, 10], [0, 0, 255], atol=1e-3)
+    p.paste(1, (0, 0, 20, 40))  # left half red, right half index 0
+    p.save(tmp_path / "t.png", transparency=0)  # index 0 transparent
+    img = pre.load_image(tmp_path / "t.png")
+    assert img.mode == "RGB"
+    assert img.getpixel((5, 5)) == (255, 0, 0) and img.getpixel((35, 5)) == (255, 255, 255)
+
+
+def test_cmyk(pre, tmp_path):
+    Image.new("CMYK", (40, 40), (0, 255, 255, 0)).save(tmp_path / "c.jpg")  # no cyan/black: red
+    px = _pixels(pre(tmp_path / "c.jpg"))[0, 16, 16]
+    assert px[0] > 240 and px[1] < 15 and px[2] < 15
+
+
+def test_16_bit_greyscale_is_scaled_not_clipped(pre, tmp_path):
+    a = np.full((40, 40), 128 * 257, np.uint16)
+    a[:, 20:] = 65535
+    Image.fromarray(a).save(tmp_path / "g16.png")
+    loaded = Image.open(tmp_path / "g16.png")
+    assert loaded.mode.startswith("I")  # I;16 (or I on older Pillow): 16-bit data
+    img = pre.load_image(tmp_path / "g16.png")
+    assert img.getpixel((5, 5)) == (128, 128, 128)  # Pillow's own convert would give 255 (clipped)
+    assert img.getpixel((35, 5)) == (255, 255, 255)
+    assert to_rgb(Image.fromarray(np.full((4, 4), 0.5, np.float32))).getpixel((0, 0)) == (128, 128, 128)
+    assert to_rgb(Image.fromarray(np.full((4, 4), 1000, np.int32))).getpixel((0, 0)) == (4, 4, 4)
+
+
+def test_exif_orientation_is_applied(pre, tmp_path):
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    img.paste((0, 0, 255), (20, 0, 40, 20))  # left red, right blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display rotated 90 degrees clockwise: the left edge becomes the top
+    img.save(tmp_path / "r.jpg", exif=exif, quality=95)
+    loaded = pre.load_image(tmp_path / "r.jpg")
+    assert loaded.size == (20, 40)
+    top, bottom = np.asarray(loaded)[3, 10], np.asarray(loaded)[36, 10]
+    assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60
+
+
+def test_animated_gif_uses_the_first_frame(pre, tmp_path):
+    frames = [Image.new("RGB", (40, 40), c) for c in ((255, 0, 0), (0, 0, 255), (0, 255, 0))]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    assert Image.open(tmp_path / "a.gif").n_frames == 3
+    x = pre(tmp_path / "a.gif")
+    assert x.shape == (1, 3, 32, 32)
+    np.testing.assert_allclose(_pixels(x)[0, 16, 16], [255, 0, 0], atol=1.5)
+
+
+def test_single_channel_models():
+    p = Preprocessor(image_size=32, mean=[0.5], std=[0.25], in_chans=1)
+    x = p([Image.new("RGB", (40, 40), (255, 255, 255)), np.zeros((40, 40), np.uint8)])
+    assert x.shape == (2, 1, 32, 32)
+    np.testing.assert_allclose(x[0], 2.0)  # (1 - 0.5) / 0.25
+    np.testing.assert_allclose(x[1], -2.0)
+
+
+def test_arrays(pre):
+    rgb = np.zeros((40, 50, 3), np.uint8)
+    rgba = np.zeros((40, 50, 4), np.uint8)  # transparent -> white
+    gray = np.full((40, 50, 1), 255, np.uint8)
+    x = pre([rgb, rgba, gray])
+    np.testing.assert_allclose(_pixels(x)[0], 0, atol=1e-3)
+    np.testing.assert_allclose(_pixels(x)[1:], 255, atol=1e-3)
+    with pytest.raises(InputError, match="has dtype float32; image arrays must be uint8 HWC"):
+        pre(np.zeros((40, 50, 3), np.float32))
+    with pytest.raises(InputError, match=r"has shape \(40, 50, 2\); expected"):
+        pre(np.zeros((40, 50, 2), np.uint8))
+    with pytest.raises(InputError, match="expected an image path, PIL image or uint8 array, got int"):
+        pre([3])
+    with pytest.raises(InputError, match="no images given"):
+        pre([])
+
+
+def test_unreadable_images_name_the_path(pre, tmp_path):
+    (tmp_path / "notes.jpg").write_text("this is not a JPEG")
+    with pytest.raises(InputError, match=f"cannot read image {tmp_path / 'notes.jpg'}: not an image format"):
+        pre([tmp_path / "notes.jpg"])
+    with pytest.raises(InputError, match=f"image {tmp_path / 'missing.png'} does not exist"):
+        pre([tmp_path / "missing.png"])
+    _photo((64, 64)).save(tmp_path / "full.jpg")
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=f"cannot read image {tmp_path / 'cut.jpg'}: .*truncated"):
+        pre.load_image(tmp_path / "cut.jpg")
+    with pytest.raises(InputError, match="is a directory"):
+        pre.load_image(tmp_path)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height (the pixel data is irrelevant: it is never decoded)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+
+
+def test_decompression_bombs_are_refused(pre, tmp_path):
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header_only(30000, 30000))
+    with pytest.raises(InputError, match="bomb.png is a decompression bomb"):
+        pre.load_image(bomb)
+    small_limit = Preprocessor(image_size=32, max_pixels=1000)
+    _photo((40, 40)).save(tmp_path / "ok.png")
+    with pytest.raises(InputError, match=r"ok.png is 40x40 = 1600 pixels, above the limit of 1000 \(a possible decomp"):
+        small_limit.load_image(tmp_path / "ok.png")
+
+
+def test_min_side(tmp_path):
+    p = Preprocessor(image_size=32, min_side=16)
+    Image.new("RGB", (100, 8)).save(tmp_path / "strip.png")
+    with pytest.raises(InputError, match="strip.png is 100x8 pixels; its shorter side is below the minimum of 16"):
+        p.load_image(tmp_path / "strip.png")
+    check_min_side(Image.new("RGB", (16, 16)), 16)  # at the limit: fine
+
+
+def test_bad_settings():
+    with pytest.raises(InputError, match="resize must be one of"):
+        Preprocessor(32, resize="stretch")
+    with pytest.raises(InputError, match=r"crop_pct must be in \(0, 1\]"):
+        Preprocessor(32, crop_pct=1.5)
+    with pytest.raises(InputError, match="mean and std need 3 values each"):
+        Preprocessor(32, mean=[0.5])
+
+
+def test_denormalize_inverts_normalize(pre):
+    img = _photo((32, 32))
+    x = pre.normalize(img)
+    np.testing.assert_allclose(pre.denormalize(x) * 255, np.asarray(img).transpose(2, 0, 1), atol=1e-3)
+
+
+def test_real_photo_path(tmp_path: Path):
+    skimage = pytest.importorskip("skimage")
+    Image.fromarray(skimage.data.astronaut()).save(tmp_path / "astronaut.png")
+    x = Preprocessor(224)([tmp_path / "astronaut.png"])
+    assert x.shape == (1, 3, 224, 224)
+    assert -2.2 < x.min() < -1.5 and 2.0 < x.max() < 2.7  # normalised ImageNet range

@@ -1,0 +1,244 @@
+"""Runners: ORT and the torch reference agree (features, reconstructions); device and dependency errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+from PIL import Image
+from runtime_fixtures import encoder_only_bundle, norm_pix_bundle, tiny_bundle  # noqa: F401
+
+from mae_deploy import Bundle, FeatureExtractor, Reconstructor, create_runner, random_masking
+from mae_deploy.errors import BundleError, DeviceUnavailable, InputError
+from mae_deploy.runners import Runner
+from mae_deploy.runners.ort import OrtRunner, check_providers, trt_profile_shapes
+
+pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_bundle) -> Bundle:  # noqa: F811
+    return Bundle.load(tiny_bundle)
+
+
+@pytest.fixture(scope="module")
+def ort_runner(bundle):
+    return create_runner(bundle, "ort", intra_op_threads=1)
+
+
+@pytest.fixture(scope="module")
+def torch_runner(bundle):
+    return create_runner(bundle, "torch")
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[np.ndarray]:
+    skimage = pytest.importorskip("skimage")
+    return [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea()]
+
+
+def test_runners_implement_the_interface(ort_runner, torch_runner):
+    for r in (ort_runner, torch_runner):
+        assert isinstance(r, Runner) and r.has_decoder
+    assert torch_runner.info.backend == "torch" and torch_runner.info.device == "cpu"
+
+
+@pytest.mark.parametrize("visible", [1, 5, 16])
+def test_encode_decode_agree_for_every_visible_count(ort_runner, torch_runner, visible):
+    x = np.random.default_rng(visible).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    ids_keep, ids_restore, _ = random_masking(3, 16, 1 - visible / 16, rng=visible)
+    assert ids_keep.shape == (3, visible)
+    lat_ort, lat_ref = ort_runner.encode(x, ids_keep), torch_runner.encode(x, ids_keep)
+    assert lat_ort.shape == (3, visible + 1, 32) and lat_ort.dtype == np.float32
+    np.testing.assert_allclose(lat_ort, lat_ref, atol=2e-5)
+    pred_ort, pred_ref = ort_runner.decode(lat_ort, ids_restore), torch_runner.decode(lat_ref, ids_restore)
+    assert pred_ort.shape == (3, 16, 192)
+    np.testing.assert_allclose(pred_ort, pred_ref, atol=2e-5)
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean", "tokens"])
+def test_features_agree(bundle, ort_runner, torch_runner, photos, pool):
+    ort_fx = FeatureExtractor(bundle, pool=pool, batch_size=2, runner=ort_runner)
+    ref_fx = FeatureExtractor(bundle, pool=pool, runner=torch_runner)
+    a, b = ort_fx.extract(photos), ref_fx.extract(photos)
+    assert a.shape == ((3, 17, 32) if pool == "tokens" else (3, 32)) and a.dtype == np.float32
+    np.testing.assert_allclose(a, b, atol=2e-5)
+    # Different photos give different features (the test would pass vacuously on constant output).
+    assert np.abs(a[0] - a[1]).max() > 1e-2
+
+
+def test_feature_pools_and_inputs(bundle, ort_runner, photos, tmp_path):
+    tokens = FeatureExtractor(bundle, pool="tokens", runner=ort_runner).extract(photos)
+    cls = FeatureExtractor(bundle, pool="cls", runner=ort_runner).extract(photos)
+    mean = FeatureExtractor(bundle, pool="mean", runner=ort_runner).extract(photos)
+    np.testing.assert_allclose(cls, tokens[:, 0], atol=1e-6)
+    np.testing.assert_allclose(mean, tokens[:, 1:].mean(1), atol=1e-6)
+    # Paths, PIL images, a single array and an (N, H, W, C) stack all give the same features.
+    paths = []
+    for i, p in enumerate(photos):
+        Image.fromarray(p).save(tmp_path / f"{i}.png")
+        paths.append(tmp_path / f"{i}.png")
+    fx = FeatureExtractor(bundle, runner=ort_runner, batch_size=1)
+    np.testing.assert_allclose(fx.extract(paths), cls, atol=1e-6)
+    np.testing.assert_allclose(fx.extract([Image.fromarray(p) for p in photos]), cls, atol=1e-6)
+    np.testing.assert_allclose(fx.extract(photos[1]), cls[1:2], atol=1e-6)
+    same = np.stack([photos[2][:300, :300]] * 2)
+    assert fx.extract(same).shape == (2, 32)
+    with pytest.raises(InputError, match="pool must be one of"):
+        FeatureExtractor(bundle, pool="max", runner=ort_runner)
+
+
+def test_reconstructions_agree(bundle, ort_runner, torch_runner, photos):
+    a = Reconstructor(bundle, runner=ort_runner).reconstruct(photos, mask_ratio=0.75, seed=3)
+    b = Reconstructor(bundle, runner=torch_runner).reconstruct(photos, mask_ratio=0.75, seed=3)
+    for ra, rb in zip(a, b, strict=True):
+        np.testing.assert_allclose(ra.pred, rb.pred, atol=2e-5)
+        assert np.abs(ra.reconstruction.astype(int) - rb.reconstruction.astype(int)).max() <= 1
+        np.testing.assert_array_equal(ra.mask, rb.mask)
+        assert ra.mask.sum() == 12 and not ra.norm_pix
+
+
+def test_norm_pix_reconstructions_agree_and_say_so(norm_pix_bundle, photos):  # noqa: F811
+    b = Bundle.load(norm_pix_bundle)
+    assert b.norm_pix_loss
+    with create_runner(b, "ort", intra_op_threads=1) as o, create_runner(b, "torch") as t:
+        ra = Reconstructor(b, runner=o).reconstruct(photos[:2], seed=0)
+        rb = Reconstructor(b, runner=t).reconstruct(photos[:2], seed=0)
+    assert ra[0].norm_pix and "norm-pix" in ra[0].title()
+    np.testing.assert_allclose(ra[0].pred, rb[0].pred, atol=2e-5)
+    assert np.abs(ra[1].reconstruction.astype(int) - rb[1].reconstruction.astype(int)).max() <= 1
+
+
+def test_ort_reports_the_providers_it_really_uses(bundle):
+    r = OrtRunner(bundle, intra_op_threads=1)
+    assert r.info.providers == ()  # no session yet: nothing is claimed
+    r.load(("encoder",))
+    assert r.info.providers == ("CPUExecutionProvider",)
+    assert r.info.details["sessions"] == ["encoder"]  # the decoder is created only when needed
+    assert r.info.details["graphs"] == {"encoder": "encoder.onnx", "decoder": "decoder.onnx"}
+
+
+def test_ort_io_binding_path_gives_the_same_result(bundle, ort_runner):
+    bound = OrtRunner(bundle, intra_op_threads=1, io_binding=True, graph_optimization="basic")
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    ids_keep, ids_restore, _ = random_masking(2, 16, 0.5, rng=0)
+    np.testing.assert_allclose(bound.encode(x, ids_keep), ort_runner.encode(x, ids_keep), atol=1e-5)
+    lat = ort_runner.encode(x, ids_keep)
+    np.testing.assert_allclose(bound.decode(lat, ids_restore), ort_runner.decode(lat, ids_restore), atol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", "tensorrt"])
+def test_gpu_request_without_a_gpu_provider_is_an_error(bundle, device):
+    with pytest.raises(DeviceUnavailable, match=f"has no .*ExecutionProvider .*--device {device} cannot run"):
+        OrtRunner(bundle, device=device)
+
+
+def test_silent_fallback_is_detected():
+    with pytest.raises(DeviceUnavailable, match="asked for CUDAExecutionProvider, but ONNX Runtime fell back to "
+                                                "CPUExecutionProvider"):
+        check_providers("cuda", "CUDAExecutionProvider", ["CPUExecutionProvider"], session=True)
+    check_providers("cuda", "CUDAExecutionProvider", ["CUDAExecutionProvider", "CPUExecutionProvider"], session=True)
+
+
+def test_tensorrt_ep_profile_covers_batch_and_visible_tokens():
+    enc = trt_profile_shapes("encoder", in_chans=3, image_size=224, num_patches=196, embed_dim=768,
+                             max_batch=64, opt_batch=8, opt_visible=49)
+    assert enc == {
+        "trt_profile_min_shapes": "pixel_values:1x3x224x224,ids_keep:1x1",
+        "trt_profile_opt_shapes": "pixel_values:8x3x224x224,ids_keep:8x49",
+        "trt_profile_max_shapes": "pixel_values:64x3x224x224,ids_keep:64x196",
+    }
+    dec = trt_profile_shapes("decoder", in_chans=3, image_size=224, num_patches=196, embed_dim=768,
+                             max_batch=64, opt_batch=8, opt_visible=49)
+    assert dec["trt_profile_min_shapes"] == "latent:1x2x768,ids_restore:1x196"
+    assert dec["trt_profile_max_shapes"] == "latent:64x197x768,ids_restore:64x196"
+    with pytest.raises(InputError, match="opt_batch 65 must be in 1..max_batch"):
+        trt_profile_shapes("encoder", in_chans=3, image_size=224, num_patches=196, embed_dim=768,
+                           max_batch=64, opt_batch=65, opt_visible=49)
+
+
+def test_runner_options_are_checked(bundle):
+    with pytest.raises(InputError, match="unknown backend 'onnx'; choose one of: ort, trt, torch"):
+        create_runner(bundle, "onnx")
+    with pytest.raises(InputError, match="unknown ort device 'gpu'"):
+        OrtRunner(bundle, device="gpu")
+    with pytest.raises(InputError, match="graph_optimization must be one of"):
+        OrtRunner(bundle, graph_optimization="max")
+    with pytest.raises(BundleError, match="no encoder graph at precision int8; it has: encoder fp32, decoder fp32"):
+        OrtRunner(bundle, precision="int8")
+    with pytest.raises(InputError, match="intra_op_threads must be at least 1"):
+        OrtRunner(bundle, intra_op_threads=0)
+
+
+def test_trt_backend_is_dispatched_lazily(bundle, monkeypatch):
+    calls = []
+
+    class FakeTrtRunner:
+        def __init__(self, b, device, precision, **opts):
+            calls.append((b, device, precision, opts))
+
+    monkeypatch.setitem(sys.modules, "mae_deploy.runners.trt", types.SimpleNamespace(TrtRunner=FakeTrtRunner))
+    r = create_runner(bundle, "trt", device="cuda:1", precision="fp16", max_batch=32)
+    assert isinstance(r, FakeTrtRunner)
+    assert calls == [(bundle, "cuda:1", "fp16", {"max_batch": 32})]
+
+
+def test_runners_validate_before_running(ort_runner, torch_runner):
+    x = np.zeros((2, 3, 32, 32), np.float32)
+    for r in (ort_runner, torch_runner):
+        with pytest.raises(InputError, match="ids_keep row 1 has duplicate index 3"):
+            r.encode(x, np.array([[0, 1], [3, 3]]))
+        with pytest.raises(InputError, match="ids_keep row 0 has index 16 out of range"):
+            r.encode(x, np.array([[16], [0]]))
+        with pytest.raises(InputError, match="pixel_values must have rank 4"):
+            r.encode(x[0], np.array([[0]]))
+        with pytest.raises(InputError, match="batch mismatch"):
+            r.decode(np.zeros((2, 3, 32), np.float32), np.arange(16)[None])
+
+
+def test_encoder_only_bundle(encoder_only_bundle, photos):  # noqa: F811
+    b = Bundle.load(encoder_only_bundle)
+    with FeatureExtractor(b, intra_op_threads=1) as fx:
+        assert fx.extract(photos[:1]).shape == (1, 32)
+        assert not fx.runner.has_decoder
+        with pytest.raises(BundleError, match="has no decoder"):
+            fx.runner.decode(np.zeros((1, 2, 32), np.float32), np.arange(16)[None])
+    with pytest.raises(BundleError, match="has no decoder .*reconstruction needs one"):
+        Reconstructor(b)
+
+
+def test_torch_runner_options(bundle, tmp_path, torch_runner):
+    with pytest.raises(DeviceUnavailable, match="PyTorch sees no CUDA device"):
+        create_runner(bundle, "torch", device="cuda")
+    with pytest.raises(InputError, match="fp16 autocast needs --device cuda"):
+        create_runner(bundle, "torch", precision="fp16")
+    # bf16 autocast: close to fp32 but not identical (it really runs in bf16).
+    bf16 = create_runner(bundle, "torch", precision="bf16")
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    ids = np.tile(np.arange(16), (2, 1))
+    a, b = bf16.encode(x, ids), torch_runner.encode(x, ids)
+    cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    assert cos.min() > 0.99 and np.abs(a - b).max() > 1e-4
+    # A checkpoint of another architecture is refused.
+    from training.checkpoints import save_native
+    from training.model import create_model
+
+    save_native(create_model("mae_vit_tiny_patch4"), tmp_path / "other")
+    with pytest.raises(BundleError, match="does not match bundle .*patch_size 4 vs 8"):
+        create_runner(bundle, "torch", checkpoint=tmp_path / "other")
+
+
+def test_missing_onnxruntime_says_what_to_install(tiny_bundle):  # noqa: F811
+    code = (
+        "import sys; sys.modules['onnxruntime'] = None\n"
+        "from mae_deploy import create_runner\n"
+        "from mae_deploy.errors import MissingDependency\n"
+        f"try:\n    create_runner({str(tiny_bundle)!r}, 'ort')\n"
+        "except MissingDependency as e:\n    print(e.exit_code, e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("6 ") and "pip install 'mae-deploy[cpu]'" in out.stdout
