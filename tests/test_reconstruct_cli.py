@@ -141,3 +141,16 @@ def test_runtime_never_imports_torch(tiny_bundle, photos, tmp_path):  # noqa: F8
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "False False"
     assert (tmp_path / "o" / "coffee.png").exists()
+
+
+def test_single_channel_panels():
+    from mae_deploy.reconstruct import Reconstruction
+
+    orig = np.full((16, 16), 200, np.uint8)
+    recon = np.full((16, 16), 50, np.uint8)
+    mask = np.array([1, 0, 0, 1], np.float32)  # 2x2 grid of 8-px patches
+    r = Reconstruction(orig, recon, mask, np.zeros((4, 64), np.float32), 0.5, 0, False, "gray", 8, (128,))
+    assert r.masked()[0, 0] == 128 and r.masked()[0, 15] == 200
+    assert r.pasted()[15, 15] == 50 and r.pasted()[15, 0] == 200
+    grid = r.grid_image()
+    assert grid.mode == "RGB" and grid.size == grid_size(224)  # 16 px panels enlarged 14x
