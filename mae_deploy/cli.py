@@ -18,6 +18,7 @@ from mae_deploy.errors import MaeDeployError
 # Modules under mae_deploy/commands/, each exposing COMMANDS: list[click.Command].
 _COMMAND_MODULES = [
     "checkpoint",  # convert, info
+    "export",  # export
     "runtime",  # reconstruct
 ]
 
