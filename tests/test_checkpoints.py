@@ -152,6 +152,7 @@ def test_native_refuses_overwrite(tmp_path):
     save_native(m, tmp_path / "n", overwrite=True)
     assert sorted(p.name for p in (tmp_path / "n").iterdir()) == ["config.json", "model.safetensors"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
+    assert (tmp_path / "n").stat().st_mode & 0o055 == 0o055  # readable by others, unlike a mkdtemp dir
 
 
 def test_visualize_checkpoint_predicts_raw_pixels(tmp_path):
