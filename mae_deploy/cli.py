@@ -20,6 +20,7 @@ _COMMAND_MODULES = [
     "checkpoint",  # convert, info
     "export",  # export
     "runtime",  # reconstruct
+    "bench",  # bench
 ]
 
 
