@@ -19,6 +19,8 @@ _LAZY = {
     "create_runner": "mae_deploy.runners",
     "FeatureExtractor": "mae_deploy.features",
     "Reconstructor": "mae_deploy.reconstruct",
+    "extract_features": "mae_deploy.extract",
+    "open_features": "mae_deploy.extract",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -21,6 +21,7 @@ _COMMAND_MODULES = [
     "export",  # export
     "runtime",  # reconstruct
     "bench",  # bench
+    "extract",  # extract (batch feature extraction)
 ]
 
 

@@ -1,0 +1,76 @@
+"""`extract`: batch feature extraction over a directory, glob or list of images (resumable, sharded)."""
+
+from __future__ import annotations
+
+import click
+
+from mae_deploy.errors import PartialFailure
+
+
+@click.command()
+@click.argument("source")
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Bundle directory (from `mae-deploy export`).")
+@click.option("--out", "out_dir", required=True, type=click.Path(),
+              help="Output directory: shards, index, manifest.json, errors.jsonl. Rerun into it to resume.")
+@click.option("--backend", type=click.Choice(["ort", "trt", "torch"]), default="ort", show_default=True,
+              help="Inference backend.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (ort also: tensorrt).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "bf16"]), default="fp32", show_default=True,
+              help="Encoder graph variant in the bundle (ort), or autocast precision (torch).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Images per inference call.")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Decode processes [default: cores - 1, at least 1, at most 8]; 0 decodes in a thread.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Inference threads (ort intra-op / torch) [default: the backend's own, all cores].")
+@click.option("--pool", type=click.Choice(["cls", "mean", "tokens"]), default="cls", show_default=True,
+              help="cls token, mean of patch tokens, or all tokens (N x (L+1) x D).")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="Stored feature dtype.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=None,
+              help="Inputs per shard [default: 10000, fewer for tokens so a shard stays under 256 MiB].")
+@click.option("--num-shards", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Split SOURCE into this many contiguous parts (one per launcher task) ...")
+@click.option("--shard-index", type=click.IntRange(min=0), default=0, show_default=True,
+              help="... and process this part (e.g. $SLURM_ARRAY_TASK_ID, $JOB_COMPLETION_INDEX).")
+@click.option("--strict", is_flag=True, help="Stop at the first input that fails (exit 3) instead of listing it.")
+@click.option("--min-side", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Images whose shorter side is below this many pixels fail as too_small.")
+@click.option("--max-pixels", type=click.IntRange(min=0), default=None,
+              help="Larger images fail as decompression_bomb [default: Pillow's limit, 89,478,485]; 0: no limit.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (the summary is still printed).")
+def extract(source, bundle_dir, out_dir, backend, device, precision, batch_size, workers, threads, pool, dtype,
+            shard_size, num_shards, shard_index, strict, min_side, max_pixels, no_progress) -> None:
+    """Extract encoder features of every image in SOURCE into sharded .npy files.
+
+    \b
+    SOURCE is a directory (searched recursively for jpg jpeg png bmp gif tif tiff webp ppm pgm, any case),
+    a glob ('imgs/**/*.jpg', quoted) or a text file with one path per line. Every input gets a stable row.
+    \b
+    OUT gets shard-00000.npy (N x D, or N x (L+1) x D for --pool tokens) with shard-00000.index.jsonl
+    ({"row", "path"} per feature row), manifest.json and errors.jsonl ({"row", "path", "reason", "message"}).
+    Each shard is written atomically; killed jobs resume from the last finished shard when the same command
+    is run again, with a result identical to an uninterrupted run. Read results with
+    mae_deploy.open_features(OUT) (or a list / glob of the parts' OUT directories).
+    \b
+    Exit codes: 0 all inputs succeeded; 4 the job finished but some inputs failed (see errors.jsonl);
+    3 bad options, empty source, OUT holds another job, or --strict stopped at a failure.
+    """
+    from mae_deploy.extract import extract_features
+
+    runner_opts = {}
+    if threads:
+        runner_opts = {"intra_op_threads": threads} if backend == "ort" else {"threads": threads}
+    summary = extract_features(
+        source, bundle_dir, out_dir, backend=backend, device=device, precision=precision, batch_size=batch_size,
+        workers=workers, pool=pool, dtype=dtype, shard_size=shard_size, num_shards=num_shards,
+        shard_index=shard_index, strict=strict, min_side=min_side, max_pixels=max_pixels,
+        progress=not no_progress, runner_opts=runner_opts,
+    )
+    click.echo(str(summary))
+    if not summary.ok:
+        raise PartialFailure(f"{summary.failed} of {summary.inputs} inputs failed; see {summary.out_dir}/errors.jsonl")
+
+
+COMMANDS = [extract]

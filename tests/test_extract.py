@@ -1,0 +1,564 @@
+"""Batch extraction (issue #5): sources, bad files, resume after SIGKILL, parts, open_features, exit codes.
+
+One set of 330+ images (crops of scikit-image's photos as JPEG and PNG, every unusual mode, every broken
+kind) is made once per session; one clean run of it is the reference the other runs are compared with.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from mae_deploy.bundle import MANIFEST_NAME, write_manifest
+from mae_deploy.errors import InputError, PartialFailure
+from mae_deploy.extract import (
+    ERRORS_NAME,
+    classify_failure,
+    extract_features,
+    index_name,
+    open_features,
+    shard_name,
+)
+from mae_deploy.sources import IMAGE_EXTENSIONS, list_source, split_rows
+
+skimage_data = pytest.importorskip("skimage.data")
+
+REPO = Path(__file__).resolve().parents[1]
+# The settings of the reference run; the killed/resumed run must use the same ones.
+RUN = {"batch_size": 4, "shard_size": 12, "workers": 1}
+BROKEN = {  # file name -> the reason errors.jsonl must give
+    "broken/truncated.jpg": "truncated",
+    "broken/corrupt.png": "corrupt",
+    "broken/zero.jpg": "empty",
+    "broken/text.jpg": "not_an_image",
+    "broken/tiny.png": "too_small",
+    "broken/bomb.png": "decompression_bomb",
+}
+# Pairs that must give identical features: (unusual file, plain twin with the pixels the model should see).
+TWINS = {
+    "odd/exif_rot.png": "odd/exif_rot_twin.png",
+    "odd/gray16.png": "odd/gray16_twin.png",
+    "odd/anim.gif": "odd/anim_twin.png",
+    "odd/rgba_opaque.png": "odd/rgba_opaque_twin.png",
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Data and bundles (once per session)
+# ------------------------------------------------------------------------------------------------
+
+
+def _photos() -> list[np.ndarray]:
+    names = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "colorwheel", "camera", "coins",
+             "moon", "text"]
+    return [getattr(skimage_data, n)() for n in names]
+
+
+def _bomb_png(path: Path, width: int = 10_000, height: int = 9_000) -> None:
+    """A valid all-black greyscale PNG above Pillow's default limit (89.5 M pixels), ~90 KB on disk."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    comp = zlib.compressobj(9)
+    row = b"\0" * (width + 1)  # filter byte + pixels
+    idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def _make_images(root: Path) -> dict:
+    rng = np.random.default_rng(0)
+    photos = _photos()
+    good = []
+    for i in range(320):
+        a = photos[i % len(photos)]
+        h, w = int(rng.integers(24, 160)), int(rng.integers(24, 160))
+        y, x = int(rng.integers(0, a.shape[0] - h)), int(rng.integers(0, a.shape[1] - w))
+        crop = Image.fromarray(np.ascontiguousarray(a[y:y + h, x:x + w]))
+        sub = ["", "a", "a/b", "c"][i % 4]
+        ext = [".jpg", ".png", ".JPG", ".jpeg", ".PNG"][i % 5]
+        rel = f"{sub}/img{i:04d}{ext}".lstrip("/")
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        if ext.lower() in (".jpg", ".jpeg"):
+            crop.save(root / rel, quality=int(rng.integers(60, 96)))
+        else:
+            crop.save(root / rel)
+        good.append(rel)
+
+    odd = root / "odd"
+    odd.mkdir()
+    astro = Image.fromarray(skimage_data.astronaut()).resize((96, 80))
+    # EXIF orientation 6 (rotate 90 CW to display): stored rotated the other way, twin stored upright.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    astro.transpose(Image.Transpose.ROTATE_90).save(odd / "exif_rot.png", exif=exif)
+    astro.save(odd / "exif_rot_twin.png")
+    g8 = np.asarray(astro.convert("L"))
+    Image.fromarray(g8.astype(np.uint16) * 257).save(odd / "gray16.png")  # 16-bit, v*257 -> 8-bit v
+    Image.fromarray(g8).save(odd / "gray16_twin.png")
+    frames = [astro.quantize(64), Image.fromarray(skimage_data.coffee()).resize((96, 80)).quantize(64)]
+    frames[0].save(odd / "anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    frames[0].convert("RGB").save(odd / "anim_twin.png")
+    rgba = astro.convert("RGBA")
+    rgba.save(odd / "rgba_opaque.png")
+    astro.save(odd / "rgba_opaque_twin.png")
+    logo = Image.fromarray(skimage_data.logo())  # RGBA with real transparency
+    logo.resize((80, 80)).save(odd / "rgba.png")
+    astro.convert("CMYK").save(odd / "cmyk.jpg")
+    astro.convert("P", palette=Image.Palette.ADAPTIVE).save(odd / "palette.png")
+    pt = astro.convert("P", palette=Image.Palette.ADAPTIVE)
+    pt.info["transparency"] = 0
+    pt.save(odd / "palette_transparent.png", transparency=0)
+    astro.convert("L").save(odd / "gray.jpg")
+    astro.convert("LA").save(odd / "gray_alpha.png")
+    Image.fromarray(skimage_data.horse()).resize((64, 52)).save(odd / "bilevel.png")
+    astro.save(odd / "tiff.TIF")
+    astro.save(odd / "bitmap.bmp")
+    astro.save(odd / "web.webp")
+    astro.save(odd / "pixmap.ppm")
+    astro.convert("L").save(odd / "graymap.pgm")
+    good += sorted(p.relative_to(root).as_posix() for p in odd.iterdir())
+
+    broken = root / "broken"
+    broken.mkdir()
+    buf = io.BytesIO()
+    astro.save(buf, format="JPEG", quality=90)
+    (broken / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    buf = io.BytesIO()
+    astro.save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    at = data.index(b"IDAT") + 40
+    data[at:at + 64] = bytes(rng.integers(0, 256, 64, dtype=np.uint8))  # garbage in the compressed pixels
+    (broken / "corrupt.png").write_bytes(bytes(data))
+    (broken / "zero.jpg").write_bytes(b"")
+    (broken / "text.jpg").write_text("this is not an image\n")
+    astro.resize((10, 12)).save(broken / "tiny.png")
+    _bomb_png(broken / "bomb.png")
+    # Not inputs: other extensions and hidden files.
+    (root / "notes.txt").write_text("ignored")
+    astro.save(root / ".hidden.jpg")
+    return {"good": good, "broken": list(BROKEN)}
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("extract_images")
+    return root, _make_images(root)
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory) -> Path:
+    torch = pytest.importorskip("torch")
+    from export.bundle_writer import export_bundle
+    from training.model import create_model
+
+    torch.manual_seed(0)
+    model = create_model("mae_vit_test").eval()
+    with torch.no_grad():  # move LayerNorms off identity so every part of the graph matters
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    out = tmp_path_factory.mktemp("extract_bundle") / "bundle"
+    export_bundle(model, out, parts=["encoder"], verify=False, progress=None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def other_bundle(tmp_path_factory, bundle) -> Path:
+    """The same graph with other preprocessing statistics: features differ, so a resume must be refused."""
+    out = tmp_path_factory.mktemp("extract_bundle2") / "bundle"
+    shutil.copytree(bundle, out)
+    m = json.loads((out / MANIFEST_NAME).read_text())
+    m["preprocessing"]["mean"] = [0.5, 0.5, 0.5]
+    write_manifest(out, m)
+    return out
+
+
+@pytest.fixture(scope="session")
+def clean(tmp_path_factory, images, bundle):
+    root, _ = images
+    out = tmp_path_factory.mktemp("extract_clean") / "out"
+    summary = extract_features(root, bundle, out, progress=False, **RUN)
+    return out, summary
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    """Every result file but the manifest (which holds timings), by name."""
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.name != "manifest.json"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Sources
+# ------------------------------------------------------------------------------------------------
+
+
+def test_directory_listing_is_recursive_sorted_and_case_insensitive(images):
+    root, made = images
+    src = list_source(root)
+    rel = [Path(p).relative_to(root).as_posix() for p in src.paths]
+    assert sorted(rel) == sorted(made["good"] + made["broken"])  # no notes.txt, no .hidden.jpg
+    assert rel == sorted(rel)
+    assert all(os.path.isabs(p) for p in src.paths)
+    assert {".JPG", ".PNG", ".TIF"} <= {Path(p).suffix for p in src.paths}
+    assert list_source(root).fingerprint == src.fingerprint
+    assert len(src) > 300
+
+
+def test_glob_list_file_and_single_file(images, tmp_path):
+    root, _ = images
+    g = list_source(str(root / "**" / "*.png"))
+    assert g.kind == "glob" and g.paths == tuple(sorted(g.paths))
+    assert all(p.endswith(".png") for p in g.paths) and len(g.paths) > 50
+    # A list: file order is row order, relative paths are relative to the list's directory.
+    lst = tmp_path / "list.txt"
+    rels = [os.path.relpath(root / "odd" / "gray.jpg", tmp_path), "# a comment", "", str(root / "img0000.jpg")]
+    lst.write_text("\n".join(rels) + "\n")
+    s = list_source(lst)
+    assert s.kind == "list" and s.paths == (str(root / "odd" / "gray.jpg"), str(root / "img0000.jpg"))
+    assert list_source(root / "img0000.jpg").paths == (str(root / "img0000.jpg"),)
+
+
+def test_empty_or_missing_sources_are_clear_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    with pytest.raises(InputError, match="holds no images"):
+        list_source(tmp_path / "empty")
+    with pytest.raises(InputError, match="matches no files"):
+        list_source(str(tmp_path / "*.jpg"))
+    with pytest.raises(InputError, match="does not exist"):
+        list_source(tmp_path / "missing")
+    (tmp_path / "list.txt").write_text("# nothing\n\n")
+    with pytest.raises(InputError, match="is empty"):
+        list_source(tmp_path / "list.txt")
+
+
+@pytest.mark.parametrize("n,s", [(10, 3), (7, 7), (3, 5), (1000, 16)])
+def test_split_rows_is_contiguous_balanced_and_complete(n, s):
+    parts = [split_rows(n, s, i) for i in range(s)]
+    assert [r for p in parts for r in p] == list(range(n))
+    assert max(len(p) for p in parts) - min(len(p) for p in parts) <= 1
+    with pytest.raises(InputError, match="shard-index"):
+        split_rows(n, s, s)
+
+
+def test_classify_failure_reasons():
+    assert classify_failure(Image.DecompressionBombError("x")) == "decompression_bomb"
+    assert classify_failure(InputError("a.jpg")) == "corrupt"
+    e = InputError("cannot read")
+    e.__cause__ = FileNotFoundError("gone")
+    assert classify_failure(e) == "unreadable"
+    assert classify_failure(OSError("image file is truncated (3 bytes not processed)")) == "truncated"
+
+
+# ------------------------------------------------------------------------------------------------
+# The reference run: every good image with the right features, every broken one with its reason
+# ------------------------------------------------------------------------------------------------
+
+
+def test_clean_run_has_every_good_image_with_the_right_features(clean, images, bundle):
+    from mae_deploy.features import FeatureExtractor
+
+    root, made = images
+    out, summary = clean
+    feats = open_features(out)
+    good = [str(root / r) for r in made["good"]]
+    assert sorted(feats.paths) == sorted(good)
+    assert feats.shape == (len(good), 32) and feats.dtype == np.float32
+    assert summary.features == len(good) and summary.failed == len(BROKEN) and summary.complete
+    assert summary.inputs == len(good) + len(BROKEN) and summary.shards == -(-summary.inputs // RUN["shard_size"])
+    # Rows are global source rows, ascending, and map back to the source listing.
+    src = list_source(root)
+    assert [src.paths[r] for r in feats.rows] == feats.paths
+    assert np.all(np.diff(feats.rows) > 0)
+    with FeatureExtractor(bundle, pool="cls", batch_size=64) as fx:
+        ref = fx.extract(feats.paths)
+    np.testing.assert_allclose(np.asarray(feats), ref, rtol=1e-5, atol=1e-5)
+    # Unusual files are processed like their plain twins (EXIF applied, 16-bit scaled, first frame, alpha).
+    for odd, twin in TWINS.items():
+        a, b = feats[feats.index_of(root / odd)], feats[feats.index_of(root / twin)]
+        np.testing.assert_allclose(a, b, atol=1e-6, err_msg=odd)
+
+
+def test_clean_run_lists_every_broken_input_with_its_reason(clean, images):
+    root, _ = images
+    out, summary = clean
+    errors = [json.loads(line) for line in (out / ERRORS_NAME).read_text().splitlines()]
+    got = {Path(e["path"]).relative_to(root).as_posix(): e["reason"] for e in errors}
+    assert got == BROKEN
+    assert all(e["message"] and isinstance(e["row"], int) for e in errors)
+    assert "decompression bomb" in next(e["message"] for e in errors if e["reason"] == "decompression_bomb")
+    assert summary.failures_by_reason == {r: 1 for r in BROKEN.values()}
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "complete"
+    assert m["counts"] == {"inputs": summary.inputs, "features": summary.features, "failed": len(BROKEN),
+                           "failed_by_reason": summary.failures_by_reason, "shards": summary.shards}
+    assert m["bundle"]["fingerprint"] and m["source"]["fingerprint"] == list_source(root).fingerprint
+    assert {"numpy", "pillow", "onnxruntime", "mae_deploy"} <= set(m["versions"])
+    assert m["runs"][-1]["images"] == summary.inputs and "inference_s" in m["runs"][-1]["timings"]
+    # Shards: every index line belongs to a feature row.
+    for k in range(summary.shards):
+        n = len((out / index_name(k)).read_text().splitlines())
+        assert np.load(out / shard_name(k)).shape == (n, 32)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_summary_text(clean):
+    _, summary = clean
+    text = str(summary)
+    assert f"{summary.features} extracted, {len(BROKEN)} failed" in text and "img/s" in text
+    assert "errors.jsonl" in text
+    with pytest.raises(PartialFailure) as e:
+        summary.raise_for_failures()
+    assert e.value.exit_code == 4
+
+
+# ------------------------------------------------------------------------------------------------
+# Resume
+# ------------------------------------------------------------------------------------------------
+
+
+def test_sigkill_midway_then_resume_equals_clean_run(clean, images, bundle, tmp_path):
+    psutil = pytest.importorskip("psutil")
+    root, _ = images
+    ref_dir, ref = clean
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "mae_deploy.cli", "extract", str(root), "--bundle", str(bundle), "--out", str(out),
+           "--batch-size", str(RUN["batch_size"]), "--shard-size", str(RUN["shard_size"]),
+           "--workers", str(RUN["workers"]), "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    children = []
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / index_name(3)).exists():  # kill once a few shards are committed
+            assert proc.poll() is None, f"extract ended before it could be killed: {proc.stderr.read().decode()}"
+            assert time.monotonic() < deadline, "no shard was committed within 60 s"
+            children = children or psutil.Process(proc.pid).children(recursive=True)
+            time.sleep(0.002)
+        children = children or psutil.Process(proc.pid).children(recursive=True)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    committed = sum(1 for k in range(ref.shards) if (out / index_name(k)).exists())
+    assert 4 <= committed < ref.shards, "the kill must land in the middle of the job"
+    assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+    # Orphaned decode workers notice the dead parent and exit.
+    assert children, "the job should have had a decode worker"
+    _, alive = psutil.wait_procs(children, timeout=15)
+    assert not alive
+
+    summary = extract_features(root, bundle, out, progress=False, **RUN)
+    assert summary.processed < summary.inputs  # it resumed rather than starting over
+    assert summary.features == ref.features and summary.failed == ref.failed
+    assert _files(out) == _files(ref_dir)  # features, indexes and errors.jsonl byte for byte
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_resume_discards_partial_writes_and_matches(clean, images, bundle, tmp_path):
+    """A crash between commits leaves temp files, a shard without index and extra error lines."""
+    root, _ = images
+    ref_dir, ref = clean
+    out = tmp_path / "crashed"
+    shutil.copytree(ref_dir, out)
+    last_good = ref.shards // 2
+    for k in range(last_good, ref.shards):
+        (out / index_name(k)).unlink()  # shards >= last_good are not committed...
+    (out / f".{shard_name(last_good)}.123.tmp").write_bytes(b"partial")  # ...one was being written
+    with open(out / ERRORS_NAME, "ab") as f:
+        f.write(b'{"row": 99999, "path": "x", "reason": "corru')  # a line cut short
+    m = json.loads((out / "manifest.json").read_text())
+    m["status"] = "running"
+    (out / "manifest.json").write_text(json.dumps(m))
+    summary = extract_features(root, bundle, out, progress=False, **RUN)
+    first_left = last_good * RUN["shard_size"]
+    assert summary.processed == summary.inputs - first_left
+    assert _files(out) == _files(ref_dir)
+
+
+def test_rerun_of_a_finished_job_does_nothing(clean, images, bundle):
+    root, _ = images
+    out, ref = clean
+    before = _files(out)
+    summary = extract_features(root, bundle, out, progress=False, **RUN)
+    assert summary.processed == 0 and summary.features == ref.features and summary.failed == ref.failed
+    assert _files(out) == before
+
+
+def test_mismatched_resume_is_refused(clean, images, bundle, other_bundle, tmp_path):
+    root, _ = images
+    out, _ = clean
+    with pytest.raises(InputError, match=r"different job[\s\S]*pool: was 'cls', now 'mean'"):
+        extract_features(root, bundle, out, progress=False, pool="mean", **RUN)
+    with pytest.raises(InputError, match=r"dtype: was 'float32', now 'float16'"):
+        extract_features(root, bundle, out, progress=False, dtype="float16", **RUN)
+    with pytest.raises(InputError, match=r"bundle: was .*fingerprint"):
+        extract_features(root, other_bundle, out, progress=False, **RUN)
+    with pytest.raises(InputError, match=r"source: was .*odd"):
+        extract_features(root / "odd", bundle, out, progress=False, **RUN)
+    with pytest.raises(InputError, match="shard_size: was 12, now 5"):
+        extract_features(root, bundle, out, progress=False, **{**RUN, "shard_size": 5})
+    # A directory that is not an extraction output is never written into.
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "precious.txt").write_text("keep me")
+    with pytest.raises(InputError, match="not empty and holds no manifest.json"):
+        extract_features(root / "odd", bundle, stranger, progress=False)
+    assert sorted(p.name for p in stranger.iterdir()) == ["precious.txt"]
+
+
+def test_source_that_changed_is_refused(images, bundle, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(images[0] / "odd", src)
+    out = tmp_path / "out"
+    extract_features(src, bundle, out, progress=False, workers=0)
+    (src / "new.png").write_bytes((src / "gray16_twin.png").read_bytes())
+    with pytest.raises(InputError, match="its files changed"):
+        extract_features(src, bundle, out, progress=False, workers=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Scale-out and reading
+# ------------------------------------------------------------------------------------------------
+
+
+def test_parts_together_equal_a_single_run(clean, images, bundle, tmp_path):
+    root, _ = images
+    ref_dir, ref = clean
+    dirs = []
+    for i in range(3):
+        d = tmp_path / f"part-{i}"
+        s = extract_features(root, bundle, d, progress=False, num_shards=3, shard_index=i, batch_size=8,
+                             shard_size=40, workers=0)
+        assert s.inputs == len(split_rows(ref.inputs, 3, i))
+        dirs.append(d)
+    whole = open_features(ref_dir)
+    for parts in (open_features(dirs[::-1]), open_features(str(tmp_path / "part-*"))):
+        assert parts.paths == whole.paths
+        np.testing.assert_array_equal(parts.rows, whole.rows)
+        np.testing.assert_allclose(np.asarray(parts), np.asarray(whole), rtol=1e-5, atol=1e-6)
+    errors = [json.loads(line) for d in dirs for line in (d / ERRORS_NAME).read_text().splitlines()]
+    assert [(e["row"], e["reason"]) for e in errors] == [
+        (e["row"], e["reason"]) for e in map(json.loads, (ref_dir / ERRORS_NAME).read_text().splitlines())
+    ]
+    with pytest.raises(InputError, match="both part 1"):
+        open_features([dirs[1], dirs[1]])
+    with pytest.raises(InputError, match="not parts of the same job"):
+        open_features([dirs[0], ref_dir])
+
+
+def test_open_features_indexing(clean):
+    out, _ = clean
+    f = open_features(out)
+    full = np.concatenate([np.load(out / shard_name(k)) for k in range(len(f.shards) + 10)
+                           if (out / shard_name(k)).exists()])
+    assert len(f) == len(full) and len(f.shards) > 5 and isinstance(f.shards[0], np.memmap)
+    np.testing.assert_array_equal(np.asarray(f), full)
+    np.testing.assert_array_equal(f[5], full[5])
+    np.testing.assert_array_equal(f[-1], full[-1])
+    np.testing.assert_array_equal(f[7:53], full[7:53])  # crosses shards
+    np.testing.assert_array_equal(f[::17], full[::17])
+    idx = np.array([40, 3, 3, len(full) - 1])
+    np.testing.assert_array_equal(f[idx], full[idx])
+    mask = np.zeros(len(full), bool)
+    mask[[1, 50, 200]] = True
+    np.testing.assert_array_equal(f[mask], full[mask])
+    s, j = f.locate(30)
+    np.testing.assert_array_equal(f.shards[s][j], full[30])
+    assert f.index_of(f.paths[30]) == 30
+    with pytest.raises(IndexError):
+        f[len(full)]
+
+
+def test_tokens_float16_in_a_thread(images, bundle, tmp_path):
+    from mae_deploy.features import FeatureExtractor
+
+    root, _ = images
+    out = tmp_path / "tok"
+    summary = extract_features(root / "odd", bundle, out, progress=False, pool="tokens", dtype="float16", workers=0,
+                               transfer="float32", batch_size=5)
+    f = open_features(out)
+    assert f.shape == (summary.features, 17, 32) and f.dtype == np.float16 and f.shards[0].dtype == np.float16
+    with FeatureExtractor(bundle, pool="tokens") as fx:
+        ref = fx.extract(f.paths)
+    np.testing.assert_allclose(np.asarray(f).astype(np.float32), ref, rtol=2e-3, atol=2e-3)
+
+
+def test_incomplete_output_needs_allow_incomplete(clean, tmp_path):
+    src, _ = clean
+    out = tmp_path / "partial"
+    shutil.copytree(src, out)
+    m = json.loads((out / "manifest.json").read_text())
+    m["status"] = "running"
+    (out / "manifest.json").write_text(json.dumps(m))
+    (out / index_name(2)).unlink()
+    with pytest.raises(InputError, match="not complete"):
+        open_features(out)
+    f = open_features(out, allow_incomplete=True)
+    assert len(f) == sum(len(np.load(out / shard_name(k))) for k in (0, 1))  # stops at the first gap
+
+
+def test_empty_part_is_an_empty_complete_output(images, bundle, tmp_path):
+    root, _ = images
+    lst = tmp_path / "two.txt"
+    lst.write_text(f"{root / 'img0000.jpg'}\n{root / 'img0001.png'}\n")
+    s = extract_features(lst, bundle, tmp_path / "p2", progress=False, num_shards=3, shard_index=0, workers=0)
+    assert s.inputs == 0 and s.ok
+    assert len(open_features(tmp_path / "p2")) == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+
+def _cli(*args: str):
+    from mae_deploy.cli import main
+
+    return CliRunner().invoke(main, ["extract", *args])
+
+
+def test_cli_exit_codes(images, bundle, tmp_path):
+    root, _ = images
+    ok = _cli(str(root / "odd"), "--bundle", str(bundle), "--out", str(tmp_path / "ok"), "--workers", "0",
+              "--no-progress")
+    assert ok.exit_code == 0, ok.output
+    assert "extracted, 0 failed" in ok.output and "img/s" in ok.output
+
+    partial = _cli(str(root / "broken"), "--bundle", str(bundle), "--out", str(tmp_path / "bad"), "--workers", "0",
+                   "--no-progress")
+    assert partial.exit_code == 4, partial.output
+    assert f"{len(BROKEN)} of {len(BROKEN)} inputs failed" in partial.output
+
+    strict_out = tmp_path / "strict"
+    strict = _cli(str(root / "broken"), "--bundle", str(bundle), "--out", str(strict_out), "--strict",
+                  "--workers", "0", "--no-progress")
+    assert strict.exit_code == 3 and "--strict: stopped at row 0" in strict.output
+    lines = (strict_out / ERRORS_NAME).read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["reason"] == BROKEN["broken/bomb.png"]  # the first, sorted
+
+    (tmp_path / "none").mkdir()
+    empty = _cli(str(tmp_path / "none"), "--bundle", str(bundle), "--out", str(tmp_path / "e"))
+    assert empty.exit_code == 3 and "holds no images" in empty.output
+
+    help_ = _cli("--help")
+    assert help_.exit_code == 0 and "--num-shards" in help_.output and "Exit codes" in help_.output
+
+
+def test_supported_extensions_are_documented():
+    from mae_deploy.commands.extract import extract
+
+    for ext in IMAGE_EXTENSIONS:
+        assert ext.lstrip(".") in extract.help
