@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import onnx
@@ -109,8 +110,19 @@ def to_fp16(src: str | os.PathLike, dst: str | os.PathLike, external_data: bool 
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     src, dst = Path(src), Path(dst)
-    model = onnx.load(str(src))  # with external data: the converter needs the weights
-    half = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(FP16_KEEP_FP32_OPS))
+    # The converter needs value types; its own shape inference works on an in-memory proto, which fails
+    # above 2 GB (ViT-H). Inferring through files works at any size; the temporary graph sits next to
+    # src so its relative external-data reference still resolves.
+    fd, inferred = tempfile.mkstemp(prefix=f".{src.stem}.", suffix=".inferred.onnx", dir=src.parent)
+    os.close(fd)
+    try:
+        onnx.shape_inference.infer_shapes_path(str(src), inferred)
+        model = onnx.load(inferred)  # weights included: the converter rewrites them
+    finally:
+        Path(inferred).unlink(missing_ok=True)
+    half = convert_float_to_float16(
+        model, keep_io_types=True, op_block_list=list(FP16_KEEP_FP32_OPS), disable_shape_infer=True
+    )
     _save(_topologically_sorted(half), dst, external_data)
     return dst
 

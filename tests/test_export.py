@@ -265,7 +265,8 @@ def test_image_size_must_be_a_multiple_of_the_patch(ckpt_dir, tmp_path):
 def test_external_data_is_relative_and_the_bundle_moves(tmp_path):
     """The ViT-H path (weights in .onnx.data), forced on the tiny model; then the bundle is moved."""
     model = _model(seed=5)
-    rep = export_bundle(model, tmp_path / "ext", precisions=("fp32", "int8"), external_data=True, progress=None)
+    rep = export_bundle(model, tmp_path / "ext", precisions=("fp32", "fp16", "int8"), external_data=True,
+                        progress=None)
     m = rep.manifest
     for g in m["graphs"]:
         assert g["external_data"] == [g["file"] + ".data"], g
@@ -286,13 +287,15 @@ def test_external_data_is_relative_and_the_bundle_moves(tmp_path):
     latent = ort_session(b.graph_path("encoder")).run(None, {"pixel_values": x, "ids_keep": ids_keep})[0]
     pred = ort_session(b.graph_path("decoder")).run(None, {"latent": latent, "ids_restore": ids_restore})[0]
     latent8 = ort_session(b.graph_path("encoder", "int8")).run(None, {"pixel_values": x, "ids_keep": ids_keep})[0]
+    latent16 = ort_session(b.graph_path("encoder", "fp16")).run(None, {"pixel_values": x, "ids_keep": ids_keep})[0]
     with torch.no_grad():
         lt = model.forward_encoder(torch.from_numpy(x), torch.from_numpy(ids_keep))
         pt = model.forward_decoder(lt, torch.from_numpy(ids_restore))
     np.testing.assert_allclose(latent, lt.numpy(), atol=1e-4)
     np.testing.assert_allclose(pred, pt.numpy(), atol=1e-4)
-    cos = (latent8 * lt.numpy()).sum() / np.linalg.norm(latent8) / np.linalg.norm(lt.numpy())
-    assert cos > 0.99
+    for variant in (latent8, latent16):
+        cos = (variant * lt.numpy()).sum() / np.linalg.norm(variant) / np.linalg.norm(lt.numpy())
+        assert cos > 0.99
 
 
 def test_encoder_only_official_checkpoint(tmp_path):
