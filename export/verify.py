@@ -4,7 +4,7 @@ The grid is batch in {1, 3} x visible in {1, L/4, L/2, L}: the smallest mask, re
 quarter, half, and feature extraction's all-visible. The decoder is fed PyTorch's latent, so its report
 measures the decoder alone.
 
-Thresholds (what ``passed`` means; documented in docs/bundle-format.md and --help):
+Thresholds (what ``passed`` means; also in `mae-deploy export --help`):
 
 - fp32: max |ONNX Runtime - PyTorch| <= 1e-4 for every output element of every case, else
   :class:`VerificationError` (exit 5) and no bundle is written. Typical values are 1e-6 .. 1e-5.

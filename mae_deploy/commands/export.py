@@ -26,7 +26,7 @@ def _fmt_bytes(n: int) -> str:
 @click.option("--parts", default=None,
               help="Comma-separated: encoder, decoder. Default: every part the checkpoint has.")
 @click.option("--overwrite", is_flag=True, help="Replace BUNDLE if it exists (only a complete new one replaces it).")
-@click.option("--reference-weights", is_flag=True,
+@click.option("--reference-weights", "--reference", "reference_weights", is_flag=True,
               help="Also store the weights as a native checkpoint in BUNDLE/reference/ (for --backend torch).")
 @click.option("--external-data/--no-external-data", default=None,
               help="Weights in a side .onnx.data file. Default: only when over ~1.5 GB (ViT-H).")
