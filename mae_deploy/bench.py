@@ -501,7 +501,9 @@ def _build_runner(bundle, backend: str, precision: str, device: str, threads: in
                            **_runner_opts(backend, threads, checkpoint))
     load = getattr(runner, "load", None)
     if callable(load):  # lazily-creating runners (ORT) build their sessions here, not in the first call
-        load(tuple(p for p in ("encoder", "decoder") if p in parts_needed and (p == "encoder" or runner.has_decoder)))
+        # Every part encodes (decoder rows without a reference decode the runner's own latent).
+        wants_decoder = runner.has_decoder and any(p in ("decoder", "reconstruct") for p in parts_needed)
+        load(("encoder", "decoder") if wants_decoder else ("encoder",))
     return runner, time.perf_counter() - t0
 
 
@@ -529,14 +531,14 @@ def _compute_reference(bundle, config: BenchConfig, work: _Workloads, visibles: 
         return ref
     runner = None
     try:
-        runner, _ = _build_runner(bundle, "torch", "fp32", "cpu", threads, config.checkpoint, ("encoder", "decoder"))
+        runner, _ = _build_runner(bundle, "torch", "fp32", "cpu", threads, config.checkpoint, config.parts)
         ref.name = "torch-fp32"
         ref.note = "PyTorch fp32 on CPU"
         ref.info = {"checkpoint": str(getattr(runner, "checkpoint", config.checkpoint))}
     except (MaeDeployError, ImportError) as e:
         torch_reason = str(e)
         try:
-            runner, _ = _build_runner(bundle, "ort", "fp32", "cpu", threads, None, ("encoder", "decoder"))
+            runner, _ = _build_runner(bundle, "ort", "fp32", "cpu", threads, None, config.parts)
             ref.name = "ort-fp32"
             ref.note = (f"torch fp32 reference unavailable ({torch_reason}); ONNX Runtime fp32 on CPU is the "
                         "reference instead, so its own rows agree trivially")

@@ -218,6 +218,14 @@ def test_bench_writes_well_formed_results(run_dir, bundle_dir):
         assert im.format == "PNG" and im.size == (1100, 450)
 
 
+def test_build_time_covers_the_sessions_each_part_needs(bundle_dir):
+    results = bench.run_benchmark(bundle_dir, BenchConfig(parts=("reconstruct",), visible=(4,), iters=1, warmup=0,
+                                                          reference=False), progress=False)
+    (runner,) = results["runners"]
+    assert runner["details"]["sessions"] == ["decoder", "encoder"]  # built before timing, not in the first call
+    assert results["rows"][0]["agreement"] is None and results["reference"]["name"] is None
+
+
 def test_encoder_only_bundle_without_weights_uses_ort_reference(tmp_path):
     from export.bundle_writer import export_bundle
     from training.model import create_model
