@@ -1,0 +1,216 @@
+"""End-to-end fine-tuning, the official recipe: ``python -m training.finetune`` or ``mae-deploy finetune``.
+
+    python -m training.finetune --finetune mae_pretrain_vit_base.pth --model vit_base_patch16 \\
+        --batch_size 32 --accum_iter 4 --epochs 100 --blr 5e-4 --layer_decay 0.65 --weight_decay 0.05 \\
+        --drop_path 0.1 --mixup 0.8 --cutmix 1.0 --reprob 0.25 --dist_eval --data_path /imagenet
+
+``--finetune`` takes a native checkpoint, an official .pth, a Hugging Face ViTMAE directory or a timm state
+dict; position embeddings are interpolated (bicubic) when ``--input_size`` gives another grid. AdamW with
+layer-wise lr decay (official layer ids), drop path, RandAugment and random erasing (torchvision), Mixup /
+CutMix with label smoothing, global average pooling + fc_norm (or ``--cls_token``). Top-1/top-5 on
+``data_path/val`` every epoch; the best epoch is kept as ``checkpoint-best.pth`` and ``model-best/`` and
+the last as ``model/`` (native checkpoints).
+
+Differences from timm's augmentation that torchvision cannot express: RandAugment ignores the 'mstd' and
+'inc' parts of ``--aa``; random erasing erases one box (``--recount 1``) with 'pixel' or 'const' fill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mae_deploy.errors import InputError
+from training import data, engine, optim
+from training.distributed import ShardSampler, cleanup, init_distributed, train_sampler
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("python -m training.finetune", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch_size", default=64, type=int, help="batch size per process (GPU)")
+    p.add_argument("--epochs", default=50, type=int)
+    p.add_argument("--accum_iter", default=1, type=int, help="accumulate gradients over N batches per step")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default="vit_large_patch16",
+                   help="architecture at random init when no --finetune is given (the checkpoint's otherwise)")
+    m.add_argument("--input_size", default=224, type=int, help="image size")
+    m.add_argument("--in_chans", default=3, type=int, help="image channels without --finetune: 3 or 1")
+    m.add_argument("--drop_path", type=float, default=0.1, metavar="PCT", help="drop path (stochastic depth) rate")
+    o = p.add_argument_group("optimizer")
+    o.add_argument("--clip_grad", type=float, default=None, metavar="NORM", help="clip gradient norm (default: off)")
+    o.add_argument("--weight_decay", type=float, default=0.05)
+    o.add_argument("--lr", type=float, default=None, metavar="LR", help="absolute lr (default: blr x batch / 256)")
+    o.add_argument("--blr", type=float, default=1e-3, metavar="LR", help="base lr: lr = blr x effective batch / 256")
+    o.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay")
+    o.add_argument("--min_lr", type=float, default=1e-6, metavar="LR")
+    o.add_argument("--warmup_epochs", type=int, default=5, metavar="N")
+    a = p.add_argument_group("augmentation")
+    a.add_argument("--color_jitter", type=float, default=None, metavar="PCT", help="color jitter (used when no --aa)")
+    a.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", metavar="NAME",
+                   help="RandAugment spec 'rand-m<magnitude>-n<ops>', or 'none'")
+    a.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    a.add_argument("--reprob", type=float, default=0.25, metavar="PCT", help="random erasing probability")
+    a.add_argument("--remode", type=str, default="pixel", help="random erasing fill: pixel or const")
+    a.add_argument("--recount", type=int, default=1, help="random erase count (torchvision: 1)")
+    a.add_argument("--resplit", action="store_true", default=False, help="not supported (timm only)")
+    a.add_argument("--mixup", type=float, default=0, help="mixup alpha, on if > 0")
+    a.add_argument("--cutmix", type=float, default=0, help="cutmix alpha, on if > 0")
+    a.add_argument("--cutmix_minmax", type=float, nargs="+", default=None, help="not supported (timm only)")
+    a.add_argument("--mixup_prob", type=float, default=1.0, help="probability of mixing a batch")
+    a.add_argument("--mixup_switch_prob", type=float, default=0.5, help="probability of cutmix when both are on")
+    a.add_argument("--mixup_mode", type=str, default="batch", help="only 'batch' (one lambda per batch)")
+    f = p.add_argument_group("checkpoint and head")
+    f.add_argument("--finetune", default="", help="pretrained checkpoint (any supported format)")
+    f.add_argument("--global_pool", action="store_true", help="global average pool + fc_norm (default)")
+    f.add_argument("--cls_token", action="store_false", dest="global_pool", help="use the cls token instead")
+    p.set_defaults(global_pool=True)
+    p.add_argument("--data_path", default="/datasets01/imagenet_full_size/061417/",
+                   help="ImageFolder root with train/ and val/")
+    p.add_argument("--nb_classes", default=None, type=int,
+                   help="number of classes (official default 1000; here: the class folders in train/)")
+    p.add_argument("--eval", action="store_true", help="evaluate --resume / --finetune only")
+    p.add_argument("--dist_eval", action="store_true",
+                   help="accepted for compatibility: evaluation is always sharded exactly over processes")
+    engine.add_run_args(p)
+    return p
+
+
+def _check_unsupported(args: argparse.Namespace) -> None:
+    if args.recount != 1 or args.resplit or args.cutmix_minmax or args.mixup_mode != "batch":
+        raise InputError("--recount > 1, --resplit, --cutmix_minmax and --mixup_mode other than 'batch' are timm "
+                         "features that torchvision's transforms do not have; leave them at their defaults")
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return torch.sum(-target * torch.log_softmax(logits, dim=-1), dim=-1).mean()
+
+
+def main(args: argparse.Namespace) -> None:
+    info = init_distributed(args.device)
+    try:
+        train(args, info)
+    finally:
+        cleanup()
+
+
+def train(args: argparse.Namespace, info) -> None:
+    _check_unsupported(args)
+    say = print if info.is_main else (lambda *_a, **_k: None)
+    device = info.device
+    precision = engine.resolve_precision(args.precision, device)
+    engine.seed_everything(args.seed + info.rank)
+    out = Path(args.output_dir) if args.output_dir else None
+    if out is not None and info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    # Data (a checkpoint decides the channel count).
+    in_chans = args.in_chans
+    if args.finetune:
+        from training.checkpoints import load_checkpoint
+
+        in_chans = load_checkpoint(args.finetune).config.in_chans
+    train_tf = data.finetune_transform(args.input_size, in_chans, aa=args.aa, reprob=args.reprob,
+                                       remode=args.remode, color_jitter=args.color_jitter)
+    train_set = data.image_folder(data.split_dir(args.data_path, "train"), train_tf, in_chans)
+    val_set = data.image_folder(data.split_dir(args.data_path, "val"), data.eval_transform(args.input_size, in_chans),
+                                in_chans)
+    nb_classes = args.nb_classes or len(train_set.classes)
+    if nb_classes < len(train_set.classes):
+        raise InputError(f"--nb_classes {nb_classes} but {args.data_path} has {len(train_set.classes)} classes")
+    sampler = train_sampler(train_set, info, args.seed)
+    pin = args.pin_mem and device.type == "cuda"
+    loader = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=args.batch_size,
+                                         num_workers=args.num_workers, pin_memory=pin, drop_last=True)
+    val_loader = torch.utils.data.DataLoader(val_set, sampler=ShardSampler(val_set, info), batch_size=args.batch_size,
+                                             num_workers=args.num_workers, pin_memory=pin)
+    mixup = None
+    if args.mixup > 0 or args.cutmix > 0:
+        mixup = data.MixupCutmix(nb_classes, args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob,
+                                 args.smoothing)
+
+    # Model, layer-wise lr decay, AdamW.
+    model = engine.build_classifier(args.finetune, args.model, nb_classes, args.global_pool, args.input_size,
+                                    in_chans, drop_path=args.drop_path, log=say)
+    model.to(device)
+    eff_batch = args.batch_size * args.accum_iter * info.world_size
+    if args.lr is None:
+        args.lr = optim.effective_lr(args.blr, args.batch_size, args.accum_iter, info.world_size)
+    groups = optim.param_groups_layer_decay(model, args.weight_decay, args.layer_decay)
+    optimizer = torch.optim.AdamW(groups, lr=args.lr)
+    scaler = engine.make_scaler(precision, device)
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if info.distributed else model
+
+    if mixup is not None:
+        criterion = soft_target_cross_entropy
+    else:
+        criterion = nn.CrossEntropyLoss(label_smoothing=args.smoothing)
+
+    start = engine.resume_path(args.resume, out)
+    extra = {"best_acc1": 0.0}
+    if start is not None:
+        args.start_epoch, extra = engine.load_training_checkpoint(start, model, optimizer, scaler, info)
+        say(f"resumed from {start}: continuing at epoch {args.start_epoch}")
+    if args.eval:
+        test = engine.evaluate(ddp, val_loader, info, precision)
+        say(engine.format_record({f"test_{k}": v for k, v in test.items()}))
+        return
+    metrics = engine.MetricsLog(out, args.log_dir, info)
+    say(f"fine-tuning: {len(train_set)} train / {len(val_set)} val images, {nb_classes} classes, "
+        f"lr {args.lr:.3e} (blr {args.blr:.3e} x {eff_batch} / 256), layer decay {args.layer_decay}, "
+        f"{args.epochs} epochs, {precision} on {device}")
+
+    def set_lr(epoch: float) -> float:
+        return optim.adjust_learning_rate(optimizer, epoch, args.lr, args.min_lr, args.epochs, args.warmup_epochs)
+
+    def compute_loss(samples: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return criterion(ddp(samples), targets)
+
+    last = out / "checkpoint-last.pth" if out else None
+    t0 = time.perf_counter()
+    for epoch in range(args.start_epoch, args.epochs):
+        sampler.set_epoch(epoch)
+        stats = engine.train_one_epoch(
+            ddp, loader, optimizer, compute_loss, set_lr, epoch, info, precision=precision, scaler=scaler,
+            accum_iter=args.accum_iter, clip_grad=args.clip_grad, metrics=metrics, batch_transform=mixup,
+            last_checkpoint=str(last) if last and last.exists() else None, desc=f"finetune {epoch + 1}/{args.epochs}",
+        )
+        test = engine.evaluate(ddp, val_loader, info, precision)
+        is_best = test["acc1"] > extra.get("best_acc1", 0.0)
+        extra["best_acc1"] = max(extra.get("best_acc1", 0.0), test["acc1"])
+        if out is not None:
+            engine.save_training_checkpoint(last, ddp, optimizer, scaler, epoch, args, info, extra)
+            if info.is_main and (epoch % args.save_freq == 0 or epoch + 1 == args.epochs):
+                engine.keep_checkpoint(last, epoch)
+            if info.is_main and is_best:
+                from training.checkpoints import save_native
+
+                engine.keep_checkpoint(last, "best")
+                save_native(model, out / "model-best", overwrite=True,
+                            source={"format": "mae-deploy finetune", "epoch": epoch, "acc1": test["acc1"]})
+        record = {"epoch": epoch, **stats, **{f"test_{k}": v for k, v in test.items()}, "best_acc1": extra["best_acc1"]}
+        metrics.epoch(record)
+        say(engine.format_record(record))
+    metrics.close()
+
+    if out is not None and info.is_main:
+        from training.checkpoints import save_native
+
+        source = {"format": "mae-deploy finetune", "finetune": args.finetune or None, "epochs": args.epochs}
+        save_native(model.cpu(), out / "model", source=source, overwrite=True)
+        say(f"done in {time.perf_counter() - t0:.1f}s; best top-1 {extra['best_acc1']:.2f}%; native classifier: "
+            f"{out / 'model'} (best epoch: {out / 'model-best'})")
+
+
+def cli(argv: list[str] | None = None) -> None:
+    engine.run_cli(main, get_args_parser(), argv)
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])

@@ -1,0 +1,187 @@
+"""Linear probing, the official recipe: ``python -m training.linprobe`` or ``mae-deploy linprobe``.
+
+    python -m training.linprobe --finetune output_dir/model --model vit_base_patch16 --batch_size 512 \\
+        --epochs 90 --blr 0.1 --weight_decay 0.0 --data_path /imagenet
+
+The encoder from ``--finetune`` (a native checkpoint, official .pth, Hugging Face ViTMAE directory or timm
+state dict) is frozen; a BatchNorm without affine parameters and a linear head are trained with LARS
+(lr = blr x effective batch / 256, warm-up then cosine). Features are the cls token after the encoder's
+norm (default, as in the paper) or, with ``--global_pool``, the mean patch token after a LayerNorm.
+Without ``--finetune`` the encoder is at random init: the baseline a pretrained encoder should beat.
+
+Top-1/top-5 on ``data_path/val`` every epoch; the final classifier is written as a native checkpoint
+(``output_dir/model``) with the BatchNorm folded into the linear head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mae_deploy.errors import InputError
+from training import data, engine, optim
+from training.distributed import ShardSampler, cleanup, init_distributed, train_sampler
+from training.model import VisionTransformer
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("python -m training.linprobe", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch_size", default=512, type=int, help="batch size per process (GPU)")
+    p.add_argument("--epochs", default=90, type=int)
+    p.add_argument("--accum_iter", default=1, type=int, help="accumulate gradients over N batches per step")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default="vit_large_patch16",
+                   help="architecture at random init when no --finetune is given (the checkpoint's otherwise)")
+    m.add_argument("--input_size", default=224, type=int, help="image size")
+    m.add_argument("--in_chans", default=3, type=int, help="image channels without --finetune: 3 or 1")
+    o = p.add_argument_group("optimizer (LARS)")
+    o.add_argument("--weight_decay", type=float, default=0.0)
+    o.add_argument("--lr", type=float, default=None, metavar="LR", help="absolute lr (default: blr x batch / 256)")
+    o.add_argument("--blr", type=float, default=0.1, metavar="LR", help="base lr: lr = blr x effective batch / 256")
+    o.add_argument("--min_lr", type=float, default=0.0, metavar="LR")
+    o.add_argument("--warmup_epochs", type=int, default=10, metavar="N")
+    f = p.add_argument_group("checkpoint and head")
+    f.add_argument("--finetune", default="", help="pretrained checkpoint (any supported format)")
+    f.add_argument("--global_pool", action="store_true", help="mean patch token instead of the cls token")
+    f.add_argument("--cls_token", action="store_false", dest="global_pool", help="cls token features (default)")
+    p.set_defaults(global_pool=False)
+    p.add_argument("--data_path", default="/datasets01/imagenet_full_size/061417/",
+                   help="ImageFolder root with train/ and val/")
+    p.add_argument("--nb_classes", default=None, type=int,
+                   help="number of classes (official default 1000; here: the class folders in train/)")
+    p.add_argument("--eval", action="store_true", help="evaluate --resume / --finetune only")
+    p.add_argument("--dist_eval", action="store_true",
+                   help="accepted for compatibility: evaluation is always sharded exactly over processes")
+    engine.add_run_args(p)
+    return p
+
+
+def fold_probe_head(model: VisionTransformer) -> VisionTransformer:
+    """The probe (frozen encoder, BatchNorm without affine, Linear) as a plain classifier whose Linear
+    head includes the BatchNorm's running statistics: same outputs in eval mode, native-format keys."""
+    bn, linear = model.head[0], model.head[1]
+    inv_std = torch.rsqrt(bn.running_var + bn.eps)
+    plain = VisionTransformer(model.config, linear.out_features, global_pool=model.global_pool)
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+    sd["head.weight"] = linear.weight * inv_std[None, :]
+    sd["head.bias"] = linear.bias - (linear.weight * (bn.running_mean * inv_std)[None, :]).sum(dim=1)
+    plain.load_state_dict({k: v.detach().cpu() for k, v in sd.items()})
+    return plain.eval()
+
+
+def main(args: argparse.Namespace) -> None:
+    info = init_distributed(args.device)
+    try:
+        train(args, info)
+    finally:
+        cleanup()
+
+
+def train(args: argparse.Namespace, info) -> None:
+    say = print if info.is_main else (lambda *_a, **_k: None)
+    device = info.device
+    precision = engine.resolve_precision(args.precision, device)
+    engine.seed_everything(args.seed + info.rank)
+    out = Path(args.output_dir) if args.output_dir else None
+    if out is not None and info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    # Model first: a checkpoint decides the channel count the data must be read with.
+    in_chans = args.in_chans
+    if args.finetune:
+        from training.checkpoints import load_checkpoint
+
+        in_chans = load_checkpoint(args.finetune).config.in_chans
+    train_set = data.image_folder(data.split_dir(args.data_path, "train"),
+                                  data.linprobe_transform(args.input_size, in_chans), in_chans)
+    val_set = data.image_folder(data.split_dir(args.data_path, "val"),
+                                data.eval_transform(args.input_size, in_chans), in_chans)
+    nb_classes = args.nb_classes or len(train_set.classes)
+    if nb_classes < len(train_set.classes):
+        raise InputError(f"--nb_classes {nb_classes} but {args.data_path} has {len(train_set.classes)} classes")
+    sampler = train_sampler(train_set, info, args.seed)
+    pin = args.pin_mem and device.type == "cuda"
+    loader = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=args.batch_size,
+                                         num_workers=args.num_workers, pin_memory=pin, drop_last=True)
+    val_loader = torch.utils.data.DataLoader(val_set, sampler=ShardSampler(val_set, info), batch_size=args.batch_size,
+                                             num_workers=args.num_workers, pin_memory=pin)
+
+    model = engine.build_classifier(args.finetune, args.model, nb_classes, args.global_pool, args.input_size,
+                                    in_chans, log=say)
+    # The probe: BatchNorm without affine + linear head (std 0.01 init); everything else frozen.
+    nn.init.trunc_normal_(model.head.weight, std=0.01)
+    model.head = nn.Sequential(nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)
+    for name, p in model.named_parameters():
+        p.requires_grad = name.startswith("head.")
+    model.to(device)
+    eff_batch = args.batch_size * args.accum_iter * info.world_size
+    if args.lr is None:
+        args.lr = optim.effective_lr(args.blr, args.batch_size, args.accum_iter, info.world_size)
+    optimizer = optim.LARS(model.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if info.distributed else model
+
+    start = engine.resume_path(args.resume, out)
+    extra = {"best_acc1": 0.0}
+    if start is not None:
+        args.start_epoch, extra = engine.load_training_checkpoint(start, model, optimizer, None, info)
+        say(f"resumed from {start}: continuing at epoch {args.start_epoch}")
+    if args.eval:
+        test = engine.evaluate(ddp, val_loader, info, precision)
+        say(engine.format_record({f"test_{k}": v for k, v in test.items()}))
+        return
+    metrics = engine.MetricsLog(out, args.log_dir, info)
+    say(f"linear probe: {len(train_set)} train / {len(val_set)} val images, {nb_classes} classes, "
+        f"{'mean-pool' if args.global_pool else 'cls-token'} features, lr {args.lr:.3e} "
+        f"(blr {args.blr:.3e} x {eff_batch} / 256), {args.epochs} epochs, {precision} on {device}")
+
+    criterion = nn.CrossEntropyLoss()
+
+    def set_lr(epoch: float) -> float:
+        return optim.adjust_learning_rate(optimizer, epoch, args.lr, args.min_lr, args.epochs, args.warmup_epochs)
+
+    def compute_loss(samples: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return criterion(ddp(samples), targets)
+
+    last = out / "checkpoint-last.pth" if out else None
+    t0 = time.perf_counter()
+    for epoch in range(args.start_epoch, args.epochs):
+        sampler.set_epoch(epoch)
+        stats = engine.train_one_epoch(
+            ddp, loader, optimizer, compute_loss, set_lr, epoch, info, precision=precision,
+            accum_iter=args.accum_iter, metrics=metrics,
+            last_checkpoint=str(last) if last and last.exists() else None, desc=f"linprobe {epoch + 1}/{args.epochs}",
+        )
+        test = engine.evaluate(ddp, val_loader, info, precision)
+        extra["best_acc1"] = max(extra.get("best_acc1", 0.0), test["acc1"])
+        if out is not None:
+            engine.save_training_checkpoint(last, ddp, optimizer, None, epoch, args, info, extra)
+            if info.is_main and (epoch % args.save_freq == 0 or epoch + 1 == args.epochs):
+                engine.keep_checkpoint(last, epoch)
+        record = {"epoch": epoch, **stats, **{f"test_{k}": v for k, v in test.items()}, "best_acc1": extra["best_acc1"]}
+        metrics.epoch(record)
+        say(engine.format_record(record))
+    metrics.close()
+
+    if out is not None and info.is_main:
+        from training.checkpoints import save_native
+
+        source = {"format": "mae-deploy linprobe", "finetune": args.finetune or None, "epochs": args.epochs,
+                  "note": "linear probe; BatchNorm folded into head"}
+        save_native(fold_probe_head(model.cpu()), out / "model", source=source, overwrite=True)
+        say(f"done in {time.perf_counter() - t0:.1f}s; best top-1 {extra['best_acc1']:.2f}%; "
+            f"native classifier: {out / 'model'}")
+
+
+def cli(argv: list[str] | None = None) -> None:
+    engine.run_cli(main, get_args_parser(), argv)
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])

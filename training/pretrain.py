@@ -1,0 +1,187 @@
+"""MAE pretraining, the official recipe: ``python -m training.pretrain`` or ``mae-deploy pretrain``.
+
+    python -m training.pretrain --model mae_vit_base_patch16 --norm_pix_loss --batch_size 64 \\
+        --epochs 800 --warmup_epochs 40 --blr 1.5e-4 --weight_decay 0.05 --data_path /imagenet
+    torchrun --nproc_per_node 8 -m training.pretrain ...   (DDP: one process per GPU, or CPU processes)
+
+AdamW (0.9, 0.95), weight decay except norms, biases and tokens; lr = blr x effective batch / 256 with a
+per-iteration linear warm-up and half-cycle cosine; RandomResizedCrop(0.2-1) + flip; loss on the masked
+patches. The final model is written as a native checkpoint (``output_dir/model``) for ``mae-deploy export``.
+
+``--mask_token_encoder`` trains the paper's baseline (Table 1c, "encoder w/ [M]"): the encoder sees all
+patches, the removed ones replaced by a learned mask token, and is about 2-3x slower per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mae_deploy.errors import InputError
+from training import data, engine, optim
+from training.distributed import cleanup, init_distributed, train_sampler
+from training.model import MaskedAutoencoderViT, create_model, random_masking
+
+
+class MaskTokenMAE(MaskedAutoencoderViT):
+    """Baseline of the paper's Table 1c: the encoder processes all L tokens, removed patches replaced by
+    a learned ``encoder_mask_token`` (plus their position embedding); the decoder then needs no mask
+    tokens of its own. Same loss on the removed patches."""
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self.encoder_mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        nn.init.normal_(self.encoder_mask_token, std=0.02)
+        if self.has_decoder:
+            self.mask_token.requires_grad_(False)  # unused: the encoder already fills every position
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None):
+        _, _, mask = random_masking(imgs.shape[0], self.config.num_patches, mask_ratio, noise=noise,
+                                    device=imgs.device)
+        x = self.patch_embed(imgs)  # (N,L,D)
+        x = torch.where(mask.bool()[..., None], self.encoder_mask_token.to(x.dtype), x) + self.pos_embed[:, 1:]
+        x = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1), x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.decoder_embed(self.norm(x)) + self.decoder_pos_embed  # (N,1+L,Dd), tokens already in order
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        pred = self.decoder_pred(self.decoder_norm(x))[:, 1:]
+        return self.forward_loss(imgs, pred, mask.to(pred.dtype)), pred, mask
+
+    def as_mae(self) -> MaskedAutoencoderViT:
+        """The same weights in the standard architecture (the encoder mask token dropped), for export."""
+        plain = MaskedAutoencoderViT(self.config)
+        plain.load_state_dict({k: v for k, v in self.state_dict().items() if k != "encoder_mask_token"})
+        return plain
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("python -m training.pretrain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch_size", default=64, type=int, help="batch size per process (GPU)")
+    p.add_argument("--epochs", default=400, type=int)
+    p.add_argument("--accum_iter", default=1, type=int, help="accumulate gradients over N batches per step")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default="mae_vit_large_patch16", help="registry name, e.g. mae_vit_base_patch16")
+    m.add_argument("--input_size", default=224, type=int, help="image size")
+    m.add_argument("--in_chans", default=3, type=int, help="image channels: 3 (RGB) or 1 (greyscale)")
+    m.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed")
+    m.add_argument("--norm_pix_loss", action="store_true", help="predict per-patch normalised pixels")
+    m.set_defaults(norm_pix_loss=False)
+    m.add_argument("--mask_token_encoder", action="store_true",
+                   help="baseline: the encoder sees all tokens, removed ones as mask tokens (Table 1c)")
+    o = p.add_argument_group("optimizer")
+    o.add_argument("--weight_decay", type=float, default=0.05)
+    o.add_argument("--lr", type=float, default=None, metavar="LR", help="absolute lr (default: blr x batch / 256)")
+    o.add_argument("--blr", type=float, default=1e-3, metavar="LR", help="base lr: lr = blr x effective batch / 256")
+    o.add_argument("--min_lr", type=float, default=0.0, metavar="LR", help="lower lr bound of the cosine")
+    o.add_argument("--warmup_epochs", type=int, default=40, metavar="N")
+    p.add_argument("--data_path", default="/datasets01/imagenet_full_size/061417/",
+                   help="ImageFolder root with train/ (or the class folders directly)")
+    engine.add_run_args(p)
+    return p
+
+
+def main(args: argparse.Namespace) -> None:
+    info = init_distributed(args.device)
+    try:
+        train(args, info)
+    finally:
+        cleanup()
+
+
+def train(args: argparse.Namespace, info) -> None:
+    say = print if info.is_main else (lambda *_a, **_k: None)
+    device = info.device
+    precision = engine.resolve_precision(args.precision, device)
+    engine.seed_everything(args.seed + info.rank)
+    out = Path(args.output_dir) if args.output_dir else None
+    if out is not None and info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    # Data: the official augmentation; the sampler's order depends only on (seed, epoch).
+    dataset = data.image_folder(data.split_dir(args.data_path, "train"),
+                                data.pretrain_transform(args.input_size, args.in_chans), args.in_chans)
+    sampler = train_sampler(dataset, info, args.seed)
+    pin = args.pin_mem and device.type == "cuda"
+    loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, drop_last=True,
+                                         num_workers=args.num_workers, pin_memory=pin)
+
+    # Model and optimizer.
+    name = engine.registry_name(args.model)
+    model = create_model(name, img_size=args.input_size, in_chans=args.in_chans, norm_pix_loss=args.norm_pix_loss)
+    if args.mask_token_encoder:
+        model = MaskTokenMAE(model.config)
+    if not model.has_decoder:
+        raise InputError(f"--model {name} has no decoder; pretraining needs one")
+    model.to(device)
+    eff_batch = args.batch_size * args.accum_iter * info.world_size
+    if args.lr is None:
+        args.lr = optim.effective_lr(args.blr, args.batch_size, args.accum_iter, info.world_size)
+    optimizer = torch.optim.AdamW(optim.param_groups_weight_decay(model, args.weight_decay), lr=args.lr,
+                                  betas=(0.9, 0.95))
+    scaler = engine.make_scaler(precision, device)
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if info.distributed else model
+
+    start = engine.resume_path(args.resume, out)
+    extra = {}
+    if start is not None:
+        args.start_epoch, extra = engine.load_training_checkpoint(start, model, optimizer, scaler, info)
+        say(f"resumed from {start}: continuing at epoch {args.start_epoch}")
+    metrics = engine.MetricsLog(out, args.log_dir, info)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    say(f"pretraining {name}{' (mask-token encoder baseline)' if args.mask_token_encoder else ''}: "
+        f"{n_params / 1e6:.2f}M parameters, {len(dataset)} images, {len(loader)} steps/epoch, "
+        f"{info.world_size} process(es) on {device}, {precision}")
+    say(f"lr {args.lr:.3e} (blr {args.blr:.3e} x effective batch {eff_batch} / 256), "
+        f"epochs {args.epochs}, warm-up {args.warmup_epochs}")
+
+    def set_lr(epoch: float) -> float:
+        return optim.adjust_learning_rate(optimizer, epoch, args.lr, args.min_lr, args.epochs, args.warmup_epochs)
+
+    def compute_loss(samples: torch.Tensor, _targets: torch.Tensor) -> torch.Tensor:
+        return ddp(samples, mask_ratio=args.mask_ratio)[0]
+
+    last = out / "checkpoint-last.pth" if out else None
+    t0 = time.perf_counter()
+    for epoch in range(args.start_epoch, args.epochs):
+        sampler.set_epoch(epoch)
+        stats = engine.train_one_epoch(
+            ddp, loader, optimizer, compute_loss, set_lr, epoch, info, precision=precision, scaler=scaler,
+            accum_iter=args.accum_iter, metrics=metrics,
+            last_checkpoint=str(last) if last and last.exists() else None,
+            desc=f"pretrain {epoch + 1}/{args.epochs}",
+        )
+        if out is not None:
+            engine.save_training_checkpoint(last, ddp, optimizer, scaler, epoch, args, info, extra)
+            if info.is_main and (epoch % args.save_freq == 0 or epoch + 1 == args.epochs):
+                engine.keep_checkpoint(last, epoch)
+        record = {"epoch": epoch, **stats}
+        metrics.epoch(record)
+        say(engine.format_record(record))
+    metrics.close()
+
+    if out is not None and info.is_main:
+        from training.checkpoints import save_native
+
+        final = model.as_mae() if isinstance(model, MaskTokenMAE) else model
+        source = {"format": "mae-deploy pretrain", "epochs": args.epochs, "model": name,
+                  "mask_token_encoder": bool(args.mask_token_encoder), "data_path": str(args.data_path)}
+        save_native(final.cpu(), out / "model", source=source, overwrite=True)
+        say(f"done in {time.perf_counter() - t0:.1f}s; native checkpoint: {out / 'model'} "
+            f"(next: mae-deploy export {out / 'model'} --out bundle/)")
+
+
+def cli(argv: list[str] | None = None) -> None:
+    engine.run_cli(main, get_args_parser(), argv)
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])
