@@ -17,6 +17,7 @@ from mae_deploy.errors import MaeDeployError
 
 # Modules under mae_deploy/commands/, each exposing COMMANDS: list[click.Command].
 _COMMAND_MODULES = [
+    "train",  # data digits, pretrain, finetune, linprobe
     "checkpoint",  # convert, info
     "export",  # export
     "runtime",  # reconstruct
