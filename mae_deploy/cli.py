@@ -23,6 +23,7 @@ _COMMAND_MODULES = [
     "runtime",  # reconstruct
     "bench",  # bench
     "extract",  # extract (batch feature extraction)
+    "engine",  # build-engine (TensorRT engines ahead of time)
 ]
 
 
