@@ -28,7 +28,8 @@ batches).
 Failure reasons in errors.jsonl (:data:`FAILURE_REASONS`): ``empty`` (zero bytes), ``not_an_image``
 (Pillow recognises no format), ``truncated``, ``corrupt`` (any other decoding error), ``too_small`` (shorter
 side below ``min_side``), ``decompression_bomb`` (more pixels than ``max_pixels``, default Pillow's
-``Image.MAX_IMAGE_PIXELS``), ``unreadable`` (missing file, permissions, a directory).
+``Image.MAX_IMAGE_PIXELS``), ``unreadable`` (missing file, permissions, a directory), ``decoder_crashed``
+(decoding it killed the worker process: a crash in a decoder, or out of memory; see :class:`_DecodeStage`).
 
 Exit status (CLI): 0 when every input succeeded; 4 (:class:`~mae_deploy.errors.PartialFailure`) when the
 job ran to the end but some inputs failed; 3 (:class:`~mae_deploy.errors.InputError`) for bad options, an
@@ -43,7 +44,8 @@ and global rows, in source order.
 Worker processes are started with the ``spawn`` method (safe with the threads that ONNX Runtime, PyTorch and
 CUDA start; the same on Linux, macOS and Windows), so a script calling :func:`extract_features` needs the
 usual ``if __name__ == "__main__":`` guard. ``workers=0`` decodes in one background thread instead (Pillow
-releases the GIL while decoding and resizing). A worker exits by itself when the main process dies.
+releases the GIL while decoding and resizing; but a crash in a decoder then takes the job down, whereas a
+dead worker process is replaced). A worker exits by itself when the main process dies.
 
 Not run on this project's machines: ``--device cuda`` and ``--backend trt`` (no GPU); they go through the
 same runner interface as the CPU path that is tested.
@@ -54,6 +56,7 @@ from __future__ import annotations
 import glob as _glob
 import json
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import platform
 import queue
@@ -82,7 +85,9 @@ MANIFEST_NAME = "manifest.json"
 ERRORS_NAME = "errors.jsonl"
 POOLS = ("cls", "mean", "tokens")
 DTYPES = ("float32", "float16")
-FAILURE_REASONS = ("empty", "not_an_image", "truncated", "corrupt", "too_small", "decompression_bomb", "unreadable")
+FAILURE_REASONS = (
+    "empty", "not_an_image", "truncated", "corrupt", "too_small", "decompression_bomb", "unreadable", "decoder_crashed",
+)
 TRANSFERS = ("uint8", "float32")
 DEFAULT_SHARD_SIZE = 10_000
 # Token shards hold (L+1)*D values per image (ViT-B: 0.6 MB fp32); default shards stay under this size.
@@ -244,29 +249,31 @@ class _Failure(Exception):
         self.reason, self.message = reason, message
 
 
-def _worker_main(task_q, result_q, decoder_args: dict, max_pixels: int, parent_pid: int) -> None:
-    """Worker process loop: (seq, items) -> (seq, _Decoded); exits on None or when the parent is gone."""
+def _worker_main(task_conn, result_conn, decoder_args: dict, max_pixels: int, parent_pid: int) -> None:
+    """Worker process loop: (task id, items) -> (task id, _Decoded) over its own pipes.
+
+    Exits on None, when its task pipe closes, or when the parent is gone (polled every second), so a
+    SIGKILLed job leaves no decode process behind.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     # Images above the limit fail as decompression_bomb; Pillow's warning just before would only be noise.
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     # Pillow's own bomb check (at 2x its limit, on open) must not be stricter than the job's limit.
     Image.MAX_IMAGE_PIXELS = max_pixels or None
     decoder = _Decoder(**decoder_args)
-    while True:
-        try:
-            task = task_q.get(timeout=1.0)
-        except queue.Empty:
-            if os.getppid() != parent_pid:  # the main process died (e.g. SIGKILL): do not linger
-                result_q.cancel_join_thread()
+    try:
+        while True:
+            if not task_conn.poll(1.0):
+                if os.getppid() != parent_pid:
+                    return
+                continue
+            task = task_conn.recv()
+            if task is None:
                 return
-            continue
-        if task is None:
-            return
-        seq, items = task
-        try:
-            result_q.put((seq, decoder.decode_batch(items)))
-        except Exception as e:  # e.g. an unpicklable result: report it rather than hang the parent
-            result_q.put((seq, e))
+            tid, items = task
+            result_conn.send((tid, decoder.decode_batch(items)))
+    except (EOFError, BrokenPipeError, ConnectionResetError):  # the parent went away
+        return
 
 
 @dataclass
@@ -276,8 +283,43 @@ class _Task:
     last_in_shard: bool
 
 
+def _death_text(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit code {exitcode}"
+
+
+class _Worker:
+    """One decode process with its own task and result pipes; ``assigned`` are the task ids it holds."""
+
+    def __init__(self, ctx, decoder_args: dict, max_pixels: int) -> None:
+        task_r, self.task_conn = ctx.Pipe(duplex=False)
+        self.result_conn, result_w = ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(target=_worker_main, args=(task_r, result_w, decoder_args, max_pixels, os.getpid()),
+                                daemon=True, name="mae-deploy-decode")
+        self.proc.start()
+        task_r.close()  # the child's ends: the parent's copies would keep the pipes open after a death
+        result_w.close()
+        self.assigned: list = []
+
+    def send(self, tid, items) -> None:
+        self.task_conn.send((tid, items))
+        self.assigned.append(tid)
+
+
 class _DecodeStage:
-    """Decoded batches in task order, with at most ``max_in_flight`` batches decoded ahead."""
+    """Decoded batches in task order, with at most ``max_in_flight`` batches decoded ahead.
+
+    Process mode: the parent hands each worker at most two tasks through the worker's own pipe, so it always
+    knows which tasks a worker holds. When a worker dies (killed for memory, or a crash inside an image
+    decoder), a replacement starts and the lost batches are decoded again one image per task; an image whose
+    single-image task kills a worker too fails with reason ``decoder_crashed``, and the job goes on.
+    """
+
+    MAX_RESTARTS = 100
 
     def __init__(
         self, tasks: Iterator[_Task], decoder_args: dict, max_pixels: int, workers: int, max_in_flight: int,
@@ -288,66 +330,112 @@ class _DecodeStage:
         self.max_pixels = max_pixels
         self.workers = workers
         self.max_in_flight = max(1, max_in_flight)
-        self._procs: list = []
+        self.restarts = 0
         self._stop = threading.Event()
+        self._pool: list[_Worker] = []
         if workers > 0:
-            ctx = mp.get_context(start_method)
-            self._task_q = ctx.Queue()
-            self._result_q = ctx.Queue()
-            for _ in range(workers):
-                p = ctx.Process(
-                    target=_worker_main,
-                    args=(self._task_q, self._result_q, decoder_args, max_pixels, os.getpid()),
-                    daemon=True,
-                )
-                p.start()
-                self._procs.append(p)
+            self._ctx = mp.get_context(start_method)
+            self._pool = [_Worker(self._ctx, decoder_args, max_pixels) for _ in range(workers)]
 
     def __iter__(self) -> Iterator[tuple[_Task, _Decoded]]:
         return self._iter_processes() if self.workers > 0 else self._iter_thread()
 
     def _iter_processes(self) -> Iterator[tuple[_Task, _Decoded]]:
-        meta: dict[int, _Task] = {}
+        meta: dict[int, _Task] = {}  # batch seq -> task, until yielded
         done: dict[int, _Decoded] = {}
+        singles: dict[int, dict[int, _Decoded]] = {}  # batch seq -> item position -> result, after a death
+        retry: list[tuple[tuple[int, int], list]] = []  # single-image tasks to hand out first
         submitted = next_seq = 0
         exhausted = False
 
-        def fill() -> None:
+        def next_work():
             nonlocal submitted, exhausted
-            while not exhausted and submitted - next_seq < self.max_in_flight:
-                task = next(self.tasks, None)
-                if task is None:
-                    exhausted = True
-                    return
-                meta[submitted] = task
-                self._task_q.put((submitted, task.items))
-                submitted += 1
+            if retry:
+                return retry.pop(0)
+            if exhausted or submitted - next_seq >= self.max_in_flight:
+                return None
+            task = next(self.tasks, None)
+            if task is None:
+                exhausted = True
+                return None
+            meta[submitted] = task
+            submitted += 1
+            return submitted - 1, task.items
 
-        fill()
+        def assign() -> None:
+            for w in sorted(self._pool, key=lambda w: len(w.assigned)):  # two each: one decoding, one queued
+                while len(w.assigned) < 2 and (work := next_work()) is not None:
+                    w.send(*work)
+
+        def receive(w: _Worker, tid, res: _Decoded) -> None:
+            w.assigned.remove(tid)
+            if isinstance(tid, tuple):
+                seq, j = tid
+                singles[seq][j] = res
+                if len(singles[seq]) == len(meta[seq].items):
+                    done[seq] = _merge(singles.pop(seq), meta[seq].items)
+            else:
+                done[tid] = res
+
+        def drain(w: _Worker) -> None:
+            try:
+                while w.result_conn.poll():
+                    receive(w, *w.result_conn.recv())
+            except (EOFError, OSError):
+                pass
+
+        def bury(w: _Worker) -> None:
+            drain(w)  # results it sent before dying are good
+            w.proc.join(timeout=5)  # reap it, so its exit code is known
+            why = _death_text(w.proc.exitcode)
+            # A worker takes its tasks in order: the first it holds is the one it died on; the others were
+            # never started and are simply handed out again.
+            for tid in w.assigned[1:]:
+                retry.append((tid, [meta[tid[0]].items[tid[1]]] if isinstance(tid, tuple) else meta[tid].items))
+            for tid in w.assigned[:1]:
+                if isinstance(tid, tuple):  # a single image killed it: that image fails, the job goes on
+                    seq, j = tid
+                    row, path = meta[seq].items[j]
+                    singles[seq][j] = _Decoded([], None, [(row, "decoder_crashed", (
+                        f"decoding {path} made the decode worker die ({why}): the file crashes the image decoder "
+                        "or needs more memory than the machine has"))])
+                    if len(singles[seq]) == len(meta[seq].items):
+                        done[seq] = _merge(singles.pop(seq), meta[seq].items)
+                else:  # which image of the batch was it? decode them again one by one
+                    singles[tid] = {}
+                    retry.extend(((tid, j), [item]) for j, item in enumerate(meta[tid].items))
+            self._pool.remove(w)
+            w.result_conn.close()
+            w.task_conn.close()
+            self.restarts += 1
+            if self.restarts > self.MAX_RESTARTS:
+                raise MaeDeployError(
+                    f"decode workers died {self.restarts} times (last: {why}); finished shards are kept. Check "
+                    "memory (fewer --workers) and rerun the same command to resume"
+                )
+            self._pool.append(_Worker(self._ctx, self.decoder_args, self.max_pixels))
+
+        assign()
         while next_seq < submitted:
             while next_seq not in done:
-                try:
-                    seq, res = self._result_q.get(timeout=1.0)
-                except queue.Empty:
-                    self._check_workers()
-                    continue
-                if isinstance(res, Exception):
-                    raise MaeDeployError(f"a decode worker failed: {res!r}") from res
-                done[seq] = res
+                by_conn = {w.result_conn: w for w in self._pool}
+                by_sentinel = {w.proc.sentinel: w for w in self._pool}
+                ready = mp.connection.wait([*by_conn, *by_sentinel], timeout=5.0)
+                for r in ready:
+                    if r in by_conn and by_conn[r] in self._pool:
+                        w = by_conn[r]
+                        try:
+                            receive(w, *w.result_conn.recv())
+                        except (EOFError, OSError):
+                            w.proc.join(timeout=5)  # its sentinel follows; bury() then
+                for r in ready:
+                    if r in by_sentinel and by_sentinel[r] in self._pool:
+                        bury(by_sentinel[r])
+                assign()
             res, task = done.pop(next_seq), meta.pop(next_seq)
             next_seq += 1
-            fill()  # before yielding: workers decode the next batches while the caller runs inference
+            assign()  # before yielding: workers decode the next batches while the caller runs inference
             yield task, res
-
-    def _check_workers(self) -> None:
-        dead = [p for p in self._procs if not p.is_alive()]
-        if dead:
-            codes = ", ".join(str(p.exitcode) for p in dead)
-            raise MaeDeployError(
-                f"{len(dead)} decode worker(s) died (exit codes {codes}; negative = killed by that signal, e.g. "
-                "out of memory or a crash in an image decoder). Finished shards are kept: rerun the same command "
-                "to resume, with --workers 0 to decode in-process if it happens again"
-            )
 
     def _iter_thread(self) -> Iterator[tuple[_Task, _Decoded]]:
         q: queue.Queue = queue.Queue(maxsize=self.max_in_flight)
@@ -388,21 +476,33 @@ class _DecodeStage:
 
     def close(self) -> None:
         self._stop.set()
-        if not self._procs:
-            return
-        for _ in self._procs:
-            self._task_q.put(None)
+        for w in self._pool:
+            try:
+                w.task_conn.send(None)
+            except OSError:
+                pass
         deadline = time.monotonic() + 5
-        for p in self._procs:
-            p.join(timeout=max(0.1, deadline - time.monotonic()))
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=1)
-        # Leftover results (after an early stop) must not keep the queues' feeder threads alive.
-        self._task_q.cancel_join_thread()
-        self._result_q.cancel_join_thread()
-        self._task_q.close()
-        self._result_q.close()
+        for w in self._pool:
+            # A worker blocked sending a result we no longer want is stopped rather than waited for.
+            w.proc.join(timeout=max(0.1, deadline - time.monotonic()))
+            if w.proc.is_alive():
+                w.proc.terminate()
+                w.proc.join(timeout=1)
+            w.task_conn.close()
+            w.result_conn.close()
+        self._pool = []
+
+
+def _merge(parts: dict[int, _Decoded], items: list[tuple[int, str]]) -> _Decoded:
+    """Single-image results (after a worker death) -> one batch result, in item order."""
+    ordered = [parts[j] for j in range(len(items))]
+    pixels = [d.pixels for d in ordered if d.pixels is not None]
+    return _Decoded(
+        rows=[r for d in ordered for r in d.rows],
+        pixels=np.concatenate(pixels) if pixels else None,
+        failures=[f for d in ordered for f in d.failures],
+        decode_s=sum(d.decode_s for d in ordered),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -876,6 +976,7 @@ def extract_features(
             writer.close()
             timings["write_s"] = writer.write_s
             run["runner"] = _runner_info(fx.runner)
+            run["decode_worker_restarts"] = stage.restarts
             fx.close()
         except BaseException:
             status = "interrupted"

@@ -35,6 +35,8 @@ from mae_deploy.extract import (
 from mae_deploy.sources import IMAGE_EXTENSIONS, list_source, split_rows
 
 skimage_data = pytest.importorskip("skimage.data")
+# workers=0 decodes in this process, where Pillow warns about the bomb just before it fails as one.
+pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 
 REPO = Path(__file__).resolve().parents[1]
 # The settings of the reference run; the killed/resumed run must use the same ones.
@@ -562,3 +564,79 @@ def test_supported_extensions_are_documented():
 
     for ext in IMAGE_EXTENSIONS:
         assert ext.lstrip(".") in extract.help
+
+
+# ------------------------------------------------------------------------------------------------
+# Decode workers that die
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_killed_worker_is_replaced_and_nothing_is_lost(clean, images, bundle, tmp_path):
+    """SIGKILL one decode worker mid-job (as the OOM killer would): the result is still the clean run's."""
+    import threading
+
+    psutil = pytest.importorskip("psutil")
+    root, _ = images
+    ref_dir, _ = clean
+    out = tmp_path / "worker_killed"
+    result = {}
+
+    def run():
+        try:
+            result["summary"] = extract_features(root, bundle, out, progress=False, **{**RUN, "workers": 2})
+        except BaseException as e:  # re-raised below
+            result["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.monotonic() + 60
+    while not (out / index_name(2)).exists() and t.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.002)
+    workers = [c for c in psutil.Process().children() if "spawn_main" in " ".join(c.cmdline())]
+    assert workers and t.is_alive(), "the job must still be running with its workers"
+    workers[0].kill()
+    t.join(timeout=120)
+    assert "error" not in result, result.get("error")
+    assert _files(out) == _files(ref_dir)
+    run_record = json.loads((out / "manifest.json").read_text())["runs"][-1]
+    assert run_record["decode_worker_restarts"] >= 1
+
+
+def _crash_on_marked_files(self, path):
+    if "crash" in os.path.basename(path):
+        os.kill(os.getpid(), signal.SIGSEGV)  # what a crashing image decoder does to its process
+    return _original_decode_one(self, path)
+
+
+_original_decode_one = None
+
+
+def test_an_image_that_crashes_the_decoder_fails_alone(images, bundle, tmp_path, monkeypatch):
+    """The crashing file is found by decoding its batch again image by image; the rest are extracted."""
+    global _original_decode_one
+    import mae_deploy.extract as ex
+
+    root, _ = images
+    src = tmp_path / "src"
+    src.mkdir()
+    plain = sorted(root.glob("img00*"))[:6]
+    for p in plain[:5]:
+        shutil.copy(p, src / p.name)
+    shutil.copy(plain[5], src / "img0003_crash.jpg")  # sorts into the middle of the first batch
+    _original_decode_one = ex._Decoder.decode_one
+    monkeypatch.setattr(ex._Decoder, "decode_one", _crash_on_marked_files)
+    # fork: the workers inherit the patched decoder (spawned ones would import the real one).
+    s = extract_features(src, bundle, tmp_path / "out", progress=False, workers=1, batch_size=4,
+                         start_method="fork")
+    assert s.failures_by_reason == {"decoder_crashed": 1} and s.features == 5
+    errors = [json.loads(line) for line in (tmp_path / "out" / ERRORS_NAME).read_text().splitlines()]
+    assert [Path(e["path"]).name for e in errors] == ["img0003_crash.jpg"]
+    assert "SIGSEGV" in errors[0]["message"]
+    run_record = json.loads((tmp_path / "out" / "manifest.json").read_text())["runs"][-1]
+    assert run_record["decode_worker_restarts"] == 2  # the batch, then the image alone
+    monkeypatch.undo()
+    from mae_deploy.features import FeatureExtractor
+
+    f = open_features(tmp_path / "out")
+    with FeatureExtractor(bundle) as fx:
+        np.testing.assert_allclose(np.asarray(f), fx.extract(f.paths), rtol=1e-5, atol=1e-5)
