@@ -273,6 +273,8 @@ class FakeConfig:
 
     def create_timing_cache(self, blob):
         self.fake.log.append(("create_timing_cache", bytes(blob)))
+        if bytes(blob) == b"corrupt":
+            raise RuntimeError("timing cache blob cannot be deserialized")
         return FakeTimingCache(blob)
 
     def set_timing_cache(self, cache, ignore_mismatch):
@@ -813,13 +815,14 @@ def test_build_engine_errors(bundle, tmp_path):
         T.build_engine(bundle.graph_path("encoder"), p.shapes("encoder"), "int8", trt=FakeTrt())
 
 
-def test_incompatible_timing_cache_is_dropped(bundle):
+@pytest.mark.parametrize("seed", [b"incompatible", b"corrupt"])
+def test_refused_timing_cache_is_dropped(bundle, seed):
     trt = FakeTrt()
     res = T.build_engine(bundle.graph_path("encoder"), T.profile_for_bundle(bundle).shapes("encoder"), "fp32",
-                         b"incompatible", trt=trt)
+                         seed, trt=trt)
     assert [e for e in trt.log if e[0] == "create_timing_cache"] == [
-        ("create_timing_cache", b"incompatible"), ("create_timing_cache", b"")]
-    assert res.timing_cache == b"+timings"
+        ("create_timing_cache", seed), ("create_timing_cache", b"")]
+    assert res.timing_cache == b"+timings"  # built with a fresh cache
 
 
 def test_build_progress_monitor_follows_the_outer_phase(bundle, capsys):

@@ -650,9 +650,13 @@ def build_engine(
         profile.set_shape(n, tuple(lo), tuple(opt), tuple(hi))
     config.add_optimization_profile(profile)
 
-    cache = config.create_timing_cache(timing_cache or b"")
-    if not config.set_timing_cache(cache, False) and timing_cache:
-        # A cache TensorRT refuses (another version or device) is dropped rather than failing the build.
+    # A seed TensorRT refuses (corrupt, or from another version or device) is dropped rather than failing
+    # the build: the timing cache only saves time.
+    try:
+        seeded = bool(timing_cache) and bool(config.set_timing_cache(config.create_timing_cache(timing_cache), False))
+    except Exception:
+        seeded = False
+    if not seeded:
         config.set_timing_cache(config.create_timing_cache(b""), False)
 
     if progress:
