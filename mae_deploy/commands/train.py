@@ -33,7 +33,7 @@ def pretrain(args: tuple[str, ...]) -> None:
     Example (built-in digits):
       mae-deploy data digits digits/
       mae-deploy pretrain --model mae_vit_tiny_patch4 --in_chans 1 --input_size 32 --norm_pix_loss \\
-          --batch_size 128 --epochs 40 --warmup_epochs 5 --blr 2e-3 --data_path digits/ --output_dir run/
+          --batch_size 64 --epochs 80 --warmup_epochs 5 --blr 2e-3 --data_path digits/ --output_dir run/
     Runs under torchrun too: torchrun --nproc_per_node 2 -m training.pretrain ...
     """
     _run_script("pretrain", args)
