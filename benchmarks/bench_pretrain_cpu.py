@@ -27,15 +27,15 @@ sys.path.insert(0, str(ROOT))
 from mae_deploy.bench import machine_info  # noqa: E402
 from training.engine import autocast  # noqa: E402
 from training.model import create_model  # noqa: E402
-from training.optim import param_groups_weight_decay  # noqa: E402
+from training.optim import make_adamw, param_groups_weight_decay  # noqa: E402
 from training.pretrain import MaskTokenMAE  # noqa: E402
 
 HEADING = "## Pretraining step (issue #6)"
 
 
 def make_step(model: torch.nn.Module, imgs: torch.Tensor, precision: str):
-    opt = torch.optim.AdamW(param_groups_weight_decay(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
     device = torch.device("cpu")
+    opt = make_adamw(param_groups_weight_decay(model, 0.05), 1e-4, device, betas=(0.9, 0.95))  # as pretrain.py
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
@@ -97,7 +97,7 @@ def main() -> None:
         f"### {when} — {info['cpu_model']}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "",
         f"ViT-B/16 MAE (decoder 512-d x 8), batch {args.batch}, 224 px, mask ratio 0.75, norm-pix loss; "
-        f"one step = forward + backward + AdamW. Median of {args.iters} interleaved rounds after "
+        f"one step = forward + backward + fused AdamW (as training/pretrain.py). Median of {args.iters} interleaved rounds after "
         f"{args.warmup} warm-up rounds. Load average {load_before[0]:.2f} before, {load_after[0]:.2f} after "
         f"({os.cpu_count()} CPUs).",
         "",

@@ -142,7 +142,7 @@ def train(args: argparse.Namespace, info) -> None:
     if args.lr is None:
         args.lr = optim.effective_lr(args.blr, args.batch_size, args.accum_iter, info.world_size)
     groups = optim.param_groups_layer_decay(model, args.weight_decay, args.layer_decay)
-    optimizer = torch.optim.AdamW(groups, lr=args.lr)
+    optimizer = optim.make_adamw(groups, args.lr, device)
     scaler = engine.make_scaler(precision, device)
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if info.distributed else model

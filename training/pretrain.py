@@ -124,8 +124,8 @@ def train(args: argparse.Namespace, info) -> None:
     eff_batch = args.batch_size * args.accum_iter * info.world_size
     if args.lr is None:
         args.lr = optim.effective_lr(args.blr, args.batch_size, args.accum_iter, info.world_size)
-    optimizer = torch.optim.AdamW(optim.param_groups_weight_decay(model, args.weight_decay), lr=args.lr,
-                                  betas=(0.9, 0.95))
+    optimizer = optim.make_adamw(optim.param_groups_weight_decay(model, args.weight_decay), args.lr, device,
+                                 betas=(0.9, 0.95))
     scaler = engine.make_scaler(precision, device)
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if info.distributed else model
