@@ -97,8 +97,9 @@ def main() -> None:
         f"### {when} — {info['cpu_model']}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "",
         f"ViT-B/16 MAE (decoder 512-d x 8), batch {args.batch}, 224 px, mask ratio 0.75, norm-pix loss; "
-        f"one step = forward + backward + fused AdamW (as training/pretrain.py). Median of {args.iters} interleaved rounds after "
-        f"{args.warmup} warm-up rounds. Load average {load_before[0]:.2f} before, {load_after[0]:.2f} after "
+        "one step = forward + backward + fused AdamW (as training/pretrain.py). "
+        f"Median of {args.iters} interleaved rounds after {args.warmup} warm-up rounds. "
+        f"Load average {load_before[0]:.2f} before, {load_after[0]:.2f} after "
         f"({os.cpu_count()} CPUs).",
         "",
         "| variant | median s/step | min s/step | images/s | GFLOP/step |",

@@ -26,8 +26,7 @@ from torch import nn
 
 from mae_deploy.errors import InputError, MaeDeployError
 from training.distributed import DistInfo, all_gather_objects, all_reduce_mean, all_reduce_sum
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from training.options import PRECISIONS
 
 
 class NonFiniteLossError(MaeDeployError):
@@ -357,38 +356,6 @@ def format_record(record: dict) -> str:
     return "  ".join(parts)
 
 
-# --------------------------------------------------------------------------------------------------
-# Options every script shares (named and defaulted as in the official scripts)
-# --------------------------------------------------------------------------------------------------
-
-
-def add_run_args(parser) -> None:
-    """Output, resume, device and distributed options of the official scripts, plus --precision."""
-    g = parser.add_argument_group("output, resume and devices")
-    g.add_argument("--output_dir", default="./output_dir",
-                   help="where checkpoints, metrics.jsonl and the final native model (model/) go; '' saves nothing")
-    g.add_argument("--log_dir", default=None,
-                   help="write TensorBoard events here (needs the tensorboard package); default: none")
-    g.add_argument("--device", default="auto", help="cuda, cuda:N or cpu; auto = cuda when available")
-    g.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto = fp16 with a grad scaler on GPU (the official recipe), fp32 on CPU; "
-                        "bf16 autocasts on CPU or GPU")
-    g.add_argument("--seed", default=0, type=int)
-    g.add_argument("--resume", default="",
-                   help="training checkpoint to continue from; 'auto' = output_dir/checkpoint-last.pth if present")
-    g.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch (set by --resume)")
-    g.add_argument("--save_freq", default=20, type=int,
-                   help="keep checkpoint-<epoch>.pth every N epochs and at the end "
-                        "(checkpoint-last.pth is updated every epoch)")
-    g.add_argument("--num_workers", default=10, type=int)
-    g.add_argument("--pin_mem", action="store_true", help="pin CPU memory in the DataLoader (GPU transfers)")
-    g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
-    parser.set_defaults(pin_mem=True)
-    d = parser.add_argument_group("distributed (set by torchrun; accepted for compatibility)")
-    d.add_argument("--world_size", default=1, type=int, help="number of processes (torchrun sets WORLD_SIZE)")
-    d.add_argument("--local_rank", default=-1, type=int)
-    d.add_argument("--dist_on_itp", action="store_true")
-    d.add_argument("--dist_url", default="env://", help="only env:// (torchrun) is supported")
 
 
 def registry_name(name: str) -> str:

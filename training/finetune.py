@@ -26,59 +26,12 @@ import torch
 from torch import nn
 
 from mae_deploy.errors import InputError
-from training import data, engine, optim
+from training import data, engine, optim, options
 from training.distributed import ShardSampler, cleanup, init_distributed, train_sampler
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("python -m training.finetune", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch_size", default=64, type=int, help="batch size per process (GPU)")
-    p.add_argument("--epochs", default=50, type=int)
-    p.add_argument("--accum_iter", default=1, type=int, help="accumulate gradients over N batches per step")
-    m = p.add_argument_group("model")
-    m.add_argument("--model", default="vit_large_patch16",
-                   help="architecture at random init when no --finetune is given (the checkpoint's otherwise)")
-    m.add_argument("--input_size", default=224, type=int, help="image size")
-    m.add_argument("--in_chans", default=3, type=int, help="image channels without --finetune: 3 or 1")
-    m.add_argument("--drop_path", type=float, default=0.1, metavar="PCT", help="drop path (stochastic depth) rate")
-    o = p.add_argument_group("optimizer")
-    o.add_argument("--clip_grad", type=float, default=None, metavar="NORM", help="clip gradient norm (default: off)")
-    o.add_argument("--weight_decay", type=float, default=0.05)
-    o.add_argument("--lr", type=float, default=None, metavar="LR", help="absolute lr (default: blr x batch / 256)")
-    o.add_argument("--blr", type=float, default=1e-3, metavar="LR", help="base lr: lr = blr x effective batch / 256")
-    o.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay")
-    o.add_argument("--min_lr", type=float, default=1e-6, metavar="LR")
-    o.add_argument("--warmup_epochs", type=int, default=5, metavar="N")
-    a = p.add_argument_group("augmentation")
-    a.add_argument("--color_jitter", type=float, default=None, metavar="PCT", help="color jitter (used when no --aa)")
-    a.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", metavar="NAME",
-                   help="RandAugment spec 'rand-m<magnitude>-n<ops>', or 'none'")
-    a.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    a.add_argument("--reprob", type=float, default=0.25, metavar="PCT", help="random erasing probability")
-    a.add_argument("--remode", type=str, default="pixel", help="random erasing fill: pixel or const")
-    a.add_argument("--recount", type=int, default=1, help="random erase count (torchvision: 1)")
-    a.add_argument("--resplit", action="store_true", default=False, help="not supported (timm only)")
-    a.add_argument("--mixup", type=float, default=0, help="mixup alpha, on if > 0")
-    a.add_argument("--cutmix", type=float, default=0, help="cutmix alpha, on if > 0")
-    a.add_argument("--cutmix_minmax", type=float, nargs="+", default=None, help="not supported (timm only)")
-    a.add_argument("--mixup_prob", type=float, default=1.0, help="probability of mixing a batch")
-    a.add_argument("--mixup_switch_prob", type=float, default=0.5, help="probability of cutmix when both are on")
-    a.add_argument("--mixup_mode", type=str, default="batch", help="only 'batch' (one lambda per batch)")
-    f = p.add_argument_group("checkpoint and head")
-    f.add_argument("--finetune", default="", help="pretrained checkpoint (any supported format)")
-    f.add_argument("--global_pool", action="store_true", help="global average pool + fc_norm (default)")
-    f.add_argument("--cls_token", action="store_false", dest="global_pool", help="use the cls token instead")
-    p.set_defaults(global_pool=True)
-    p.add_argument("--data_path", default="/datasets01/imagenet_full_size/061417/",
-                   help="ImageFolder root with train/ and val/")
-    p.add_argument("--nb_classes", default=None, type=int,
-                   help="number of classes (official default 1000; here: the class folders in train/)")
-    p.add_argument("--eval", action="store_true", help="evaluate --resume / --finetune only")
-    p.add_argument("--dist_eval", action="store_true",
-                   help="accepted for compatibility: evaluation is always sharded exactly over processes")
-    engine.add_run_args(p)
-    return p
+    return options.finetune_parser()
 
 
 def _check_unsupported(args: argparse.Namespace) -> None:

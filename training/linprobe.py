@@ -24,42 +24,13 @@ import torch
 from torch import nn
 
 from mae_deploy.errors import InputError
-from training import data, engine, optim
+from training import data, engine, optim, options
 from training.distributed import ShardSampler, cleanup, init_distributed, train_sampler
 from training.model import VisionTransformer
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("python -m training.linprobe", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch_size", default=512, type=int, help="batch size per process (GPU)")
-    p.add_argument("--epochs", default=90, type=int)
-    p.add_argument("--accum_iter", default=1, type=int, help="accumulate gradients over N batches per step")
-    m = p.add_argument_group("model")
-    m.add_argument("--model", default="vit_large_patch16",
-                   help="architecture at random init when no --finetune is given (the checkpoint's otherwise)")
-    m.add_argument("--input_size", default=224, type=int, help="image size")
-    m.add_argument("--in_chans", default=3, type=int, help="image channels without --finetune: 3 or 1")
-    o = p.add_argument_group("optimizer (LARS)")
-    o.add_argument("--weight_decay", type=float, default=0.0)
-    o.add_argument("--lr", type=float, default=None, metavar="LR", help="absolute lr (default: blr x batch / 256)")
-    o.add_argument("--blr", type=float, default=0.1, metavar="LR", help="base lr: lr = blr x effective batch / 256")
-    o.add_argument("--min_lr", type=float, default=0.0, metavar="LR")
-    o.add_argument("--warmup_epochs", type=int, default=10, metavar="N")
-    f = p.add_argument_group("checkpoint and head")
-    f.add_argument("--finetune", default="", help="pretrained checkpoint (any supported format)")
-    f.add_argument("--global_pool", action="store_true", help="mean patch token instead of the cls token")
-    f.add_argument("--cls_token", action="store_false", dest="global_pool", help="cls token features (default)")
-    p.set_defaults(global_pool=False)
-    p.add_argument("--data_path", default="/datasets01/imagenet_full_size/061417/",
-                   help="ImageFolder root with train/ and val/")
-    p.add_argument("--nb_classes", default=None, type=int,
-                   help="number of classes (official default 1000; here: the class folders in train/)")
-    p.add_argument("--eval", action="store_true", help="evaluate --resume / --finetune only")
-    p.add_argument("--dist_eval", action="store_true",
-                   help="accepted for compatibility: evaluation is always sharded exactly over processes")
-    engine.add_run_args(p)
-    return p
+    return options.linprobe_parser()
 
 
 def fold_probe_head(model: VisionTransformer) -> VisionTransformer:

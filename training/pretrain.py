@@ -9,7 +9,8 @@ per-iteration linear warm-up and half-cycle cosine; RandomResizedCrop(0.2-1) + f
 patches. The final model is written as a native checkpoint (``output_dir/model``) for ``mae-deploy export``.
 
 ``--mask_token_encoder`` trains the paper's baseline (Table 1c, "encoder w/ [M]"): the encoder sees all
-patches, the removed ones replaced by a learned mask token, and is about 2-3x slower per step.
+patches, the removed ones replaced by a learned mask token; it is about 2x slower per step
+(benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from mae_deploy.errors import InputError
-from training import data, engine, optim
+from training import data, engine, optim, options
 from training.distributed import cleanup, init_distributed, train_sampler
 from training.model import MaskedAutoencoderViT, create_model, random_masking
 
@@ -62,30 +63,7 @@ class MaskTokenMAE(MaskedAutoencoderViT):
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("python -m training.pretrain", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch_size", default=64, type=int, help="batch size per process (GPU)")
-    p.add_argument("--epochs", default=400, type=int)
-    p.add_argument("--accum_iter", default=1, type=int, help="accumulate gradients over N batches per step")
-    m = p.add_argument_group("model")
-    m.add_argument("--model", default="mae_vit_large_patch16", help="registry name, e.g. mae_vit_base_patch16")
-    m.add_argument("--input_size", default=224, type=int, help="image size")
-    m.add_argument("--in_chans", default=3, type=int, help="image channels: 3 (RGB) or 1 (greyscale)")
-    m.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed")
-    m.add_argument("--norm_pix_loss", action="store_true", help="predict per-patch normalised pixels")
-    m.set_defaults(norm_pix_loss=False)
-    m.add_argument("--mask_token_encoder", action="store_true",
-                   help="baseline: the encoder sees all tokens, removed ones as mask tokens (Table 1c)")
-    o = p.add_argument_group("optimizer")
-    o.add_argument("--weight_decay", type=float, default=0.05)
-    o.add_argument("--lr", type=float, default=None, metavar="LR", help="absolute lr (default: blr x batch / 256)")
-    o.add_argument("--blr", type=float, default=1e-3, metavar="LR", help="base lr: lr = blr x effective batch / 256")
-    o.add_argument("--min_lr", type=float, default=0.0, metavar="LR", help="lower lr bound of the cosine")
-    o.add_argument("--warmup_epochs", type=int, default=40, metavar="N")
-    p.add_argument("--data_path", default="/datasets01/imagenet_full_size/061417/",
-                   help="ImageFolder root with train/ (or the class folders directly)")
-    engine.add_run_args(p)
-    return p
+    return options.pretrain_parser()
 
 
 def main(args: argparse.Namespace) -> None:

@@ -17,11 +17,12 @@ _PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True, "help
 def _run_script(module: str, args: tuple[str, ...]) -> None:
     import importlib
 
-    script = importlib.import_module(f"training.{module}")
-    parser = script.get_args_parser()
+    from training import options  # argparse only: --help answers without importing torch
+
+    parser = getattr(options, f"{module}_parser")()
     parser.prog = f"mae-deploy {module}"
     parsed = parser.parse_args(list(args))  # --help prints argparse's help and exits
-    script.main(parsed)
+    importlib.import_module(f"training.{module}").main(parsed)
 
 
 @click.command(context_settings=_PASS_THROUGH, add_help_option=False)
