@@ -165,6 +165,15 @@ def test_tiny_pretraining_lowers_the_loss(digits, tmp_path):
     assert (out / "checkpoint-0.pth").exists() and (out / "checkpoint-7.pth").exists()
 
 
+def test_mask_token_baseline_pretrains_and_exports_as_a_plain_mae(digits, tmp_path):
+    out = tmp_path / "baseline"
+    pretrain.main(_pretrain_args(digits, out, "--epochs", "1", "--mask_token_encoder"))
+    state = torch.load(out / "checkpoint-last.pth", weights_only=True)
+    assert "encoder_mask_token" in state["model"]
+    model, ckpt = load_model(out / "model")  # native: the standard architecture, mask token dropped
+    assert torch.equal(model.cls_token, state["model"]["cls_token"])
+
+
 def test_resume_continues_exactly(digits, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     extra = ("--epochs", "3", "--save_freq", "1", "--accum_iter", "2", "--precision", "bf16")
@@ -244,7 +253,7 @@ def test_finetune_from_converted_checkpoints_starts_at_the_same_features(mae_che
     assert bigger.eval()(torch.randn(2, 1, 48, 48)).shape == (2, 10)
 
 
-def test_finetune_runs_with_the_full_recipe(digits, mae_checkpoints, tmp_path):
+def test_finetune_runs_with_the_full_recipe(digits, mae_checkpoints, tmp_path, capsys):
     _, pth, _ = mae_checkpoints
     out = tmp_path / "ft"
     args = finetune.get_args_parser().parse_args([
@@ -260,6 +269,13 @@ def test_finetune_runs_with_the_full_recipe(digits, mae_checkpoints, tmp_path):
     assert ckpt.is_classifier and ckpt.num_classes == 10 and ckpt.global_pool
     assert (out / "checkpoint-best.pth").exists() and (out / "model-best" / "config.json").exists()
     assert any((tmp_path / "tb").iterdir())  # TensorBoard events
+    best = max(r["test_acc1"] for r in records)
+    args = finetune.get_args_parser().parse_args([
+        *TINY, "--finetune", str(pth), "--eval", "--resume", str(out / "checkpoint-best.pth"),
+        "--data_path", str(digits), "--output_dir", "",
+    ])
+    finetune.main(args)
+    assert f"test_acc1 {best:.2f}" in capsys.readouterr().out  # the kept checkpoint is the best epoch
 
 
 def test_linprobe_freezes_the_encoder_and_folds_batchnorm(digits, mae_checkpoints, tmp_path):
