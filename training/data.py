@@ -211,7 +211,11 @@ def split_dir(data_path: str | os.PathLike, split: str) -> Path:
         return candidate
     if split == "train" and base.is_dir() and not (base / "val").exists():
         return base
-    raise InputError(f"{candidate} does not exist: --data_path must hold train/ and val/ ImageFolder directories")
+    if not base.is_dir():
+        raise InputError(f"--data_path {base} does not exist (write the built-in digits with "
+                         "`mae-deploy data digits DIR`)")
+    need = "train/ (or the class folders directly)" if split == "train" else f"{split}/"
+    raise InputError(f"{candidate} does not exist: --data_path must hold {need} as ImageFolder directories")
 
 
 # --------------------------------------------------------------------------------------------------
