@@ -69,16 +69,17 @@ def photos(batch: int, size: int = 224) -> np.ndarray:
     return np.stack(imgs).astype(np.float32)
 
 
-def others_cpu_seconds() -> float:
-    """CPU seconds used so far by every process but this one (contention from the shared machine)."""
-    import psutil
+def busy_cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds the whole machine has been busy, CPU seconds of this process), for contention.
 
-    me, total = os.getpid(), 0.0
-    for proc in psutil.process_iter(["pid", "cpu_times"]):
-        t = proc.info.get("cpu_times")
-        if proc.info["pid"] != me and t is not None:
-            total += t.user + t.system
-    return total
+    Read from /proc/stat rather than by summing processes: processes that exit while we measure (other
+    test runs) would otherwise take their CPU time with them.
+    """
+    ticks = os.sysconf("SC_CLK_TCK")
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    t = os.times()
+    return (user + nice + system + irq + softirq + steal) / ticks, t.user + t.system
 
 
 def pooled_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -144,7 +145,7 @@ def main() -> int:
                 for k in ids:
                     run(b, k)
         times: dict[tuple[str, int], list[float]] = {(b, k): [] for b in backends for k in ids}
-        t_bench, others0 = time.perf_counter(), others_cpu_seconds()
+        t_bench, busy0 = time.perf_counter(), busy_cpu_seconds()
         for _ in range(args.rounds):  # interleaved: contention affects every backend alike
             for k in ids:
                 for b in backends:
@@ -152,7 +153,9 @@ def main() -> int:
                     run(b, k)
                     times[(b, k)].append(time.perf_counter() - t)
         bench_s = time.perf_counter() - t_bench
-        others = (others_cpu_seconds() - others0) / bench_s  # average cores busy with other work
+        busy1 = busy_cpu_seconds()
+        # Average cores busy with other work while we timed.
+        others = max(0.0, ((busy1[0] - busy0[0]) - (busy1[1] - busy0[1])) / bench_s)
 
     med = {key: statistics.median(v) for key, v in times.items()}
     best = {key: min(v) for key, v in times.items()}
@@ -189,21 +192,25 @@ def main() -> int:
                  "`mae-deploy export` re-measures it on every export and refuses int8 below 0.99.")
     lines.append("")
 
-    s32 = min(med[("torch-eager", k)] / med[("ort-fp32", k)] for k in ids)
-    s8 = min(med[("torch-eager", k)] / med[("ort-int8", k)] for k in ids)
-    ratios = {b: med[(b, 49)] / med[(b, 196)] for b in backends}
+    def speedups(t: dict) -> tuple[float, float, float, dict]:
+        s32 = min(t[("torch-eager", k)] / t[("ort-fp32", k)] for k in ids)
+        s8 = min(t[("torch-eager", k)] / t[("ort-int8", k)] for k in ids)
+        return s32, s8, min(s32, s8), {b: t[(b, 49)] / t[(b, 196)] for b in backends}
+
+    s32, s8, _, ratios = speedups(med)
+    b32, b8, _, bratios = speedups(best)
+    min_cos = min(cos[196].min(), cos[49].min())
 
     def verdict(ok: bool) -> str:
         return "**met**" if ok else "**not met**"
 
-    lines.append("Targets:")
-    min_cos = min(cos[196].min(), cos[49].min())
-    lines.append(f"- ORT fp32 >= 1.1x PyTorch eager: {s32:.2f}x (the worse of the two visible counts) "
+    lines.append("Targets (judged on medians; best-of-rounds in brackets):")
+    lines.append(f"- ORT fp32 >= 1.1x PyTorch eager: {s32:.2f}x ({b32:.2f}x) (the worse of the two visible counts) "
                  f"{verdict(s32 >= 1.1)}")
-    lines.append(f"- int8 >= 3x PyTorch fp32 with cosine >= 0.99: {s8:.2f}x, min cosine {min_cos:.5f} "
+    lines.append(f"- int8 >= 3x PyTorch fp32 with cosine >= 0.99: {s8:.2f}x ({b8:.2f}x), min cosine {min_cos:.5f} "
                  f"{verdict(s8 >= 3 and min_cos >= 0.99)}")
     lines.append("- visible 49 <= 0.27x of visible 196: " + ", ".join(
-        f"{b} {ratios[b]:.3f} {verdict(ratios[b] <= 0.27)}" for b in backends))
+        f"{b} {ratios[b]:.3f} ({bratios[b]:.3f}) {verdict(ratios[b] <= 0.27)}" for b in backends))
     if others > 0.2:
         lines.append(f"- Contention: other processes averaged {others:.2f} cores of {os.cpu_count()} while timing; "
                      "absolute times are pessimistic, ratios (interleaved rounds) less so.")

@@ -9,7 +9,7 @@ attention MatMuls (q@k^T, attn@v) multiply two activations; they stay fp32 (ONNX
 alone anyway; excluding them by name keeps it so across versions: softmax outputs span orders of magnitude
 and quantise badly). Weights are quantised per output channel: it guards layers with a few large rows
 (common in trained ViTs) and costs nothing measurable at run time. Measured on ViT-B/16 (random init,
-8 skimage photos, 2 threads): mean-pooled feature cosine 0.99996 per-channel and per-tensor alike, 7x
+8 skimage photos, 2 threads): mean-pooled feature cosine 0.99996 per-channel and per-tensor alike, ~3x
 faster than PyTorch eager fp32 (benchmarks/RESULTS.md has the real run). The patch-embedding Conv stays
 fp32 (one layer, ~0.5 % of the FLOPs).
 
