@@ -67,6 +67,20 @@ def make_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | 
 # --------------------------------------------------------------------------------------------------
 
 
+def start_run(args, info: DistInfo) -> tuple[Callable[..., None], torch.device, str, Path | None]:
+    """The prologue every recipe shares: (say, device, precision, output dir or None).
+
+    ``say`` prints on rank 0 only; seeds differ per rank; the output dir is created on rank 0.
+    """
+    say = print if info.is_main else (lambda *_a, **_k: None)
+    precision = resolve_precision(args.precision, info.device)
+    seed_everything(args.seed + info.rank)
+    out = Path(args.output_dir) if args.output_dir else None
+    if out is not None and info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    return say, info.device, precision, out
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

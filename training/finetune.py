@@ -1,18 +1,7 @@
 """End-to-end fine-tuning, the official recipe: ``python -m training.finetune`` or ``mae-deploy finetune``.
 
-    python -m training.finetune --finetune mae_pretrain_vit_base.pth --model vit_base_patch16 \\
-        --batch_size 32 --accum_iter 4 --epochs 100 --blr 5e-4 --layer_decay 0.65 --weight_decay 0.05 \\
-        --drop_path 0.1 --mixup 0.8 --cutmix 1.0 --reprob 0.25 --dist_eval --data_path /imagenet
-
-``--finetune`` takes a native checkpoint, an official .pth, a Hugging Face ViTMAE directory or a timm state
-dict; position embeddings are interpolated (bicubic) when ``--input_size`` gives another grid. AdamW with
-layer-wise lr decay (official layer ids), drop path, RandAugment and random erasing (torchvision), Mixup /
-CutMix with label smoothing, global average pooling + fc_norm (or ``--cls_token``). Top-1/top-5 on
-``data_path/val`` every epoch; the best epoch is kept as ``checkpoint-best.pth`` and ``model-best/`` and
-the last as ``model/`` (native checkpoints).
-
-Differences from timm's augmentation that torchvision cannot express: RandAugment ignores the 'mstd' and
-'inc' parts of ``--aa``; random erasing erases one box (``--recount 1``) with 'pixel' or 'const' fill.
+Usage, the recipe and where we differ from the official script: ``options.FINETUNE_USAGE`` (shown by
+``--help``; kept in the torch-free training/options.py so ``--help`` never imports torch).
 """
 
 from __future__ import annotations
@@ -20,7 +9,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -54,13 +42,7 @@ def main(args: argparse.Namespace) -> None:
 
 def train(args: argparse.Namespace, info) -> None:
     _check_unsupported(args)
-    say = print if info.is_main else (lambda *_a, **_k: None)
-    device = info.device
-    precision = engine.resolve_precision(args.precision, device)
-    engine.seed_everything(args.seed + info.rank)
-    out = Path(args.output_dir) if args.output_dir else None
-    if out is not None and info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    say, device, precision, out = engine.start_run(args, info)
 
     # Data (a checkpoint decides the channel count).
     in_chans = args.in_chans

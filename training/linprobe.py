@@ -1,16 +1,7 @@
 """Linear probing, the official recipe: ``python -m training.linprobe`` or ``mae-deploy linprobe``.
 
-    python -m training.linprobe --finetune output_dir/model --model vit_base_patch16 --batch_size 512 \\
-        --epochs 90 --blr 0.1 --weight_decay 0.0 --data_path /imagenet
-
-The encoder from ``--finetune`` (a native checkpoint, official .pth, Hugging Face ViTMAE directory or timm
-state dict) is frozen; a BatchNorm without affine parameters and a linear head are trained with LARS
-(lr = blr x effective batch / 256, warm-up then cosine). Features are the cls token after the encoder's
-norm (default, as in the paper) or, with ``--global_pool``, the mean patch token after a LayerNorm.
-Without ``--finetune`` the encoder is at random init: the baseline a pretrained encoder should beat.
-
-Top-1/top-5 on ``data_path/val`` every epoch; the final classifier is written as a native checkpoint
-(``output_dir/model``) with the BatchNorm folded into the linear head.
+Usage, the recipe and where we differ from the official script: ``options.LINPROBE_USAGE`` (shown by
+``--help``; kept in the torch-free training/options.py so ``--help`` never imports torch).
 """
 
 from __future__ import annotations
@@ -18,7 +9,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -55,13 +45,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 def train(args: argparse.Namespace, info) -> None:
-    say = print if info.is_main else (lambda *_a, **_k: None)
-    device = info.device
-    precision = engine.resolve_precision(args.precision, device)
-    engine.seed_everything(args.seed + info.rank)
-    out = Path(args.output_dir) if args.output_dir else None
-    if out is not None and info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    say, device, precision, out = engine.start_run(args, info)
 
     # Model first: a checkpoint decides the channel count the data must be read with.
     in_chans = args.in_chans

@@ -1,16 +1,7 @@
 """MAE pretraining, the official recipe: ``python -m training.pretrain`` or ``mae-deploy pretrain``.
 
-    python -m training.pretrain --model mae_vit_base_patch16 --norm_pix_loss --batch_size 64 \\
-        --epochs 800 --warmup_epochs 40 --blr 1.5e-4 --weight_decay 0.05 --data_path /imagenet
-    torchrun --nproc_per_node 8 -m training.pretrain ...   (DDP: one process per GPU, or CPU processes)
-
-AdamW (0.9, 0.95), weight decay except norms, biases and tokens; lr = blr x effective batch / 256 with a
-per-iteration linear warm-up and half-cycle cosine; RandomResizedCrop(0.2-1) + flip; loss on the masked
-patches. The final model is written as a native checkpoint (``output_dir/model``) for ``mae-deploy export``.
-
-``--mask_token_encoder`` trains the paper's baseline (Table 1c, "encoder w/ [M]"): the encoder sees all
-patches, the removed ones replaced by a learned mask token; it is about 2x slower per step
-(benchmarks/RESULTS.md).
+Usage, the recipe and where we differ from the official script: ``options.PRETRAIN_USAGE`` (shown by
+``--help``; kept in the torch-free training/options.py so ``--help`` never imports torch).
 """
 
 from __future__ import annotations
@@ -18,7 +9,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -75,13 +65,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 def train(args: argparse.Namespace, info) -> None:
-    say = print if info.is_main else (lambda *_a, **_k: None)
-    device = info.device
-    precision = engine.resolve_precision(args.precision, device)
-    engine.seed_everything(args.seed + info.rank)
-    out = Path(args.output_dir) if args.output_dir else None
-    if out is not None and info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    say, device, precision, out = engine.start_run(args, info)
 
     # Data: the official augmentation; the sampler's order depends only on (seed, epoch).
     dataset = data.image_folder(data.split_dir(args.data_path, "train"),
