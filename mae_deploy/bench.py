@@ -243,7 +243,8 @@ class BenchConfig:
 # --------------------------------------------------------------------------------------------------
 
 
-def _cpu_model_and_flags() -> tuple[str, list[str]]:
+def cpu_model_and_flags() -> tuple[str, list[str]]:
+    """CPU model name and the SIMD/matrix flags that decide ViT speed (from /proc/cpuinfo where present)."""
     model, flags = platform.processor() or platform.machine(), []
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -292,7 +293,7 @@ def library_versions(names: Iterable[str] = _LIBRARIES) -> dict[str, str]:
 
 def machine_info(libraries: Iterable[str] = _LIBRARIES) -> dict:
     """CPU model and flags, cores, threads, memory, GPUs and driver, OS, Python and library versions."""
-    model, flags = _cpu_model_and_flags()
+    model, flags = cpu_model_and_flags()
     try:
         import psutil
 
