@@ -14,7 +14,8 @@ from runtime_fixtures import encoder_only_bundle, norm_pix_bundle, tiny_bundle  
 from mae_deploy import Bundle, FeatureExtractor, Reconstructor, create_runner, random_masking
 from mae_deploy.errors import BundleError, DeviceUnavailable, InputError
 from mae_deploy.runners import Runner
-from mae_deploy.runners.ort import OrtRunner, check_providers, trt_profile_shapes
+from mae_deploy.runners.ort import OrtRunner, check_providers
+from mae_deploy.runners.trt import derive_profile, ort_trt_provider_options
 
 pytest.importorskip("torch")
 
@@ -143,21 +144,19 @@ def test_silent_fallback_is_detected():
     check_providers("cuda", "CUDAExecutionProvider", ["CUDAExecutionProvider", "CPUExecutionProvider"], session=True)
 
 
-def test_tensorrt_ep_profile_covers_batch_and_visible_tokens():
-    enc = trt_profile_shapes("encoder", in_chans=3, image_size=224, num_patches=196, embed_dim=768,
-                             max_batch=64, opt_batch=8, opt_visible=49)
-    assert enc == {
-        "trt_profile_min_shapes": "pixel_values:1x3x224x224,ids_keep:1x1",
-        "trt_profile_opt_shapes": "pixel_values:8x3x224x224,ids_keep:8x49",
-        "trt_profile_max_shapes": "pixel_values:64x3x224x224,ids_keep:64x196",
-    }
-    dec = trt_profile_shapes("decoder", in_chans=3, image_size=224, num_patches=196, embed_dim=768,
-                             max_batch=64, opt_batch=8, opt_visible=49)
+def test_tensorrt_ep_profile_covers_batch_and_visible_tokens(tmp_path):
+    # What OrtRunner hands ONNX Runtime's TensorRT EP (built by the trt module, one definition).
+    profile = derive_profile(196, 224, 3, max_batch=64, opt_batch=8, opt_visible=49, embed_dim=768)
+    enc = ort_trt_provider_options(profile, tmp_path, fp16=False, part="encoder")
+    assert enc["trt_profile_min_shapes"] == "pixel_values:1x3x224x224,ids_keep:1x1"
+    assert enc["trt_profile_opt_shapes"] == "pixel_values:8x3x224x224,ids_keep:8x49"
+    assert enc["trt_profile_max_shapes"] == "pixel_values:64x3x224x224,ids_keep:64x196"
+    dec = ort_trt_provider_options(profile, tmp_path, fp16=True, part="decoder")
     assert dec["trt_profile_min_shapes"] == "latent:1x2x768,ids_restore:1x196"
     assert dec["trt_profile_max_shapes"] == "latent:64x197x768,ids_restore:64x196"
-    with pytest.raises(InputError, match="opt_batch 65 must be in 1..max_batch"):
-        trt_profile_shapes("encoder", in_chans=3, image_size=224, num_patches=196, embed_dim=768,
-                           max_batch=64, opt_batch=65, opt_visible=49)
+    assert dec["trt_fp16_enable"] is True and dec["trt_engine_cache_path"] == str(tmp_path)
+    with pytest.raises(InputError, match="opt_batch"):
+        derive_profile(196, 224, 3, max_batch=64, opt_batch=65, opt_visible=49, embed_dim=768)
 
 
 def test_runner_options_are_checked(bundle):

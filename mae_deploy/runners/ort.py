@@ -74,39 +74,6 @@ def check_providers(device: str, requested: str, available_or_actual: list[str],
     )
 
 
-def trt_profile_shapes(
-    part: str,
-    *,
-    in_chans: int,
-    image_size: int,
-    num_patches: int,
-    embed_dim: int,
-    max_batch: int,
-    opt_batch: int,
-    opt_visible: int,
-) -> dict[str, str]:
-    """TensorRT EP profile options covering batch 1..max_batch and visible tokens 1..L.
-
-    Returns ``{"trt_profile_min_shapes": "pixel_values:1x3x224x224,ids_keep:1x1", ...opt..., ...max...}``.
-    """
-    if not 1 <= opt_batch <= max_batch:
-        raise InputError(f"opt_batch {opt_batch} must be in 1..max_batch ({max_batch})")
-    if not 1 <= opt_visible <= num_patches:
-        raise InputError(f"opt_visible {opt_visible} must be in 1..{num_patches}")
-    c, s, L, d = in_chans, image_size, num_patches, embed_dim
-
-    def shapes(b: int, k: int) -> str:
-        if part == "encoder":
-            return f"pixel_values:{b}x{c}x{s}x{s},ids_keep:{b}x{k}"
-        return f"latent:{b}x{k + 1}x{d},ids_restore:{b}x{L}"
-
-    return {
-        "trt_profile_min_shapes": shapes(1, 1),
-        "trt_profile_opt_shapes": shapes(opt_batch, opt_visible),
-        "trt_profile_max_shapes": shapes(max_batch, L),
-    }
-
-
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "mae-deploy" / "ort-trt"
@@ -178,20 +145,13 @@ class OrtRunner:
         if self.kind == "cuda":
             return [cuda, "CPUExecutionProvider"]
         self.trt_cache_dir.mkdir(parents=True, exist_ok=True)
-        b = self.bundle
-        trt = {
-            "device_id": self.device_id,
-            "trt_fp16_enable": self.precision == "fp16",
-            "trt_engine_cache_enable": True,
-            "trt_engine_cache_path": str(self.trt_cache_dir),
-            "trt_timing_cache_enable": True,
-            "trt_timing_cache_path": str(self.trt_cache_dir),
-            **trt_profile_shapes(
-                part, in_chans=b.in_chans, image_size=b.image_size, num_patches=b.num_patches,
-                embed_dim=b.embed_dim, max_batch=self.trt_max_batch, opt_batch=self.trt_opt_batch,
-                opt_visible=self.trt_opt_visible,
-            ),
-        }
+        # One definition of the TensorRT profile and its options, shared with the trt backend.
+        from mae_deploy.runners.trt import ort_trt_provider_options, profile_for_bundle
+
+        profile = profile_for_bundle(self.bundle, max_batch=self.trt_max_batch, opt_batch=self.trt_opt_batch,
+                                     opt_visible=self.trt_opt_visible)
+        trt = ort_trt_provider_options(profile, self.trt_cache_dir, fp16=self.precision == "fp16", part=part,
+                                       device_id=self.device_id)
         return [("TensorrtExecutionProvider", trt), cuda, "CPUExecutionProvider"]
 
     def _session_options(self):
