@@ -226,6 +226,10 @@ def test_truncated_and_garbage_files(tmp_path):
     (tmp_path / "text.pth").write_text("hello, not a checkpoint")
     with pytest.raises(CheckpointError):
         load_checkpoint(tmp_path / "text.pth")
+    (tmp_path / "garbled.pth").write_bytes(b"\x80\x04\x95garbage bytes here")
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint") as e:
+        load_checkpoint(tmp_path / "garbled.pth")
+    assert "references code" not in str(e.value)
     (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00\x00\x00")
     with pytest.raises(CheckpointError, match="safetensors"):
         load_checkpoint(tmp_path / "cut.safetensors")

@@ -85,15 +85,20 @@ def _torch_load(path: Path) -> object:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):
-            found = re.search(r"(?:GLOBAL|global) ([\w.]+)", str(e))
+        # "Unsupported global" = the pickle asks for code; any other unpickler error = damaged bytes.
+        if "Unsupported global" in str(e):
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))
             what = f" (it asks for {found.group(1)})" if found else ""
             raise CheckpointError(
                 f"refused to load {path}: the pickle references code that loading would run{what}. "
                 "Only tensors and plain containers are loaded (torch.load weights_only=True). If you trust "
                 "the file, re-save its state_dict with torch.save(sd, ...) and convert that."
             ) from None
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({e}); is it truncated?") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
+        reason = detail.group(1).strip() if detail else str(e).splitlines()[0]
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint ({reason}); is it truncated or corrupt? Re-download it."
+        ) from None
     except Exception as e:  # torch raises RuntimeError/EOFError/ValueError for damaged zips
         raise CheckpointError(
             f"could not read {path} as a PyTorch checkpoint: {type(e).__name__}: {str(e).splitlines()[0]}. "
