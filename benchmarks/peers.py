@@ -40,8 +40,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mae_deploy.bench import agreement, library_versions, machine_info, time_calls  # noqa: E402
 from mae_deploy.bench import latency_stats as _stats  # noqa: E402
-from mae_deploy.bench import library_versions, machine_info, time_calls  # noqa: E402
 
 README_SECTION = "## Performance"
 RESULTS_SECTION = "## Peers (issue #7)"
@@ -170,13 +170,14 @@ def build_implementations(bundle, threads: int) -> tuple[list[tuple[str, Callabl
 
 
 def run(args) -> dict:
-    from mae_deploy.bench import _load_average
+    from mae_deploy.bench import CpuShare, _load_average
 
     bundle = get_bundle(args.model, Path(args.bundle), args.seed)
     impls, cfg = build_implementations(bundle, args.threads)
     L = cfg.num_patches
     visibles = [L] + [k for k in (int(L * 0.25),) if k != L]
     load_start = _load_average()
+    cpu_share = CpuShare()
     t_start = time.perf_counter()
     rows = []
     per_round = max(1, math.ceil(args.iters / args.rounds))
@@ -207,13 +208,15 @@ def run(args) -> dict:
                     "p50_ms": st["p50"], "mean_ms": st["mean"], "images_per_s": b * 1000 / st["mean"],
                     "speedup_vs_torch_eager": base / st["p50"],
                     "max_abs_diff_vs_mae_deploy_torch": float(np.abs(outputs[n] - ref).max()),
+                    "cosine_vs_mae_deploy_torch": agreement(outputs[n], ref, TORCH_EAGER)["cosine"],
                 })
                 print(f"  {n:<40} b{b:<3} k{k:<4} p50 {st['p50']:9.2f} ms", flush=True)
     return {
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "model": args.model, "threads": args.threads, "iters": per_round * args.rounds, "warmup": args.warmup,
         "rounds": args.rounds, "machine": machine_info(["numpy", "onnxruntime", "torch", "transformers", "timm"]),
-        "load_average": {"start": load_start, "end": _load_average()}, "seconds": time.perf_counter() - t_start,
+        "load_average": {"start": load_start, "end": _load_average(), "other_cpu_share": cpu_share.others()},
+        "seconds": time.perf_counter() - t_start,
         "rows": rows,
     }
 
@@ -228,19 +231,19 @@ def markdown(res: dict) -> str:
         f"{m['cpu_model']} ({' '.join(m['cpu_flags'])}; "
         f"{m['cores']} cores / {m['threads']} threads, {m['memory_gb']} GB); {libs}.",
         f"{res['iters']} timed calls per row in {res['rounds']} interleaved rounds after {res['warmup']} warm-up "
-        f"calls; load average {la['start'][0]:.2f} at start, {la['end'][0]:.2f} at end"
-        + (" (other jobs shared the CPU: absolute times are pessimistic, ratios less affected)."
-           if max(la["start"][0], la["end"][0]) > 0.3 * (m["cores"] or 1) else "."),
+        f"calls; other processes used {100 * (la['other_cpu_share'] or 0):.0f} % of the CPU during the run"
+        + (" (contended: absolute times are pessimistic, ratios less affected)."
+           if (la["other_cpu_share"] or 0) > 0.05 else "."),
         "",
         "| implementation | batch | visible tokens | p50 ms | mean ms | images/s | speed-up vs torch eager (p50) "
-        "| max abs diff vs mae-deploy torch |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| max abs diff vs mae-deploy torch | lowest cosine vs mae-deploy torch |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in res["rows"]:
         lines.append(
             f"| {r['implementation']} | {r['batch']} | {r['visible']} | {r['p50_ms']:.1f} | {r['mean_ms']:.1f} | "
             f"{r['images_per_s']:.1f} | {r['speedup_vs_torch_eager']:.2f}x | "
-            f"{r['max_abs_diff_vs_mae_deploy_torch']:.1e} |"
+            f"{r['max_abs_diff_vs_mae_deploy_torch']:.1e} | {r['cosine_vs_mae_deploy_torch']:.5f} |"
         )
     lines += [
         "",

@@ -326,6 +326,41 @@ def _load_average() -> list[float] | None:
         return None
 
 
+class CpuShare:
+    """How much CPU other processes used while this one measured (Linux /proc; None elsewhere).
+
+    The load average counts this process's own threads, so it cannot tell contention from the benchmark
+    itself; this can: (machine busy CPU time - this process's CPU time) / (wall time x CPUs).
+    """
+
+    def __init__(self) -> None:
+        self._start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        try:
+            fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+            ticks = [int(x) for x in fields]
+        except (OSError, ValueError, IndexError):
+            return None
+        hz = os.sysconf("SC_CLK_TCK")
+        idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+        busy = (sum(ticks[:8]) - idle) / hz  # guest time is already inside user/nice
+        t = os.times()
+        return time.monotonic(), busy, t.user + t.system
+
+    def others(self) -> float | None:
+        """Share of all CPUs (0..1) that other processes used since construction."""
+        end = self._sample()
+        if self._start is None or end is None:
+            return None
+        wall = end[0] - self._start[0]
+        if wall <= 0:
+            return None
+        other = (end[1] - self._start[1]) - (end[2] - self._start[2])
+        return round(min(max(other / (wall * (os.cpu_count() or 1)), 0.0), 1.0), 3)
+
+
 class _PeakRss:
     """Peak resident memory of this process over a window.
 
@@ -640,6 +675,7 @@ def run_benchmark(bundle, config: BenchConfig, progress: bool = True) -> dict:
     visibles = visible_counts(bundle.num_patches, config.visible, config.mask_ratios)
     threads = config.threads or default_threads()
     load_start = _load_average()
+    cpu_share = CpuShare()
     created = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     work = _Workloads(bundle, config.seed)
     ref = _compute_reference(bundle, config, work, visibles, threads, progress)
@@ -705,7 +741,7 @@ def run_benchmark(bundle, config: BenchConfig, progress: bool = True) -> dict:
         "reference": ref.describe(),
         "runners": runners,
         "rows": rows,
-        "load_average": {"start": load_start, "end": _load_average()},
+        "load_average": {"start": load_start, "end": _load_average(), "other_cpu_share": cpu_share.others()},
     }
 
 
@@ -888,9 +924,10 @@ def format_summary(results: dict) -> str:
         f"timing    wall-clock per call, warm-up {cfg['warmup']} excluded, {iters}; latency in ms",
         f"reference {ref['name'] or 'none'}" + (f": {ref['note']}" if ref.get("note") else ""),
     ]
-    if la.get("start"):
-        lines.append(f"load avg  {la['start'][0]:.2f} at start, {la['end'][0]:.2f} at end "
-                     "(values near or above the core count mean other work shared the CPU)")
+    if la.get("other_cpu_share") is not None:
+        share = la["other_cpu_share"]
+        lines.append(f"other CPU {100 * share:.0f} % of the machine used by other processes during the run"
+                     + (" (contended: latencies are pessimistic)" if share > 0.05 else ""))
     head = (f"{'backend':<7} {'prec':<5} {'part':<11} {'batch':>5} {'vis':>4} | {'p50':>8} {'p90':>8} {'p99':>8} "
             f"{'mean':>8} {'min':>8} {'max':>8} {'cv%':>5} | {'img/s':>8} {'RSS MB':>7} {'build s':>7} | "
             f"{'max|d|':>7} {'cosine':>8}")

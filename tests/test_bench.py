@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -117,6 +118,16 @@ def test_time_calls_counts_warmup_and_iterations():
     assert len(samples) >= 1 and len(calls) == len(samples)
 
 
+def test_cpu_share_sees_another_busy_process():
+    import subprocess
+
+    share = bench.CpuShare()
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 1: pass"])
+    busy.wait()
+    # One busy process for ~1 s on os.cpu_count() CPUs: at least a fair part of one CPU went to it.
+    assert share.others() > 0.3 / (os.cpu_count() or 1)
+
+
 def test_visible_counts_and_config_validation():
     assert visible_counts(196) == [196, 49]
     assert visible_counts(196, mask_ratios=[0.0, 0.75, 0.9]) == [196, 49, 19]
@@ -173,6 +184,7 @@ def test_bench_writes_well_formed_results(run_dir, bundle_dir):
     assert data["config"]["threads"] == 1 and data["config"]["visible_counts"] == [16, 4]
     assert data["machine"]["cpu_model"] and data["machine"]["libraries"]["onnxruntime"]
     assert data["reference"]["name"] == "torch-fp32"
+    assert 0 <= data["load_average"]["other_cpu_share"] <= 1
 
     by = {(r["backend"], r["precision"]): [x for x in rows if (x["backend"], x["precision"]) == (r["backend"],
                                                                                                   r["precision"])]
