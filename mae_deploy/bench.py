@@ -510,11 +510,15 @@ def _empty_row(backend: str, precision: str, device: str, part: str, batch: int,
     return row
 
 
-def _runner_opts(backend: str, threads: int, checkpoint: str | None) -> dict:
+def _runner_opts(backend: str, threads: int, checkpoint: str | None, max_batch: int) -> dict:
     if backend == "ort":
         return {"intra_op_threads": threads, "inter_op_threads": 1}
     if backend == "torch":
         return {"threads": threads, **({"checkpoint": checkpoint} if checkpoint else {})}
+    if backend == "trt":
+        # The engine's profile must cover the largest batch, or the runner would split it into chunks.
+        # Its optimum shape stays the runner's default (batch min(8, max), all tokens). Unrun here (no GPU).
+        return {"max_batch": max_batch}
     return {}
 
 
@@ -528,13 +532,13 @@ def _runner_threads(info, backend: str) -> dict:
 
 
 def _build_runner(bundle, backend: str, precision: str, device: str, threads: int, checkpoint: str | None,
-                  parts_needed: Sequence[str]):
+                  parts_needed: Sequence[str], max_batch: int = 1):
     """Create a runner and its sessions/engines now; returns (runner, build seconds)."""
     from mae_deploy.runners import create_runner
 
     t0 = time.perf_counter()
     runner = create_runner(bundle, backend=backend, device=device, precision=precision,
-                           **_runner_opts(backend, threads, checkpoint))
+                           **_runner_opts(backend, threads, checkpoint, max_batch))
     load = getattr(runner, "load", None)
     if callable(load):  # lazily-creating runners (ORT) build their sessions here, not in the first call
         # Every part encodes (decoder rows without a reference decode the runner's own latent).
@@ -693,7 +697,7 @@ def run_benchmark(bundle, config: BenchConfig, progress: bool = True) -> dict:
             runners.append(entry)
             try:
                 runner, build_s = _build_runner(bundle, backend, precision, config.device, threads,
-                                                config.checkpoint, config.parts)
+                                                config.checkpoint, config.parts, max(config.batch_sizes))
             except (MaeDeployError, ImportError) as e:
                 reason = f"{backend} {precision} on {config.device} unavailable: {e}"
                 entry.update(status="skipped", reason=reason)
