@@ -987,6 +987,8 @@ def write_plot(results: dict, path: str | os.PathLike) -> Path:
                          if (r["backend"], r["precision"], r["part"], r["visible"]) == (be, pr, part, vis))
             if pts:
                 ax1.plot(*zip(*pts, strict=True), marker="o", label=f"{be} {pr}")
+                for xb, yv in pts:  # values on the points: a log axis over less than a decade has few ticks
+                    ax1.annotate(f"{yv:.3g}", (xb, yv), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax1.set_title(f"{part} latency vs batch ({vis} visible tokens)")
         ax1.set_xscale("log", base=2)
         ax1.set_yscale("log")  # backends and precisions differ by multiples: ratios read as distances
