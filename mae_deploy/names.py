@@ -1,0 +1,27 @@
+"""The one definition of the names that commands, pipelines, runners and the bundle share.
+
+A choice list in a click option, a check in a pipeline and a graph's input name in the exporter all read
+from here, so ``reconstruct dir/`` and ``extract dir/`` see the same files and ``--backend`` offers what
+``create_runner`` accepts.
+"""
+
+from __future__ import annotations
+
+# Inference backends, in the order `--help` lists them.
+BACKENDS = ("ort", "trt", "torch")
+
+# Feature pooling: cls token, mean of the patch tokens, or every token.
+POOLS = ("cls", "mean", "tokens")
+
+# Precisions a bundle's graphs can come in.
+PRECISIONS = ("fp32", "fp16", "int8")
+
+# Graph parts of a bundle and their tensor names (see docs/bundle-format.md).
+ENCODER, DECODER = "encoder", "decoder"
+ENCODER_INPUTS = ("pixel_values", "ids_keep")
+ENCODER_OUTPUTS = ("latent",)
+DECODER_INPUTS = ("latent", "ids_restore")
+DECODER_OUTPUTS = ("pred",)
+
+# Files a directory walk treats as images (a glob or a list file may name anything).
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
