@@ -11,18 +11,19 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mae_deploy.config_check import check_architecture, check_preprocessing
 from mae_deploy.errors import BundleError
+from mae_deploy.fileio import atomic_write_json
 
 FORMAT_NAME = "mae-deploy-bundle"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "mae.json"
-PARTS = ("encoder", "decoder")
-PRECISIONS = ("fp32", "fp16", "int8")
+PARTS = ("encoder", "decoder", "classifier")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-qdq")
 
 # The official evaluation transform: ImageNet statistics, shorter side to size/0.875, centre crop.
 DEFAULT_PREPROCESSING: dict[str, Any] = {
@@ -32,7 +33,6 @@ DEFAULT_PREPROCESSING: dict[str, Any] = {
     "mean": [0.485, 0.456, 0.406],
     "std": [0.229, 0.224, 0.225],
 }
-_REQUIRED_ARCH = ("img_size", "patch_size", "in_chans", "embed_dim")
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
@@ -120,26 +120,16 @@ def _validate_manifest(m: Any, where: str) -> None:
     for key in ("architecture", "preprocessing", "graphs"):
         if key not in m:
             raise BundleError(f"{where} lacks '{key}'; re-export the bundle")
-    arch = m["architecture"]
-    missing = [k for k in _REQUIRED_ARCH if k not in arch]
-    if missing:
-        raise BundleError(f"{where}: architecture lacks {missing}; re-export the bundle")
-    if arch["img_size"] % arch["patch_size"]:
-        raise BundleError(f"{where}: img_size {arch['img_size']} is not a multiple of patch_size {arch['patch_size']}")
-    pre = m["preprocessing"]
-    size = pre.get("image_size", arch["img_size"])
-    if size != arch["img_size"]:
-        raise BundleError(
-            f"{where}: preprocessing.image_size {size} differs from the graph's input size {arch['img_size']}"
-        )
-    for key in ("mean", "std"):
-        vals = pre.get(key, DEFAULT_PREPROCESSING[key])
-        if len(vals) != arch["in_chans"]:
-            raise BundleError(f"{where}: preprocessing.{key} has {len(vals)} values for {arch['in_chans']} channels")
+    arch = check_architecture(m["architecture"], where, BundleError)
+    check_preprocessing(m["preprocessing"], arch["in_chans"], arch["img_size"], where, BundleError)
+    if not isinstance(m.get("norm_pix_loss", False), bool):
+        raise BundleError(f"{where}: norm_pix_loss must be true or false, got {m['norm_pix_loss']!r}")
     if not isinstance(m["graphs"], list) or not m["graphs"]:
         raise BundleError(f"{where} lists no graphs; re-export the bundle")
     seen = set()
     for i, g in enumerate(m["graphs"]):
+        if not isinstance(g, dict):
+            raise BundleError(f"{where}: graphs[{i}] must be a JSON object, got {g!r}")
         for key in ("part", "file"):
             if key not in g:
                 raise BundleError(f"{where}: graphs[{i}] lacks '{key}'")
@@ -283,6 +273,45 @@ class Bundle:
     def graph_path(self, part: str, precision: str = "fp32") -> Path:
         return self.path / self.graph(part, precision).file
 
+    # -- classifier -----------------------------------------------------------------------------
+    @property
+    def has_classifier(self) -> bool:
+        return any(g.part == "classifier" for g in self.graphs)
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """Class names of the classifier graph, index order (None when the bundle has no classifier)."""
+        names = self.manifest.get("class_names")
+        return [str(n) for n in names] if self.has_classifier and names else None
+
+    @property
+    def class_names_source(self) -> str | None:
+        """Where the names came from: "labels-file", "checkpoint" or "generated" (class_0 ...)."""
+        return self.manifest.get("class_names_source") if self.has_classifier else None
+
+    def classifier_graph(self, precision: str = "fp32") -> GraphSpec:
+        """classifier.onnx (or a variant): pixel_values [batch,C,H,W] -> logits [batch,num_classes]."""
+        if not self.has_classifier:
+            raise BundleError(
+                f"bundle {self.path} has no classifier graph; export a fine-tuned or linear-probe checkpoint "
+                "(mae-deploy finetune / linprobe, then mae-deploy export)"
+            )
+        return self.graph("classifier", precision)
+
+    def int8_graph(self, part: str, qdq: bool = False) -> GraphSpec:
+        """The int8 graph of ``part`` a backend should run. ``qdq=True`` (TensorRT, ORT's TensorRT provider,
+        OpenVINO: explicit quantisation) needs the static Q/DQ graph "int8-qdq"; ``qdq=False`` (ONNX Runtime
+        CPU) prefers the dynamic "int8" graph and falls back to the Q/DQ one."""
+        have = self.precisions(part)
+        if qdq:
+            if "int8-qdq" in have:
+                return self.graph(part, "int8-qdq")
+            raise BundleError(
+                f"bundle {self.path} has no Q/DQ int8 {part} graph, which this backend needs for int8: export with "
+                "--precision int8-qdq --calibration DIR"
+            )
+        return self.graph(part, "int8" if "int8" in have or "int8-qdq" not in have else "int8-qdq")
+
     # -- reference weights ----------------------------------------------------------------------
     def reference_checkpoint(self) -> Path:
         """Native checkpoint for the torch backend: bundle/reference/, else the export's source checkpoint."""
@@ -341,14 +370,5 @@ def write_manifest(bundle_dir: str | os.PathLike, manifest: dict) -> Path:
     m["files"] = {rel: sha256_file(d / rel) for rel in _bundle_files(d)}
     bundle = Bundle(d, m)
     bundle.check_files(verify=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(m, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a bundle is meant to be shared and deployed
-        os.replace(tmp, d / MANIFEST_NAME)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_json(d / MANIFEST_NAME, m)  # 0644: a bundle is meant to be shared and deployed
     return d / MANIFEST_NAME

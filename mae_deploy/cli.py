@@ -27,8 +27,12 @@ _COMMAND_MODULES = [
 ]
 
 
+# 128 + SIGINT, what shells report for a command stopped by Ctrl-C (1 is reserved for bugs).
+EXIT_INTERRUPTED = 130
+
+
 class _Main(click.Group):
-    """Turns MaeDeployError into a one-line message and its documented exit code."""
+    """Turns MaeDeployError into a one-line message and its documented exit code, Ctrl-C into 130."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -36,6 +40,10 @@ class _Main(click.Group):
         except MaeDeployError as e:
             click.secho(f"error: {e}", fg="red", err=True)
             sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.secho("\ninterrupted (Ctrl-C); finished outputs are kept, a rerun resumes where supported",
+                        fg="red", err=True)
+            sys.exit(EXIT_INTERRUPTED)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         # Keep the order in which command modules register (workflow order), not alphabetical.
@@ -55,7 +63,8 @@ def main() -> None:
       mae-deploy extract images/ --bundle bundle/ --out features/
 
     Exit codes: 0 ok, 1 internal error, 2 usage, 3 bad input, 4 some inputs failed,
-    5 export verification failed, 6 missing optional package, 7 device/backend unavailable.
+    5 export verification failed, 6 missing optional package, 7 device/backend unavailable,
+    130 interrupted (Ctrl-C).
     """
 
 

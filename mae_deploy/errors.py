@@ -14,6 +14,7 @@ Exit codes (also in README.md):
 5     verification failed: an exported graph disagrees with PyTorch
 6     a required optional package is missing (the message says what to install)
 7     the requested device or backend is not available on this machine
+130   interrupted by Ctrl-C (SIGINT); outputs already finished are kept
 ====  =====================================================================
 """
 

@@ -25,13 +25,17 @@ import os
 import pickle
 import re
 import shutil
+import stat
+import struct
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from mae_deploy.config_check import check_architecture
 from mae_deploy.errors import CheckpointError
+from mae_deploy.fileio import atomic_write, atomic_write_json, check_writable
 from training.model import MODEL_CONFIGS, MAEConfig, MaskedAutoencoderViT, VisionTransformer
 
 NATIVE_FORMAT = "mae-deploy-checkpoint"
@@ -52,10 +56,21 @@ class LoadedCheckpoint:
     notes: list[str] = field(default_factory=list)
     num_classes: int = 0
     global_pool: bool = False
+    nonfinite: list[str] = field(default_factory=list)  # tensors holding NaN or inf
+    class_names: list[str] = field(default_factory=list)  # ImageFolder classes of a finetune/linprobe run
 
     @property
     def is_classifier(self) -> bool:
         return "head" in self.parts
+
+    def nonfinite_message(self) -> str:
+        return (f"{self.source} is damaged: {len(self.nonfinite)} tensor(s) hold NaN or inf values "
+                f"({_shorten(self.nonfinite)}); re-download it, or resume from an earlier training checkpoint")
+
+    def require_finite(self) -> None:
+        """Raise CheckpointError naming the tensors with NaN/inf: such weights give NaN everywhere."""
+        if self.nonfinite:
+            raise CheckpointError(self.nonfinite_message())
 
     def parameter_counts(self) -> dict[str, int]:
         counts = {"encoder": 0, "decoder": 0, "head": 0}
@@ -79,7 +94,32 @@ def _part_of(key: str) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+def check_checkpoint_file(path: str | os.PathLike, what: str = "checkpoint") -> Path:
+    """Raise CheckpointError unless ``path`` is a non-empty regular file (never block on a FIFO or read
+    /dev/zero forever); returns it as a Path."""
+    p = Path(path)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} {p} does not exist") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {what} {p}: {e.strerror or e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise CheckpointError(f"{what} {p} is a directory, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{what} {p} is not a regular file (a pipe, device or socket); give the file itself")
+    if st.st_size == 0:
+        raise CheckpointError(f"{what} {p} is empty (0 bytes): the download or copy did not finish; fetch it again")
+    return p
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 def _torch_load(path: Path) -> object:
+    check_checkpoint_file(path)
     try:
         # argparse.Namespace holds the training args in official training checkpoints: plain data.
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -95,13 +135,13 @@ def _torch_load(path: Path) -> object:
                 "the file, re-save its state_dict with torch.save(sd, ...) and convert that."
             ) from None
         detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
-        reason = detail.group(1).strip() if detail else str(e).splitlines()[0]
+        reason = detail.group(1).strip() if detail else _first_line(e)
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint ({reason}); is it truncated or corrupt? Re-download it."
         ) from None
     except Exception as e:  # torch raises RuntimeError/EOFError/ValueError for damaged zips
         raise CheckpointError(
-            f"could not read {path} as a PyTorch checkpoint: {type(e).__name__}: {str(e).splitlines()[0]}. "
+            f"could not read {path} as a PyTorch checkpoint: {type(e).__name__}: {_first_line(e)}. "
             "The file may be truncated (re-download it) or not a checkpoint at all."
         ) from None
 
@@ -109,19 +149,40 @@ def _torch_load(path: Path) -> object:
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
+    check_checkpoint_file(path, "weights file")
     try:
         return load_file(str(path))
     except Exception as e:
         raise CheckpointError(
-            f"could not read {path} as safetensors: {str(e).splitlines()[0]}; the file may be truncated"
+            f"could not read {path} as safetensors: {_first_line(e)}; the file may be truncated"
         ) from None
 
 
-def _read_json(path: Path) -> dict:
+def safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a .safetensors header alone (8-byte length + JSON), no tensor read."""
+    p = check_checkpoint_file(path, "weights file")
+    size = p.stat().st_size
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        with open(p, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > min(size - 8, 100 << 20):
+                raise ValueError(f"header length {n} exceeds the file")
+            header = json.loads(f.read(n))
+        return {k: tuple(int(d) for d in v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as e:
+        raise CheckpointError(f"could not read {p} as safetensors: {_first_line(e)}; the file may be truncated") \
+            from None
+
+
+def _read_json(path: Path) -> dict:
+    check_checkpoint_file(path, "config file")
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"could not read {path}: {e}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(obj).__name__}, not an object")
+    return obj
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -268,7 +329,7 @@ def infer_config(
     ``hints`` may carry ``model`` (a registry name, e.g. from the training args), ``num_heads``,
     ``decoder_num_heads``, ``norm_pix_loss``, ``norm_eps``: values that weight shapes cannot tell.
     """
-    hints = dict(hints or {})
+    hints = _typed_hints(hints or {})
     notes = notes if notes is not None else []
     for key in ("patch_embed.proj.weight", "cls_token", "blocks.0.attn.qkv.weight"):
         if key not in sd:
@@ -332,6 +393,21 @@ def infer_config(
         raise CheckpointError(f"inconsistent architecture read from the weights: {e}") from None
 
 
+def _typed_hints(hints: dict) -> dict:
+    """Hints from a command line or a Hugging Face config.json, as numbers (or a CheckpointError)."""
+    out = dict(hints)
+    for key, kind in (("num_heads", int), ("decoder_num_heads", int), ("norm_eps", float)):
+        if out.get(key) is None:
+            out.pop(key, None)
+            continue
+        v = out[key]
+        ok = not isinstance(v, bool) and isinstance(v, (int, float) if kind is float else int)
+        if not ok or v <= 0 or (kind is float and not math.isfinite(v)):
+            raise CheckpointError(f"{key} must be a positive {kind.__name__}, got {v!r}")
+        out[key] = kind(v)
+    return out
+
+
 def _registry_match(
     sd: dict[str, torch.Tensor], name: str | None, patch: int, dim: int, depth: int, mlp_ratio: float
 ) -> MAEConfig | None:
@@ -376,26 +452,9 @@ def load_checkpoint(path: str | os.PathLike, **hints) -> LoadedCheckpoint:
     hints = {k: v for k, v in hints.items() if v is not None}
 
     if fmt == "native":
-        meta = _read_json(p / "config.json")
-        if meta.get("format_version", 1) > NATIVE_VERSION:
-            raise CheckpointError(
-                f"{p} has native format version {meta['format_version']}; this mae-deploy reads up to "
-                f"{NATIVE_VERSION}: upgrade mae-deploy"
-            )
-        arch = dict(meta["architecture"])
-        head = meta.get("head", {})
-        try:
-            cfg = MAEConfig.from_dict(arch)
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{p / 'config.json'}: {e}") from None
-        weights = p / "model.safetensors"
-        if not weights.exists():
-            raise CheckpointError(f"{p} has config.json but no model.safetensors")
-        sd = _load_safetensors(weights)
-        loaded = LoadedCheckpoint(cfg, sd, list(meta.get("parts", [])), fmt, str(p), notes,
-                                  int(head.get("num_classes", 0)), bool(head.get("global_pool", False)))
+        loaded = _load_native(p, notes)
         _check_keys(loaded)
-        return loaded
+        return _finish(loaded)
 
     if fmt == "hf":
         hf_cfg = _read_json(p / "config.json")
@@ -425,7 +484,7 @@ def load_checkpoint(path: str | os.PathLike, **hints) -> LoadedCheckpoint:
                                   "mlp ratio; mae-deploy uses one mlp_ratio for both")
         loaded = LoadedCheckpoint(cfg, sd, _parts(sd), fmt, str(p), notes, ncls, gpool)
         _check_keys(loaded)
-        return loaded
+        return _finish(loaded)
 
     # A single file: official .pth, timm state dict (.pth/.bin/.safetensors).
     if p.suffix == ".safetensors":
@@ -455,7 +514,81 @@ def load_checkpoint(path: str | os.PathLike, **hints) -> LoadedCheckpoint:
     cfg, ncls, gpool = infer_config(sd, hints, notes)
     loaded = LoadedCheckpoint(cfg, sd, _parts(sd), fmt, str(p), notes, ncls, gpool)
     _check_keys(loaded)
-    return loaded
+    return _finish(loaded)
+
+
+def _finish(ckpt: LoadedCheckpoint) -> LoadedCheckpoint:
+    """Record the tensors holding NaN/inf (``info`` reports them; loading a model refuses them)."""
+    ckpt.nonfinite = sorted(k for k, v in ckpt.state_dict.items()
+                            if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    return ckpt
+
+
+def _load_native(p: Path, notes: list[str]) -> LoadedCheckpoint:
+    """config.json checked field by field, and against the weights' shapes (safetensors header) before
+    anything is allocated: a config asking for depth 1e9 fails here instead of eating the memory."""
+    cfg_path = p / "config.json"
+    where = str(cfg_path)
+    meta = _read_json(cfg_path)
+    version = meta.get("format_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{where}: format_version must be a positive integer, got {version!r}")
+    if version > NATIVE_VERSION:
+        raise CheckpointError(f"{p} has native format version {version}; this mae-deploy reads up to "
+                              f"{NATIVE_VERSION}: upgrade mae-deploy")
+    if "architecture" not in meta:
+        raise CheckpointError(f"{where} lacks 'architecture'; re-convert the checkpoint with `mae-deploy convert`")
+    arch = check_architecture(meta["architecture"], where, CheckpointError)
+    parts = meta.get("parts", [])
+    if not isinstance(parts, list) or not set(parts) <= {"encoder", "decoder", "head"}:
+        raise CheckpointError(f"{where}: parts must be a list of encoder, decoder, head; got {parts!r}")
+    head = meta.get("head", {})
+    if not isinstance(head, dict):
+        raise CheckpointError(f"{where}: head must be a JSON object, got {head!r}")
+    head = check_architecture({**arch, **{k: head[k] for k in ("num_classes", "global_pool") if k in head}},
+                              f"{where} (head)", CheckpointError)
+    try:
+        cfg = MAEConfig.from_dict(arch)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    weights = p / "model.safetensors"
+    if not weights.exists():
+        raise CheckpointError(f"{p} has config.json but no model.safetensors")
+    num_classes = int(head.get("num_classes", 0))
+    parts = parts or _parts(safetensors_shapes(weights))
+    _check_header_shapes(safetensors_shapes(weights), cfg, parts, num_classes, where)
+    sd = _load_safetensors(weights)
+    names = meta.get("head", {}).get("class_names") or []
+    if not isinstance(names, list) or len(names) not in (0, num_classes) or not all(isinstance(n, str) for n in names):
+        raise CheckpointError(f"{where}: head.class_names must be a list of {num_classes} strings")
+    return LoadedCheckpoint(cfg, sd, list(parts), "native", str(p), notes, num_classes,
+                            bool(head.get("global_pool", False)), class_names=list(names))
+
+
+def _check_header_shapes(
+    shapes: dict[str, tuple[int, ...]], cfg: MAEConfig, parts: list[str], num_classes: int, where: str
+) -> None:
+    """The shapes that size the model (widths, depths, grid, head) agree with config.json."""
+    d, p, c, n = cfg.embed_dim, cfg.patch_size, cfg.in_chans, 1 + cfg.num_patches
+    expected = {"patch_embed.proj.weight": (d, c, p, p), "pos_embed": (1, n, d),
+                "blocks.0.attn.qkv.weight": (3 * d, d), "blocks.0.mlp.fc1.weight": (int(d * cfg.mlp_ratio), d)}
+    depths = {"blocks": ("depth", cfg.depth)}
+    if "head" in parts:
+        expected["head.weight"] = (num_classes, d)
+    elif "decoder" in parts:
+        dd = cfg.decoder_embed_dim
+        expected.update({"decoder_embed.weight": (dd, d), "decoder_pos_embed": (1, n, dd),
+                         "decoder_pred.weight": (p * p * c, dd)})
+        depths["decoder_blocks"] = ("decoder_depth", cfg.decoder_depth)
+    problems = [f"{k} is {shapes[k] if k in shapes else 'missing'}, config.json implies {v}"
+                for k, v in expected.items() if shapes.get(k) != v]
+    for prefix, (field_name, want) in depths.items():
+        have = len({k.split(".")[1] for k in shapes if k.startswith(prefix + ".")})
+        if have != want:
+            problems.append(f"{field_name} is {want} but the weights hold {have} blocks")
+    if problems:
+        raise CheckpointError(f"{where} does not match the weights in model.safetensors: {'; '.join(problems[:4])}. "
+                              "Re-convert the checkpoint (mae-deploy convert) rather than editing config.json")
 
 
 def _parts(sd: dict) -> list[str]:
@@ -506,6 +639,7 @@ def _check_keys(ckpt: LoadedCheckpoint) -> None:
 def load_model(path: str | os.PathLike, **hints) -> tuple[MaskedAutoencoderViT | VisionTransformer, LoadedCheckpoint]:
     """Model with the checkpoint's weights, in eval mode."""
     ckpt = load_checkpoint(path, **hints)
+    ckpt.require_finite()
     model = build_model(ckpt)
     model.load_state_dict({k: v.float() for k, v in ckpt.state_dict.items()}, strict=True)
     return model.eval(), ckpt
@@ -522,8 +656,12 @@ def save_native(
     parts: list[str] | None = None,
     source: dict | None = None,
     overwrite: bool = False,
+    class_names: list[str] | None = None,
 ) -> Path:
-    """Write config.json + model.safetensors into ``dst`` atomically (temp dir, then rename)."""
+    """Write config.json + model.safetensors into ``dst`` atomically (temp dir, then rename).
+
+    ``class_names`` (a classifier's, index order) go to ``head.class_names``; export copies them to mae.json.
+    """
     from safetensors.torch import save_file
 
     dst = Path(dst)
@@ -540,6 +678,8 @@ def save_native(
     }
     if is_cls:
         meta["head"] = {"num_classes": model.num_classes, "global_pool": model.global_pool}
+        if class_names and len(class_names) == model.num_classes:
+            meta["head"]["class_names"] = [str(n) for n in class_names]
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     umask = os.umask(0)
@@ -547,7 +687,7 @@ def save_native(
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the result is an ordinary directory
     try:
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        atomic_write_json(tmp / "config.json", meta)
         if dst.exists():
             old = dst.with_name(f".{dst.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -563,15 +703,19 @@ def save_native(
 
 def save_official(model: torch.nn.Module, dst: str | os.PathLike) -> Path:
     """Write ``{'model': state_dict}`` as the official code does (atomic)."""
-    dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    torch.save({"model": model.state_dict()}, tmp)
-    os.replace(tmp, dst)
-    return dst
+    state = {"model": model.state_dict()}
+    return atomic_write(dst, lambda f: torch.save(state, f))
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool = False, **hints) -> LoadedCheckpoint:
-    """Any supported checkpoint -> native directory; returns what was read."""
+    """Any supported checkpoint -> native directory; returns what was read.
+
+    DST is checked first (exists without ``overwrite``, or not writable), before the source is read.
+    """
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise CheckpointError(f"{dst} already exists; pass --overwrite to replace it")
+    check_writable(dst, what="destination", directory=True)
     model, ckpt = load_model(src, **hints)
     source = {"format": ckpt.format, "path": str(Path(src).resolve()), "notes": ckpt.notes}
     save_native(model, dst, parts=ckpt.parts, source=source, overwrite=overwrite)

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mae_deploy.config_check import check_architecture
+
 # --------------------------------------------------------------------------------------------------
 # Configuration and registry
 # --------------------------------------------------------------------------------------------------
@@ -44,20 +46,8 @@ class MAEConfig:
     norm_pix_loss: bool = False
 
     def __post_init__(self) -> None:
-        if self.img_size % self.patch_size:
-            raise ValueError(
-                f"image size {self.img_size} is not divisible by patch size {self.patch_size}; "
-                f"pick a multiple of {self.patch_size}"
-            )
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-        if self.embed_dim % 4:
-            raise ValueError(f"embed_dim {self.embed_dim} must be divisible by 4 for 2-D sin-cos embeddings")
-        if self.decoder_depth and self.decoder_embed_dim % self.decoder_num_heads:
-            raise ValueError(
-                f"decoder_embed_dim {self.decoder_embed_dim} is not divisible by "
-                f"decoder_num_heads {self.decoder_num_heads}"
-            )
+        # The one architecture check (mae_deploy.config_check), shared with config.json and mae.json.
+        check_architecture(asdict(self), "architecture", ValueError)
 
     @property
     def grid_size(self) -> int:
