@@ -1,0 +1,193 @@
+"""The FastAPI application: middleware (request ids, API key, body limit, metrics, logs), errors, routes.
+
+``create_app(service)`` is used as is by the local uvicorn server and by each Ray Serve replica. Every
+failure is JSON: ``{"error": {"code", "message"}}`` under /v1 and elsewhere, ``{"error": "<message>"}``
+under /v2 (the KServe v2 form tritonclient reads), never a bare 500 page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import hmac
+import logging
+import os
+import re
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+
+from mae_deploy.serve.errors import ApiError, payload_too_large
+from mae_deploy.serve.service import ModelService
+
+log = logging.getLogger("mae_deploy.serve")
+REQUEST_ID = "X-Request-ID"
+REPLICA = "X-Replica"
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+# Probes and docs answer without a key (a load balancer's health check carries none; docs hold no data).
+_OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/docs", "/openapi.json",
+                         "/docs/oauth2-redirect", "/redoc"})
+
+
+def error_response(e: ApiError, path: str, request_id: str | None = None):
+    from fastapi.responses import JSONResponse
+
+    headers = dict(e.headers)
+    if request_id:
+        headers[REQUEST_ID] = request_id
+    return JSONResponse(e.body(v2=path.startswith("/v2")), status_code=e.status, headers=headers)
+
+
+class BodyLimit:
+    """ASGI middleware: a body over ``limit`` bytes is refused with 413, by Content-Length or while streaming."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    def _too_large(self, size: int | str) -> ApiError:
+        return payload_too_large(f"the body has {size} bytes, above this server's --max-body-mb of "
+                                 f"{self.limit / 2**20:g} MiB")
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            response = error_response(self._too_large(int(length)), scope["path"])
+            return await response(scope, receive, send)
+        await self.app(scope, _CountingReceive(receive, self.limit, self._too_large), send)
+
+
+class _CountingReceive:
+    """An ASGI receive that counts body bytes and raises 413 once they pass the limit (chunked uploads)."""
+
+    def __init__(self, receive, limit: int, error: Callable[[str], ApiError]) -> None:
+        self.receive, self.limit, self.error = receive, limit, error
+        self.seen = 0
+
+    async def __call__(self):
+        message = await self.receive()
+        if message["type"] == "http.request":
+            self.seen += len(message.get("body", b""))
+            if self.seen > self.limit:
+                raise self.error(f"more than {self.limit}")
+        return message
+
+
+def _client_key(request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    return request.headers.get("x-api-key")
+
+
+def _route_label(scope) -> str:
+    route = scope.get("route")
+    return getattr(route, "path", None) or "unmatched"
+
+
+def create_app(service: ModelService, replica: str | None = None,
+               on_load_failed: Callable[[BaseException], None] | None = None):
+    """The app for ``service``; ``replica`` names this process in the X-Replica header of every response."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from mae_deploy.serve.routes_v1 import router as v1_router
+    from mae_deploy.serve.routes_v2 import router as v2_router
+
+    config = service.config
+    replica = replica or f"{socket.gethostname()}:{os.getpid()}"
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        task = None
+        if service.state == "loading":  # load in the background: /healthz answers while the model loads
+            task = asyncio.create_task(_load(service, on_load_failed))
+        try:
+            yield
+        finally:
+            service.start_draining()
+            if task is not None and not task.done():
+                await asyncio.wait([task], timeout=config.timeout_s)
+            await asyncio.to_thread(service.close)
+
+    app = FastAPI(
+        title="mae-deploy serve",
+        version="1",
+        description="Masked Autoencoder features and reconstructions over HTTP, micro-batched; KServe v2 "
+                    "(Open Inference Protocol) under /v2 for tensor clients such as tritonclient.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.state.replica = replica
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError):
+        return error_response(e, request.url.path)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return error_response(ApiError(e.status_code, codes.get(e.status_code, "bad_request"), str(e.detail)),
+                              request.url.path)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError):
+        parts = [f"{'.'.join(str(x) for x in err.get('loc', ()))}: {err.get('msg')}" for err in e.errors()]
+        return error_response(ApiError(400, "bad_request", "; ".join(parts)), request.url.path)
+
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+
+    @app.middleware("http")
+    async def _frame(request: Request, call_next):
+        """Request id, API key, X-Replica, metrics and one log line per request."""
+        start = time.monotonic()
+        given = request.headers.get(REQUEST_ID, "")
+        rid = given if _CLIENT_ID.match(given) else uuid.uuid4().hex
+        token = request_id_var.set(rid)
+        request.state.start = start
+        request.state.request_id = rid
+        try:
+            key = config.api_key
+            if key and request.url.path not in _OPEN_PATHS and not hmac.compare_digest(
+                (_client_key(request) or "").encode(), key.encode()
+            ):
+                response = error_response(ApiError(401, "unauthorized", "missing or wrong API key: send "
+                                                   "'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+                                                   {"WWW-Authenticate": "Bearer"}), request.url.path)
+            else:
+                try:
+                    response = await call_next(request)
+                except Exception as e:  # a bug: answer JSON, log the traceback, keep serving
+                    log.exception("internal error on %s", request.url.path)
+                    response = error_response(ApiError(500, "internal", f"internal error: {type(e).__name__}"),
+                                              request.url.path)
+            response.headers[REQUEST_ID] = rid
+            response.headers[REPLICA] = replica
+            seconds = time.monotonic() - start
+            endpoint = _route_label(request.scope)
+            service.metrics.request_done(endpoint, response.status_code, seconds)
+            log.info("%s %s -> %d in %.1f ms", request.method, request.url.path, response.status_code,
+                     seconds * 1000, extra={"status": response.status_code, "path": request.url.path,
+                                            "ms": round(seconds * 1000, 2)})
+            return response
+        finally:
+            request_id_var.reset(token)
+
+    app.include_router(v1_router)
+    app.include_router(v2_router)
+    return app
+
+
+async def _load(service: ModelService, on_load_failed) -> None:
+    try:
+        await asyncio.to_thread(service.load)
+    except BaseException as e:  # noqa: BLE001 (reported; the server then exits with the error's code)
+        log.error("the model failed to load: %s", e)
+        if on_load_failed is not None:
+            on_load_failed(e)

@@ -1,0 +1,53 @@
+"""Prometheus metrics of one server (its own registry, so several apps can live in one process).
+
+Names: ``mae_serve_requests_total{endpoint,status}``, ``mae_serve_request_latency_seconds{endpoint}``,
+``mae_serve_batch_size{part}`` (rows per runner call), ``mae_serve_batch_latency_seconds{part}``,
+``mae_serve_queue_depth`` (images waiting for the runner), ``mae_serve_images_total{endpoint}``.
+``endpoint`` is the route template (``/v2/models/{name}/infer``), so labels stay few.
+"""
+
+from __future__ import annotations
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class ServeMetrics:
+    """The server's counters and histograms; also the micro-batcher's observer."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("mae_serve_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
+                                registry=r)
+        self.latency = Histogram("mae_serve_request_latency_seconds", "Request latency (arrival to response)",
+                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("mae_serve_batch_size", "Rows per runner call", ["part"], buckets=BATCH_BUCKETS,
+                                    registry=r)
+        self.batch_latency = Histogram("mae_serve_batch_latency_seconds", "Runner call duration", ["part"],
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.queue = Gauge("mae_serve_queue_depth", "Images waiting for the runner", registry=r)
+        self.images = Counter("mae_serve_images", "Images processed", ["endpoint"], registry=r)
+
+    # BatchObserver
+    def batch_done(self, part: str, rows: int, seconds: float) -> None:
+        self.batch_size.labels(part).observe(rows)
+        self.batch_latency.labels(part).observe(seconds)
+
+    def queue_depth(self, rows: int) -> None:
+        self.queue.set(rows)
+
+    def request_done(self, endpoint: str, status: int, seconds: float) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
+
+    def images_done(self, endpoint: str, n: int) -> None:
+        self.images.labels(endpoint).inc(n)
+
+    def render(self) -> tuple[bytes, str]:
+        """(body, content type) of the Prometheus text format."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
