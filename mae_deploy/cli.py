@@ -24,6 +24,7 @@ _COMMAND_MODULES = [
     "bench",  # bench
     "extract",  # extract (batch feature extraction)
     "engine",  # build-engine (TensorRT engines ahead of time)
+    "serve",  # serve (HTTP: FastAPI + uvicorn, or Ray Serve)
 ]
 
 
