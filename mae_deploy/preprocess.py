@@ -14,10 +14,24 @@ Mode conversion:
   Pillow's own convert() does; 32-bit integer images (mode I) are treated as 16-bit when any value exceeds
   255, and float images (mode F) as [0, 1] when no value exceeds 1, otherwise as [0, 255];
 - CMYK and the rest use Pillow's conversion.
+
+Fast downscaling (the default; ``exact_resize=True`` or the CLI's ``--exact-resize`` turns it off). Most of
+the time spent on a 12-megapixel JPEG goes into decoding every pixel and filtering them all down to 256.
+When an image is at least ``REDUCE_GAP`` (2) times the resize target, the fast path
+
+- decodes JPEGs with Pillow's draft mode: libjpeg scales by 1/2, 1/4 or 1/8 in the DCT domain while
+  decoding, keeping the image at least ``REDUCE_GAP`` times the resize target;
+- resizes only the crop's box of the (possibly draft-decoded) image, with ``reducing_gap=REDUCE_GAP``
+  (an integer box reduction first, then the bicubic filter over the last factor of at least 2).
+
+The geometry (shorter side, centre crop) is computed from the full-size image, so the model sees the same
+region either way. Images below 2x the target take the exact path unchanged (bit-identical). Measured by
+benchmarks/bench_decode.py (benchmarks/RESULTS.md): see the "Decode and preprocess" section there.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -41,11 +55,35 @@ _RESAMPLE = {
 RESIZE_MODES = ("shorter_side_crop", "direct")
 _ALPHA_MODES = ("LA", "La", "RGBA", "RGBa", "PA")
 _INT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# The fast path reduces cheaply (DCT scaling, box reduction) to no less than REDUCE_GAP x the resize target
+# and leaves the rest to the exact filter; 2 keeps pixels within a few levels of the exact path.
+REDUCE_GAP = 2.0
+_JPEG_FORMATS = ("JPEG", "MPO")  # formats whose decoder scales in the DCT domain (Image.draft)
+_SOURCE = "mae_deploy.source"  # info key of a draft-decoded image: its full-size geometry (see source_size)
+
+
+def source_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of the full-size image ``image`` was draft-decoded from; ``image.size`` otherwise."""
+    src = image.info.get(_SOURCE)
+    if isinstance(src, dict) and tuple(src.get("decoded", ())) == image.size:
+        return tuple(src["size"])
+    return image.size
+
+
+def _draft_scale(image: Image.Image) -> int:
+    """The DCT scale (1, 2, 4 or 8) a draft decode used; 1 for a full decode."""
+    src = image.info.get(_SOURCE)
+    if isinstance(src, dict) and tuple(src.get("decoded", ())) == image.size:
+        return int(src["scale"])
+    return 1
 
 
 def check_min_side(image: Image.Image, min_side: int, source: str = "image") -> None:
-    """InputError when the image's shorter side is below ``min_side`` pixels (thumbnails, 1x1 trackers)."""
-    w, h = image.size
+    """InputError when the image's shorter side is below ``min_side`` pixels (thumbnails, 1x1 trackers).
+
+    A draft-decoded image is judged by its full size (:func:`source_size`), not the reduced decode.
+    """
+    w, h = source_size(image)
     if min(w, h) < min_side:
         raise InputError(f"{source} is {w}x{h} pixels; its shorter side is below the minimum of {min_side}")
 
@@ -92,6 +130,8 @@ class Preprocessor:
     Build it from a bundle (``Preprocessor.from_bundle(bundle)``) so the model's own settings are used.
     ``max_pixels`` guards against decompression bombs (default: Pillow's ``Image.MAX_IMAGE_PIXELS``);
     ``min_side`` rejects images whose shorter side is smaller (default 1: accept everything).
+    ``exact_resize=False`` (default) lets images at least twice the target size be draft-decoded (JPEG) and
+    box-reduced before the bicubic filter (module docstring); ``True`` keeps the exact full-size path.
     """
 
     def __init__(
@@ -105,6 +145,7 @@ class Preprocessor:
         in_chans: int = 3,
         max_pixels: int | None = None,
         min_side: int = 1,
+        exact_resize: bool = False,
     ) -> None:
         if resize not in RESIZE_MODES:
             raise InputError(f"resize must be one of {list(RESIZE_MODES)}, got {resize!r}")
@@ -125,10 +166,11 @@ class Preprocessor:
         self.std = np.asarray(std, dtype=np.float32).reshape(in_chans, 1, 1)
         self.max_pixels = max_pixels
         self.min_side = min_side
+        self.exact_resize = bool(exact_resize)
 
     @classmethod
     def from_config(cls, config: dict, in_chans: int = 3, **overrides) -> Preprocessor:
-        """From a bundle's ``preprocessing`` block."""
+        """From a bundle's ``preprocessing`` block (``exact_resize`` and the limits come as overrides)."""
         keys = ("image_size", "resize", "crop_pct", "interpolation", "mean", "std")
         kwargs = {k: config[k] for k in keys if k in config}
         return cls(**{**kwargs, "in_chans": in_chans, **overrides})
@@ -154,8 +196,15 @@ class Preprocessor:
                     )
                 if getattr(im, "n_frames", 1) > 1:
                     im.seek(0)  # animated GIF/WebP/APNG: the first frame
+                scale = self._draft(im)
                 im.load()
-                return self.convert(self._oriented(im), source=str(path))
+                oriented = self._oriented(im)
+                if scale > 1:
+                    _mark_source(oriented, im, (w, h), scale)
+                out = self.convert(oriented, source=str(path))
+                if scale > 1:
+                    out.info[_SOURCE] = oriented.info[_SOURCE]  # mode conversion may drop info
+                return out
         except Image.DecompressionBombError as e:
             raise InputError(f"{path} is a decompression bomb (its header declares too many pixels): {e}") from e
         except FileNotFoundError as e:
@@ -166,6 +215,19 @@ class Preprocessor:
             raise InputError(f"cannot read image {path}: not an image format Pillow recognises") from e
         except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data surfaces as these
             raise InputError(f"cannot read image {path}: {e}") from e
+
+    def _target_short_side(self) -> int:
+        """Shorter side of the image just before the crop (image_size for a direct resize)."""
+        return self.image_size if self.resize == "direct" else int(self.image_size / self.crop_pct)
+
+    def _draft(self, im: Image.Image) -> int:
+        """Ask a JPEG decoder to scale in the DCT domain, down to >= REDUCE_GAP x the target; the scale used."""
+        if self.exact_resize or im.format not in _JPEG_FORMATS:
+            return 1
+        need = math.ceil(REDUCE_GAP * self._target_short_side())
+        full_w = im.size[0]
+        drafted = im.draft(im.mode, (need, need))  # both sides must stay >= need: orientation does not matter
+        return round(full_w / drafted[1][2]) if drafted else 1
 
     @staticmethod
     def _oriented(im: Image.Image) -> Image.Image:
@@ -206,19 +268,42 @@ class Preprocessor:
         raise InputError(f"{source} has shape {a.shape}; expected (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) uint8")
 
     # -- geometry and normalisation -------------------------------------------------------------
+    def _geometry(self, w: int, h: int) -> tuple[int, int, int, int]:
+        """(resized width, resized height, crop left, crop top) for a w x h image."""
+        size = self.image_size
+        if self.resize == "direct":
+            return size, size, 0, 0
+        short = int(size / self.crop_pct)
+        # torchvision's Resize(int): shorter side to `short`, longer side int(short * long / short_side).
+        new_w, new_h = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+        return new_w, new_h, int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+
     def resize_crop(self, im: Image.Image) -> Image.Image:
         """Resize (shorter side to image_size/crop_pct, then centre crop; or direct) to image_size^2."""
+        if not self.exact_resize:
+            fast = self._fast_resize_crop(im)
+            if fast is not None:
+                return fast
         size, resample = self.image_size, _RESAMPLE[self.interpolation]
         if self.resize == "direct":
             return im.resize((size, size), resample)
-        short = int(size / self.crop_pct)
         w, h = im.size
-        # torchvision's Resize(int): shorter side to `short`, longer side int(short * long / short_side).
-        new_w, new_h = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+        new_w, new_h, left, top = self._geometry(w, h)
         if (new_w, new_h) != (w, h):
             im = im.resize((new_w, new_h), resample)
-        left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
         return im.crop((left, top, left + size, top + size))
+
+    def _fast_resize_crop(self, im: Image.Image) -> Image.Image | None:
+        """Only the crop's box, box-reduced to >= REDUCE_GAP x then filtered; None below 2x (exact path)."""
+        full_w, full_h = source_size(im)
+        scale = _draft_scale(im)
+        new_w, new_h, left, top = self._geometry(full_w, full_h)
+        if scale == 1 and max(full_w / new_w, full_h / new_h) < REDUCE_GAP:
+            return None
+        size = self.image_size
+        fx, fy = full_w / new_w / scale, full_h / new_h / scale  # resized pixel -> decoded pixel
+        box = (left * fx, top * fy, (left + size) * fx, (top + size) * fy)
+        return im.resize((size, size), _RESAMPLE[self.interpolation], box=box, reducing_gap=REDUCE_GAP)
 
     def normalize(self, im: Image.Image) -> np.ndarray:
         """A model-sized RGB/L image -> (C, H, W) float32, (x/255 - mean) / std."""
@@ -244,6 +329,22 @@ class Preprocessor:
         if not arrays:
             raise InputError("no images given")
         return np.stack(arrays).astype(np.float32, copy=False)
+
+
+def _mark_source(oriented: Image.Image, decoded: Image.Image, full_size: tuple[int, int], scale: int) -> None:
+    """Record on a draft-decoded, oriented image the full size it stands for (in the oriented frame)."""
+    w, h = full_size
+    if oriented.size != decoded.size or (oriented.width == oriented.height and _transposes(decoded)):
+        w, h = h, w  # EXIF orientation swapped width and height
+    oriented.info[_SOURCE] = {"size": (w, h), "decoded": oriented.size, "scale": scale}
+
+
+def _transposes(im: Image.Image) -> bool:
+    """Whether the EXIF orientation of ``im`` swaps width and height (5-8: a quarter turn, maybe mirrored)."""
+    try:
+        return im.getexif().get(0x0112) in (5, 6, 7, 8)
+    except (ValueError, TypeError, KeyError, SyntaxError, OSError):
+        return False
 
 
 def _describe(item: object, index: int) -> str:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from mae_deploy.errors import InputError
-from mae_deploy.preprocess import Preprocessor, check_min_side, to_rgb
+from mae_deploy.preprocess import Preprocessor, check_min_side, source_size, to_rgb
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -224,3 +224,176 @@ def test_real_photo_path(tmp_path: Path):
     x = Preprocessor(224)([tmp_path / "astronaut.png"])
     assert x.shape == (1, 3, 224, 224)
     assert -2.2 < x.min() < -1.5 and 2.0 < x.max() < 2.7  # normalised ImageNet range
+
+
+# -- fast downscaling (draft decoding + reduce-before-resize) vs the exact path ----------------------------
+
+
+def _big_photo(path: Path, name: str = "astronaut", size=(1600, 1200), **save) -> Path:
+    """A scikit-image photo upscaled with LANCZOS and saved (JPEG quality 90 unless told)."""
+    skimage = pytest.importorskip("skimage")
+    img = Image.fromarray(getattr(skimage.data, name)()).resize(size, Image.Resampling.LANCZOS)
+    img.save(path, **({"quality": 90} if path.suffix == ".jpg" else {"compress_level": 1}), **save)
+    return path
+
+
+def _old_path(path: Path, size: int = 224, crop_pct: float = 0.875, direct: bool = False) -> np.ndarray:
+    """The preprocessing as it was before the fast path: full decode, EXIF, RGB, bicubic, crop, normalise."""
+    with Image.open(path) as im:
+        im.load()
+        img = ImageOps.exif_transpose(im).convert("RGB")
+    if direct:
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
+    else:
+        short, (w, h) = int(size / crop_pct), img.size
+        new_w, new_h = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+        img = img.crop((left, top, left + size, top + size))
+    a = np.asarray(img, dtype=np.float32) / 255.0
+    return ((a.transpose(2, 0, 1) - MEAN.reshape(3, 1, 1)) / STD.reshape(3, 1, 1))[None]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> list[Path]:
+    """Three real photos at about 2 MP (JPEG q90), large enough for draft scale 2 at 224 px."""
+    d = tmp_path_factory.mktemp("photos")
+    sizes = {"astronaut": (1400, 1400), "coffee": (1800, 1200), "chelsea": (1200, 1800)}  # chelsea: portrait
+    return [_big_photo(d / f"{n}.jpg", n, s) for n, s in sizes.items()]
+
+
+@pytest.fixture(scope="module")
+def small_224_bundle(tmp_path_factory) -> Path:
+    """A small random-init MAE at 224 px (patch 16, 196 tokens, width 32) exported to a bundle."""
+    torch = pytest.importorskip("torch")
+    from export.bundle_writer import export_bundle
+    from training.model import create_model
+
+    torch.manual_seed(0)
+    model = create_model("mae_vit_test", img_size=224, patch_size=16).eval()
+    out = tmp_path_factory.mktemp("small224") / "bundle"
+    export_bundle(model, out, parts=["encoder"], verify=False, progress=None)
+    return out
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def test_draft_decoding_keeps_twice_the_target(photos):
+    fast, exact = Preprocessor(224), Preprocessor(224, exact_resize=True)
+    for path in photos:
+        full = exact.load_image(path)
+        drafted = fast.load_image(path)
+        assert full.size == Image.open(path).size and source_size(full) == full.size
+        assert drafted.size == tuple((s + 1) // 2 for s in full.size)  # DCT scale 1/2 (2 MP -> >= 512 short side)
+        assert min(drafted.size) >= 2 * 256 and source_size(drafted) == full.size
+
+
+def test_fast_path_close_to_exact_features_and_pixels(photos, small_224_bundle):
+    from mae_deploy.features import FeatureExtractor
+
+    exact = Preprocessor.from_config({"image_size": 224}, exact_resize=True)
+    fast = Preprocessor.from_config({"image_size": 224})
+    assert not fast.exact_resize
+    xe, xf = exact(photos), fast(photos)
+    assert np.abs(xe - xf).max() < 0.2  # normalised units (~11 levels of 255); measured up to 0.12
+    assert np.abs(xe - xf).mean() < 0.01
+    with FeatureExtractor(small_224_bundle, pool="tokens") as fx:
+        te, tf = fx.extract_pixels(xe), fx.extract_pixels(xf)
+    assert _cos(te[:, 1:].mean(1), tf[:, 1:].mean(1)).min() >= 0.999
+    assert _cos(te[:, 0], tf[:, 0]).min() >= 0.999
+    assert _cos(te[:, 1:], tf[:, 1:]).min() >= 0.99  # every one of the 196 tokens
+
+
+@pytest.mark.parametrize("resize", ["shorter_side_crop", "direct"])
+def test_exact_flag_is_bit_identical_to_the_old_path(photos, resize, tmp_path):
+    exact = Preprocessor(224, resize=resize, exact_resize=True)
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    _big_photo(rotated, "coffee", (1800, 1200), exif=exif)
+    png = _big_photo(tmp_path / "big.png", "chelsea", (1500, 1000))
+    for path in [*photos, rotated, png]:
+        assert np.array_equal(exact(path), _old_path(path, direct=resize == "direct")), path
+
+
+def test_small_images_are_unaffected(tmp_path):
+    """Below twice the target the fast path is the exact path, bit for bit (JPEG and not)."""
+    skimage = pytest.importorskip("skimage")
+    fast, exact = Preprocessor(224), Preprocessor(224, exact_resize=True)
+    paths = [_big_photo(tmp_path / "just_below.jpg", "coffee", (766, 511)),  # 511 < 2 x 256
+             _big_photo(tmp_path / "below.png", "astronaut", (500, 500))]
+    Image.fromarray(skimage.data.chelsea()).save(tmp_path / "chelsea.jpg", quality=90)  # 451 x 300
+    paths.append(tmp_path / "chelsea.jpg")
+    for path in paths:
+        assert fast.load_image(path).size == Image.open(path).size
+        assert np.array_equal(fast(path), exact(path)), path
+        assert np.array_equal(fast(path), _old_path(path)), path
+    in_memory = Image.fromarray(skimage.data.astronaut()).resize((400, 300))
+    assert np.array_equal(fast(in_memory), exact(in_memory))
+
+
+def test_non_jpeg_inputs_are_decoded_in_full(photos, tmp_path):
+    """PNG (and every non-JPEG format) has no draft mode: full decode; only the resize is reduced first."""
+    png = _big_photo(tmp_path / "big.png", "coffee", (2400, 1600))
+    fast, exact = Preprocessor(224), Preprocessor(224, exact_resize=True)
+    img = fast.load_image(png)
+    assert img.size == (2400, 1600) and source_size(img) == img.size
+    xe, xf = exact(png), fast(png)
+    assert not np.array_equal(xe, xf)  # 6x the target: box-reduced 3x, then bicubic
+    assert np.abs(xe - xf).max() < 0.2
+
+
+def test_exif_rotation_with_draft_decoding(tmp_path):
+    """The draft scale applies to the stored orientation; the geometry uses the full, rotated size."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a quarter turn: the stored 1800 x 1200 displays as 1200 x 1800
+    path = _big_photo(tmp_path / "r.jpg", "coffee", (1800, 1200), exif=exif)
+    fast, exact = Preprocessor(224), Preprocessor(224, exact_resize=True)
+    img = fast.load_image(path)
+    assert img.size == (600, 900) and source_size(img) == (1200, 1800)
+    assert exact.load_image(path).size == (1200, 1800)
+    assert np.abs(fast(path) - exact(path)).max() < 0.2
+
+
+def test_other_jpeg_flavours_are_draft_decoded(tmp_path):
+    """CMYK, progressive and multi-picture (MPO) JPEGs: all draft-decoded, all close to exact."""
+    skimage = pytest.importorskip("skimage")
+    base = Image.fromarray(skimage.data.astronaut()).resize((1600, 1200), Image.Resampling.LANCZOS)
+    base.convert("CMYK").save(tmp_path / "cmyk.jpg", quality=90)
+    base.save(tmp_path / "progressive.jpg", quality=90, progressive=True)
+    base.save(tmp_path / "two.mpo", save_all=True, append_images=[Image.new("RGB", (1600, 1200), "red")])
+    fast, exact = Preprocessor(224), Preprocessor(224, exact_resize=True)
+    for name in ("cmyk.jpg", "progressive.jpg", "two.mpo"):
+        img = fast.load_image(tmp_path / name)
+        assert img.mode == "RGB" and img.size == (800, 600) and source_size(img) == (1600, 1200), name
+        assert np.abs(fast(tmp_path / name) - exact(tmp_path / name)).max() < 0.2, name
+
+
+def test_limits_judge_the_full_image_not_the_draft(photos):
+    w, h = Image.open(photos[1]).size  # 1800 x 1200, draft-decoded to 900 x 600
+    with pytest.raises(InputError, match="above the limit of 1000000"):
+        Preprocessor(224, max_pixels=1_000_000).load_image(photos[1])  # refused before decoding
+    p = Preprocessor(224, min_side=1000)  # the draft's 600 px would fail; the photo's 1200 px pass
+    img = p.load_image(photos[1])
+    assert img.size == (900, 600)
+    check_min_side(img, 1000)  # what the extraction worker calls after load_image
+    with pytest.raises(InputError, match=f"is {w}x{h} pixels; its shorter side is below the minimum of 1300"):
+        Preprocessor(224, min_side=1300).load_image(photos[1])
+
+
+def test_an_edited_draft_is_taken_at_its_own_size(photos):
+    """The recorded full size applies only to the untouched draft: a crop of it is an ordinary image."""
+    fast = Preprocessor(224)
+    img = fast.load_image(photos[1])
+    crop = img.crop((0, 0, 600, 600))
+    assert source_size(crop) == (600, 600)
+    assert np.array_equal(fast(crop), Preprocessor(224, exact_resize=True)(crop))  # 600 < 2 x 256: exact path
+
+
+def test_truncated_jpeg_is_refused_on_the_draft_path_too(photos, tmp_path):
+    data = photos[1].read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=f"cannot read image {tmp_path / 'cut.jpg'}: .*truncated"):
+        Preprocessor(224).load_image(tmp_path / "cut.jpg")
