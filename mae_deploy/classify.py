@@ -1,0 +1,177 @@
+"""Classification: images -> top-k (label, probability) with a bundle's classifier graph, through any runner.
+
+The classifier graph (``classifier.onnx``: ``pixel_values [N,C,H,W] -> logits [N,num_classes]``, every patch
+visible) comes from ``export`` of a fine-tuned or linear-probe checkpoint; its class names are in mae.json.
+Runners run it with ``runner.classify(pixel_values) -> logits``: ONNX Runtime runs the graph, the torch
+backend the reference model (the bundle's ``reference/`` weights).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import numpy as np
+from PIL import Image
+
+from mae_deploy.bundle import Bundle
+from mae_deploy.errors import BundleError, InputError
+from mae_deploy.features import _chunks
+from mae_deploy.masking import check_pixel_values
+from mae_deploy.preprocess import ImageLike, Preprocessor
+from mae_deploy.runners import Runner, create_runner
+
+Prediction = list[tuple[str, float]]  # (label, probability), most probable first
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 (stable for large logits), returned as float64."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def top_k_indices(scores: np.ndarray, k: int) -> np.ndarray:
+    """(N, C) scores -> (N, k) class indices, highest first; ties broken by the lower index (stable)."""
+    return np.argsort(-scores, axis=-1, kind="stable")[:, :k]
+
+
+def _as_list(images: ImageLike | Iterable[ImageLike]) -> Iterable[ImageLike]:
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return list(images)
+    single_array = isinstance(images, np.ndarray) and images.ndim in (2, 3)
+    if isinstance(images, (str, os.PathLike, Image.Image)) or single_array:
+        return [images]
+    return images
+
+
+class Classifier:
+    """Top-k labels for images, uint8 arrays or paths, with the bundle's classifier graph.
+
+    ``runner`` lets pipelines share one; otherwise one is created from ``backend``/``device``/``precision``
+    and ``runner_opts`` (as :class:`~mae_deploy.features.FeatureExtractor` does). ``class_names`` replaces the
+    bundle's names (one per class). Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle | str | os.PathLike,
+        backend: str = "ort",
+        device: str = "cpu",
+        precision: str = "fp32",
+        batch_size: int = 32,
+        runner: Runner | None = None,
+        preprocessor: Preprocessor | None = None,
+        class_names: list[str] | None = None,
+        **runner_opts,
+    ) -> None:
+        if batch_size < 1:
+            raise InputError(f"batch_size must be at least 1, got {batch_size}")
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+        graph = self.bundle.classifier_graph("fp32")  # raises, saying how to get one, when there is none
+        n = graph.outputs[0].shape[-1] if graph.outputs and graph.outputs[0].shape else None
+        names = list(class_names) if class_names is not None else self.bundle.class_names
+        if not names:
+            raise BundleError(f"bundle {self.bundle.path} records no class names; pass class_names=[...]")
+        if isinstance(n, int) and len(names) != n:
+            raise InputError(f"{len(names)} class names given for a classifier with {n} classes")
+        self.class_names = [str(c) for c in names]
+        self.batch_size = batch_size
+        self.preprocessor = preprocessor or Preprocessor.from_bundle(self.bundle)
+        self._own_runner = runner is None
+        self._closed = False
+        self.runner = runner or create_runner(self.bundle, backend, device=device, precision=precision, **runner_opts)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def logits_pixels(self, pixel_values: np.ndarray) -> np.ndarray:
+        """Already preprocessed float32 (N, C, H, W) -> logits float32 (N, num_classes), one runner call."""
+        if self._closed:  # the runner would silently open new sessions: a use-after-close is a bug
+            raise RuntimeError("this Classifier is closed; create a new one to classify more images")
+        b = self.bundle
+        x = check_pixel_values(pixel_values, b.in_chans, b.image_size)
+        logits = np.asarray(self.runner.classify(x), dtype=np.float32)
+        if logits.shape != (x.shape[0], self.num_classes):
+            raise BundleError(f"the classifier returned logits of shape {logits.shape}; expected "
+                              f"({x.shape[0]}, {self.num_classes}): is the bundle's classifier.onnx damaged?")
+        return logits
+
+    def logits(self, images: ImageLike | Iterable[ImageLike]) -> np.ndarray:
+        """One image or an iterable of them -> logits float32 (N, num_classes), ``batch_size`` at a time."""
+        out = [self.logits_pixels(self.preprocessor(chunk)) for chunk in _chunks(_as_list(images), self.batch_size)]
+        if not out:
+            raise InputError("no images given")
+        return np.concatenate(out)
+
+    def predictions(self, logits: np.ndarray, top_k: int = 5) -> list[Prediction]:
+        """Logits (N, C) -> per row the ``top_k`` (label, probability) pairs, most probable first."""
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+            raise InputError(f"top_k must be a positive integer, got {top_k!r}")
+        probs = softmax(logits)
+        idx = top_k_indices(probs, min(int(top_k), self.num_classes))
+        return [[(self.class_names[j], float(p[j])) for j in row] for p, row in zip(probs, idx, strict=True)]
+
+    def classify(self, images: ImageLike | Iterable[ImageLike], top_k: int = 5) -> list[Prediction]:
+        """Per image, the ``top_k`` most probable (label, probability) pairs (k is capped at num_classes)."""
+        return self.predictions(self.logits(images), top_k)
+
+    __call__ = classify
+
+    def close(self) -> None:
+        self._closed = True
+        if self._own_runner:
+            self.runner.close()
+
+    def __enter__(self) -> Classifier:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def classify_files(classifier: Classifier, paths: list[str], top_k: int = 5) -> list[dict]:
+    """Per path, in order: ``{"path", "predictions": [{"label", "probability"}, ...]}``, or ``{"path", "error"}``
+    for an image that cannot be read (it does not stop the others)."""
+    records: list[dict] = []
+    for chunk in _chunks(paths, classifier.batch_size):
+        arrays, ok = [], []
+        for path in chunk:
+            try:
+                arrays.append(classifier.preprocessor(path)[0])
+                ok.append(len(records))
+                records.append({"path": path})
+            except InputError as e:
+                records.append({"path": path, "error": str(e)})
+        if arrays:
+            preds = classifier.predictions(classifier.logits_pixels(np.stack(arrays)), top_k)
+            for i, pred in zip(ok, preds, strict=True):
+                records[i]["predictions"] = [{"label": lab, "probability": p} for lab, p in pred]
+    return records
+
+
+def write_predictions(records: list[dict], out: str | os.PathLike) -> None:
+    """``.jsonl`` (one record per line) or ``.csv`` (path, rank, label, probability, error), atomically."""
+    import csv
+    import io
+    import json
+
+    from mae_deploy.fileio import atomic_write_text
+
+    suffix = os.path.splitext(str(out))[1].lower()
+    if suffix == ".jsonl":
+        atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        return
+    if suffix != ".csv":
+        raise InputError(f"--out {out}: give a .jsonl or .csv file name")
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "rank", "label", "probability", "error"])
+    for r in records:
+        if "error" in r:
+            w.writerow([r["path"], "", "", "", r["error"]])
+        for rank, p in enumerate(r.get("predictions", []), start=1):
+            w.writerow([r["path"], rank, p["label"], f"{p['probability']:.6g}", ""])
+    atomic_write_text(out, buf.getvalue())
