@@ -25,6 +25,8 @@ _COMMAND_MODULES = [
     "extract",  # extract (batch feature extraction)
     "engine",  # build-engine (TensorRT engines ahead of time)
     "serve",  # serve (HTTP: FastAPI + uvicorn, or Ray Serve)
+    "classify",  # classify, eval (a bundle's classifier)
+    "triton",  # triton (a Triton Inference Server model repository)
 ]
 
 

@@ -160,3 +160,41 @@ def encoder_only_bundle(tmp_path_factory, tiny_bundle) -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+def tiny_classifier(num_classes: int = 5, in_chans: int = 3, seed: int = 0, global_pool: bool = False):
+    """A mae_vit_test ViT classifier (random init, norms/biases/head perturbed so tests see them)."""
+    import torch
+
+    from training.model import VisionTransformer, get_config
+
+    torch.manual_seed(seed)
+    model = VisionTransformer(get_config("mae_vit_test", in_chans=in_chans), num_classes=num_classes,
+                              global_pool=global_pool).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname or pname.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+        model.head.weight.normal_(0.0, 0.5)
+    return model
+
+
+def export_classifier_bundle(dst: Path, model=None, labels=None, precisions: str = "fp32,int8") -> Path:
+    """A classifier bundle (encoder + classifier graphs, reference weights) through the real export.
+
+    The parity grid is skipped: a 32-wide model quantises too coarsely for export's int8 thresholds, and the
+    tests that use these bundles compare the runtimes with PyTorch themselves.
+    """
+    from export.bundle_writer import export_bundle
+
+    model = model if model is not None else tiny_classifier()
+    export_bundle(model, dst, precisions=precisions, reference_weights=True, labels=labels, progress=None,
+                  verify=False)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def classifier_bundle(tmp_path_factory) -> Path:
+    """mae_vit_test classifier, 5 classes named cat/dog/bird/fish/frog, fp32 + int8, reference weights."""
+    labels = ["cat", "dog", "bird", "fish", "frog"]
+    return _cached(tmp_path_factory, "mae_vit_test_cls", lambda d: export_classifier_bundle(d, labels=labels))
