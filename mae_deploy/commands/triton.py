@@ -53,6 +53,7 @@ def triton(bundle_dir, out_dir, kind, precision, max_batch_size, instances, pref
     or --out exists (pass --overwrite).
     """
     from mae_deploy.triton import write_repository
+    from mae_deploy.triton.repository import docker_command
 
     report = write_repository(
         bundle_dir, out_dir, kind=kind, precision=precision, max_batch_size=max_batch_size, instances=instances,
@@ -61,9 +62,7 @@ def triton(bundle_dir, out_dir, kind, precision, max_batch_size, instances, pref
         models=[m.strip() for m in models.split(",") if m.strip()] if models else None, overwrite=overwrite,
     )
     click.echo(str(report))
-    click.echo(f"serve it: docker run --rm -p 8000:8000 -p 8001:8001 -v {report.path.resolve()}:/models "
-               "nvcr.io/nvidia/tritonserver:<release>-py3 tritonserver --model-repository=/models  "
-               "(see README, 'Deploying on Triton')")
+    click.echo(f"serve it (README: 'Deploying on Triton'):\n  {docker_command(report.path, kind == 'gpu')}")
 
 
 COMMANDS = [triton]
