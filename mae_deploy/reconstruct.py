@@ -36,6 +36,16 @@ TITLE_HEIGHT = 28
 LABEL_HEIGHT = 20
 
 
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(seed: object, what: str = "seed") -> int:
+    """A mask seed is an integer from 0 to 2**63 - 1 (what numpy's generators take); else InputError."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise InputError(f"{what} must be an integer from 0 to {MAX_SEED}, got {seed!r}")
+    return int(seed)
+
+
 def _font(size: int) -> ImageFont.ImageFont:
     try:
         return ImageFont.load_default(size=size)
@@ -161,8 +171,9 @@ class Reconstructor:
         images = list(images)
         if not images:
             raise InputError("no images given")
-        if seed is None:
-            seed = int(np.random.SeedSequence().generate_state(1)[0])
+        seed = int(np.random.SeedSequence().generate_state(1)[0]) if seed is None else check_seed(seed)
+        if not 0.0 <= mask_ratio < 1.0:
+            raise InputError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         b = self.bundle
         ids_keep, ids_restore, mask = random_masking(1, b.num_patches, mask_ratio, rng=seed)
         fill = tuple(int(round(v * 255)) for v in self.preprocessor.mean.ravel())

@@ -580,12 +580,13 @@ def _check_header_shapes(
         expected.update({"decoder_embed.weight": (dd, d), "decoder_pos_embed": (1, n, dd),
                          "decoder_pred.weight": (p * p * c, dd)})
         depths["decoder_blocks"] = ("decoder_depth", cfg.decoder_depth)
-    problems = [f"{k} is {shapes[k] if k in shapes else 'missing'}, config.json implies {v}"
-                for k, v in expected.items() if shapes.get(k) != v]
+    problems = []
     for prefix, (field_name, want) in depths.items():
         have = len({k.split(".")[1] for k in shapes if k.startswith(prefix + ".")})
         if have != want:
             problems.append(f"{field_name} is {want} but the weights hold {have} blocks")
+    problems += [f"{k} is {shapes[k] if k in shapes else 'missing'}, config.json implies {v}"
+                 for k, v in expected.items() if shapes.get(k) != v]
     if problems:
         raise CheckpointError(f"{where} does not match the weights in model.safetensors: {'; '.join(problems[:4])}. "
                               "Re-convert the checkpoint (mae-deploy convert) rather than editing config.json")
@@ -687,6 +688,7 @@ def save_native(
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the result is an ordinary directory
     try:
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        os.chmod(tmp / "model.safetensors", 0o666 & ~umask)  # safetensors creates it 0600
         atomic_write_json(tmp / "config.json", meta)
         if dst.exists():
             old = dst.with_name(f".{dst.name}.old")

@@ -33,6 +33,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T2
 
 from mae_deploy.errors import InputError
+from mae_deploy.fileio import atomic_write, atomic_write_json
+from mae_deploy.names import IMAGE_EXTENSIONS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -183,23 +185,67 @@ class MixupCutmix:
 
 
 def _load_image(path: str, mode: str) -> Image.Image:
-    with open(path, "rb") as f:
-        return Image.open(f).convert(mode)
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert(mode)
+    except Exception as e:  # noqa: BLE001 - Pillow's decoders raise OSError, SyntaxError, zlib.error ...
+        raise InputError(f"cannot decode image {path} ({e}); remove or replace it and --resume auto") from None
 
 
-def image_folder(root: str | os.PathLike, transform: Callable | None, in_chans: int = 3) -> datasets.ImageFolder:
-    """An ImageFolder whose images are loaded as RGB (3 channels) or L (1 channel)."""
+class ImageHeaderCheck:
+    """``is_valid_file`` for ImageFolder: an image extension and a header Pillow identifies (read without
+    decoding the pixels, so the scan costs one small read per file). Files that fail are kept in
+    ``rejected`` as (path, reason), so a run skips and reports them instead of stopping mid-epoch."""
+
+    def __init__(self) -> None:
+        self.rejected: list[tuple[str, str]] = []
+
+    def __call__(self, path: str) -> bool:
+        if Path(path).suffix.lower() not in IMAGE_EXTENSIONS:
+            return False
+        try:
+            with Image.open(path) as im:
+                im.size  # noqa: B018 - the header is parsed by open; size proves it gave dimensions
+        except Exception as e:  # noqa: BLE001 - as in _load_image: any failure to parse the header
+            self.rejected.append((path, str(e).splitlines()[0] if str(e) else type(e).__name__))
+            return False
+        return True
+
+
+def _listing(rejected: list[tuple[str, str]], n: int = 5) -> str:
+    more = f" ... and {len(rejected) - n} more" if len(rejected) > n else ""
+    return "; ".join(f"{p} ({why})" for p, why in rejected[:n]) + more
+
+
+def image_folder(
+    root: str | os.PathLike, transform: Callable | None, in_chans: int = 3, log: Callable[[str], None] | None = print
+) -> datasets.ImageFolder:
+    """An ImageFolder whose images are loaded as RGB (3 channels) or L (1 channel).
+
+    Files that are not decodable images are skipped and counted (``log`` names the first ones; the dataset's
+    ``skipped`` attribute lists them all); a folder with none left is an InputError naming them.
+    """
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"data directory {root} does not exist; expected <root>/<class>/<image> folders "
                          "(write the built-in digits with `mae-deploy data digits DIR`)")
     if in_chans not in (1, 3):
         raise InputError(f"--in_chans {in_chans}: image folders hold 1-channel (L) or 3-channel (RGB) images")
+    check = ImageHeaderCheck()
     try:
-        ds = datasets.ImageFolder(str(root), transform=transform, loader=partial(_load_image, mode="RGB" if
-                                                                                     in_chans == 3 else "L"))
+        # allow_empty: a class folder whose files are all undecodable stays a class (its index is kept).
+        ds = datasets.ImageFolder(str(root), transform=transform, is_valid_file=check, allow_empty=True,
+                                  loader=partial(_load_image, mode="RGB" if in_chans == 3 else "L"))
     except (FileNotFoundError, OSError) as e:
         raise InputError(f"{root} is not an ImageFolder directory (<root>/<class>/<image>): {e}") from None
+    if len(ds) == 0:
+        unread = (f"; {len(check.rejected)} file(s) could not be read: {_listing(check.rejected)}"
+                  if check.rejected else f" (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise InputError(f"{root} holds no decodable image{unread}")
+    ds.skipped = check.rejected
+    if check.rejected and log is not None:
+        log(f"note: skipped {len(check.rejected)} file(s) in {root} that are not decodable images: "
+            f"{_listing(check.rejected)}")
     return ds
 
 
@@ -283,13 +329,9 @@ def write_digits_imagefolder(
         dst.parent.mkdir(parents=True, exist_ok=True)
         pixels = np.clip(np.rint(img * (255.0 / 16.0)), 0, 255).astype(np.uint8)
         im = Image.fromarray(pixels, mode="L").resize((size, size), Image.Resampling.BICUBIC)
-        tmp = dst.with_name(f".{dst.name}.tmp")
-        im.save(tmp, format="PNG")
-        os.replace(tmp, dst)
+        atomic_write(dst, partial(im.save, format="PNG"))
 
     record = {**settings, "root": str(root), "classes": [str(d) for d in range(10)], **counts,
               "source": "sklearn.datasets.load_digits (UCI optical recognition of handwritten digits)"}
-    tmp = marker.with_name(f".{marker.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, marker)
+    atomic_write_json(marker, record)
     return record

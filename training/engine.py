@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from mae_deploy.errors import InputError, MaeDeployError
+from mae_deploy.errors import DeviceUnavailable, InputError, MaeDeployError
+from mae_deploy.fileio import atomic_write
 from training.distributed import DistInfo, all_gather_objects, all_reduce_mean, all_reduce_sum
-from training.options import PRECISIONS
+from training.options import PRECISIONS, check_args
 
 
 class NonFiniteLossError(MaeDeployError):
@@ -60,6 +61,47 @@ def autocast(device: torch.device, precision: str):
 def make_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
     """A gradient scaler for fp16 (GPU only; unrun here); bf16 and fp32 need none."""
     return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks before a run starts
+# --------------------------------------------------------------------------------------------------
+
+
+def check_run_args(args) -> None:
+    """Everything a recipe can refuse before it loads data or builds a model: option ranges (exit 3,
+    options.check_args), the device (exit 7 when CUDA is asked for and missing), the --resume file,
+    and --input_size against the registry model's patch size when no checkpoint decides it."""
+    check_args(args)
+    check_device(args.device)
+    if args.resume and args.resume != "auto":
+        from training.checkpoints import check_checkpoint_file
+
+        check_checkpoint_file(args.resume, "--resume checkpoint")
+    if getattr(args, "finetune", ""):
+        return  # the checkpoint decides the architecture; build_classifier checks the size against it
+    from training.model import MODEL_CONFIGS
+
+    cfg = MODEL_CONFIGS[registry_name(args.model)]
+    if args.input_size % cfg.patch_size:
+        lower = max(cfg.patch_size, args.input_size // cfg.patch_size * cfg.patch_size)
+        raise InputError(f"--input_size {args.input_size} is not a multiple of {cfg.name}'s patch size "
+                         f"{cfg.patch_size}; use e.g. {lower}")
+    patches = (args.input_size // cfg.patch_size) ** 2
+    if hasattr(args, "mask_ratio") and int(patches * (1 - args.mask_ratio)) < 1:
+        raise InputError(f"--mask_ratio {args.mask_ratio:g} leaves no visible patch of {patches}; lower it")
+
+
+def check_device(name: str) -> None:
+    """DeviceUnavailable (exit 7) for a CUDA device this machine does not have; never a CPU fall-back."""
+    if name in ("auto", "cpu"):
+        return
+    device = torch.device(name)
+    if not torch.cuda.is_available():
+        build = "a CPU-only PyTorch build" if torch.version.cuda is None else "no CUDA device answers"
+        raise DeviceUnavailable(f"--device {name}: CUDA is not available here ({build}); use --device cpu")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceUnavailable(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,10 +195,7 @@ def save_training_checkpoint(
         "sampler": {"seed": int(getattr(args, "seed", 0)), "epoch": epoch},
         "extra": extra or {},
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda f: torch.save(state, f), durable=True)
 
 
 def resume_path(resume: str, output_dir: str | os.PathLike | None) -> Path | None:
@@ -180,10 +219,14 @@ def load_training_checkpoint(
     info: DistInfo,
 ) -> tuple[int, dict]:
     """Restore model, optimizer, scaler and this process's RNG state; returns (next epoch, extra)."""
+    from training.checkpoints import check_checkpoint_file
+
+    check_checkpoint_file(path, "training checkpoint")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise InputError(f"cannot read the training checkpoint {path}: {str(e).splitlines()[0]}") from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InputError(f"cannot read the training checkpoint {path}: {reason}; is it truncated?") from None
     if not isinstance(state, dict) or "model" not in state or "optimizer" not in state:
         raise InputError(f"{path} is not a training checkpoint (no model/optimizer state); to start from "
                          "pretrained weights use --finetune instead of --resume")
@@ -288,7 +331,7 @@ def train_one_epoch(
     bar = tqdm(total=steps, desc=desc or f"epoch {epoch}", unit="it", disable=None if info.is_main else True,
                leave=False, dynamic_ncols=True)
     t0 = time.perf_counter()
-    for it, (samples, targets) in enumerate(loader):
+    for it, (samples, targets) in enumerate(batches(loader)):
         if it % accum_iter == 0:
             lr = set_lr(epoch + it / steps)
         samples = samples.to(device, non_blocking=True)
@@ -335,13 +378,30 @@ def train_one_epoch(
     return {"train_loss": total / steps, "lr": lr, "epoch_time_s": time.perf_counter() - t0}
 
 
+def batches(loader):
+    """Iterate ``loader``; an InputError raised in a DataLoader worker (an image that cannot be decoded)
+    comes back with its own message, not wrapped in the worker's traceback."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except InputError as e:
+            msg = str(e)
+            if "Original Traceback" in msg:
+                msg = msg.rstrip().splitlines()[-1].split("InputError: ", 1)[-1]
+            raise InputError(msg) from None
+        yield batch
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, info: DistInfo, precision: str = "fp32") -> dict:
     """Top-1 / top-5 accuracy (%) and mean cross-entropy, exact over all processes."""
     model.eval()
     device = info.device
     correct1 = correct5 = loss_sum = count = 0.0
-    for samples, targets in loader:
+    for samples, targets in batches(loader):
         samples, targets = samples.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with autocast(device, precision):
             logits = model(samples)
@@ -458,3 +518,6 @@ def run_cli(main: Callable, parser, argv: list[str] | None) -> None:
     except MaeDeployError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("\ninterrupted (Ctrl-C); --resume auto continues from the last finished epoch", file=sys.stderr)
+        sys.exit(130)

@@ -33,6 +33,7 @@ def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> tor
 
 
 def main(args: argparse.Namespace) -> None:
+    engine.check_run_args(args)  # bad options fail here, before data, model or process group
     info = init_distributed(args.device)
     try:
         train(args, info)
@@ -127,7 +128,7 @@ def train(args: argparse.Namespace, info) -> None:
                 from training.checkpoints import save_native
 
                 engine.keep_checkpoint(last, "best")
-                save_native(model, out / "model-best", overwrite=True,
+                save_native(model, out / "model-best", overwrite=True, class_names=train_set.classes,
                             source={"format": "mae-deploy finetune", "epoch": epoch, "acc1": test["acc1"]})
         record = {"epoch": epoch, **stats, **{f"test_{k}": v for k, v in test.items()}, "best_acc1": extra["best_acc1"]}
         metrics.epoch(record)
@@ -138,7 +139,7 @@ def train(args: argparse.Namespace, info) -> None:
         from training.checkpoints import save_native
 
         source = {"format": "mae-deploy finetune", "finetune": args.finetune or None, "epochs": args.epochs}
-        save_native(model.cpu(), out / "model", source=source, overwrite=True)
+        save_native(model.cpu(), out / "model", source=source, overwrite=True, class_names=train_set.classes)
         say(f"done in {time.perf_counter() - t0:.1f}s; best top-1 {extra['best_acc1']:.2f}%; native classifier: "
             f"{out / 'model'} (best epoch: {out / 'model-best'})")
 

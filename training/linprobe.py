@@ -37,6 +37,7 @@ def fold_probe_head(model: VisionTransformer) -> VisionTransformer:
 
 
 def main(args: argparse.Namespace) -> None:
+    engine.check_run_args(args)  # bad options fail here, before data, model or process group
     info = init_distributed(args.device)
     try:
         train(args, info)
@@ -129,7 +130,8 @@ def train(args: argparse.Namespace, info) -> None:
 
         source = {"format": "mae-deploy linprobe", "finetune": args.finetune or None, "epochs": args.epochs,
                   "note": "linear probe; BatchNorm folded into head"}
-        save_native(fold_probe_head(model.cpu()), out / "model", source=source, overwrite=True)
+        save_native(fold_probe_head(model.cpu()), out / "model", source=source, overwrite=True,
+                    class_names=train_set.classes)
         say(f"done in {time.perf_counter() - t0:.1f}s; best top-1 {extra['best_acc1']:.2f}%; "
             f"native classifier: {out / 'model'}")
 

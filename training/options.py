@@ -200,3 +200,59 @@ def linprobe_parser() -> argparse.ArgumentParser:
                    help="accepted for compatibility: evaluation is always sharded exactly over processes")
     add_run_args(p)
     return p
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks every recipe shares, before anything is loaded (torch-free)
+# --------------------------------------------------------------------------------------------------
+
+# option -> (lowest, highest, lowest excluded, highest excluded); None = unbounded on that side.
+_RANGES = {
+    "batch_size": (1, None, False, False), "epochs": (1, None, False, False), "accum_iter": (1, None, False, False),
+    "input_size": (1, 8192, False, False), "warmup_epochs": (0, None, False, False),
+    "start_epoch": (0, None, False, False), "save_freq": (1, None, False, False),
+    "num_workers": (0, None, False, False), "mask_ratio": (0.0, 1.0, False, True),
+    "blr": (0.0, None, True, False), "lr": (0.0, None, True, False), "min_lr": (0.0, None, False, False),
+    "weight_decay": (0.0, None, False, False), "drop_path": (0.0, 1.0, False, True),
+    "layer_decay": (0.0, 1.0, True, False), "smoothing": (0.0, 1.0, False, True), "reprob": (0.0, 1.0, False, False),
+    "mixup": (0.0, None, False, False), "cutmix": (0.0, None, False, False), "mixup_prob": (0.0, 1.0, False, False),
+    "mixup_switch_prob": (0.0, 1.0, False, False), "clip_grad": (0.0, None, True, False),
+    "color_jitter": (0.0, None, False, False), "nb_classes": (1, None, False, False),
+}
+
+
+def _bound(lo, hi, lo_open: bool, hi_open: bool) -> str:
+    parts = []
+    if lo is not None:
+        parts.append(f"{'above' if lo_open else 'at least'} {lo:g}")
+    if hi is not None:
+        parts.append(f"{'below' if hi_open else 'at most'} {hi:g}")
+    return " and ".join(parts)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Range checks shared by pretrain, finetune and linprobe: an InputError (exit 3) naming the option
+    before any data or model is loaded. Only the options a parser has are checked; None means unset."""
+    import math
+
+    from mae_deploy.errors import InputError
+
+    for name, (lo, hi, lo_open, hi_open) in _RANGES.items():
+        v = getattr(args, name, None)
+        if v is None:
+            continue
+        bad = isinstance(v, float) and not math.isfinite(v)
+        bad = bad or (lo is not None and (v <= lo if lo_open else v < lo))
+        bad = bad or (hi is not None and (v >= hi if hi_open else v > hi))
+        if bad:
+            raise InputError(f"--{name} {v:g}: must be {_bound(lo, hi, lo_open, hi_open)}")
+    if getattr(args, "in_chans", 3) not in (1, 3):
+        raise InputError(f"--in_chans {args.in_chans}: image folders hold 1-channel (L) or 3-channel (RGB) images")
+    device = str(getattr(args, "device", "auto"))
+    kind, _, index = device.partition(":")
+    if device not in ("auto", "cpu", "cuda") and not (kind == "cuda" and index.isdigit()):
+        raise InputError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
+    if getattr(args, "output_dir", ""):
+        from mae_deploy.fileio import check_writable
+
+        check_writable(args.output_dir, what="--output_dir", directory=True)

@@ -57,6 +57,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
+    engine.check_run_args(args)  # bad options fail here, before data, model or process group
     info = init_distributed(args.device)
     try:
         train(args, info)
@@ -69,7 +70,7 @@ def train(args: argparse.Namespace, info) -> None:
 
     # Data: the official augmentation; the sampler's order depends only on (seed, epoch).
     dataset = data.image_folder(data.split_dir(args.data_path, "train"),
-                                data.pretrain_transform(args.input_size, args.in_chans), args.in_chans)
+                                data.pretrain_transform(args.input_size, args.in_chans), args.in_chans, log=say)
     sampler = train_sampler(dataset, info, args.seed)
     pin = args.pin_mem and device.type == "cuda"
     loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, drop_last=True,

@@ -17,7 +17,9 @@ _HINTS = [
 ]
 
 
-def _hint_options(f):
+def hint_options(f):
+    """--num-heads, --decoder-num-heads, --norm-pix-loss: what a checkpoint's weights cannot tell (convert,
+    info, export)."""
     for opt in reversed(_HINTS):
         f = opt(f)
     return f
@@ -35,13 +37,14 @@ def _describe(ckpt) -> dict:
         "head": {"num_classes": ckpt.num_classes, "global_pool": ckpt.global_pool} if ckpt.is_classifier else None,
         "parameters": {**counts, "total": sum(counts.values())},
         "notes": ckpt.notes,
+        "nonfinite_tensors": ckpt.nonfinite,
     }
 
 
 @click.command()
 @click.argument("src", type=click.Path(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-@_hint_options
+@hint_options
 def info(src: str, as_json: bool, num_heads, decoder_num_heads, norm_pix_loss) -> None:
     """Describe a checkpoint: format, architecture, parts present, parameter counts.
 
@@ -55,7 +58,15 @@ def info(src: str, as_json: bool, num_heads, decoder_num_heads, norm_pix_loss) -
     d = _describe(ckpt)
     if as_json:
         click.echo(json.dumps(d, indent=2))
-        return
+    else:
+        _print_description(src, d)
+    if ckpt.nonfinite:  # described above, then exit 3: a script checking files must notice
+        from mae_deploy.errors import CheckpointError
+
+        raise CheckpointError(ckpt.nonfinite_message())
+
+
+def _print_description(src: str, d: dict) -> None:
     a = d["architecture"]
     click.echo(f"{src}")
     click.echo(f"  format        {d['format']}")
@@ -80,7 +91,7 @@ def info(src: str, as_json: bool, num_heads, decoder_num_heads, norm_pix_loss) -
 @click.argument("src", type=click.Path(exists=True))
 @click.argument("dst", type=click.Path())
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
-@_hint_options
+@hint_options
 def convert(src: str, dst: str, overwrite: bool, num_heads, decoder_num_heads, norm_pix_loss) -> None:
     """Convert SRC (official .pth, Hugging Face ViTMAE dir, timm state dict) to a native checkpoint DST.
 

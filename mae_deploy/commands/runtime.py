@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 
-from mae_deploy.runners import BACKENDS
-
-_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+from mae_deploy.names import BACKENDS, IMAGE_EXTENSIONS
 
 
 def _expand(paths: tuple[Path, ...]) -> list[Path]:
@@ -17,7 +14,7 @@ def _expand(paths: tuple[Path, ...]) -> list[Path]:
     out: list[Path] = []
     for p in paths:
         if p.is_dir():
-            out += sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in _IMAGE_SUFFIXES)
+            out += sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
         else:
             out.append(p)
     return out
@@ -35,12 +32,9 @@ def _output_names(paths: list[Path]) -> list[str]:
 
 
 def _save_png_atomic(image, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from mae_deploy.fileio import atomic_write
+
+    atomic_write(dst, lambda f: image.save(f, format="PNG"))
 
 
 def _runner_opts(backend: str, threads: int | None, checkpoint: str | None) -> dict:
@@ -60,7 +54,7 @@ def _runner_opts(backend: str, threads: int | None, checkpoint: str | None) -> d
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--bundle", "-b", "bundle_path", required=True, type=click.Path(path_type=Path),
               help="Bundle directory (from `mae-deploy export`); it needs a decoder.")
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path),  # checked by check_writable: exit 3
               help="Directory for the PNG grids (created if missing; existing files are replaced).")
 @click.option("--mask-ratio", default=0.75, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help="Fraction of patches removed before encoding.")
@@ -92,8 +86,11 @@ def reconstruct(images, bundle_path, out, mask_ratio, seed, backend, device, pre
 
     from mae_deploy.bundle import Bundle
     from mae_deploy.errors import InputError, PartialFailure
-    from mae_deploy.reconstruct import Reconstructor
+    from mae_deploy.fileio import check_writable
+    from mae_deploy.reconstruct import Reconstructor, check_seed
 
+    check_seed(seed, "--seed")
+    check_writable(out, what="--out", directory=True)  # before any work: a path under a file, /proc, read-only
     paths = _expand(images)
     if not paths:
         raise InputError(f"no image files in {', '.join(map(str, images))}")
