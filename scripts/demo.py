@@ -7,9 +7,12 @@
 3. linprobe    the official linear probe (frozen encoder, BatchNorm + linear, LARS) on the pretrained
                encoder and, with the same recipe, on the same encoder at random init (mae-deploy linprobe)
 4. export      ONNX bundle verified against PyTorch                         (mae-deploy export)
+   classifier  the linear-probe classifier exported (fp32 + int8) and scored on the labelled val split;
+               int8 top-1 within 0.5 points of fp32 or the demo stops   (mae-deploy export, eval)
 5. reconstruct masked digits reconstructed to PNG                           (mae-deploy reconstruct)
 6. extract     features of every image                                      (mae-deploy extract)
 7. bench       latency per backend, batch size and visible tokens           (mae-deploy bench)
+8. serve       the bundle behind HTTP: a few requests, then SIGTERM         (mae-deploy serve)
 
 Every stage runs the public command line. A stage whose command this installation lacks is skipped and
 the summary says so. Finished stages are reused when the demo runs again (an interrupted pretraining
@@ -148,6 +151,23 @@ def main() -> None:
 
     exported = demo.stage("export", "export", export, [bundle / "mae.json"])
 
+    # 4b. The linear-probe classifier as a deployable graph, scored per precision on the labelled val split.
+    cls_bundle, eval_json = out / "classifier_bundle", out / "eval.json"
+
+    def export_classifier() -> dict:
+        mae_deploy("export", str(probe["pretrained"] / "model"), "--out", str(cls_bundle), "--precision",
+                   "fp32,int8", "--reference-weights", "--overwrite")
+        return {"graphs": [g["file"] for g in json.loads((cls_bundle / "mae.json").read_text())["graphs"]]}
+
+    def evaluate() -> dict:
+        mae_deploy("eval", str(cls_bundle), str(digits / "val"), "--precisions", "fp32,int8", "--out", str(eval_json),
+                   "--plot", str(out / "eval_confusion.png"), "--max-top1-drop", "0.5", "--no-progress")
+        doc = json.loads(eval_json.read_text())
+        return {"images": doc["images"], "rows": [{k: r[k] for k in ("name", "top1", "top5")} for r in doc["results"]]}
+
+    if demo.stage("export_classifier", "eval", export_classifier, [cls_bundle / "mae.json"]):
+        demo.stage("eval", "eval", evaluate, [eval_json])
+
     # 5-7 need the bundle.
     if exported:
         recon = out / "reconstructions"
@@ -184,12 +204,70 @@ def main() -> None:
                              | {"p50_ms": (r.get("latency_ms") or {}).get("p50")} for r in rows]}
 
         demo.stage("bench", "bench", bench, [bench_dir / "results.json"])
+
+        samples = [sorted((digits / "val" / str(d)).glob("*.png"))[0] for d in range(3)]
+        demo.stage("serve", "serve", lambda: serve_demo(bundle, samples, out / "serve"), [out / "serve"])
     else:
-        for name in ("reconstruct", "extract", "bench"):
+        for name in ("reconstruct", "extract", "bench", "serve"):
             demo.state[name] = {"status": "skipped", "reason": "no bundle (export did not run)", "seconds": 0.0}
 
     write_json(demo.state_path, demo.state)
     summarize(demo, out, time.perf_counter() - t_start)
+
+
+def serve_demo(bundle: Path, images: list[Path], out: Path) -> dict:
+    """Start `mae-deploy serve` on a free port, send a few requests, print the answers, stop it (SIGTERM)."""
+    import signal
+    import socket
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"\n$ mae-deploy serve {bundle} --port {port}", flush=True)
+    proc = subprocess.Popen([sys.executable, "-m", "mae_deploy.cli", "serve", str(bundle), "--port", str(port)],
+                            cwd=ROOT, stderr=open(out / "server.log", "w"))  # noqa: SIM115 (the child owns it)
+
+    def call(path: str, data: bytes | None = None, ctype: str = "image/png") -> tuple[int, bytes]:
+        req = urllib.request.Request(url + path, data=data, headers={"Content-Type": ctype} if data else {})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    try:
+        for _ in range(600):  # up to 60 s for the model to load
+            try:
+                if call("/readyz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.1)
+        status, body = call("/readyz")
+        print(f"GET /readyz -> {status} {body.decode()}")
+        answered = 1
+        for img in images:
+            status, body = call("/v1/features?pool=cls", img.read_bytes())
+            doc = json.loads(body)
+            emb = doc["data"][0]["embedding"]
+            print(f"POST /v1/features {img.name} -> {status}: dim {doc['dim']}, first values "
+                  f"{', '.join(f'{v:+.3f}' for v in emb[:4])} ...")
+            answered += 1
+        status, png = call("/v1/reconstruct?mask_ratio=0.75&seed=0", images[0].read_bytes())
+        (out / "reconstruct.png").write_bytes(png)
+        print(f"POST /v1/reconstruct -> {status}: {len(png)} bytes of PNG -> {out / 'reconstruct.png'}")
+        status, body = call("/v1/features", b"not an image")
+        print(f"POST /v1/features (not an image) -> {status} {body.decode()}")
+        answered += 2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    print(f"SIGTERM -> the server drained and exited {code}")
+    return {"requests": answered, "exit_code": code}
 
 
 def summarize(demo: Demo, out: Path, elapsed: float) -> None:
@@ -214,6 +292,11 @@ def summarize(demo: Demo, out: Path, elapsed: float) -> None:
     if e.get("status") == "ran":
         diff = f", max |diff| vs PyTorch {e['max_abs_diff']:.1e}" if e.get("max_abs_diff") is not None else ""
         lines.append(f"export      {', '.join(e['graphs'])}{diff}   {out / 'bundle'}")
+    ev = s.get("eval", {})
+    if ev.get("status") == "ran":
+        lines.append(f"eval        linear-probe classifier on {ev['images']} val digits   {out / 'eval.json'}")
+        lines += [f"            {row['name']:<11} top-1 {row['top1']:6.2f} %  top-5 {row['top5']:6.2f} %"
+                  for row in ev["rows"]]
     r = s.get("reconstruct", {})
     if r.get("status") == "ran":
         lines.append(f"reconstruct {r['images']} digits, 75% of patches masked   {out / 'reconstructions'}")
@@ -228,6 +311,10 @@ def summarize(demo: Demo, out: Path, elapsed: float) -> None:
             if row.get("p50_ms") is not None and row["backend"] == "ort":
                 lines.append(f"            {row['part']:<12} batch {row['batch']:<3} visible {row['visible']:<3} "
                              f"p50 {row['p50_ms']:7.2f} ms  {row.get('throughput_ips') or 0:8.0f} images/s")
+    sv = s.get("serve", {})
+    if sv.get("status") == "ran":
+        lines.append(f"serve       {sv['requests']} HTTP requests answered; SIGTERM -> exit {sv['exit_code']}   "
+                     f"{out / 'serve'}")
     lines.append(f"\ntotal {elapsed:.0f}s this run; state in {out / STATE}")
     print("\n".join(lines))
     write_json(out / "summary.json", {"elapsed_s": elapsed, "stages": s})

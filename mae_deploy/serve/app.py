@@ -91,8 +91,13 @@ def _route_label(scope) -> str:
 
 
 def create_app(service: ModelService, replica: str | None = None,
-               on_load_failed: Callable[[BaseException], None] | None = None):
-    """The app for ``service``; ``replica`` names this process in the X-Replica header of every response."""
+               on_load_failed: Callable[[BaseException], None] | None = None,
+               request_id: Callable[[], str | None] | None = None):
+    """The app for ``service``; ``replica`` names this process in the X-Replica header of every response.
+
+    ``request_id``: where a front proxy already assigns request ids and returns them in X-Request-ID (Ray
+    Serve), a function giving the current one; the app then logs it and does not add the header twice.
+    """
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -148,7 +153,7 @@ def create_app(service: ModelService, replica: str | None = None,
         """Request id, API key, X-Replica, metrics and one log line per request."""
         start = time.monotonic()
         given = request.headers.get(REQUEST_ID, "")
-        rid = given if _CLIENT_ID.match(given) else uuid.uuid4().hex
+        rid = (request_id() if request_id else None) or (given if _CLIENT_ID.match(given) else uuid.uuid4().hex)
         token = request_id_var.set(rid)
         request.state.start = start
         request.state.request_id = rid
@@ -167,7 +172,8 @@ def create_app(service: ModelService, replica: str | None = None,
                     log.exception("internal error on %s", request.url.path)
                     response = error_response(ApiError(500, "internal", f"internal error: {type(e).__name__}"),
                                               request.url.path)
-            response.headers[REQUEST_ID] = rid
+            if request_id is None:
+                response.headers[REQUEST_ID] = rid
             response.headers[REPLICA] = replica
             seconds = time.monotonic() - start
             endpoint = _route_label(request.scope)

@@ -59,7 +59,7 @@ def images_from_json(body: bytes, limit: int) -> list[bytes]:
 
 
 class _Upload(io.BytesIO):
-    """Request bytes that name themselves in the Preprocessor's messages ("uploaded image 2", not a repr)."""
+    """Request bytes that name themselves in the Preprocessor's messages ("(request image 2)", not a repr)."""
 
     def __init__(self, data: bytes, name: str) -> None:
         super().__init__(data)
@@ -86,6 +86,6 @@ def preprocess(blobs: list[bytes], preprocessor: Preprocessor):
 
     arrays = []
     for i, data in enumerate(blobs):
-        source = "the uploaded image" if len(blobs) == 1 else f"uploaded image {i}"
+        source = "(request body)" if len(blobs) == 1 else f"(request image {i})"
         arrays.append(preprocessor.normalize(preprocessor.resize_crop(decode_image(data, preprocessor, source))))
     return np.stack(arrays).astype(np.float32, copy=False)

@@ -28,6 +28,16 @@ def _replica_name() -> str:
     return str(getattr(rid, "unique_id", None) or rid or getattr(ctx, "replica_tag", "replica"))
 
 
+def _ray_request_id() -> str | None:
+    """The id Ray Serve's proxy gave this request (it returns it in X-Request-ID itself)."""
+    try:
+        from ray.serve.context import _get_serve_request_context  # no public accessor in Ray 2.x
+
+        return _get_serve_request_context().request_id or None
+    except (ImportError, AttributeError):
+        return None
+
+
 class MaeReplica:
     """One Ray Serve replica: loads the model in its constructor; Ray builds the app afterwards."""
 
@@ -41,7 +51,7 @@ class MaeReplica:
     def __serve_build_asgi_app__(self):
         from mae_deploy.serve.app import create_app
 
-        return create_app(self.service, replica=self.name)
+        return create_app(self.service, replica=self.name, request_id=_ray_request_id)
 
 
 def build_deployment(config: ServeConfig, replicas: int = 1, gpus_per_replica: float = 0.0,

@@ -195,7 +195,7 @@ class ModelService:
     def _reconstruct(self, blob: bytes, mask_ratio: float, seed: int, fmt: str, deadline: float) -> tuple[bytes, str]:
         from mae_deploy.reconstruct import Reconstructor
 
-        image = decode_image(blob, self.preprocessor, "the uploaded image")
+        image = decode_image(blob, self.preprocessor, "(request body)")
         proxy = BatchedRunner(self.runner, self.batcher, deadline)
         with Reconstructor(self.bundle, runner=proxy, preprocessor=self.preprocessor, batch_size=1) as rec:
             result = rec.reconstruct([image], mask_ratio=mask_ratio, seed=seed)[0]
