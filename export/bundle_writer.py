@@ -1,15 +1,23 @@
 """Checkpoint -> bundle: export, verify, variants, mae.json; written atomically.
 
-Everything is built in a hidden temporary directory next to the destination and renamed into place only
+Everything is built in a hidden staging directory next to the destination and renamed into place only
 after every graph passed verification, so a failed export leaves nothing behind and an existing bundle
-is replaced (``overwrite=True``) only by a complete one.
+is replaced (``overwrite=True``) only by a complete one; export/staging.py locks the destination and
+removes what a killed export left.
+
+Memory: the stages run one after another and each frees what it held before the next starts. The
+PyTorch model lives only while the fp32 graphs are exported and PyTorch's reference outputs computed;
+then it is dropped, and every graph is verified and converted one at a time (one ONNX Runtime session,
+one variant in memory). Large graphs keep their weights in a side ``.onnx.data`` file, which is what the
+converters and sessions read. benchmarks/bench_export_memory.py measures the peak (ViT-H/14: RESULTS.md).
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,74 +27,42 @@ from pathlib import Path
 import onnx
 import torch
 
+from export import staging
+from export.calibration import CalibrationSet, load_calibration, part_feeds
+from export.labels import resolve_class_names
 from export.onnx_export import DEFAULT_OPSET, check_graph_file, export_graph, external_data_files
 from export.precision import VARIANT_PRECISIONS, make_variant, variant_filename
-from export.verify import reference_cases, skipped_report, verify_fp32, verify_variant
+from export.report import ExportReport
+from export.verify import classifier_cases, reference_cases, skipped_report, verify_fp32, verify_variant
 from export.wrappers import resize_model
 from mae_deploy import __version__
 from mae_deploy.bundle import DEFAULT_PREPROCESSING, MANIFEST_NAME, Bundle, sha256_file, write_manifest
-from mae_deploy.errors import InputError, MaeDeployError
+from mae_deploy.errors import CheckpointError, InputError, MaeDeployError
+from mae_deploy.names import CLASSIFIER, INT8_QDQ
 from training.model import MaskedAutoencoderViT, VisionTransformer
 
 Model = MaskedAutoencoderViT | VisionTransformer
 ALL_PRECISIONS = ("fp32", *VARIANT_PRECISIONS)
-ALL_PARTS = ("encoder", "decoder")
+ALL_PARTS = ("encoder", "decoder", CLASSIFIER)
+# How each quantised precision was made (mae.json "quantization"; runners pick int8 graphs by it).
+QUANTIZATION = {
+    "int8": {"method": "dynamic", "format": "integer-ops", "weights": "int8 symmetric per-channel",
+             "activations": "uint8 per-tensor, ranges computed per call"},
+    INT8_QDQ: {"method": "static", "format": "qdq", "weights": "int8 symmetric per-channel",
+               "activations": "int8 symmetric per-tensor, calibrated"},
+}
+
+__all__ = ["ExportReport", "export_bundle", "default_preprocessing"]
 
 
-@dataclass
-class ExportReport:
-    """What :func:`export_bundle` wrote and measured."""
-
-    bundle: Path
-    manifest: dict
-    files: dict[str, int]  # path relative to the bundle -> bytes (mae.json included)
-    elapsed_s: float
-    notes: list[str] = field(default_factory=list)
-
-    def parity_rows(self) -> list[dict]:
-        """One row per graph: file, precision, the measured value against its threshold, pass/fail."""
-        rows = []
-        for g in self.manifest["graphs"]:
-            p = g.get("parity") or {}
-            row = {"file": g["file"], "part": g["part"], "precision": g["precision"], "cases": len(p.get("cases", []))}
-            if p.get("skipped"):
-                row.update(metric="skipped", value=None, threshold="", result="not verified")
-            elif "min_feature_cosine" in p:
-                row.update(metric="feature cosine", value=p["min_feature_cosine"],
-                           threshold=f">= {p['threshold']['min_feature_cosine']}")
-            elif "max_recon_rel_err" in p:
-                row.update(metric="recon rel err", value=p["max_recon_rel_err"],
-                           threshold=f"<= {p['threshold']['max_recon_rel_err']}")
-            else:
-                row.update(metric="max |diff|", value=p.get("max_abs_diff"),
-                           threshold=f"<= {p.get('threshold', {}).get('max_abs_diff')}")
-            row["max_abs_diff"] = p.get("max_abs_diff")
-            row.setdefault("result", "ok" if p.get("passed") else "FAILED")
-            rows.append(row)
-        return rows
-
-    def format_parity(self) -> str:
-        head = f"{'graph':<22} {'prec':<5} {'cases':>5}  {'max |diff|':>10}  {'metric':<15} {'value':>10}  threshold"
-        lines = [head, "-" * len(head)]
-        for r in self.parity_rows():
-            diff = f"{r['max_abs_diff']:.2e}" if r["max_abs_diff"] is not None else "-"
-            if r["value"] is None:
-                val = "-"
-            else:
-                val = f"{r['value']:.2e}" if r["metric"] == "max |diff|" else f"{r['value']:.6f}"
-            lines.append(f"{r['file']:<22} {r['precision']:<5} {r['cases']:>5}  {diff:>10}  {r['metric']:<15} "
-                         f"{val:>10}  {r['threshold']:<10} {r['result']}")
-        return "\n".join(lines)
-
-    def format_cases(self) -> str:
-        """max |diff| of every output per (batch, visible) case, one line per graph."""
-        lines = []
-        for g in self.manifest["graphs"]:
-            cases = (g.get("parity") or {}).get("cases") or []
-            if cases:
-                cells = "  ".join(f"b{c['batch']}/v{c['visible']} {c['max_abs_diff']:.1e}" for c in cases)
-                lines.append(f"{g['file']}: {cells}")
-        return "\n".join(lines)
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS, so the next stage's peak does not stack
+    on this one's (glibc keeps freed small-block arenas otherwise)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def default_preprocessing(image_size: int, in_chans: int) -> dict:
@@ -126,11 +102,11 @@ def _tensor_specs(values) -> list[dict]:
     return specs
 
 
-def _graph_entry(bundle_dir: Path, part: str, precision: str, parity: dict) -> dict:
+def _graph_entry(bundle_dir: Path, part: str, precision: str, parity: dict, calibration: dict | None) -> dict:
     rel = variant_filename(part, precision)
     proto = onnx.load(str(bundle_dir / rel), load_external_data=False)
     inits = {t.name for t in proto.graph.initializer}
-    return {
+    entry = {
         "part": part,
         "precision": precision,
         "file": rel,
@@ -139,6 +115,11 @@ def _graph_entry(bundle_dir: Path, part: str, precision: str, parity: dict) -> d
         "outputs": _tensor_specs(proto.graph.output),
         "parity": parity,
     }
+    if precision in QUANTIZATION:
+        entry["quantization"] = dict(QUANTIZATION[precision])
+        if precision == INT8_QDQ and calibration:
+            entry["quantization"]["calibration"] = calibration
+    return entry
 
 
 def _check_destination(out: Path, overwrite: bool, source: Path | None) -> None:
@@ -163,51 +144,72 @@ def _check_destination(out: Path, overwrite: bool, source: Path | None) -> None:
         raise InputError(f"cannot write to {out.parent} (permission denied); choose another --out")
 
 
-def _publish_permissions(root: Path) -> None:
-    """mkdtemp makes 0700 directories; a bundle is meant to be shared, so apply the umask as for any file."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(root, 0o777 & ~umask)
-    for base, dirs, files in os.walk(root):
-        for d in dirs:
-            os.chmod(Path(base) / d, 0o777 & ~umask)
-        for f in files:
-            os.chmod(Path(base) / f, 0o666 & ~umask)
+@dataclass
+class _Loaded:
+    """The model and what the manifest records about where it came from."""
+
+    model: Model
+    source: dict
+    parts: list[str]  # available: encoder, decoder, classifier
+    notes: list[str] = field(default_factory=list)
+    class_names: list[str] | None = None
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished temp dir to ``out``; an existing bundle is swapped out, then deleted."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+def nonfinite_tensors(model: torch.nn.Module) -> list[str]:
+    """Names of the floating-point weights holding NaN or inf."""
+    return [k for k, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
-def _load(model_or_checkpoint_path: Model | str | os.PathLike) -> tuple[Model, dict, list[str], list[str]]:
-    """(model in eval mode, source block of mae.json, parts present, notes)."""
+def _check_finite(model: Model, where: str) -> None:
+    bad = nonfinite_tensors(model)
+    if bad:
+        shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+        raise CheckpointError(
+            f"{where} has NaN or inf weights in {len(bad)} tensor(s): {shown}. The checkpoint is broken (a "
+            "diverged training run or a damaged file): export an earlier checkpoint"
+        )
+
+
+def _load(model_or_checkpoint_path: Model | str | os.PathLike, hints: dict | None = None) -> _Loaded:
     if isinstance(model_or_checkpoint_path, torch.nn.Module):
         model = model_or_checkpoint_path.eval()
+        _check_finite(model, "the model")
         parts = ["encoder", "decoder"] if getattr(model, "has_decoder", False) else ["encoder"]
-        return model, {"checkpoint": None, "format": "in-memory", "sha256": None}, parts, []
+        if getattr(model, "num_classes", 0) > 0:
+            parts.append(CLASSIFIER)
+        return _Loaded(model, {"checkpoint": None, "format": "in-memory", "sha256": None}, parts)
     from training.checkpoints import load_model
 
     path = Path(model_or_checkpoint_path)
     if not path.exists():
         raise InputError(f"checkpoint {path} does not exist")
-    model, ckpt = load_model(path)
+    model, ckpt = load_model(path, **(hints or {}))  # hints: --num-heads etc., what weights cannot tell
+    _check_finite(model, f"checkpoint {path}")
     notes = list(ckpt.notes)
-    if ckpt.is_classifier:
-        notes.append(
-            "fine-tuned classifier checkpoint: the encoder graph returns the tokens"
-            + (" before fc_norm (global pool checkpoints have no final norm)" if ckpt.global_pool else "")
-            + "; the classification head is not exported"
-        )
+    if ckpt.is_classifier and ckpt.global_pool:
+        notes.append("fine-tuned classifier checkpoint: the encoder graph returns the tokens before fc_norm "
+                     "(global pool checkpoints have no final norm); classifier.onnx applies pool, fc_norm and head")
     source = {"checkpoint": str(path.resolve()), "format": ckpt.format, "sha256": _source_sha256(path)}
-    parts = [p for p in ckpt.parts if p in ALL_PARTS]
-    return model, source, parts, notes
+    parts = [CLASSIFIER if p == "head" else p for p in ckpt.parts]
+    return _Loaded(model, source, [p for p in ALL_PARTS if p in parts], notes,
+                   list(getattr(ckpt, "class_names", None) or []) or None)
+
+
+def _wanted_parts(parts: Sequence[str] | str | None, available: list[str]) -> list[str]:
+    if parts is None:
+        return list(available)
+    wanted = _normalise_choice(parts, ALL_PARTS, "part")
+    if "encoder" not in wanted:
+        raise InputError("a bundle needs the encoder: use --parts encoder (plus decoder or classifier)")
+    if "decoder" in wanted and "decoder" not in available:
+        raise InputError(
+            "this checkpoint has no decoder (encoder-only); export it with --parts encoder, or use a "
+            "*_full / mae_visualize_* checkpoint for reconstruction"
+        )
+    if CLASSIFIER in wanted and CLASSIFIER not in available:
+        raise InputError("this checkpoint has no classification head: --parts classifier needs a fine-tuned or "
+                         "linear-probe checkpoint (mae-deploy finetune / linprobe)")
+    return [p for p in ALL_PARTS if p in wanted]  # encoder first
 
 
 def _normalise_choice(values: Sequence[str] | str, allowed: Sequence[str], what: str) -> list[str]:
@@ -235,17 +237,29 @@ def export_bundle(
     external_data: bool | None = None,
     verify: bool = True,
     progress: Callable[[str], None] | None = print,
+    labels: str | os.PathLike | Sequence[str] | None = None,
+    calibration: str | os.PathLike | None = None,
+    calibration_count: int = 256,
+    checkpoint_hints: dict | None = None,
 ) -> ExportReport:
     """Export a checkpoint (any format ``training.checkpoints`` reads) or a model to a bundle directory.
 
-    - ``precisions``: fp32 is always written (it is the reference and the default graph); ``fp16`` and
-      ``int8`` add ``<part>.<precision>.onnx`` variants.
-    - ``parts``: None = every part the checkpoint has (encoder, and decoder when present).
+    - ``precisions``: fp32 is always written (it is the reference and the default graph); ``fp16``,
+      ``int8`` (dynamic) and ``int8-qdq`` (static Q/DQ, needs ``calibration``) add
+      ``<part>.<precision>.onnx`` variants.
+    - ``parts``: None = every part the checkpoint has (encoder; decoder when present; classifier when
+      it has a head).
+    - ``labels``: class names of a classifier (a file with one per line, or a list); overrides the names
+      the checkpoint records; neither gives ``class_0 ...``.
+    - ``calibration``: images (directory, glob or list file) for ``int8-qdq``; ``calibration_count`` of
+      them are used.
     - ``external_data``: None = weights in a side ``.onnx.data`` file only when above ~1.5 GB (ViT-H);
       True/False forces it.
     - ``verify``: False skips the parity grid (mae.json then records it as skipped); only for quick tests.
     - ``reference_weights``: also copy the (resized) model as a native checkpoint into ``reference/``, for
       the torch backend.
+    - ``checkpoint_hints``: ``num_heads``, ``decoder_num_heads``, ``norm_pix_loss`` for a checkpoint whose
+      weights cannot tell them (``load_checkpoint``'s hints; ``export --num-heads`` etc.).
     Raises InputError / CheckpointError for bad input and VerificationError (exit 5) when a graph disagrees
     with PyTorch; then nothing is written.
     """
@@ -254,23 +268,111 @@ def export_bundle(
     out = Path(out_dir)
     requested = set(_normalise_choice(precisions, ALL_PRECISIONS, "precision")) | {"fp32"}
     wanted_precisions = [p for p in ALL_PRECISIONS if p in requested]  # fp32 first: variants derive from it
+    if INT8_QDQ in requested and calibration is None:
+        raise InputError("--precision int8-qdq is calibrated on real images: pass --calibration DIR "
+                         "(a folder, glob or list file of images like those the model will see)")
     source_path = None if isinstance(model_or_checkpoint_path, torch.nn.Module) else Path(model_or_checkpoint_path)
     _check_destination(out, overwrite, source_path)
 
-    model, source, available, notes = _load(model_or_checkpoint_path)
-    if parts is None:
-        wanted_parts = [p for p in ALL_PARTS if p in available]
-    else:
-        wanted_parts = _normalise_choice(parts, ALL_PARTS, "part")
-        if "encoder" not in wanted_parts:
-            raise InputError("a bundle needs the encoder: use --parts encoder or --parts encoder,decoder")
-        if "decoder" in wanted_parts and "decoder" not in available:
-            raise InputError(
-                "this checkpoint has no decoder (encoder-only); export it with --parts encoder, or use a "
-                "*_full / mae_visualize_* checkpoint for reconstruction"
-            )
-        wanted_parts = [p for p in ALL_PARTS if p in wanted_parts]  # encoder first
+    with staging.ExportLock(out):
+        for stale in staging.clean_stale(out):
+            say(f"removed {stale.name}, left by an export that was killed")
+        return _export_locked(
+            model_or_checkpoint_path, out, image_size, opset, wanted_precisions, parts, reference_weights,
+            external_data, verify, progress, labels, calibration, calibration_count, checkpoint_hints, t0,
+        )
 
+
+@dataclass
+class _Plan:
+    """What one export writes, settled before the staging directory exists."""
+
+    parts: list[str]
+    precisions: list[str]
+    opset: int
+    external_data: bool | None
+    verify: bool
+    show_progress: bool
+    calibration: CalibrationSet | None = None
+    external: dict[str, bool] = field(default_factory=dict)  # part -> weights in a side file
+    class_names: list[str] | None = None
+
+
+def _torch_stage(model: Model, tmp: Path, plan: _Plan, reference_weights: bool, source: dict,
+                 say: Callable[[str], None]) -> dict[str, list]:
+    """Everything that needs the PyTorch model: the fp32 graphs, PyTorch's reference outputs (part ->
+    cases) and the optional reference weights."""
+    for part in plan.parts:
+        t = time.perf_counter()
+        g = export_graph(model, part, tmp / variant_filename(part, "fp32"), opset=plan.opset,
+                         external_data=plan.external_data)
+        plan.external[part] = bool(g.external_data)
+        say(f"  {g.path.name}: exported in {time.perf_counter() - t:.1f}s"
+            + (f" (weights in {', '.join(g.external_data)})" if g.external_data else ""))
+        release_memory()  # the exporter's program holds graph copies until collected
+    cases: dict[str, list] = {}
+    if plan.verify:
+        mae_parts = [p for p in plan.parts if p != CLASSIFIER]
+        shared = reference_cases(model, with_decoder="decoder" in mae_parts)
+        cases = {p: shared for p in mae_parts}
+        if CLASSIFIER in plan.parts:
+            cases[CLASSIFIER] = classifier_cases(model)
+    if reference_weights:
+        from training.checkpoints import save_native
+
+        save_native(model, tmp / "reference", parts=["head" if p == CLASSIFIER else p for p in plan.parts],
+                    source={"format": source["format"], "path": source["checkpoint"], "note": "bundle reference"},
+                    class_names=plan.class_names)
+        say("  reference/: native checkpoint for --backend torch")
+    return cases
+
+
+def _onnx_stage(tmp: Path, plan: _Plan, cases: dict[str, list], num_patches: int,
+                say: Callable[[str], None]) -> dict[tuple[str, str], dict]:
+    """Verify the fp32 graphs, then make and verify each variant, one graph in memory at a time."""
+    skipped = skipped_report("export ran with verification disabled")
+    parity: dict[tuple[str, str], dict] = {}
+    for part in plan.parts:
+        path = tmp / variant_filename(part, "fp32")
+        parity[(part, "fp32")] = (verify_fp32(path, part, cases[part], show_progress=plan.show_progress)
+                                  if plan.verify else skipped)
+        release_memory()
+    for precision in plan.precisions[1:]:
+        for part in plan.parts:
+            t = time.perf_counter()
+            dst = tmp / variant_filename(part, precision)
+            feeds = None
+            if precision == INT8_QDQ and plan.calibration is not None:
+                feeds = part_feeds(part, plan.calibration, num_patches, tmp / variant_filename("encoder", "fp32"))
+            make_variant(tmp / variant_filename(part, "fp32"), dst, precision, external_data=plan.external[part],
+                         feeds=feeds)
+            del feeds
+            release_memory()
+            check_graph_file(dst)
+            say(f"  {dst.name}: converted in {time.perf_counter() - t:.1f}s")
+            parity[(part, precision)] = (
+                verify_variant(dst, part, precision, cases[part], show_progress=plan.show_progress)
+                if plan.verify else skipped
+            )
+            release_memory()
+    return parity
+
+
+def _export_locked(model_or_checkpoint_path, out: Path, image_size, opset, wanted_precisions, parts,
+                   reference_weights, external_data, verify, progress, labels, calibration, calibration_count,
+                   checkpoint_hints, t0: float) -> ExportReport:
+    say = progress or (lambda _msg: None)
+    loaded = _load(model_or_checkpoint_path, checkpoint_hints)
+    model, notes = loaded.model, loaded.notes
+    plan = _Plan(_wanted_parts(parts, loaded.parts), wanted_precisions, opset, external_data, verify,
+                 progress is not None)
+    if labels is not None and CLASSIFIER not in plan.parts:
+        raise InputError("--labels names the classes of a classifier, but this export has no classifier graph "
+                         "(the checkpoint has no head)")
+    class_names = None
+    if CLASSIFIER in plan.parts:
+        class_names = resolve_class_names(model.num_classes, loaded.class_names, labels)
+        plan.class_names = class_names[0]
     original_size = model.config.img_size
     if image_size is not None and image_size != original_size:
         model = resize_model(model, image_size)
@@ -278,66 +380,44 @@ def export_bundle(
                      f"({original_size // model.config.patch_size}x grid) to {image_size}px "
                      f"({model.config.grid_size}x grid)")
     cfg = model.config
-    say(f"exporting {cfg.name} ({cfg.img_size}px, L={cfg.num_patches}, parts: {', '.join(wanted_parts)}, "
-        f"precisions: {', '.join(wanted_precisions)}) -> {out}")
+    preprocessing = default_preprocessing(cfg.img_size, cfg.in_chans)
+    if calibration is not None and INT8_QDQ in plan.precisions:
+        plan.calibration = load_calibration(calibration, preprocessing, cfg.in_chans, calibration_count)
+        say(f"calibration: {len(plan.calibration.pixel_values)} images from {calibration}"
+            + (f" ({len(plan.calibration.skipped)} unreadable, skipped)" if plan.calibration.skipped else ""))
+    say(f"exporting {cfg.name} ({cfg.img_size}px, L={cfg.num_patches}, parts: {', '.join(plan.parts)}, "
+        f"precisions: {', '.join(plan.precisions)}) -> {out}")
+    arch = {**cfg.to_dict(), "num_classes": getattr(model, "num_classes", 0),
+            "global_pool": bool(getattr(model, "global_pool", False))}
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    source = {**loaded.source, "img_size": original_size}
+    tmp = staging.staging_dir(out)
     try:
-        ext: dict[str, bool] = {}
-        for part in wanted_parts:
-            t = time.perf_counter()
-            dst = tmp / variant_filename(part, "fp32")
-            g = export_graph(model, part, dst, opset=opset, external_data=external_data)
-            ext[part] = bool(g.external_data)
-            say(f"  {g.path.name}: exported in {time.perf_counter() - t:.1f}s"
-                + (f" (weights in {', '.join(g.external_data)})" if g.external_data else ""))
-
-        parity: dict[tuple[str, str], dict] = {}
-        cases = reference_cases(model, with_decoder="decoder" in wanted_parts) if verify else []
-        for part in wanted_parts:
-            path = tmp / variant_filename(part, "fp32")
-            parity[(part, "fp32")] = (verify_fp32(path, part, cases, show_progress=progress is not None)
-                                      if verify else skipped_report("export ran with verification disabled"))
-        for precision in wanted_precisions[1:]:
-            for part in wanted_parts:
-                t = time.perf_counter()
-                dst = tmp / variant_filename(part, precision)
-                make_variant(tmp / variant_filename(part, "fp32"), dst, precision, external_data=ext[part])
-                check_graph_file(dst)
-                say(f"  {dst.name}: converted in {time.perf_counter() - t:.1f}s")
-                parity[(part, precision)] = (
-                    verify_variant(dst, part, precision, cases, show_progress=progress is not None)
-                    if verify else skipped_report("export ran with verification disabled")
-                )
-
-        if reference_weights:
-            from training.checkpoints import save_native
-
-            save_native(model, tmp / "reference", parts=wanted_parts,
-                        source={"format": source["format"], "path": source["checkpoint"], "note": "bundle reference"})
-            say("  reference/: native checkpoint for --backend torch")
-
-        arch = cfg.to_dict()
-        arch["num_classes"] = getattr(model, "num_classes", 0)
-        arch["global_pool"] = bool(getattr(model, "global_pool", False))
+        cases = _torch_stage(model, tmp, plan, reference_weights, source, say)
+        del model, loaded
+        release_memory()  # the PyTorch model is no longer needed: every later stage reads the ONNX files
+        parity = _onnx_stage(tmp, plan, cases, cfg.num_patches, say)
         manifest = {
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "architecture": arch,
-            "preprocessing": default_preprocessing(cfg.img_size, cfg.in_chans),
+            "preprocessing": preprocessing,
             "norm_pix_loss": cfg.norm_pix_loss,
             "opset": opset,
             "graphs": [
-                _graph_entry(tmp, part, precision, parity[(part, precision)])
-                for part in wanted_parts for precision in wanted_precisions
+                _graph_entry(tmp, part, precision, parity[(part, precision)],
+                             plan.calibration.describe() if plan.calibration else None)
+                for part in plan.parts for precision in plan.precisions
             ],
             "exporter": _versions(),
-            "source": {**source, "img_size": original_size},
+            "source": source,
             "notes": notes,
         }
+        if class_names is not None:
+            manifest["class_names"], manifest["class_names_source"] = class_names
         write_manifest(tmp, manifest)
         Bundle.load(tmp, verify=False)  # the reader accepts what we wrote
-        _publish_permissions(tmp)
-        _move_into_place(tmp, out)
+        staging.publish_permissions(tmp)
+        staging.move_into_place(tmp, out)
     except MaeDeployError:
         raise
     except OSError as e:

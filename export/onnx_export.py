@@ -1,4 +1,5 @@
-"""One graph (encoder or decoder) from PyTorch to an ONNX file with symbolic ``batch`` and ``visible`` dims.
+"""One graph (encoder, decoder or classifier) from PyTorch to an ONNX file with symbolic ``batch`` and
+``visible`` dims (the classifier sees every patch: ``batch`` only).
 
 Uses the dynamo exporter (``torch.onnx.export(..., dynamo=True)``) with ``torch.export.Dim`` objects, so
 the dims are real symbols: one encoder file serves visible = 1 ... L. The decoder's latent input is
@@ -21,8 +22,17 @@ import onnx
 import torch
 from torch.export import Dim
 
-from export.wrappers import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, graph_module
+from export.wrappers import graph_module
 from mae_deploy.errors import InputError, VerificationError
+from mae_deploy.names import (
+    CLASSIFIER,
+    CLASSIFIER_INPUTS,
+    CLASSIFIER_OUTPUTS,
+    DECODER_INPUTS,
+    DECODER_OUTPUTS,
+    ENCODER_INPUTS,
+    ENCODER_OUTPUTS,
+)
 from training.model import MaskedAutoencoderViT, VisionTransformer
 
 DEFAULT_OPSET = 20
@@ -57,6 +67,8 @@ def _example_inputs(model: MaskedAutoencoderViT | VisionTransformer, part: str) 
     k = max(3, L // 2) if L > 3 else L
     gen = torch.Generator().manual_seed(0)
     ids = torch.stack([torch.randperm(L, generator=gen) for _ in range(n)])
+    if part == CLASSIFIER:
+        return (torch.randn(n, cfg.in_chans, cfg.img_size, cfg.img_size, generator=gen),)
     if part == "encoder":
         x = torch.randn(n, cfg.in_chans, cfg.img_size, cfg.img_size, generator=gen)
         return x, ids[:, :k].contiguous()
@@ -68,12 +80,16 @@ def _dynamic_shapes(model: MaskedAutoencoderViT | VisionTransformer, part: str) 
     L = model.config.num_patches
     batch = Dim(BATCH, min=1)
     visible = Dim(VISIBLE, min=1, max=L)
+    if part == CLASSIFIER:
+        return {"pixel_values": {0: batch}}
     if part == "encoder":
         return {"pixel_values": {0: batch}, "ids_keep": {0: batch, 1: visible}}
     return {"latent": {0: batch, 1: visible + 1}, "ids_restore": {0: batch}}
 
 
 def _io_names(part: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    if part == CLASSIFIER:
+        return CLASSIFIER_INPUTS, CLASSIFIER_OUTPUTS
     return (ENCODER_INPUTS, ENCODER_OUTPUTS) if part == "encoder" else (DECODER_INPUTS, DECODER_OUTPUTS)
 
 
@@ -97,16 +113,16 @@ def rename_symbolic_dims(model, part: str) -> dict[str, str]:
 
     inputs = {v.name: v for v in model.graph.inputs}
     # Which exporter symbol stands for batch and visible, read off the inputs' positions.
-    first, second = _io_names(part)[0]
+    first = _io_names(part)[0][0]
     mapping: dict[str, str] = {}
     batch_dim = dims(inputs[first])[0]
     if isinstance(batch_dim, ir.SymbolicDim) and batch_dim.value:
         mapping[batch_dim.value] = BATCH
     if part == "encoder":
-        vis = dims(inputs[second])[1]
+        vis = dims(inputs[_io_names(part)[0][1]])[1]
         if isinstance(vis, ir.SymbolicDim) and vis.value:
             mapping[vis.value] = VISIBLE
-    else:
+    elif part != CLASSIFIER:
         expr = dims(inputs[first])[1]
         if isinstance(expr, ir.SymbolicDim) and expr.value:
             symbols = [s for s in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", expr.value) if s not in mapping]

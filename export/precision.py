@@ -8,10 +8,23 @@ uint8 activations quantised per call (no calibration data needed, which suits an
 attention MatMuls (q@k^T, attn@v) multiply two activations; they stay fp32 (ONNX Runtime 1.32 leaves them
 alone anyway; excluding them by name keeps it so across versions: softmax outputs span orders of magnitude
 and quantise badly). Weights are quantised per output channel: it guards layers with a few large rows
-(common in trained ViTs) and costs nothing measurable at run time. Measured on ViT-B/16 (random init,
-8 skimage photos, 2 threads): mean-pooled feature cosine 0.99996 per-channel and per-tensor alike, ~3x
-faster than PyTorch eager fp32 (benchmarks/RESULTS.md has the real run). The patch-embedding Conv stays
-fp32 (one layer, ~0.5 % of the FLOPs).
+(common in trained ViTs) and costs nothing measurable at run time. Weights use 7 bits (``reduce_range``):
+on x86 CPUs without VNNI, ONNX Runtime's uint8 x int8 kernel sums pairs of products in saturating int16
+(vpmaddubsw), which with full-range weights overflows — measured on an AVX-512 CPU without VNNI (ORT
+1.32, the test model): mean-pooled feature cosine 0.943 with 8-bit weights, 0.99989 with 7-bit. A bundle
+may be exported on one CPU and served on another, so the variant is made safe for both. Measured on
+ViT-B/16 (random init, 8 skimage photos, 2 threads): mean-pooled feature cosine 0.99996 per-channel and
+per-tensor alike, ~3x faster than PyTorch eager fp32 (benchmarks/RESULTS.md has the real run). The
+patch-embedding Conv stays fp32 (one layer, ~0.5 % of the FLOPs).
+
+int8-qdq — static quantisation in the explicit Q/DQ format
+(``onnxruntime.quantization.quantize_static``, ``QuantFormat.QDQ``): QuantizeLinear/DequantizeLinear pairs
+around the weight MatMuls/Gemms, the form TensorRT (which has no implicit int8 since 10.x's strongly typed
+networks, and none at all in 11) and OpenVINO build int8 kernels from. Activation ranges come from
+calibration images (min/max over export/calibration.py's feeds); activations are int8 symmetric per
+tensor and weights int8 symmetric per output channel (zero points 0: what TensorRT requires). Only MatMul
+and Gemm with a weight input are quantised: LayerNormalization, Softmax, GELU, the residual Adds and the
+two attention MatMuls (activation x activation) stay float, as does the patch-embedding Conv.
 
 fp16 — ``onnxruntime.transformers.float16.convert_float_to_float16`` (ships with onnxruntime, so no extra
 dependency) with ``keep_io_types`` (float32 inputs/outputs, casts inside) and LayerNormalization and
@@ -33,8 +46,9 @@ from pathlib import Path
 import onnx
 
 from mae_deploy.errors import InputError
+from mae_deploy.names import INT8_QDQ
 
-VARIANT_PRECISIONS = ("fp16", "int8")
+VARIANT_PRECISIONS = ("fp16", "int8", INT8_QDQ)
 FP16_KEEP_FP32_OPS = ("LayerNormalization", "Softmax")
 
 
@@ -96,9 +110,55 @@ def to_int8(src: str | os.PathLike, dst: str | os.PathLike, external_data: bool 
             op_types_to_quantize=["MatMul", "Gemm"],
             nodes_to_exclude=activation,
             per_channel=True,
-            reduce_range=False,
+            reduce_range=True,  # see the module docstring: int16 saturation on CPUs without VNNI
             weight_type=QuantType.QInt8,
             use_external_data_format=external_data,
+        )
+    finally:
+        root.setLevel(level)
+    return dst
+
+
+class _FeedReader:
+    """onnxruntime.quantization's CalibrationDataReader protocol over a list of input dicts."""
+
+    def __init__(self, feeds: list[dict]) -> None:
+        self._feeds = feeds
+        self._it = iter(feeds)
+
+    def get_next(self) -> dict | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = iter(self._feeds)
+
+
+def to_int8_qdq(src: str | os.PathLike, dst: str | os.PathLike, feeds: list[dict], external_data: bool = False) -> Path:
+    """Static Q/DQ int8 of the weight MatMuls of ``src``, calibrated on ``feeds`` (see the module docstring)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    src, dst = Path(src), Path(dst)
+    weight, activation = _weight_matmuls(onnx.load(str(src), load_external_data=False))
+    if not weight:
+        raise InputError(f"{src.name} has no MatMul with a weight input: nothing to quantise")
+    if not feeds:
+        raise InputError("static int8 needs calibration images: pass --calibration DIR")
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantiser logs a "consider pre-processing" hint on every call
+    try:
+        quantize_static(
+            src, dst, _FeedReader(feeds),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["MatMul", "Gemm"],
+            nodes_to_exclude=activation,
+            per_channel=True,
+            reduce_range=False,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            use_external_data_format=external_data,
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
         )
     finally:
         root.setLevel(level)
@@ -127,7 +187,11 @@ def to_fp16(src: str | os.PathLike, dst: str | os.PathLike, external_data: bool 
     return dst
 
 
-def make_variant(src: str | os.PathLike, dst: str | os.PathLike, precision: str, external_data: bool = False) -> Path:
+def make_variant(src: str | os.PathLike, dst: str | os.PathLike, precision: str, external_data: bool = False,
+                 feeds: list[dict] | None = None) -> Path:
+    """``dst``: the ``precision`` variant of the fp32 graph ``src``; ``feeds`` calibrate int8-qdq."""
+    if precision == INT8_QDQ:
+        return to_int8_qdq(src, dst, feeds or [], external_data)
     if precision == "int8":
         return to_int8(src, dst, external_data)
     if precision == "fp16":

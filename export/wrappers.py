@@ -1,7 +1,8 @@
-"""The two exported graphs as nn.Modules with explicit index inputs, and resizing a model before export.
+"""The exported graphs as nn.Modules, and resizing a model before export.
 
-The graphs take the host's mask as index arrays (``ids_keep``, ``ids_restore``) instead of a mask ratio,
-so they hold no random ops and one encoder file serves any number of visible tokens.
+The encoder and decoder take the host's mask as index arrays (``ids_keep``, ``ids_restore``) instead of a
+mask ratio, so they hold no random ops and one encoder file serves any number of visible tokens. The
+classifier sees every patch (as fine-tuning and linear probing evaluate) and returns logits.
 """
 
 from __future__ import annotations
@@ -13,13 +14,8 @@ import torch
 from torch import nn
 
 from mae_deploy.errors import InputError
+from mae_deploy.names import CLASSIFIER
 from training.model import MaskedAutoencoderViT, VisionTransformer, interpolate_pos_embed
-
-# Graph signatures (names are the bundle's contract, see docs/bundle-format.md).
-ENCODER_INPUTS = ("pixel_values", "ids_keep")
-ENCODER_OUTPUTS = ("latent",)
-DECODER_INPUTS = ("latent", "ids_restore")
-DECODER_OUTPUTS = ("pred",)
 
 
 class EncoderGraph(nn.Module):
@@ -46,13 +42,36 @@ class DecoderGraph(nn.Module):
         return self.model.forward_decoder(latent, ids_restore)
 
 
+class ClassifierGraph(nn.Module):
+    """pixel_values (N,C,H,W) float32 -> logits (N,num_classes) float32, every patch visible.
+
+    Global-pool checkpoints (official fine-tuning): mean of the patch tokens, fc_norm, head. Cls-token
+    checkpoints (our linear probe saves these, its BatchNorm folded into the head): the cls token after the
+    encoder norm, head.
+    """
+
+    def __init__(self, model: MaskedAutoencoderViT | VisionTransformer) -> None:
+        super().__init__()
+        if not isinstance(model, VisionTransformer) or model.num_classes <= 0:
+            raise InputError(
+                "this checkpoint has no classification head: the classifier graph needs a fine-tuned or "
+                "linear-probe checkpoint (mae-deploy finetune / linprobe)"
+            )
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values)
+
+
 def graph_module(model: MaskedAutoencoderViT | VisionTransformer, part: str) -> nn.Module:
-    """The wrapper for ``part`` ("encoder" or "decoder"), in eval mode."""
+    """The wrapper for ``part`` ("encoder", "decoder" or "classifier"), in eval mode."""
     if part == "encoder":
         return EncoderGraph(model).eval()
     if part == "decoder":
         return DecoderGraph(model).eval()
-    raise InputError(f"unknown part {part!r}; use encoder or decoder")
+    if part == CLASSIFIER:
+        return ClassifierGraph(model).eval()
+    raise InputError(f"unknown part {part!r}; use encoder, decoder or classifier")
 
 
 def resize_model(

@@ -22,6 +22,14 @@ ENCODER_INPUTS = ("pixel_values", "ids_keep")
 ENCODER_OUTPUTS = ("latent",)
 DECODER_INPUTS = ("latent", "ids_restore")
 DECODER_OUTPUTS = ("pred",)
+# The classifier graph (fine-tuned / linear-probe checkpoints): every patch visible, logits out.
+CLASSIFIER = "classifier"
+CLASSIFIER_INPUTS = ("pixel_values",)
+CLASSIFIER_OUTPUTS = ("logits",)
+# The statically calibrated Q/DQ int8 variant (explicit quantisation: what TensorRT and OpenVINO build int8
+# from). A graph precision, not a runtime --precision: runners asked for int8 pick it where it runs best.
+INT8_QDQ = "int8-qdq"
+GRAPH_PRECISIONS = (*PRECISIONS, INT8_QDQ)
 
 # Files a directory walk treats as images (a glob or a list file may name anything).
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from mae_deploy.commands.checkpoint import hint_options
+
 
 def _fmt_bytes(n: int) -> str:
     size = float(n)
@@ -22,9 +24,19 @@ def _fmt_bytes(n: int) -> str:
                    "differs from the checkpoint's. Must be a multiple of the patch size.")
 @click.option("--opset", type=int, default=20, show_default=True, help="ONNX opset (17 or newer).")
 @click.option("--precision", "precision", default="fp32", show_default=True,
-              help="Comma-separated: fp32 (always written), fp16 (GPU), int8 (CPU, dynamic quantisation).")
+              help="Comma-separated: fp32 (always written), fp16 (GPU), int8 (CPU, dynamic quantisation), "
+                   "int8-qdq (static Q/DQ for TensorRT / OpenVINO; needs --calibration).")
+@click.option("--calibration", type=click.Path(exists=True), default=None,
+              help="Images to calibrate int8-qdq on (directory, glob or list file), read through the bundle's "
+                   "preprocessing.")
+@click.option("--calibration-count", type=click.IntRange(min=1), default=256, show_default=True,
+              help="How many --calibration images to use (evenly spaced over the listing).")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Class names of a classifier checkpoint, one per line in class-index order; overrides the "
+                   "names the checkpoint records (none: class_0, class_1 ...).")
 @click.option("--parts", default=None,
-              help="Comma-separated: encoder, decoder. Default: every part the checkpoint has.")
+              help="Comma-separated: encoder, decoder, classifier. Default: every part the checkpoint has "
+                   "(classifier.onnx for fine-tuned and linear-probe checkpoints).")
 @click.option("--overwrite", is_flag=True, help="Replace BUNDLE if it exists (only a complete new one replaces it).")
 @click.option("--reference-weights", "--reference", "reference_weights", is_flag=True,
               help="Also store the weights as a native checkpoint in BUNDLE/reference/ (for --backend torch).")
@@ -32,9 +44,12 @@ def _fmt_bytes(n: int) -> str:
               help="Weights in a side .onnx.data file. Default: only when over ~1.5 GB (ViT-H).")
 @click.option("--skip-verify", is_flag=True, hidden=True,
               help="Skip the parity grid (mae.json records it as skipped). For quick tests only.")
-def export_cmd(checkpoint: str, out: str, image_size: int | None, opset: int, precision: str, parts: str | None,
-               overwrite: bool, reference_weights: bool, external_data: bool | None, skip_verify: bool) -> None:
-    """Export CHECKPOINT to a bundle: encoder.onnx (+ decoder.onnx) and mae.json.
+@hint_options
+def export_cmd(checkpoint: str, out: str, image_size: int | None, opset: int, precision: str,
+               calibration: str | None, calibration_count: int, labels: str | None, parts: str | None,
+               overwrite: bool, reference_weights: bool, external_data: bool | None, skip_verify: bool,
+               num_heads: int | None, decoder_num_heads: int | None, norm_pix_loss: bool | None) -> None:
+    """Export CHECKPOINT to a bundle: encoder.onnx (+ decoder.onnx, + classifier.onnx) and mae.json.
 
     CHECKPOINT is a native checkpoint, an official .pth, a Hugging Face ViTMAE directory or a timm
     state dict. The graphs take the mask as indices (ids_keep, ids_restore) with symbolic `batch` and
@@ -44,7 +59,8 @@ def export_cmd(checkpoint: str, out: str, image_size: int | None, opset: int, pr
     Every graph is checked against PyTorch for batch 1, 3 x visible 1, L/4, L/2, L:
       fp32          max |diff| <= 1e-4          (else exit 5 and nothing is written)
       fp16 / int8   encoder: mean-pooled feature cosine >= 0.999 / 0.99
-                    decoder: relative reconstruction error <= 0.01 / 0.1
+      (int8-qdq     decoder: relative reconstruction error <= 0.01 / 0.1
+       as int8)     classifier: logit cosine >= 0.999 / 0.99, top-1 agreement 100 % / 90 %
     The bundle is written atomically (temporary directory, then rename).
     """
     import time
@@ -55,7 +71,10 @@ def export_cmd(checkpoint: str, out: str, image_size: int | None, opset: int, pr
     report = export_bundle(
         checkpoint, out, image_size=image_size, opset=opset, precisions=precision, parts=parts,
         overwrite=overwrite, reference_weights=reference_weights, external_data=external_data,
-        verify=not skip_verify, progress=click.echo,
+        verify=not skip_verify, progress=click.echo, labels=labels, calibration=calibration,
+        calibration_count=calibration_count,
+        checkpoint_hints={"num_heads": num_heads, "decoder_num_heads": decoder_num_heads,
+                          "norm_pix_loss": norm_pix_loss},
     )
     click.echo(f"\nwrote {report.bundle}:")
     for rel, size in sorted(report.files.items()):
