@@ -134,6 +134,36 @@ async def features(request: Request,
     return JSONResponse({"model": svc.bundle.name, "pool": pool.value, "dim": int(feats.shape[-1]), "data": data})
 
 
+class Label(BaseModel):
+    label: str
+    probability: float
+
+
+class Classification(BaseModel):
+    index: int = Field(description="position of the image in the request")
+    predictions: list[Label] = Field(description="most probable first")
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    top_k: int
+    data: list[Classification]
+
+
+@router.post("/v1/classify", tags=["v1"], summary="Top-k labels of one or more images (classifier bundles)",
+             response_model=ClassifyResponse, responses=_ERRORS, openapi_extra=_IMAGE_BODY)
+async def classify(request: Request,
+                   top_k: Annotated[int, Query(ge=1, description="labels per image (at most the classes)")] = 5):
+    """The bundle's classifier graph; equals ``mae_deploy.classify.Classifier`` on the same image."""
+    svc = _service(request)
+    blobs = await read_images(request, svc.config.max_images_per_request)
+    preds = await svc.classify(blobs, top_k, svc.deadline(request.state.start))
+    svc.metrics.images_done("/v1/classify", len(blobs))
+    data = [{"index": i, "predictions": [{"label": lab, "probability": p} for lab, p in row]}
+            for i, row in enumerate(preds)]
+    return JSONResponse({"model": svc.bundle.name, "top_k": top_k, "data": data})
+
+
 @router.post("/v1/reconstruct", tags=["v1"], summary="The four-panel reconstruction PNG of one image",
              response_class=Response, openapi_extra=_IMAGE_BODY,
              responses={**_ERRORS, 200: {"content": {"image/png": {}, "application/x-npz": {}}}})

@@ -22,8 +22,24 @@ import numpy as np
 from mae_deploy.bundle import Bundle
 from mae_deploy.errors import InputError, MaeDeployError
 from mae_deploy.features import pool_latent
-from mae_deploy.masking import all_visible, check_decode_inputs, check_encode_inputs, random_masking
-from mae_deploy.names import DECODER, DECODER_INPUTS, DECODER_OUTPUTS, ENCODER, ENCODER_INPUTS, ENCODER_OUTPUTS
+from mae_deploy.masking import (
+    all_visible,
+    check_decode_inputs,
+    check_encode_inputs,
+    check_pixel_values,
+    random_masking,
+)
+from mae_deploy.names import (
+    CLASSIFIER,
+    CLASSIFIER_INPUTS,
+    CLASSIFIER_OUTPUTS,
+    DECODER,
+    DECODER_INPUTS,
+    DECODER_OUTPUTS,
+    ENCODER,
+    ENCODER_INPUTS,
+    ENCODER_OUTPUTS,
+)
 from mae_deploy.preprocess import Preprocessor
 from mae_deploy.serve.batcher import BatcherClosed, MicroBatcher, QueueFull
 from mae_deploy.serve.config import ServeConfig
@@ -35,7 +51,8 @@ from mae_deploy.serve.protocol_v2 import InferRequest, tensor_metadata
 log = logging.getLogger("mae_deploy.serve")
 
 RECONSTRUCT_FORMATS = ("png", "npz")
-_GRAPH_IO = {ENCODER: (ENCODER_INPUTS, ENCODER_OUTPUTS), DECODER: (DECODER_INPUTS, DECODER_OUTPUTS)}
+_GRAPH_IO = {ENCODER: (ENCODER_INPUTS, ENCODER_OUTPUTS), DECODER: (DECODER_INPUTS, DECODER_OUTPUTS),
+             CLASSIFIER: (CLASSIFIER_INPUTS, CLASSIFIER_OUTPUTS)}
 
 
 class BatchedRunner:
@@ -73,6 +90,7 @@ class ModelService:
         self.batcher: MicroBatcher | None = None
         self.executor = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="mae-decode")
         self.state = "loading"  # loading -> ready -> draining; or failed
+        self.classifier = None  # a Classifier (class names, top-k) when the bundle has a classifier graph
         self.load_error: BaseException | None = None
 
     # -- life cycle -------------------------------------------------------------------------------------
@@ -93,6 +111,7 @@ class ModelService:
                 self.runner = self.make_runner()
             if hasattr(self.runner, "load"):
                 self.runner.load()
+            self.classifier = self._make_classifier()
             self._warm_up()
             c = self.config
             self.batcher = MicroBatcher(self._calls(), c.max_batch_size, c.max_delay_ms / 1000.0, c.max_queue,
@@ -103,10 +122,26 @@ class ModelService:
         self.state = "ready"
         log.info("model %s ready on %s", self.bundle.name, self.runner_description())
 
+    def _has_classifier(self) -> bool:
+        return bool(getattr(self.bundle, "has_classifier", False)) and hasattr(self.runner, "classify")
+
+    def _make_classifier(self):
+        if not self._has_classifier():
+            return None
+        from mae_deploy.classify import Classifier
+
+        try:
+            return Classifier(self.bundle, runner=self.runner, preprocessor=self.preprocessor)
+        except InputError as e:  # e.g. no class names: /v2 still serves the logits
+            log.warning("no /v1/classify: %s", e)
+            return None
+
     def _calls(self) -> dict:
         calls = {ENCODER: self.runner.encode}
         if self.runner.has_decoder:
             calls[DECODER] = self.runner.decode
+        if self._has_classifier():
+            calls[CLASSIFIER] = self.runner.classify
         return calls
 
     def _warm_up(self) -> None:
@@ -116,6 +151,8 @@ class ModelService:
         latent = self.runner.encode(x, ids)
         if self.runner.has_decoder:
             self.runner.decode(latent, restore)
+        if self._has_classifier():
+            self.runner.classify(x)
 
     def runner_description(self) -> str:
         info = self.runner.info
@@ -173,6 +210,19 @@ class ModelService:
         ids_keep, _, _ = all_visible(x.shape[0], self.bundle.num_patches)
         latent = await self._batched(ENCODER, (x, ids_keep), deadline)
         return np.ascontiguousarray(pool_latent(latent, pool), dtype=np.float32)
+
+    async def classify(self, blobs: list[bytes], top_k: int, deadline: float) -> list[list[tuple[str, float]]]:
+        """Image bytes -> per image the top_k (label, probability) pairs of the bundle's classifier."""
+        self.check_ready()
+        if self.classifier is None:
+            raise ApiError(400, "no_classifier", f"the bundle {self.bundle.name} has no classifier graph with class "
+                           "names; export a fine-tuned or linear-probe checkpoint")
+        x = await self._in_thread(preprocess, blobs, self.preprocessor, deadline=deadline)
+        logits = await self._batched(CLASSIFIER, (x,), deadline)
+        try:
+            return self.classifier.predictions(logits, top_k)
+        except InputError as e:
+            raise bad_input(e, "bad_request") from e
 
     async def reconstruct(self, blob: bytes, mask_ratio: float, seed: int, fmt: str,
                           deadline: float) -> tuple[bytes, str]:
@@ -239,8 +289,10 @@ class ModelService:
         if unknown:
             raise ApiError(400, "bad_request", f"model {name!r} has outputs {list(outputs)}, not {unknown}")
         b = self.bundle
-        a, c = (request.inputs[n] for n in inputs)
         try:
+            if name == CLASSIFIER:
+                return (check_pixel_values(request.inputs[inputs[0]], b.in_chans, b.image_size),)
+            a, c = (request.inputs[n] for n in inputs)
             if name == ENCODER:
                 return check_encode_inputs(a, c, in_chans=b.in_chans, image_size=b.image_size,
                                            num_patches=b.num_patches)
@@ -275,6 +327,8 @@ class ModelService:
             "norm_pix_loss": b.norm_pix_loss,
             "state": self.state,
         }
+        if self.classifier is not None:
+            card["class_names"] = self.classifier.class_names
         if self.runner is not None:
             info = self.runner.info
             card["runner"] = {"backend": info.backend, "device": info.device, "precision": info.precision,
