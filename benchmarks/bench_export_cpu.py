@@ -28,7 +28,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mae_deploy.bench import cpu_model_and_flags  # noqa: E402
+from mae_deploy.bench import CpuShare, cpu_model_and_flags  # noqa: E402
+from mae_deploy.fileio import atomic_write_text  # noqa: E402
 
 HEADING = "## Export: encoder latency (issue #3)"
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "cat", "hubble_deep_field", "immunohistochemistry",
@@ -57,19 +58,6 @@ def photos(batch: int, size: int = 224) -> np.ndarray:
     while len(imgs) < batch:  # more than the photos we have: reuse them flipped
         imgs.append(imgs[len(imgs) - len(PHOTOS)][:, :, ::-1].copy())
     return np.stack(imgs).astype(np.float32)
-
-
-def busy_cpu_seconds() -> tuple[float, float]:
-    """(CPU seconds the whole machine has been busy, CPU seconds of this process), for contention.
-
-    Read from /proc/stat rather than by summing processes: processes that exit while we measure (other
-    test runs) would otherwise take their CPU time with them.
-    """
-    ticks = os.sysconf("SC_CLK_TCK")
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-    t = os.times()
-    return (user + nice + system + irq + softirq + steal) / ticks, t.user + t.system
 
 
 def pooled_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -135,7 +123,7 @@ def main() -> int:
                 for k in ids:
                     run(b, k)
         times: dict[tuple[str, int], list[float]] = {(b, k): [] for b in backends for k in ids}
-        t_bench, busy0 = time.perf_counter(), busy_cpu_seconds()
+        t_bench, share = time.perf_counter(), CpuShare()
         for _ in range(args.rounds):  # interleaved: contention affects every backend alike
             for k in ids:
                 for b in backends:
@@ -143,9 +131,8 @@ def main() -> int:
                     run(b, k)
                     times[(b, k)].append(time.perf_counter() - t)
         bench_s = time.perf_counter() - t_bench
-        busy1 = busy_cpu_seconds()
-        # Average cores busy with other work while we timed.
-        others = max(0.0, ((busy1[0] - busy0[0]) - (busy1[1] - busy0[1])) / bench_s)
+        # Average cores busy with other work while we timed (CpuShare reads /proc/stat: a share of all CPUs).
+        others = (share.others() or 0.0) * (os.cpu_count() or 1)
 
     med = {key: statistics.median(v) for key, v in times.items()}
     best = {key: min(v) for key, v in times.items()}
@@ -223,9 +210,7 @@ def append_section(path: Path, entry: str) -> None:
         nxt = old.find("\n## ", start)
         end = len(old) if nxt < 0 else nxt + 1
         new = old[:end].rstrip("\n") + "\n\n" + entry + ("\n" + old[end:] if nxt >= 0 else "")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
+    atomic_write_text(path, new)
 
 
 if __name__ == "__main__":

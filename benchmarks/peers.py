@@ -40,8 +40,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mae_deploy.bench import agreement, library_versions, machine_info, time_calls  # noqa: E402
+from mae_deploy.bench import (  # noqa: E402
+    CpuShare,
+    agreement,
+    default_threads,
+    library_versions,
+    load_average,
+    machine_info,
+    time_calls,
+)
 from mae_deploy.bench import latency_stats as _stats  # noqa: E402
+from mae_deploy.fileio import atomic_write_text  # noqa: E402
 
 README_SECTION = "## Performance"
 RESULTS_SECTION = "## Peers (issue #7)"
@@ -170,13 +179,11 @@ def build_implementations(bundle, threads: int) -> tuple[list[tuple[str, Callabl
 
 
 def run(args) -> dict:
-    from mae_deploy.bench import CpuShare, _load_average
-
     bundle = get_bundle(args.model, Path(args.bundle), args.seed)
     impls, cfg = build_implementations(bundle, args.threads)
     L = cfg.num_patches
     visibles = [L] + [k for k in (int(L * 0.25),) if k != L]
-    load_start = _load_average()
+    load_start = load_average()
     cpu_share = CpuShare()
     t_start = time.perf_counter()
     rows = []
@@ -215,7 +222,7 @@ def run(args) -> dict:
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "model": args.model, "threads": args.threads, "iters": per_round * args.rounds, "warmup": args.warmup,
         "rounds": args.rounds, "machine": machine_info(["numpy", "onnxruntime", "torch", "transformers", "timm"]),
-        "load_average": {"start": load_start, "end": _load_average(), "other_cpu_share": cpu_share.others()},
+        "load_average": {"start": load_start, "end": load_average(), "other_cpu_share": cpu_share.others()},
         "seconds": time.perf_counter() - t_start,
         "rows": rows,
     }
@@ -270,13 +277,6 @@ def replace_section(text: str, header: str, body: str, before: str | None = None
     return "".join(lines[:at]) + block + "".join(lines[at:])
 
 
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="mae_vit_base_patch16", help="registry name (default: ViT-B/16)")
@@ -290,8 +290,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write", action="store_true", help="update README.md and benchmarks/RESULTS.md")
     args = p.parse_args(argv)
     if args.threads is None:
-        from mae_deploy.bench import default_threads
-
         args.threads = default_threads()
     args.bundle = args.bundle or str(_cache_dir() / args.model)
     res = run(args)
@@ -301,10 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"({res['seconds']:.0f} s of measurement)")
     if args.write:
         readme = ROOT / "README.md"
-        write_atomic(readme, replace_section(readme.read_text(), README_SECTION, table, before="## Layout"))
+        atomic_write_text(readme, replace_section(readme.read_text(), README_SECTION, table, before="## Layout"))
         results = ROOT / "benchmarks" / "RESULTS.md"
         old = results.read_text() if results.exists() else "# Benchmark results\n"
-        write_atomic(results, replace_section(old, RESULTS_SECTION, table))
+        atomic_write_text(results, replace_section(old, RESULTS_SECTION, table))
         print(f"wrote {readme} and {results}")
     return 0
 

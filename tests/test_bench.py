@@ -162,9 +162,14 @@ def _doc_keys(section: str) -> list[str]:
 
 
 def test_schema_doc_lists_the_keys_the_code_writes():
+    from mae_deploy.bench.peak import PROBE_KEYS
+
     assert _doc_keys("Top level") == list(TOP_KEYS)
     assert _doc_keys("rows[]") == list(ROW_KEYS)
     assert _doc_keys("runners[]") == list(RUNNER_KEYS)
+    assert _doc_keys("peaks[]") == list(PROBE_KEYS)
+    assert re.findall(r"^\| `([a-z_0-9]+)` \|", DOC.read_text().split("### compute\n", 1)[1].split("\n#", 1)[0],
+                      re.M) == list(bench.COMPUTE_KEYS)
     assert f"schema_version {bench.SCHEMA_VERSION})" in DOC.read_text()
 
 
@@ -209,6 +214,19 @@ def test_bench_writes_well_formed_results(run_dir, bundle_dir):
             assert agr["max_abs_diff"] < 1e-4 and agr["cosine"] > 0.99999
         else:  # int8 really differs from the reference, and not by much
             assert 0 < agr["max_abs_diff"] and agr["cosine"] > 0.9
+    peaks = {(p["backend"], p["precision"]): p for p in data["peaks"]}
+    assert set(peaks) == {("torch", "fp32"), ("ort", "fp32"), ("ort", "int8")}  # one probe per runner built
+    assert all(p["status"] == "ok" and p["peak"] > 0 for p in peaks.values())
+    arch = json.loads((bundle_dir / "mae.json").read_text())["architecture"]
+    for r in (r for r in rows if r["status"] == "ok"):
+        c = r["compute"]
+        assert c["flops"] == bench.part_flops(arch, r["part"], r["batch"], r["visible"])
+        assert c["achieved"] == pytest.approx(c["flops"] / r["latency_ms"]["p50"] / 1e6)
+        assert c["peak"] == peaks[(r["backend"], r["precision"])]["peak"]
+        assert c["fraction_of_peak"] == pytest.approx(c["achieved"] / c["peak"])
+        assert c["unit"] == ("GOP/s" if r["precision"] == "int8" else "GFLOP/s")
+    assert "%peak" in result.output and "% of this machine's fp32 peak" in result.output
+    assert "% of this machine's int8 peak" in (d / "r.md").read_text()
     ort = next(x for x in data["runners"] if x["backend"] == "ort" and x["precision"] == "int8")
     assert ort["providers"] == ["CPUExecutionProvider"]
     assert ort["threads"] == {"intra_op": 1, "inter_op": 1}
@@ -293,6 +311,22 @@ def test_compare_ratios_on_hand_made_results(tmp_path):
     assert any("different CPUs" in n for n in cmp["notes"])
     text = format_compare(cmp, "old.json")
     assert "0.500" in text and "2.000" in text and "1.250" in text
+
+
+def test_schema_version_1_files_still_compare(tmp_path):
+    """Version 2 added `peaks` and rows' `compute`; a version-1 file (without them) still loads for --compare."""
+    old = _results([("ort", "fp32", "encoder", 1, 196, 10.0, 10.0)])
+    old["schema_version"] = 1
+    del old["peaks"]
+    for row in old["rows"]:
+        del row["compute"]
+    (tmp_path / "v1.json").write_text(json.dumps(old))
+    new = _results([("ort", "fp32", "encoder", 1, 196, 5.0, 5.0)])
+    cmp = compare_results(new, bench.load_results(tmp_path / "v1.json"))
+    assert cmp["rows"][0]["p50_ratio"] == pytest.approx(0.5)
+    del new["peaks"]  # a version-2 file must have them
+    with pytest.raises(InputError, match="peaks"):
+        validate_results(new)
 
 
 def test_cli_compare_against_earlier_run(run_dir, bundle_dir):

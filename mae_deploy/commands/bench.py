@@ -45,7 +45,8 @@ def _floats(ctx, param, value):
 @click.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--backends", default="ort", show_default=True, callback=_names,
-              help=f"Comma-separated backends: {', '.join(BACKENDS)}. Unavailable ones become skipped rows.")
+              help=f"Comma-separated backends: {', '.join(BACKENDS)}. One whose package or device is missing "
+                   "here becomes skipped rows.")
 @click.option("--precisions", default="fp32", show_default=True, callback=_names,
               help=f"Comma-separated precisions: {', '.join(PRECISIONS)} (variants the bundle lacks are skipped).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
@@ -65,7 +66,9 @@ def _floats(ctx, param, value):
               help="Weights for the torch backend and the torch fp32 reference (default: the bundle's reference/).")
 @click.option("--reference/--no-reference", default=True, show_default=True,
               help="Check every row's output against torch fp32 (or ORT fp32 when no weights are at hand).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random inputs and masks.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random inputs and masks (>= 0).")
+@click.option("--peak/--no-peak", default=True, show_default=True,
+              help="Probe each backend's MatMul peak per precision (about 1 s each) and show each row's share of it.")
 @click.option("--out", "out_json", default=None, type=click.Path(path_type=Path), help="Results JSON.")
 @click.option("--csv", "out_csv", default=None, type=click.Path(path_type=Path), help="Results CSV.")
 @click.option("--markdown", "out_md", default=None, type=click.Path(path_type=Path), help="Results Markdown table.")
@@ -75,15 +78,16 @@ def _floats(ctx, param, value):
               help="An earlier results JSON: print per-row latency and throughput ratios against it.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no table (files are still written).")
 def bench(bundle: Path, backends, precisions, device, parts, batch_sizes, visible, mask_ratios, warmup, iters,
-          duration, threads, checkpoint, reference, seed, out_json, out_csv, out_md, out_png, compare_path,
+          duration, threads, checkpoint, reference, seed, peak, out_json, out_csv, out_md, out_png, compare_path,
           quiet) -> None:
     """Measure latency for every backend x precision x part x batch size x visible-token count.
 
     \b
-    Each row: latency p50/p90/p99/mean/min/max (ms, warm-up excluded), images/s, peak host RSS, peak
-    device memory (torch on CUDA), runner build time (separate from inference), and agreement with the
-    torch fp32 reference (max abs diff, lowest per-image cosine) so a fast wrong backend cannot look good.
-    The JSON format is docs/bench-schema.md.
+    Each row: latency p50/p90/p99/mean/min/max (ms, warm-up excluded), images/s, GFLOP/s (GOP/s for
+    int8) and its share of the same engine's MatMul peak probed in this run ("87 % of this machine's
+    fp32 peak"), peak host RSS, peak device memory (torch on CUDA), runner build time (separate from
+    inference), and agreement with the torch fp32 reference (max abs diff, lowest per-image cosine) so
+    a fast wrong backend cannot look good. The JSON format is docs/bench-schema.md.
 
     \b
     Examples:
@@ -91,11 +95,13 @@ def bench(bundle: Path, backends, precisions, device, parts, batch_sizes, visibl
       mae-deploy bench bundle/ --parts encoder --visible 49,98,147,196 --plot enc.png
       mae-deploy bench bundle/ --compare r.json          # ratios against an earlier run
 
-    Exit codes: 3 bad option value (unknown backend, visible > L, batch 0), 4 some rows failed,
-    6 --plot without matplotlib, 7 no row could run here (all skipped).
+    Exit codes: 3 bad input (unknown backend, visible > L, batch 0, seed < 0, a graph that cannot be
+    loaded, an unreadable --checkpoint, an output path that cannot be written: all found before the
+    run), 4 some rows failed, 6 --plot without matplotlib, 7 no row could run here (all skipped).
     """
     from mae_deploy.bench import (
         BenchConfig,
+        check_outputs,
         compare_results,
         format_compare,
         format_summary,
@@ -112,10 +118,11 @@ def bench(bundle: Path, backends, precisions, device, parts, batch_sizes, visibl
     config = BenchConfig(
         backends=backends, precisions=precisions, device=device, parts=parts, batch_sizes=batch_sizes,
         visible=visible, mask_ratios=mask_ratios, warmup=warmup, iters=iters, duration=duration, threads=threads,
-        checkpoint=checkpoint, reference=reference, seed=seed,
+        checkpoint=checkpoint, reference=reference, seed=seed, peak=peak,
     )
     config.validate()
     # Fail before the (possibly long) run, not after it.
+    check_outputs(**{"--out": out_json, "--csv": out_csv, "--markdown": out_md, "--plot": out_png})
     old = load_results(compare_path) if compare_path else None
     if out_png:
         try:
