@@ -8,7 +8,7 @@ from here, so ``reconstruct dir/`` and ``extract dir/`` see the same files and `
 from __future__ import annotations
 
 # Inference backends, in the order `--help` lists them.
-BACKENDS = ("ort", "trt", "torch")
+BACKENDS = ("ort", "trt", "torch", "openvino")
 
 # Feature pooling: cls token, mean of the patch tokens, or every token.
 POOLS = ("cls", "mean", "tokens")

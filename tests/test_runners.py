@@ -14,8 +14,9 @@ from runtime_fixtures import encoder_only_bundle, norm_pix_bundle, tiny_bundle  
 from mae_deploy import Bundle, FeatureExtractor, Reconstructor, create_runner, random_masking
 from mae_deploy.errors import BundleError, DeviceUnavailable, InputError
 from mae_deploy.runners import Runner
+from mae_deploy.runners.base import BaseRunner, RunnerInfo, run_in_chunks
 from mae_deploy.runners.ort import OrtRunner, check_providers
-from mae_deploy.runners.trt import derive_profile, ort_trt_provider_options
+from mae_deploy.runners.trt import OrtTrtSetup, derive_profile, ort_trt_provider_options
 
 pytest.importorskip("torch")
 
@@ -160,7 +161,7 @@ def test_tensorrt_ep_profile_covers_batch_and_visible_tokens(tmp_path):
 
 
 def test_runner_options_are_checked(bundle):
-    with pytest.raises(InputError, match="unknown backend 'onnx'; choose one of: ort, trt, torch"):
+    with pytest.raises(InputError, match="unknown backend 'onnx'; choose one of: ort, trt, torch, openvino"):
         create_runner(bundle, "onnx")
     with pytest.raises(InputError, match="unknown ort device 'gpu'"):
         OrtRunner(bundle, device="gpu")
@@ -168,8 +169,12 @@ def test_runner_options_are_checked(bundle):
         OrtRunner(bundle, graph_optimization="max")
     with pytest.raises(BundleError, match="no encoder graph at precision int8; it has: encoder fp32, decoder fp32"):
         OrtRunner(bundle, precision="int8")
-    with pytest.raises(InputError, match="intra_op_threads must be at least 1"):
+    with pytest.raises(InputError, match="intra_op_threads must be a positive integer, got 0"):
         OrtRunner(bundle, intra_op_threads=0)
+    with pytest.raises(InputError, match="threads=2 and intra_op_threads=3 disagree"):
+        OrtRunner(bundle, threads=2, intra_op_threads=3)
+    with pytest.raises(InputError, match="the ort backend has no option max_batch; it takes: .*intra_op_threads"):
+        create_runner(bundle, "ort", max_batch=4)
 
 
 def test_trt_backend_is_dispatched_lazily(bundle, monkeypatch):
@@ -182,7 +187,7 @@ def test_trt_backend_is_dispatched_lazily(bundle, monkeypatch):
     monkeypatch.setitem(sys.modules, "mae_deploy.runners.trt", types.SimpleNamespace(TrtRunner=FakeTrtRunner))
     r = create_runner(bundle, "trt", device="cuda:1", precision="fp16", max_batch=32)
     assert isinstance(r, FakeTrtRunner)
-    assert calls == [(bundle, "cuda:1", "fp16", {"max_batch": 32})]
+    assert calls == [(bundle, "cuda:1", "fp16", {"threads": None, "max_batch": 32})]  # threads goes to every backend
 
 
 def test_runners_validate_before_running(ort_runner, torch_runner):
@@ -241,3 +246,154 @@ def test_missing_onnxruntime_says_what_to_install(tiny_bundle):  # noqa: F811
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("6 ") and "pip install 'mae-deploy[cpu]'" in out.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# threads: one option for every backend
+# --------------------------------------------------------------------------------------------------
+
+
+def test_threads_reach_every_cpu_backend(bundle):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        with create_runner(bundle, "ort", threads=1) as r:
+            assert r.info.details["intra_op_threads"] == 1
+        with create_runner(bundle, "ort", intra_op_threads=1, threads=1) as r:  # the same count twice is fine
+            assert r.info.details["intra_op_threads"] == 1
+        with create_runner(bundle, "torch", threads=1) as r:
+            assert r.info.details["threads"] == 1 == torch.get_num_threads()
+        with create_runner(bundle, "openvino", threads=1) as r:
+            r.load(("encoder",))
+            assert r.info.details["compiled"]["encoder"]["INFERENCE_NUM_THREADS"] == "1"
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [0, -2, "2", 1.5, True])
+def test_bad_thread_counts_are_input_errors(bundle, threads):
+    for backend in ("ort", "torch", "openvino", "trt"):
+        with pytest.raises(InputError, match=f"threads must be a positive integer, got {threads!r}"):
+            create_runner(bundle, backend, threads=threads)
+
+
+def test_trt_refuses_threads_before_needing_tensorrt(bundle):
+    """--backend trt --threads N is exit 3 with a reason (it was a TypeError), even where TensorRT is absent."""
+    with pytest.raises(InputError, match="the trt backend has no CPU thread count .*threads=4 cannot apply; "
+                                         "drop --threads") as e:
+        create_runner(bundle, "trt", device="cuda", threads=4)
+    assert e.value.exit_code == 3
+    # What the reconstruct/extract commands pass for a non-ort backend reaches the same check.
+    with pytest.raises(InputError, match="no CPU thread count"):
+        create_runner(bundle, "trt", device="cuda", **{"threads": 2})
+
+
+@pytest.mark.parametrize("command", ["reconstruct", "extract"])
+def test_cli_trt_with_threads_is_exit_3(tiny_bundle, tmp_path, command):  # noqa: F811
+    from click.testing import CliRunner
+
+    from mae_deploy.cli import main
+
+    img = tmp_path / "a.png"
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(img)
+    args = {"reconstruct": ["reconstruct", str(img), "--bundle", str(tiny_bundle), "--out", str(tmp_path / "o")],
+            "extract": ["extract", str(tmp_path), "--bundle", str(tiny_bundle), "--out", str(tmp_path / "f")]}[command]
+    res = CliRunner().invoke(main, [*args, "--backend", "trt", "--device", "cuda", "--threads", "2"])
+    assert res.exit_code == 3, res.output
+    assert "no CPU thread count" in res.output and "Traceback" not in res.output
+
+
+# --------------------------------------------------------------------------------------------------
+# BaseRunner: validation, parts, load() and the context manager, once for every backend
+# --------------------------------------------------------------------------------------------------
+
+
+class EchoRunner(BaseRunner):
+    """A backend of a few lines: what BaseRunner leaves to a backend, recorded."""
+
+    def __init__(self, bundle, decoder: bool = True):
+        self.bundle = bundle
+        self._specs = {"encoder": "enc", "decoder": "dec" if decoder else None}
+        self.calls, self.loaded, self.closed = [], [], 0
+
+    def _encode(self, x, ids):
+        self.calls.append(("encode", x.dtype, ids.dtype, x.flags.c_contiguous))
+        return np.zeros((x.shape[0], ids.shape[1] + 1, self.bundle.embed_dim), np.float32)
+
+    def _decode(self, latent, ids):
+        self.calls.append(("decode", latent.dtype, ids.dtype, latent.flags.c_contiguous))
+        return np.zeros((latent.shape[0], ids.shape[1], self.bundle.patch_dim), np.float32)
+
+    def _load(self, part):
+        self.loaded.append(part)
+
+    def close(self):
+        self.closed += 1
+
+    info = RunnerInfo("echo", "cpu", "fp32")
+
+
+def test_base_runner_validates_and_converts_once(bundle):
+    r = EchoRunner(bundle)
+    assert isinstance(r, Runner) and r.has_decoder
+    x = np.zeros((2, 3, 32, 32), np.float64)[..., ::-1]  # float64, not contiguous: converted for the backend
+    assert r.encode(x, np.array([[0, 1], [2, 3]], np.int32)).shape == (2, 3, 32)
+    assert r.calls == [("encode", np.float32, np.int64, True)]
+    r.decode(np.zeros((2, 3, 32), np.float32), np.tile(np.arange(16), (2, 1)))
+    assert r.calls[-1] == ("decode", np.float32, np.int64, True)
+    with pytest.raises(InputError, match="ids_keep row 1 has duplicate index 3"):
+        r.encode(x, np.array([[0, 1], [3, 3]]))
+    with pytest.raises(InputError, match="ids_restore"):
+        r.decode(np.zeros((2, 3, 32), np.float32), np.zeros((2, 16), np.int64))
+    assert len(r.calls) == 2  # invalid calls never reach the backend
+
+
+def test_base_runner_parts_load_and_context(bundle):
+    r = EchoRunner(bundle, decoder=False)
+    assert not r.has_decoder and r.load() is r and r.loaded == ["encoder"]  # only the parts it has
+    with pytest.raises(BundleError, match="has no decoder"):
+        r.decode(np.zeros((1, 2, 32), np.float32), np.arange(16)[None])
+    with pytest.raises(InputError, match="unknown part 'head'"):
+        r.load(("head",))
+    with r as same:
+        assert same is r
+    assert r.closed == 1
+
+
+def test_every_backend_is_a_base_runner():
+    from mae_deploy.runners.openvino import OpenVinoRunner
+    from mae_deploy.runners.torch_runner import TorchRunner
+    from mae_deploy.runners.trt import TrtRunner
+
+    for cls in (OrtRunner, TorchRunner, TrtRunner, OpenVinoRunner):
+        assert issubclass(cls, BaseRunner)
+        assert "encode" not in vars(cls) and "decode" not in vars(cls) and "__enter__" not in vars(cls)
+
+
+def test_run_in_chunks_splits_only_above_the_step():
+    seen = []
+
+    def run(feeds):
+        seen.append(feeds["a"].shape[0])
+        return feeds["a"] * 2
+
+    a = np.arange(7)[:, None]
+    np.testing.assert_array_equal(run_in_chunks(run, {"a": a}, 3), a * 2)
+    assert seen == [3, 3, 1]
+    run_in_chunks(run, {"a": a[:3]}, 3)
+    assert seen[-1] == 3 and len(seen) == 4
+
+
+def test_ort_tensorrt_provider_splits_batches_above_its_profile(bundle, ort_runner, tmp_path):
+    """ORT's TensorRT provider gets TrtRunner's chunking (checked here on the CPU provider)."""
+    r = OrtRunner(bundle, threads=1)
+    r.trt = OrtTrtSetup.for_bundle(bundle, "fp32", max_batch=2, cache_root=tmp_path, detect=lambda: None)
+    batches = []
+    original = r._run_once
+    r._run_once = lambda part, feeds: batches.append(len(feeds["pixel_values" if part == "encoder" else "latent"])) \
+        or original(part, feeds)
+    x = np.random.default_rng(0).standard_normal((5, 3, 32, 32)).astype(np.float32)
+    ids_keep, ids_restore, _ = random_masking(5, 16, 0.75, rng=0)
+    np.testing.assert_allclose(r.encode(x, ids_keep), ort_runner.encode(x, ids_keep), atol=1e-5)
+    assert batches == [2, 2, 1]

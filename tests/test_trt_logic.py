@@ -1,21 +1,13 @@
-"""TensorRT backend logic that needs no GPU (mae_deploy/runners/trt.py, the build-engine command).
-
-No machine of this project has TensorRT or a GPU. The pure logic (API generation, profiles, cache keys and
-paths, dtype mapping, ONNX Runtime TensorRT-EP options) is tested directly. The builder configuration and
-the runner's execute path are tested against ``FakeTrt`` / ``FakeCudart`` below: small stand-ins that
-record every call and simulate the documented contracts on the host (device memory is a bytearray; an
-"engine" runs its ONNX file with ONNX Runtime on the CPU, reading and writing that memory). They check
-what this code asks of TensorRT and CUDA, not TensorRT itself: tests/gpu/ does that where a GPU exists.
+"""TensorRT backend logic that needs no GPU (mae_deploy/runners/trt/): generations, profiles, cache keys and
+paths, dtypes, ONNX Runtime's TensorRT-provider options, and the builder configuration against a recording
+fake ``tensorrt`` (tests/trt_fakes.py). The runner's execute path is tested in test_trt_runner.py.
 """
 
 from __future__ import annotations
 
-import ctypes
-import enum
 import importlib.util
 import json
 import os
-import re
 import subprocess
 import sys
 import types
@@ -23,436 +15,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from mae_deploy.bundle import Bundle
-from mae_deploy.cli import main
-from mae_deploy.errors import BundleError, DeviceUnavailable, InputError, MissingDependency
-from mae_deploy.masking import random_masking
+from mae_deploy.errors import BundleError, InputError, MissingDependency
 from mae_deploy.runners import create_runner
 from mae_deploy.runners import trt as T
 
-# --------------------------------------------------------------------------------------------------
-# Fakes: tensorrt and cuda-python's runtime, recording calls
-# --------------------------------------------------------------------------------------------------
-
-DataType = enum.Enum("DataType", "FLOAT HALF INT8 INT32 BOOL UINT8 BF16 INT64 FP8 INT4 FP4")
-LayerType = enum.Enum("LayerType", "NORMALIZATION SOFTMAX MATRIX_MULTIPLY CONVOLUTION OTHER")
-TensorIOMode = enum.Enum("TensorIOMode", "NONE INPUT OUTPUT")
-_ONNX_ELEM = {1: DataType.FLOAT, 10: DataType.HALF, 6: DataType.INT32, 7: DataType.INT64, 9: DataType.BOOL}
-_LAYER_OF_OP = {"LayerNormalization": LayerType.NORMALIZATION, "Softmax": LayerType.SOFTMAX,
-                "MatMul": LayerType.MATRIX_MULTIPLY, "Conv": LayerType.CONVOLUTION}
-ENGINE_MAGIC = b"FAKE-TRT-ENGINE\n"
-
-
-class FakeCudart(types.ModuleType):
-    """cuda-python's runtime API over host memory: every call returns (err, *values) like the real one."""
-
-    cudaError_t = enum.IntEnum("cudaError_t", {"cudaSuccess": 0, "cudaErrorInvalidValue": 1})
-    cudaMemcpyKind = enum.IntEnum("cudaMemcpyKind", {"cudaMemcpyHostToDevice": 1, "cudaMemcpyDeviceToHost": 2})
-
-    class Stream:
-        def __init__(self, handle: int) -> None:
-            self.handle = handle
-
-        def __int__(self) -> int:
-            return self.handle
-
-    def __init__(self, devices: int = 1) -> None:
-        super().__init__("cuda.bindings.runtime")
-        self.devices = devices
-        self.memory: dict[int, bytearray] = {}
-        self.next_ptr = 0x10000
-        self.calls: list[tuple] = []
-        self.streams: set[int] = set()
-        self.current_device = None
-
-    def _ok(self, *values):
-        return (self.cudaError_t.cudaSuccess, *values)
-
-    def cudaGetDeviceCount(self):
-        return self._ok(self.devices)
-
-    def cudaSetDevice(self, i):
-        self.current_device = i
-        return self._ok()
-
-    def cudaGetDeviceProperties(self, i):
-        return self._ok(types.SimpleNamespace(name=b"Fake GPU 80GB\x00\x00\x00", major=9, minor=0))
-
-    def cudaMalloc(self, n):
-        ptr, self.next_ptr = self.next_ptr, self.next_ptr + n + 256
-        self.memory[ptr] = bytearray(n)
-        self.calls.append(("cudaMalloc", n))
-        return self._ok(ptr)
-
-    def cudaFree(self, ptr):
-        self.memory.pop(int(ptr))
-        return self._ok()
-
-    def cudaStreamCreate(self):
-        s = self.Stream(0x5000 + len(self.streams) + 1)
-        self.streams.add(s.handle)
-        return self._ok(s)
-
-    def cudaStreamSynchronize(self, s):
-        assert int(s) in self.streams
-        return self._ok()
-
-    def cudaStreamDestroy(self, s):
-        self.streams.remove(int(s))
-        return self._ok()
-
-    def cudaMemcpyAsync(self, dst, src, n, kind, stream):
-        assert int(stream) in self.streams
-        if kind == self.cudaMemcpyKind.cudaMemcpyHostToDevice:
-            buf = self.memory[int(dst)]
-            assert n <= len(buf), f"host-to-device copy of {n} bytes overflows a {len(buf)}-byte buffer"
-            buf[:n] = ctypes.string_at(int(src), n)
-        else:
-            buf = self.memory[int(src)]
-            assert n <= len(buf), f"device-to-host copy of {n} bytes reads past a {len(buf)}-byte buffer"
-            ctypes.memmove(int(dst), bytes(buf[:n]), n)
-        self.calls.append(("cudaMemcpyAsync", int(kind), n))
-        return self._ok()
-
-
-class FakeTrt(types.ModuleType):
-    """The parts of the tensorrt module this project uses, per API generation (10 keeps the weak-typing
-    builder flags, 11 has none of them). Records builder/config/profile calls in ``self.log``."""
-
-    def __init__(self, version: str = "10.13.1", cudart: FakeCudart | None = None, build_fails: bool = False):
-        super().__init__("tensorrt")
-        self.__version__ = version
-        gen = 10 if version.startswith("10.") else 11
-        self.cudart = cudart
-        self.build_fails = build_fails
-        self.log: list[tuple] = []
-        self.DataType, self.LayerType, self.TensorIOMode = DataType, LayerType, TensorIOMode
-        self.float32, self.float16 = DataType.FLOAT, DataType.HALF
-        flags = ["TF32", "DEBUG", "REFIT"] + (
-            ["FP16", "BF16", "INT8", "PREFER_PRECISION_CONSTRAINTS", "OBEY_PRECISION_CONSTRAINTS"] if gen == 10 else [])
-        self.BuilderFlag = enum.Enum("BuilderFlag", flags)
-        self.NetworkDefinitionCreationFlag = enum.Enum(
-            "NetworkDefinitionCreationFlag", ["EXPLICIT_BATCH", "STRONGLY_TYPED"] if gen == 10 else ["STRONGLY_TYPED"])
-        self.MemoryPoolType = enum.Enum("MemoryPoolType", "WORKSPACE DLA_MANAGED_SRAM")
-        fake = self
-
-        class Logger:
-            INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
-
-            def __init__(self, severity=2):
-                self.severity = severity
-
-        class IProgressMonitor:
-            def __init__(self):
-                fake.log.append(("IProgressMonitor.__init__",))
-
-        class Builder:
-            def __init__(self, logger):
-                self.logger = logger
-
-            def create_network(self, flags=0):
-                fake.log.append(("create_network", flags))
-                return FakeNetwork()
-
-            def create_builder_config(self):
-                return FakeConfig(fake)
-
-            def create_optimization_profile(self):
-                return FakeProfile(fake)
-
-            def build_serialized_network(self, network, config):
-                fake.log.append(("build_serialized_network",))
-                mon = getattr(config, "progress_monitor", None)
-                if mon is not None:
-                    mon.phase_start("Building engine", None, 3)
-                    mon.phase_start("Tactic selection", "Building engine", 2)
-                    for step in range(2):
-                        mon.step_complete("Tactic selection", step)
-                    mon.phase_finish("Tactic selection")
-                    for step in range(3):
-                        mon.step_complete("Building engine", step)
-                    mon.phase_finish("Building engine")
-                if fake.build_fails:
-                    return None
-                shapes = {n: [list(map(int, s)) for s in v] for n, v in config.profiles[0].shapes.items()}
-                meta = {"onnx": network.path, "shapes": shapes, "flags": sorted(f.name for f in config.flags)}
-                return ENGINE_MAGIC + json.dumps(meta).encode()
-
-        self.Logger, self.IProgressMonitor, self.Builder = Logger, IProgressMonitor, Builder
-        self.OnnxParser = FakeParser
-        self.Runtime = lambda logger: FakeRuntime(fake)
-
-
-class FakeLayer:
-    def __init__(self, name: str, type_: LayerType) -> None:
-        self.name, self.type, self.precision, self.num_outputs = name, type_, None, 1
-        self.output_types: dict[int, DataType] = {}
-
-    def set_output_type(self, i, dtype):
-        self.output_types[i] = dtype
-
-
-class FakeNetwork:
-    def __init__(self) -> None:
-        self.path, self.inputs, self.layers = None, [], []
-
-    @property
-    def num_inputs(self):
-        return len(self.inputs)
-
-    def get_input(self, i):
-        return self.inputs[i]
-
-    @property
-    def num_layers(self):
-        return len(self.layers)
-
-    def get_layer(self, i):
-        return self.layers[i]
-
-
-class FakeParser:
-    """Reads the real ONNX file's inputs and nodes (without weights) into the fake network."""
-
-    def __init__(self, network, logger):
-        self.network, self.errors = network, []
-
-    def parse_from_file(self, path):
-        import onnx
-
-        try:
-            model = onnx.load(path, load_external_data=False)
-        except Exception as e:
-            self.errors.append(f"cannot parse: {type(e).__name__}")
-            return False
-        self.network.path = str(path)
-        self.network.inputs = [types.SimpleNamespace(name=i.name) for i in model.graph.input]
-        self.network.layers = [FakeLayer(n.name or f"{n.op_type}_{k}", _LAYER_OF_OP.get(n.op_type, LayerType.OTHER))
-                               for k, n in enumerate(model.graph.node)]
-        return True
-
-    @property
-    def num_errors(self):
-        return len(self.errors)
-
-    def get_error(self, i):
-        return self.errors[i]
-
-
-class FakeTimingCache:
-    def __init__(self, blob: bytes) -> None:
-        self.blob = bytes(blob)
-
-    def serialize(self) -> bytes:
-        return self.blob + b"+timings"
-
-
-class FakeConfig:
-    def __init__(self, fake: FakeTrt) -> None:
-        self.fake = fake
-        self.flags = {fake.BuilderFlag.TF32}  # TensorRT enables TF32 by default
-        self.pools: dict = {}
-        self.profiles: list[FakeProfile] = []
-        self.timing_cache = None
-        self.progress_monitor = None
-
-    def set_memory_pool_limit(self, pool, size):
-        self.pools[pool] = size
-
-    def set_flag(self, flag):
-        self.flags.add(flag)
-
-    def clear_flag(self, flag):
-        self.flags.discard(flag)
-
-    def add_optimization_profile(self, profile):
-        self.profiles.append(profile)
-        return len(self.profiles) - 1
-
-    def create_timing_cache(self, blob):
-        self.fake.log.append(("create_timing_cache", bytes(blob)))
-        if bytes(blob) == b"corrupt":
-            raise RuntimeError("timing cache blob cannot be deserialized")
-        return FakeTimingCache(blob)
-
-    def set_timing_cache(self, cache, ignore_mismatch):
-        if cache.blob == b"incompatible":
-            return False
-        self.timing_cache = cache
-        return True
-
-    def get_timing_cache(self):
-        return self.timing_cache
-
-
-class FakeProfile:
-    def __init__(self, fake: FakeTrt) -> None:
-        self.fake, self.shapes = fake, {}
-
-    def set_shape(self, name, lo, opt, hi):
-        # TensorRT's documented conditions: equal ranks, 1 <= min <= opt <= max.
-        assert len(lo) == len(opt) == len(hi)
-        assert all(1 <= a <= b <= c for a, b, c in zip(lo, opt, hi, strict=True)), (name, lo, opt, hi)
-        self.fake.log.append(("set_shape", name, tuple(lo), tuple(opt), tuple(hi)))
-        self.shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
-
-
-class FakeRuntime:
-    def __init__(self, fake: FakeTrt) -> None:
-        self.fake = fake
-
-    def deserialize_cuda_engine(self, blob):
-        if not bytes(blob).startswith(ENGINE_MAGIC):
-            return None
-        return FakeEngine(self.fake, json.loads(bytes(blob)[len(ENGINE_MAGIC):]))
-
-
-class FakeEngine:
-    """Runs the engine's ONNX file with ONNX Runtime, on inputs read from fake device memory."""
-
-    def __init__(self, fake: FakeTrt, meta: dict) -> None:
-        import onnxruntime as ort
-
-        self.fake, self.meta = fake, meta
-        self.session = ort.InferenceSession(meta["onnx"], providers=["CPUExecutionProvider"])
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        kinds = {"tensor(float)": DataType.FLOAT, "tensor(int64)": DataType.INT64, "tensor(float16)": DataType.HALF}
-        self.dtypes = {v.name: kinds[v.type] for v in [*self.session.get_inputs(), *self.session.get_outputs()]}
-        self.profile = {n: [tuple(s) for s in v] for n, v in meta["shapes"].items()}
-
-    @property
-    def num_io_tensors(self):
-        return len(self.input_names) + len(self.output_names)
-
-    def get_tensor_name(self, i):
-        return (self.input_names + self.output_names)[i]
-
-    def get_tensor_mode(self, name):
-        return TensorIOMode.INPUT if name in self.input_names else TensorIOMode.OUTPUT
-
-    def get_tensor_dtype(self, name):
-        return self.dtypes[name]
-
-    def get_tensor_profile_shape(self, name, profile_index):
-        assert profile_index == 0
-        return self.profile[name]
-
-    def create_execution_context(self):
-        return FakeContext(self)
-
-
-class FakeContext:
-    def __init__(self, engine: FakeEngine) -> None:
-        self.engine, self.shapes, self.addresses = engine, {}, {}
-        self.log: list[tuple] = []
-
-    def set_input_shape(self, name, shape):
-        lo, _, hi = self.engine.profile[name]
-        shape = tuple(int(d) for d in shape)
-        self.log.append(("set_input_shape", name, shape))
-        if len(shape) != len(lo) or not all(a <= s <= b for a, s, b in zip(lo, shape, hi, strict=True)):
-            return False
-        self.shapes[name] = shape
-        return True
-
-    def _feeds_from(self, read) -> dict:
-        out = {}
-        for n in self.engine.input_names:
-            dt = T.numpy_dtype(self.engine.dtypes[n])
-            out[n] = read(n, dt)
-        return out
-
-    def get_tensor_shape(self, name):
-        if name in self.engine.input_names:
-            return self.shapes.get(name, (-1,))
-        # Output shapes follow from the input shapes: ask ONNX Runtime with zero-filled inputs.
-        zeros = self._feeds_from(lambda n, dt: np.zeros(self.shapes[n], dt))
-        return self.engine.session.run([name], zeros)[0].shape
-
-    def set_tensor_address(self, name, ptr):
-        self.addresses[name] = int(ptr)
-
-    def execute_async_v3(self, stream_handle):
-        assert isinstance(stream_handle, int)
-        mem = self.engine.fake.cudart.memory
-
-        def read(n, dt):
-            nbytes = int(np.prod(self.shapes[n])) * dt.itemsize
-            buf = mem[self.addresses[n]]
-            assert nbytes <= len(buf), f"{n}: {nbytes} bytes read from a {len(buf)}-byte buffer"
-            return np.frombuffer(bytes(buf[:nbytes]), dt).reshape(self.shapes[n])
-
-        feeds = self._feeds_from(read)
-        self.log.append(("execute", {n: v.shape for n, v in feeds.items()}))
-        for name, value in zip(self.engine.output_names, self.engine.session.run(None, feeds), strict=True):
-            raw = np.ascontiguousarray(value).tobytes()
-            buf = mem[self.addresses[name]]
-            assert len(raw) <= len(buf), f"{name}: {len(raw)} bytes written into a {len(buf)}-byte buffer"
-            buf[: len(raw)] = raw
-        return True
-
-
-@pytest.fixture
-def fakes(monkeypatch):
-    """Install FakeTrt (10.x) and FakeCudart as ``tensorrt`` and ``cuda.bindings.runtime``."""
-    cudart = FakeCudart()
-    trt = FakeTrt("10.13.1", cudart)
-    install(monkeypatch, trt, cudart)
-    return trt, cudart
-
-
-def install(monkeypatch, trt, cudart) -> None:
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    bindings = types.ModuleType("cuda.bindings")
-    bindings.runtime = cudart
-    monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
-    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", cudart)
-
-
-# --------------------------------------------------------------------------------------------------
-# Bundles: the tiny test model exported by the real exporter, with an fp16 variant
-# --------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory) -> Path:
-    import torch
-
-    from export.bundle_writer import export_bundle
-    from training.model import create_model
-
-    torch.manual_seed(0)
-    model = create_model("mae_vit_test").eval()
-    out = tmp_path_factory.mktemp("trt") / "bundle"
-    export_bundle(model, out, precisions=("fp32", "fp16"), verify=False, progress=None)
-    return out
-
-
-@pytest.fixture(scope="module")
-def bundle(bundle_dir) -> Bundle:
-    return Bundle.load(bundle_dir)
-
-
-@pytest.fixture(scope="module")
-def fp32_only_bundle(tmp_path_factory, bundle_dir) -> Bundle:
-    import shutil
-
-    from mae_deploy.bundle import MANIFEST_NAME, write_manifest
-
-    dst = tmp_path_factory.mktemp("trt32") / "bundle"
-    shutil.copytree(bundle_dir, dst)
-    m = json.loads((dst / MANIFEST_NAME).read_text())
-    for g in [g for g in m["graphs"] if g["precision"] != "fp32"]:
-        (dst / g["file"]).unlink()
-    m["graphs"] = [g for g in m["graphs"] if g["precision"] == "fp32"]
-    write_manifest(dst, m)
-    return Bundle.load(dst)
-
-
-VITB = dict(num_patches=196, image_size=224, in_chans=3, embed_dim=768)
+pytest.register_assert_rewrite("trt_fakes")  # before the import below: its asserts report values
+from trt_fakes import (  # noqa: E402
+    ENGINE_MAGIC,
+    DataType,
+    FakeTrt,
+    LayerType,
+)
+
+pytest_plugins = ("trt_fakes",)  # its fixtures: bundle, bundle_dir, fp32_only_bundle, fakes
 
 # --------------------------------------------------------------------------------------------------
 # API generations
@@ -682,44 +258,6 @@ def test_missing_tensorrt_names_the_extra(bundle):
         create_runner(bundle, "trt", device="cuda")
 
 
-def test_build_engine_command_without_tensorrt(bundle_dir):
-    res = CliRunner().invoke(main, ["build-engine", str(bundle_dir)])
-    assert res.exit_code == 6
-    assert "error: the trt backend needs the package 'tensorrt'" in res.output
-    assert "pip install 'mae-deploy[trt]'" in res.output
-
-
-def test_missing_cuda_python_names_the_extra(monkeypatch, bundle):
-    monkeypatch.setitem(sys.modules, "tensorrt", FakeTrt("10.13.1"))
-    for name in ("cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudart"):
-        monkeypatch.setitem(sys.modules, name, None)  # makes `import` fail like an absent package
-    with pytest.raises(MissingDependency, match=r"needs the package 'cuda-python'.*mae-deploy\[trt\]"):
-        T.TrtRunner(bundle)
-
-
-def test_real_cuda_python_without_a_gpu_is_device_unavailable():
-    """cuda-python is installed here (a torch dependency) but there is no driver: the real call fails."""
-    cudart = T.import_cudart()
-    with pytest.raises(DeviceUnavailable, match="no usable CUDA device for the trt backend"):
-        T.cuda_device_name(cudart, 0)
-
-
-def test_device_errors(monkeypatch, bundle):
-    install(monkeypatch, FakeTrt("10.13.1"), FakeCudart(devices=0))
-    with pytest.raises(DeviceUnavailable, match="needs a CUDA GPU and none is visible"):
-        T.TrtRunner(bundle)
-    install(monkeypatch, FakeTrt("10.13.1"), FakeCudart(devices=1))
-    with pytest.raises(DeviceUnavailable, match=r"cuda:3 does not exist: 1 CUDA device\(s\) visible"):
-        T.TrtRunner(bundle, device="cuda:3")
-    with pytest.raises(InputError, match="runs on cuda or cuda:N, not 'cpu'"):
-        T.TrtRunner(bundle, device="cpu")
-    with pytest.raises(InputError, match="int8 graphs are ONNX Runtime dynamic quantisation"):
-        T.TrtRunner(bundle, precision="int8")
-    monkeypatch.setitem(sys.modules, "tensorrt", FakeTrt("8.6.1"))
-    with pytest.raises(T.UnsupportedTensorRT, match="TensorRT 8.6.1 is installed"):
-        T.TrtRunner(bundle)
-
-
 # --------------------------------------------------------------------------------------------------
 # Choosing graphs and configuring the builder (fake tensorrt)
 # --------------------------------------------------------------------------------------------------
@@ -885,125 +423,110 @@ def test_engine_cache_builds_once_and_reuses_the_timing_cache(bundle, tmp_path):
     assert not list(tmp_path.glob(".*"))  # atomic writes leave no temporary files behind
 
 
-# --------------------------------------------------------------------------------------------------
-# The runner's execute path (fake tensorrt + fake CUDA)
-# --------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ort_reference(bundle):
-    from mae_deploy.runners.ort import OrtRunner
-
-    return OrtRunner(bundle, device="cpu")
-
-
-def test_runner_matches_onnxruntime_and_reuses_max_sized_buffers(fakes, bundle, ort_reference, tmp_path):
-    trt, cudart = fakes
-    rng = np.random.default_rng(0)
-    runner = create_runner(bundle, "trt", device="cuda", cache_dir=tmp_path, max_batch=4, progress=False)
-    assert runner.has_decoder and runner.info.details["gpu"] == "Fake GPU 80GB (sm_90)"
-    x = rng.standard_normal((6, 3, 32, 32)).astype(np.float32)
-    ids_keep, ids_restore, _ = random_masking(6, 16, 0.75, rng)
-    latent = runner.encode(x, ids_keep)  # batch 6 > max 4: two chunks
-    np.testing.assert_allclose(latent, ort_reference.encode(x, ids_keep), rtol=0, atol=1e-6)
-    pred = runner.decode(latent, ids_restore)
-    np.testing.assert_allclose(pred, ort_reference.decode(latent, ids_restore), rtol=0, atol=1e-6)
-    full = runner.encode(x[:2], np.tile(np.arange(16), (2, 1)))  # feature extraction: every token visible
-    assert full.shape == (2, 17, 32)
-
-    # Buffers: one per tensor, sized for the profile's max shapes, allocated once.
-    mallocs = sorted(n for c, n in [c[:2] for c in cudart.calls] if c == "cudaMalloc")
-    assert mallocs == sorted([4 * 3 * 32 * 32 * 4, 4 * 16 * 8, 4 * 17 * 32 * 4,  # encoder: pixels, ids, latent
-                              4 * 17 * 32 * 4, 4 * 16 * 8, 4 * 16 * 192 * 4])  # decoder: latent, ids, pred
-    ctx = runner.session("encoder").context
-    shapes = [e[2] for e in ctx.log if e[0] == "set_input_shape" and e[1] == "ids_keep"]
-    assert shapes == [(4, 16), (4, 4), (2, 4), (2, 16)]  # max (sizing), then every call's real shape
-    info = runner.info
-    assert info.backend == "trt" and info.providers == ("tensorrt",)
-    assert info.details["built"] == {"encoder": True, "decoder": True}
-    assert info.details["api_generation"] == 10 and info.details["sessions"] == ["decoder", "encoder"]
-    runner.close()
-    assert cudart.memory == {} and cudart.streams == set()  # every buffer and stream released
-
-    # A second runner with the same options finds the cached engines.
-    again = T.TrtRunner(bundle, cache_dir=tmp_path, max_batch=4, progress=False).load()
-    assert again.info.details["built"] == {"encoder": False, "decoder": False}
-    np.testing.assert_allclose(again.encode(x, ids_keep), latent, atol=1e-6)
-    again.close()
-
-
-def test_runner_validates_and_enforces_the_profile(fakes, bundle, tmp_path):
-    runner = T.TrtRunner(bundle, cache_dir=tmp_path, max_visible="L/4", progress=False)
-    x = np.zeros((2, 3, 32, 32), np.float32)
-    with pytest.raises(InputError, match="built for 1..4 visible tokens, but this call has 16"):
-        runner.encode(x, np.tile(np.arange(16), (2, 1)))
-    with pytest.raises(InputError, match="ids_keep row 1 has duplicate index 3"):
-        runner.encode(x, np.array([[0, 1], [3, 3]]))
-    with pytest.raises(InputError, match="batch mismatch"):
-        runner.decode(np.zeros((2, 3, 32), np.float32), np.arange(16)[None])
-    with pytest.raises(InputError, match="latent has width 8 but the model's encoder width is 32"):
-        runner.decode(np.zeros((1, 3, 8), np.float32), np.arange(16)[None])
-    assert runner.info.details["sessions"] == []  # nothing was built for invalid calls
-    runner.close()
-
-
-def test_runner_rebuilds_a_corrupt_cached_engine(fakes, bundle, tmp_path):
-    first = T.TrtRunner(bundle, cache_dir=tmp_path, max_batch=2, progress=False)
-    path = first.engine("encoder").paths.engine
-    path.write_bytes(b"truncated engine")
-    second = T.TrtRunner(bundle, cache_dir=tmp_path, max_batch=2, progress=False)
-    out = second.encode(np.zeros((1, 3, 32, 32), np.float32), np.array([[0, 5]]))
-    assert out.shape == (1, 3, 32) and second.info.details["built"]["encoder"] is True
-    assert path.read_bytes().startswith(ENGINE_MAGIC)
-    second.close()
-
-
-def test_runner_on_tensorrt_11_uses_the_fp16_variant(monkeypatch, bundle, fp32_only_bundle, ort_reference, tmp_path):
-    cudart = FakeCudart()
-    install(monkeypatch, FakeTrt("11.4.0.106", cudart), cudart)
-    runner = T.TrtRunner(bundle, precision="fp16", cache_dir=tmp_path, progress=False)
-    assert runner.info.details["graphs"] == {"encoder": "encoder.fp16.onnx", "decoder": "decoder.fp16.onnx"}
-    x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
-    ids = np.tile(np.arange(16), (2, 1))
-    a, b = runner.encode(x, ids).mean(1), ort_reference.encode(x, ids).mean(1)
-    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-    assert cos.min() > 0.999  # the fp16 graph really ran (float16 inside), close to fp32
-    runner.close()
-    with pytest.raises(BundleError, match="re-export with `mae-deploy export CHECKPOINT --out DIR --precision fp16`"):
-        T.TrtRunner(fp32_only_bundle, precision="fp16", cache_dir=tmp_path)
 
 
 # --------------------------------------------------------------------------------------------------
-# build-engine command (fake tensorrt)
+# GPU-path rules that need no GPU: TensorRT generation for ORT's provider, its graphs and cache folders,
+# a progress display that never raises
 # --------------------------------------------------------------------------------------------------
 
 
-def test_build_engine_command(fakes, bundle_dir, tmp_path):
-    cache = tmp_path / "cache"
-    args = ["build-engine", str(bundle_dir), "--cache-dir", str(cache), "--max-batch", "4", "--opt-visible", "L/4"]
-    res = CliRunner().invoke(main, args)
-    assert res.exit_code == 0, res.output
-    out = res.output
-    assert "TensorRT 10.13.1 (API 10) on Fake GPU 80GB (sm_90)" in out
-    assert "profile: batch 1..4 (opt 4), visible tokens 1..16 (opt 4) of L=16" in out
-    assert "encoder (fp32, from encoder.onnx): built in" in out and "decoder (fp32, from decoder.onnx): built in" in out
-    assert "ids_keep      min 1x1            opt 4x4            max 4x16" in out
-    assert "latent        min 1x2x32         opt 4x5x32         max 4x17x32" in out
-    engines = sorted(cache.glob("*.engine"))
-    assert len(engines) == 2 and all(str(e) in out for e in engines)
-    again = CliRunner().invoke(main, args + ["--parts", "encoder"])
-    assert again.exit_code == 0 and "encoder (fp32, from encoder.onnx): already cached" in again.output
-    assert "decoder (" not in again.output  # --parts encoder: the decoder is neither built nor listed
+def test_installed_trt_generation_without_importing_tensorrt():
+    from importlib import metadata
+
+    def versions(**have):
+        def version(dist):
+            if dist not in have:
+                raise metadata.PackageNotFoundError(dist)
+            return have[dist]
+        return version
+
+    none = lambda name: None  # noqa: E731
+    assert T.installed_trt_generation(none, versions(**{"tensorrt-cu12": "10.13.3.9"})) == 10
+    assert T.installed_trt_generation(none, versions(**{"tensorrt-cu13": "11.4.0.106"})) == 11
+    assert T.installed_trt_generation(none, versions(tensorrt="8.6.1", **{"tensorrt-cu12-libs": "10.3.0"})) == 10
+    assert T.installed_trt_generation(lambda name: "libnvinfer.so.11", versions()) == 11
+    assert T.installed_trt_generation(lambda name: "libnvinfer.so.8", versions()) is None
+    assert T.installed_trt_generation(none, versions()) is None
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--parts", "encoder,head"], "--parts takes encoder and/or decoder"),
-    (["--opt-visible", "99"], "visible-token count 99 must be in 1..16"),
-    (["--max-batch", "2", "--opt-batch", "4"], r"opt_batch 4 must be in 1..max_batch \(2\)"),
-    (["--workspace-gb", "0"], "workspace must be positive"),
-])
-def test_build_engine_command_errors(fakes, bundle_dir, tmp_path, extra, message):
-    res = CliRunner().invoke(main, ["build-engine", str(bundle_dir), "--cache-dir", str(tmp_path), *extra])
-    assert res.exit_code == 3, res.output
-    assert re.search(message, res.output)
+def test_ort_tensorrt_provider_gets_the_fp16_graph_on_tensorrt_11(bundle, fp32_only_bundle, tmp_path):
+    """trt_fp16_enable has no effect on TensorRT 11: the provider must get the fp16 ONNX, as select_graph does."""
+    on11 = T.OrtTrtSetup.for_bundle(bundle, "fp16", cache_root=tmp_path, generation=11)
+    assert {p: s.file for p, s in on11.specs.items()} == {"encoder": "encoder.fp16.onnx",
+                                                           "decoder": "decoder.fp16.onnx"}
+    assert on11.provider_options("encoder", 0)["trt_fp16_enable"] is False  # the graph carries the precision
+    on10 = T.OrtTrtSetup.for_bundle(bundle, "fp16", cache_root=tmp_path, generation=10)
+    assert on10.specs["encoder"].file == "encoder.onnx" and on10.provider_options("decoder", 1)["trt_fp16_enable"]
+    unknown = T.OrtTrtSetup.for_bundle(bundle, "fp16", cache_root=tmp_path, detect=lambda: None)
+    assert unknown.specs["encoder"].file == "encoder.fp16.onnx"  # right on either generation
+    old = T.OrtTrtSetup.for_bundle(fp32_only_bundle, "fp16", cache_root=tmp_path, detect=lambda: None)
+    assert old.specs["encoder"].file == "encoder.onnx" and old.fp16_flag("encoder")
+    with pytest.raises(BundleError, match="TensorRT 11 builds strongly typed networks.*--precision fp16"):
+        T.OrtTrtSetup.for_bundle(fp32_only_bundle, "fp16", cache_root=tmp_path, generation=11)
+    fp32 = T.OrtTrtSetup.for_bundle(bundle, "fp32", cache_root=tmp_path, generation=11)
+    assert fp32.specs["encoder"].file == "encoder.onnx" and not fp32.fp16_flag("encoder")
+    with pytest.raises(InputError, match="trt_generation must be 10 or 11"):
+        T.OrtTrtSetup.for_bundle(bundle, "fp32", generation=9)
+    with pytest.raises(InputError, match="--device tensorrt runs fp32, fp16 or int8, not 'bf16'"):
+        T.OrtTrtSetup.for_bundle(bundle, "bf16")
 
+
+def test_ort_tensorrt_provider_has_one_engine_cache_folder_per_profile(bundle, tmp_path):
+    a = T.OrtTrtSetup.for_bundle(bundle, "fp32", max_batch=8, cache_root=tmp_path, generation=10)
+    same = T.OrtTrtSetup.for_bundle(bundle, "fp32", max_batch=8, cache_root=tmp_path, generation=10)
+    other = T.OrtTrtSetup.for_bundle(bundle, "fp32", max_batch=64, cache_root=tmp_path, generation=10)
+    half = T.OrtTrtSetup.for_bundle(bundle, "fp16", max_batch=8, cache_root=tmp_path, generation=10)
+    assert a.cache_dir == same.cache_dir and a.cache_dir.parent == tmp_path
+    assert len({a.cache_dir, other.cache_dir, half.cache_dir}) == 3
+    assert a.cache_dir.name.startswith("fp32-b8-v1-16-")
+    opts = a.provider_options("encoder", 0)
+    assert opts["trt_engine_cache_path"] == opts["trt_timing_cache_path"] == str(a.cache_dir)
+    assert a.cache_dir.is_dir() and a.describe()["profile"]["max_batch"] == 8
+    blocked = tmp_path / "file"
+    blocked.write_text("x")
+    bad = T.OrtTrtSetup.for_bundle(bundle, "fp32", cache_root=blocked, generation=10)
+    with pytest.raises(InputError, match="cannot create the TensorRT engine cache"):
+        bad.provider_options("encoder", 0)
+
+
+def test_build_progress_callbacks_never_raise(monkeypatch):
+    """A raise inside a TensorRT callback cancels the build (and the message then blames the workspace)."""
+    import tqdm
+
+    def broken(*a, **k):
+        raise OSError("stderr is closed")
+
+    monkeypatch.setattr(tqdm, "tqdm", broken)
+    p = T.BuildProgress("x")
+    p.phase_start("Build", None, 4)  # creating the bar fails: swallowed, remembered
+    assert p.step_complete("Build", 0) is True
+    p.phase_finish("Build")
+    assert p.error == "OSError: stderr is closed"
+    monkeypatch.undo()
+
+    q = T.BuildProgress("y")
+    q.phase_start("Build", None, "not a number")  # TensorRT handing something odd is no reason to cancel
+    assert q.step_complete("Build", 0) is True and q.error.startswith("ValueError")
+    r = T.BuildProgress("z")
+    r.phase_start("Build", None, 2)
+    r.bar.update = broken
+    assert r.step_complete("Build", 0) is True and r.error == "OSError: stderr is closed"
+    r.phase_finish("Build")
+
+
+def test_progress_monitor_is_tensorrts_type_and_a_build_progress():
+    trt = FakeTrt()
+    mon = T._progress_monitor(trt, "desc")
+    assert isinstance(mon, trt.IProgressMonitor) and isinstance(mon, T.BuildProgress)
+    assert ("IProgressMonitor.__init__",) in trt.log and mon.desc == "desc"
+
+
+def test_trt_package_keeps_one_job_per_module():
+    import mae_deploy.runners.trt as pkg
+
+    root = Path(pkg.__file__).parent
+    sizes = {p.name: len(p.read_text().splitlines()) for p in root.glob("*.py")}
+    assert {"api.py", "profile.py", "cache.py", "build.py", "session.py", "runner.py"} <= set(sizes)
+    assert max(sizes.values()) < 600, sizes
+    assert not any("_atomic_write" in p.read_text() for p in root.glob("*.py"))  # mae_deploy.fileio writes

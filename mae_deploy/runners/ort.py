@@ -18,19 +18,29 @@ from __future__ import annotations
 
 import os
 import threading
-from pathlib import Path
 
 import numpy as np
 
-from mae_deploy.bundle import Bundle, GraphSpec
+from mae_deploy.bundle import Bundle
 from mae_deploy.errors import BundleError, DeviceUnavailable, InputError, MissingDependency
-from mae_deploy.masking import check_decode_inputs, check_encode_inputs
-from mae_deploy.runners.base import RunnerInfo
+from mae_deploy.masking import check_pixel_values
+from mae_deploy.names import (
+    CLASSIFIER,
+    CLASSIFIER_INPUTS,
+    CLASSIFIER_OUTPUTS,
+    DECODER,
+    DECODER_INPUTS,
+    DECODER_OUTPUTS,
+    ENCODER,
+    ENCODER_INPUTS,
+    ENCODER_OUTPUTS,
+)
+from mae_deploy.runners.base import BaseRunner, RunnerInfo, check_threads, run_in_chunks
 
 _PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 _OPT_LEVELS = ("disable", "basic", "extended", "all")
-_INPUTS = {"encoder": ("pixel_values", "ids_keep"), "decoder": ("latent", "ids_restore")}
-_OUTPUT = {"encoder": "latent", "decoder": "pred"}
+_INPUTS = {ENCODER: ENCODER_INPUTS, DECODER: DECODER_INPUTS, CLASSIFIER: CLASSIFIER_INPUTS}
+_OUTPUT = {ENCODER: ENCODER_OUTPUTS[0], DECODER: DECODER_OUTPUTS[0], CLASSIFIER: CLASSIFIER_OUTPUTS[0]}
 
 
 def import_onnxruntime(device: str = "cpu"):
@@ -74,20 +84,21 @@ def check_providers(device: str, requested: str, available_or_actual: list[str],
     )
 
 
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "mae-deploy" / "ort-trt"
-
-
-class OrtRunner:
+class OrtRunner(BaseRunner):
     """Run a bundle's encoder/decoder graphs with ONNX Runtime.
 
     ``precision`` picks the graph variant (fp32, fp16, int8); the decoder uses fp32 when the bundle has
-    no decoder at that precision (``info.details['graphs']`` says which files run). On ``tensorrt``,
-    ``fp16`` runs the fp32 graph with TensorRT's fp16 kernels enabled, the usual way to use that EP.
-    ``intra_op_threads`` / ``inter_op_threads`` None leave ONNX Runtime's defaults (all physical cores).
-    ``io_binding`` (default: on for GPU devices) binds outputs to device memory and copies them back
-    once per call.
+    no decoder at that precision (``info.details['graphs']`` says which files run). ``threads`` (what
+    ``create_runner`` passes) is ONNX Runtime's intra-op thread count; ``intra_op_threads`` is the same
+    option under ONNX Runtime's own name, and ``inter_op_threads`` the inter-op count (None: ONNX Runtime's
+    defaults, all physical cores). ``io_binding`` (default: on for GPU devices) binds outputs to device
+    memory and copies them back once per call.
+
+    On ``tensorrt``: one optimization profile (batch 1..``trt_max_batch``, visible 1..L) per part, built by
+    the trt package's one definition of it; bigger batches run in chunks of ``trt_max_batch``; engines
+    are cached in one folder per profile under ``trt_cache_dir``. fp16 runs the fp32 graph with
+    ``trt_fp16_enable`` on TensorRT 10 and the bundle's fp16 graph on TensorRT 11+, where that flag has
+    no effect (``trt_generation``: the TensorRT major ONNX Runtime uses; default: detected).
     """
 
     def __init__(
@@ -95,6 +106,8 @@ class OrtRunner:
         bundle: Bundle,
         device: str = "cpu",
         precision: str = "fp32",
+        *,
+        threads: int | None = None,
         intra_op_threads: int | None = None,
         inter_op_threads: int | None = None,
         graph_optimization: str = "all",
@@ -103,6 +116,7 @@ class OrtRunner:
         trt_opt_batch: int | None = None,
         trt_opt_visible: int | None = None,
         trt_cache_dir: str | os.PathLike | None = None,
+        trt_generation: int | None = None,
         log_level: int = 3,
     ) -> None:
         self.ort = import_onnxruntime(device)
@@ -112,28 +126,33 @@ class OrtRunner:
         self.precision = precision
         if graph_optimization not in _OPT_LEVELS:
             raise InputError(f"graph_optimization must be one of {list(_OPT_LEVELS)}, got {graph_optimization!r}")
-        for name, n in (("intra_op_threads", intra_op_threads), ("inter_op_threads", inter_op_threads)):
-            if n is not None and n < 1:
-                raise InputError(f"{name} must be at least 1, got {n}")
-        self.intra_op_threads = intra_op_threads
-        self.inter_op_threads = inter_op_threads
+        threads = check_threads(threads)
+        intra = check_threads(intra_op_threads, "intra_op_threads")
+        if threads is not None and intra is not None and threads != intra:
+            raise InputError(f"threads={threads} and intra_op_threads={intra} disagree; give one of them")
+        self.intra_op_threads = intra if intra is not None else threads
+        self.inter_op_threads = check_threads(inter_op_threads, "inter_op_threads")
         self.graph_optimization = graph_optimization
         self.io_binding = (self.kind != "cpu") if io_binding is None else io_binding
         self.log_level = log_level
-        self.trt_max_batch = trt_max_batch
-        self.trt_opt_batch = trt_opt_batch or min(8, trt_max_batch)
-        self.trt_opt_visible = trt_opt_visible or bundle.num_patches
-        self.trt_cache_dir = Path(trt_cache_dir) if trt_cache_dir else default_cache_dir()
 
         self._primary = _PROVIDER[self.kind]
         check_providers(device, self._primary, list(self.ort.get_available_providers()), session=False)
-        # Resolve graph files now so a missing precision fails before any work.
-        graph_precision = "fp32" if (self.kind == "tensorrt" and precision == "fp16") else precision
-        self._specs: dict[str, GraphSpec | None] = {"encoder": bundle.graph("encoder", graph_precision)}
-        dec = bundle.precisions("decoder")
-        self._specs["decoder"] = (
-            bundle.graph("decoder", graph_precision if graph_precision in dec else "fp32") if dec else None
-        )
+        self.trt = None
+        if self.kind == "tensorrt":
+            from mae_deploy.runners.trt.ort_ep import OrtTrtSetup
+
+            self.trt = OrtTrtSetup.for_bundle(bundle, precision, max_batch=trt_max_batch, opt_batch=trt_opt_batch,
+                                              opt_visible=trt_opt_visible, cache_root=trt_cache_dir,
+                                              generation=trt_generation)
+            self._specs = dict(self.trt.specs)
+        else:
+            # Resolve graph files now so a missing precision fails before any work.
+            self._specs = {ENCODER: bundle.graph(ENCODER, precision)}
+            dec = bundle.precisions(DECODER)
+            self._specs[DECODER] = bundle.graph(DECODER, precision if precision in dec else "fp32") if dec else None
+            if precision in bundle.precisions(CLASSIFIER):  # absent: classify() says what the bundle has
+                self._specs[CLASSIFIER] = bundle.graph(CLASSIFIER, precision)
         self._sessions: dict[str, object] = {}
         self._lock = threading.Lock()
 
@@ -144,15 +163,8 @@ class OrtRunner:
             return ["CPUExecutionProvider"]
         if self.kind == "cuda":
             return [cuda, "CPUExecutionProvider"]
-        self.trt_cache_dir.mkdir(parents=True, exist_ok=True)
-        # One definition of the TensorRT profile and its options, shared with the trt backend.
-        from mae_deploy.runners.trt import ort_trt_provider_options, profile_for_bundle
-
-        profile = profile_for_bundle(self.bundle, max_batch=self.trt_max_batch, opt_batch=self.trt_opt_batch,
-                                     opt_visible=self.trt_opt_visible)
-        trt = ort_trt_provider_options(profile, self.trt_cache_dir, fp16=self.precision == "fp16", part=part,
-                                       device_id=self.device_id)
-        return [("TensorrtExecutionProvider", trt), cuda, "CPUExecutionProvider"]
+        return [("TensorrtExecutionProvider", self.trt.provider_options(part, self.device_id)), cuda,
+                "CPUExecutionProvider"]
 
     def _session_options(self):
         so = self.ort.SessionOptions()
@@ -178,40 +190,39 @@ class OrtRunner:
             return self._sessions[part]
         spec = self._specs.get(part)
         if spec is None:
-            self.bundle.graph(part)  # raises the bundle's own message (e.g. encoder-only)
+            self._missing_part(part)
         with self._lock:
             if part not in self._sessions:
-                path = self.bundle.path / spec.file
-                try:
-                    sess = self.ort.InferenceSession(
-                        str(path), sess_options=self._session_options(), providers=self._providers(part)
-                    )
-                except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
-                    if self.kind == "cpu":
-                        raise BundleError(f"ONNX Runtime cannot load {path}: {e}") from e
-                    raise DeviceUnavailable(
-                        f"ONNX Runtime could not start the {part} on {self.device}: {e} (if the bundle runs with "
-                        "--device cpu, the GPU setup is at fault)"
-                    ) from e
-                check_providers(self.device, self._primary, list(sess.get_providers()), session=True)
-                names = tuple(i.name for i in sess.get_inputs())
-                if sorted(names) != sorted(_INPUTS[part]) or _OUTPUT[part] not in [o.name for o in sess.get_outputs()]:
-                    raise BundleError(
-                        f"{path} has inputs {list(names)} and outputs {[o.name for o in sess.get_outputs()]}; "
-                        f"a bundle {part} needs inputs {list(_INPUTS[part])} and output '{_OUTPUT[part]}'"
-                    )
-                self._sessions[part] = sess
+                self._sessions[part] = self._create_session(part, self.bundle.path / spec.file)
         return self._sessions[part]
 
-    def load(self, parts: tuple[str, ...] = ("encoder", "decoder")) -> OrtRunner:
-        """Create the sessions now (those the bundle has) instead of on first use."""
-        for part in parts:
-            if self._specs.get(part) is not None:
-                self.session(part)
-        return self
+    def _create_session(self, part: str, path):
+        try:
+            sess = self.ort.InferenceSession(
+                str(path), sess_options=self._session_options(), providers=self._providers(part)
+            )
+        except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+            if self.kind == "cpu":
+                raise BundleError(f"ONNX Runtime cannot load {path}: {e}") from e
+            raise DeviceUnavailable(
+                f"ONNX Runtime could not start the {part} on {self.device}: {e} (if the bundle runs with "
+                "--device cpu, the GPU setup is at fault)"
+            ) from e
+        check_providers(self.device, self._primary, list(sess.get_providers()), session=True)
+        names = tuple(i.name for i in sess.get_inputs())
+        outputs = [o.name for o in sess.get_outputs()]
+        if sorted(names) != sorted(_INPUTS[part]) or _OUTPUT[part] not in outputs:
+            raise BundleError(
+                f"{path} has inputs {list(names)} and outputs {outputs}; "
+                f"a bundle {part} needs inputs {list(_INPUTS[part])} and output '{_OUTPUT[part]}'"
+            )
+        return sess
+
+    def _load(self, part: str) -> None:
+        self.session(part)
 
     # -- running --------------------------------------------------------------------------------
-    def _run(self, part: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    def _run_once(self, part: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
         sess = self.session(part)
         out = _OUTPUT[part]
         if not self.io_binding:
@@ -224,23 +235,27 @@ class OrtRunner:
         sess.run_with_iobinding(binding)
         return np.asarray(binding.copy_outputs_to_cpu()[0], dtype=np.float32)
 
-    def encode(self, pixel_values: np.ndarray, ids_keep: np.ndarray) -> np.ndarray:
-        b = self.bundle
-        x, ids = check_encode_inputs(
-            pixel_values, ids_keep, in_chans=b.in_chans, image_size=b.image_size, num_patches=b.num_patches
-        )
-        return self._run("encoder", {"pixel_values": x, "ids_keep": ids})
+    def _run(self, part: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        if self.trt is None:
+            return self._run_once(part, feeds)
+        # TensorRT's profile ends at its max batch: split bigger batches like the trt backend does.
+        return run_in_chunks(lambda f: self._run_once(part, f), feeds, self.trt.profile.max_batch)
 
-    def decode(self, latent: np.ndarray, ids_restore: np.ndarray) -> np.ndarray:
-        b = self.bundle
-        if self._specs["decoder"] is None:
-            b.graph("decoder")  # raises: no decoder in this bundle
-        x, ids = check_decode_inputs(latent, ids_restore, embed_dim=b.embed_dim, num_patches=b.num_patches)
-        return self._run("decoder", {"latent": x, "ids_restore": ids})
+    def _encode(self, pixel_values: np.ndarray, ids_keep: np.ndarray) -> np.ndarray:
+        return self._run(ENCODER, {"pixel_values": pixel_values, "ids_keep": ids_keep})
 
-    @property
-    def has_decoder(self) -> bool:
-        return self._specs["decoder"] is not None
+    def _decode(self, latent: np.ndarray, ids_restore: np.ndarray) -> np.ndarray:
+        return self._run(DECODER, {"latent": latent, "ids_restore": ids_restore})
+
+    def classify(self, pixel_values: np.ndarray) -> np.ndarray:
+        """pixel_values float32 [N,C,H,W] -> logits float32 [N,num_classes] with the bundle's classifier graph."""
+        b = self.bundle
+        if self.trt is not None:
+            raise InputError("the classifier runs on --device cpu or cuda with ONNX Runtime; its TensorRT "
+                             "provider profile covers the encoder and decoder only")
+        if self._specs.get(CLASSIFIER) is None:
+            b.classifier_graph(self.precision)  # raises: no classifier, or none at this precision
+        return self._run(CLASSIFIER, {"pixel_values": check_pixel_values(pixel_values, b.in_chans, b.image_size)})
 
     @property
     def info(self) -> RunnerInfo:
@@ -248,28 +263,21 @@ class OrtRunner:
         providers: list[str] = []
         for sess in self._sessions.values():
             providers += [p for p in sess.get_providers() if p not in providers]
-        return RunnerInfo(
-            backend="ort",
-            device=self.device,
-            precision=self.precision,
-            providers=tuple(providers),
-            details={
-                "onnxruntime": self.ort.__version__,
-                "requested_provider": self._primary,
-                "graphs": {part: spec.file for part, spec in self._specs.items() if spec is not None},
-                "sessions": sorted(self._sessions),
-                "intra_op_threads": self.intra_op_threads,
-                "inter_op_threads": self.inter_op_threads,
-                "graph_optimization": self.graph_optimization,
-                "io_binding": self.io_binding,
-            },
-        )
+        details = {
+            "onnxruntime": self.ort.__version__,
+            "requested_provider": self._primary,
+            "graphs": {part: spec.file for part, spec in self._specs.items() if spec is not None},
+            "sessions": sorted(self._sessions),
+            "intra_op_threads": self.intra_op_threads,
+            "inter_op_threads": self.inter_op_threads,
+            "graph_optimization": self.graph_optimization,
+            "io_binding": self.io_binding,
+        }
+        if self.trt is not None:
+            details["tensorrt"] = self.trt.describe()
+        return RunnerInfo(backend="ort", device=self.device, precision=self.precision, providers=tuple(providers),
+                          details=details)
 
     def close(self) -> None:
-        self._sessions.clear()
-
-    def __enter__(self) -> OrtRunner:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        with self._lock:
+            self._sessions.clear()

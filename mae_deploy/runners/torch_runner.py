@@ -16,14 +16,18 @@ import numpy as np
 
 from mae_deploy.bundle import Bundle
 from mae_deploy.errors import BundleError, DeviceUnavailable, InputError, MissingDependency
-from mae_deploy.masking import check_decode_inputs, check_encode_inputs
-from mae_deploy.runners.base import RunnerInfo
+from mae_deploy.masking import check_pixel_values
+from mae_deploy.names import DECODER, ENCODER
+from mae_deploy.runners.base import BaseRunner, RunnerInfo, check_threads
 
 _ARCH_KEYS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads")
 
 
-class TorchRunner:
-    """Encode/decode with the PyTorch model (the reference implementation)."""
+class TorchRunner(BaseRunner):
+    """Encode/decode with the PyTorch model (the reference implementation).
+
+    ``threads``: torch's intra-op thread count (``torch.set_num_threads``, process-wide); None leaves it.
+    """
 
     def __init__(
         self,
@@ -33,12 +37,13 @@ class TorchRunner:
         checkpoint: str | os.PathLike | None = None,
         threads: int | None = None,
     ) -> None:
+        threads = check_threads(threads)
         try:
             import torch
         except ImportError as e:
             raise MissingDependency("torch", "the torch backend", "pip install 'mae-deploy[torch]'") from e
         from training.checkpoints import load_model
-        from training.model import MaskedAutoencoderViT
+        from training.model import MaskedAutoencoderViT, VisionTransformer
 
         self.torch = torch
         self.bundle = bundle
@@ -54,14 +59,14 @@ class TorchRunner:
             raise InputError(f"unknown torch device {device!r}; use cpu, cuda or cuda:N")
         if precision == "fp16" and self._device.type != "cuda":
             raise InputError("fp16 autocast needs --device cuda; on CPU use bf16 or fp32")
-        if threads:
+        if threads is not None:
             torch.set_num_threads(threads)
         self.device, self.precision = device, precision
 
         self.checkpoint = checkpoint if checkpoint is not None else bundle.reference_checkpoint()
         model, ckpt = load_model(self.checkpoint)
-        if not isinstance(model, MaskedAutoencoderViT):
-            raise BundleError(f"{self.checkpoint} is a classifier checkpoint; the torch runner needs an MAE")
+        if not isinstance(model, (MaskedAutoencoderViT, VisionTransformer)):
+            raise BundleError(f"{self.checkpoint} holds neither an MAE nor a ViT classifier")
         cfg, arch = ckpt.config, bundle.architecture
         diffs = [f"{k} {getattr(cfg, k)} vs {arch[k]}" for k in _ARCH_KEYS if k in arch and getattr(cfg, k) != arch[k]]
         if diffs:
@@ -69,7 +74,12 @@ class TorchRunner:
                 f"checkpoint {self.checkpoint} does not match bundle {bundle.path}: {', '.join(diffs)}"
             )
         self.model = model.to(self._device).eval()
-        self._has_decoder = bool(model.has_decoder)
+        # The checkpoint, not the bundle, decides which parts exist here.
+        self._specs = {ENCODER: self.checkpoint,
+                       DECODER: self.checkpoint if getattr(model, "has_decoder", False) else None}
+
+    def _missing_part(self, part: str) -> None:
+        raise BundleError(f"checkpoint {self.checkpoint} has no {part}; reconstruction needs one")
 
     def _autocast(self):
         torch = self.torch
@@ -81,31 +91,34 @@ class TorchRunner:
     def _to_numpy(self, t) -> np.ndarray:
         return t.float().cpu().numpy().astype(np.float32, copy=False)
 
-    def encode(self, pixel_values: np.ndarray, ids_keep: np.ndarray) -> np.ndarray:
-        b, torch = self.bundle, self.torch
-        x, ids = check_encode_inputs(
-            pixel_values, ids_keep, in_chans=b.in_chans, image_size=b.image_size, num_patches=b.num_patches
-        )
+    def _encode(self, pixel_values: np.ndarray, ids_keep: np.ndarray) -> np.ndarray:
+        torch = self.torch
         with torch.inference_mode(), self._autocast():
             latent = self.model.forward_encoder(
-                torch.from_numpy(x).to(self._device), torch.from_numpy(ids).to(self._device)
+                torch.from_numpy(pixel_values).to(self._device), torch.from_numpy(ids_keep).to(self._device)
             )
         return self._to_numpy(latent)
 
-    def decode(self, latent: np.ndarray, ids_restore: np.ndarray) -> np.ndarray:
-        b, torch = self.bundle, self.torch
-        if not self._has_decoder:
-            raise BundleError(f"checkpoint {self.checkpoint} has no decoder; reconstruction needs one")
-        x, ids = check_decode_inputs(latent, ids_restore, embed_dim=b.embed_dim, num_patches=b.num_patches)
+    def _decode(self, latent: np.ndarray, ids_restore: np.ndarray) -> np.ndarray:
+        torch = self.torch
         with torch.inference_mode(), self._autocast():
             pred = self.model.forward_decoder(
-                torch.from_numpy(x).to(self._device), torch.from_numpy(ids).to(self._device)
+                torch.from_numpy(latent).to(self._device), torch.from_numpy(ids_restore).to(self._device)
             )
         return self._to_numpy(pred)
 
-    @property
-    def has_decoder(self) -> bool:
-        return self._has_decoder
+    def classify(self, pixel_values: np.ndarray) -> np.ndarray:
+        """pixel_values float32 [N,C,H,W] -> logits [N,num_classes]: the reference classifier (pool, norm, head)."""
+        from training.model import VisionTransformer
+
+        if not isinstance(self.model, VisionTransformer) or self.model.num_classes == 0:
+            raise BundleError(f"checkpoint {self.checkpoint} has no classification head; classification needs a "
+                              "fine-tuned or linear-probe checkpoint")
+        b, torch = self.bundle, self.torch
+        x = check_pixel_values(pixel_values, b.in_chans, b.image_size)
+        with torch.inference_mode(), self._autocast():
+            logits = self.model(torch.from_numpy(x).to(self._device))
+        return self._to_numpy(logits)
 
     @property
     def info(self) -> RunnerInfo:
@@ -117,9 +130,3 @@ class TorchRunner:
 
     def close(self) -> None:
         self.model = None
-
-    def __enter__(self) -> TorchRunner:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

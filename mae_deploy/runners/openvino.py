@@ -1,0 +1,207 @@
+"""OpenVINO backend (CPU): the bundle's ONNX files read as they are, no second export format.
+
+``openvino.Core().read_model`` takes the ``.onnx`` path directly (external weight data resolves beside it);
+``batch`` and ``visible`` stay dynamic, so one compiled encoder serves feature extraction (visible = L) and
+reconstruction (visible = L/4). torch-free; ``openvino`` is imported when a runner is made (extra
+``mae-deploy[openvino]``).
+
+Precisions:
+
+- ``fp32``: the fp32 graph with ``INFERENCE_PRECISION_HINT=f32``. Said explicitly, because on CPUs with
+  bf16 support OpenVINO's default inference precision is bf16, which would make "fp32" silently inexact.
+- ``bf16``: the fp32 graph with ``INFERENCE_PRECISION_HINT=bf16``. Refused (DeviceUnavailable, exit 7)
+  where the CPU's ``OPTIMIZATION_CAPABILITIES`` lack ``BF16``: OpenVINO would otherwise quietly run fp32.
+- ``int8``: the bundle's statically calibrated Q/DQ graph (``int8-qdq``, explicit quantisation), which
+  OpenVINO runs with int8 kernels. The bundle's plain ``int8`` graphs are ONNX Runtime dynamic
+  quantisation (MatMulInteger), not what OpenVINO is fast at, so they are not used here.
+
+Options: ``threads`` -> ``INFERENCE_NUM_THREADS``; ``hint`` "latency" | "throughput" -> ``PERFORMANCE_HINT``;
+``num_streams`` -> ``NUM_STREAMS``. Each part has one infer request, used under a lock, so a runner can be
+shared by threads (calls on a part are serialised).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from mae_deploy.bundle import Bundle
+from mae_deploy.errors import BundleError, DeviceUnavailable, InputError, MissingDependency
+from mae_deploy.names import DECODER, ENCODER, INT8_QDQ
+from mae_deploy.runners.base import PART_INPUTS as _INPUTS
+from mae_deploy.runners.base import PART_OUTPUT as _OUTPUT
+from mae_deploy.runners.base import BaseRunner, RunnerInfo, check_threads
+
+PRECISIONS = ("fp32", "bf16", "int8")
+HINTS = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
+_INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: Q/DQ nodes decide; the rest f32
+
+
+def import_openvino():
+    """``import openvino`` with the one-line MissingDependency naming the extra."""
+    try:
+        import openvino
+    except ImportError as e:
+        raise MissingDependency("openvino", "the openvino backend", "pip install 'mae-deploy[openvino]'") from e
+    return openvino
+
+
+def cpu_supports_bf16(core) -> bool:
+    """Whether OpenVINO's CPU plugin has bf16 kernels on this CPU (AVX512_BF16 or AMX)."""
+    return "BF16" in [str(c).upper() for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+
+
+def graph_precision(bundle: Bundle, part: str, precision: str) -> str | None:
+    """Which of the bundle's graph variants OpenVINO runs for ``part`` (None: the bundle has no such part).
+
+    fp32 and bf16 run the fp32 graph (bf16 is an inference hint, not a file). int8 runs the Q/DQ variant; a
+    decoder without one runs fp32, as ORT does when the bundle lacks a decoder at the asked precision.
+    """
+    have = bundle.precisions(part)
+    if not have:
+        return None
+    if precision != "int8":
+        return "fp32"
+    if INT8_QDQ in have:
+        return INT8_QDQ
+    if part == DECODER:
+        return "fp32"
+    raise InputError(
+        f"--backend openvino --precision int8 runs a statically quantised Q/DQ graph, and bundle {bundle.path} "
+        f"has no {part} graph at {INT8_QDQ} (it has: {', '.join(have)}; its int8 is ONNX Runtime dynamic "
+        f"quantisation, which OpenVINO does not speed up). Export one with `mae-deploy export CHECKPOINT "
+        f"--out DIR --precision {INT8_QDQ} --calibration IMAGES`, or use --backend ort --precision int8"
+    )
+
+
+def compile_config(precision: str, threads: int | None, hint: str, num_streams: int | None) -> dict[str, str]:
+    """The CPU plugin's properties for our options (values as strings, as OpenVINO's config takes them)."""
+    config = {"PERFORMANCE_HINT": HINTS[hint], "INFERENCE_PRECISION_HINT": _INFERENCE_PRECISION[precision]}
+    if threads is not None:
+        config["INFERENCE_NUM_THREADS"] = str(threads)
+    if num_streams is not None:
+        config["NUM_STREAMS"] = str(num_streams)
+    return config
+
+
+def _property_text(value) -> str:
+    """'f32' for an element type (not "<Type: 'float32'>"), 'LATENCY' for a hint, '2' for a count."""
+    type_name = getattr(value, "get_type_name", None)
+    if callable(type_name):
+        return str(type_name())
+    return str(getattr(value, "name", value))
+
+
+class OpenVinoRunner(BaseRunner):
+    """Run a bundle's encoder/decoder ONNX graphs with OpenVINO on the CPU (see the module docstring)."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        device: str = "cpu",
+        precision: str = "fp32",
+        *,
+        threads: int | None = None,
+        hint: str = "latency",
+        num_streams: int | None = None,
+    ) -> None:
+        if device.lower() != "cpu":
+            raise InputError(f"the openvino backend runs on cpu, not {device!r}")
+        if precision not in PRECISIONS:
+            raise InputError(f"the openvino backend runs {', '.join(PRECISIONS)}, not {precision!r}")
+        if hint not in HINTS:
+            raise InputError(f"hint must be one of {list(HINTS)}, got {hint!r}")
+        self.threads = check_threads(threads)
+        self.num_streams = check_threads(num_streams, "num_streams")
+        self.bundle, self.device, self.precision, self.hint = bundle, "cpu", precision, hint
+        # Resolve the graph files before loading OpenVINO, so a bundle without a Q/DQ graph fails fast.
+        variants = {part: graph_precision(bundle, part, precision) for part in (ENCODER, DECODER)}
+        self._specs = {part: bundle.graph(part, v) if v else None for part, v in variants.items()}
+        self.ov = import_openvino()
+        self.core = self.ov.Core()
+        if precision == "bf16" and not cpu_supports_bf16(self.core):
+            caps = ", ".join(self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+            raise DeviceUnavailable(
+                f"--precision bf16 on openvino needs a CPU with bf16 instructions (AVX512_BF16 or AMX), and this "
+                f"one offers {caps}; use --precision fp32 (or int8 with a Q/DQ graph) here"
+            )
+        self.config = compile_config(precision, self.threads, hint, self.num_streams)
+        self._compiled: dict[str, object] = {}
+        self._requests: dict[str, object] = {}
+        self._locks = {ENCODER: threading.Lock(), DECODER: threading.Lock()}
+
+    # -- compiling --------------------------------------------------------------------------------
+    def _compile(self, part: str):
+        path = self.bundle.path / self._specs[part].file
+        try:
+            model = self.core.read_model(str(path))
+        except Exception as e:  # OpenVINO raises RuntimeError subclasses with the frontend's message
+            raise BundleError(f"OpenVINO cannot read {path}: {e}") from e
+        inputs = sorted(n for i in model.inputs for n in i.get_names())
+        outputs = [n for o in model.outputs for n in o.get_names()]
+        if not set(_INPUTS[part]) <= set(inputs) or _OUTPUT[part] not in outputs:
+            raise BundleError(f"{path} has inputs {inputs} and outputs {outputs}; a bundle {part} needs inputs "
+                              f"{list(_INPUTS[part])} and output '{_OUTPUT[part]}'")
+        try:
+            return self.core.compile_model(model, "CPU", self.config)
+        except Exception as e:
+            raise BundleError(f"OpenVINO cannot compile {path} for the CPU: {e}") from e
+
+    def request(self, part: str):
+        """The part's infer request, compiled on first use."""
+        if not self.has_part(part):
+            self._missing_part(part)
+        with self._locks[part]:
+            if part not in self._requests:
+                compiled = self._compile(part)
+                self._compiled[part] = compiled
+                self._requests[part] = compiled.create_infer_request()
+            return self._requests[part]
+
+    def _load(self, part: str) -> None:
+        self.request(part)
+
+    # -- running ----------------------------------------------------------------------------------
+    def _run(self, part: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        req = self.request(part)
+        with self._locks[part]:  # one request per part: calls are serialised
+            req.infer(feeds)
+            # Copy out: the request's output tensor is overwritten by the next call.
+            return np.array(req.get_tensor(_OUTPUT[part]).data, dtype=np.float32, copy=True)
+
+    def _encode(self, pixel_values: np.ndarray, ids_keep: np.ndarray) -> np.ndarray:
+        return self._run(ENCODER, {"pixel_values": pixel_values, "ids_keep": ids_keep})
+
+    def _decode(self, latent: np.ndarray, ids_restore: np.ndarray) -> np.ndarray:
+        return self._run(DECODER, {"latent": latent, "ids_restore": ids_restore})
+
+    @property
+    def info(self) -> RunnerInfo:
+        """What the compiled models really use (threads, precision, hint), read back from OpenVINO."""
+        compiled = {}
+        for part, cm in self._compiled.items():
+            compiled[part] = {k: _property_text(cm.get_property(k)) for k in
+                              ("INFERENCE_NUM_THREADS", "INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT", "NUM_STREAMS")}
+        return RunnerInfo(
+            backend="openvino",
+            device=self.device,
+            precision=self.precision,
+            providers=("openvino:CPU",),
+            details={
+                "openvino": self.ov.get_version(),
+                "cpu": str(self.core.get_property("CPU", "FULL_DEVICE_NAME")),
+                "graphs": {p: s.file for p, s in self._specs.items() if s is not None},
+                "sessions": sorted(self._requests),
+                "threads": self.threads,
+                "hint": self.hint,
+                "config": dict(self.config),
+                "compiled": compiled,
+            },
+        )
+
+    def close(self) -> None:
+        for part, lock in self._locks.items():
+            with lock:
+                self._requests.pop(part, None)
+                self._compiled.pop(part, None)
