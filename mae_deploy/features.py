@@ -73,6 +73,7 @@ class FeatureExtractor:
         self.batch_size = batch_size
         self.preprocessor = preprocessor or Preprocessor.from_bundle(self.bundle)
         self._own_runner = runner is None
+        self._closed = False
         self.runner = runner or create_runner(self.bundle, backend, device=device, precision=precision, **runner_opts)
 
     @property
@@ -81,6 +82,8 @@ class FeatureExtractor:
 
     def extract_pixels(self, pixel_values: np.ndarray) -> np.ndarray:
         """Already preprocessed float32 (N, C, H, W) -> pooled features (one runner call)."""
+        if self._closed:  # the runner would silently open new sessions: a use-after-close is a bug
+            raise RuntimeError("this FeatureExtractor is closed; create a new one to extract more features")
         b = self.bundle
         x = check_pixel_values(pixel_values, b.in_chans, b.image_size)
         ids_keep, _, _ = all_visible(x.shape[0], b.num_patches)
@@ -119,6 +122,7 @@ class FeatureExtractor:
     __call__ = extract
 
     def close(self) -> None:
+        self._closed = True
         if self._own_runner:
             self.runner.close()
 

@@ -31,10 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mae_deploy.errors import InputError
+from mae_deploy.names import IMAGE_EXTENSIONS
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-)
+__all__ = ["IMAGE_EXTENSIONS", "Source", "is_image_name", "list_source", "split_rows"]
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -122,6 +121,9 @@ def list_source(spec: str | os.PathLike) -> Source:
             kind, paths = "list", _read_list(p)
             if not paths:
                 raise InputError(f"the list of paths {s} is empty (no non-blank, non-comment lines)")
+    elif p.exists():  # neither a directory nor a regular file: reading it would block or never end
+        raise InputError(f"source {s} is not a regular file (a FIFO, socket or device); give a directory, a glob "
+                         "or a text file of image paths")
     elif _GLOB_CHARS & set(s):
         kind, paths = "glob", _expand_glob(s)
         if not paths:

@@ -6,7 +6,6 @@ kind) is made once per session; one clean run of it is the reference the other r
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -14,18 +13,18 @@ import signal
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from extract_data import BROKEN, REPO, RUN, TWINS, result_files
 from PIL import Image
 
-from mae_deploy.bundle import MANIFEST_NAME, write_manifest
 from mae_deploy.errors import InputError, PartialFailure
 from mae_deploy.extract import (
     ERRORS_NAME,
+    LOCK_NAME,
     classify_failure,
     extract_features,
     index_name,
@@ -34,173 +33,9 @@ from mae_deploy.extract import (
 )
 from mae_deploy.sources import IMAGE_EXTENSIONS, list_source, split_rows
 
-skimage_data = pytest.importorskip("skimage.data")
+pytest_plugins = ["extract_data"]  # the images, bundle and clean-run fixtures, made once per session
 # workers=0 decodes in this process, where Pillow warns about the bomb just before it fails as one.
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
-
-REPO = Path(__file__).resolve().parents[1]
-# The settings of the reference run; the killed/resumed run must use the same ones.
-RUN = {"batch_size": 4, "shard_size": 12, "workers": 1}
-BROKEN = {  # file name -> the reason errors.jsonl must give
-    "broken/truncated.jpg": "truncated",
-    "broken/corrupt.png": "corrupt",
-    "broken/zero.jpg": "empty",
-    "broken/text.jpg": "not_an_image",
-    "broken/tiny.png": "too_small",
-    "broken/bomb.png": "decompression_bomb",
-}
-# Pairs that must give identical features: (unusual file, plain twin with the pixels the model should see).
-TWINS = {
-    "odd/exif_rot.png": "odd/exif_rot_twin.png",
-    "odd/gray16.png": "odd/gray16_twin.png",
-    "odd/anim.gif": "odd/anim_twin.png",
-    "odd/rgba_opaque.png": "odd/rgba_opaque_twin.png",
-}
-
-
-# ------------------------------------------------------------------------------------------------
-# Data and bundles (once per session)
-# ------------------------------------------------------------------------------------------------
-
-
-def _photos() -> list[np.ndarray]:
-    names = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "colorwheel", "camera", "coins",
-             "moon", "text"]
-    return [getattr(skimage_data, n)() for n in names]
-
-
-def _bomb_png(path: Path, width: int = 10_000, height: int = 9_000) -> None:
-    """A valid all-black greyscale PNG above Pillow's default limit (89.5 M pixels), ~90 KB on disk."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
-
-    comp = zlib.compressobj(9)
-    row = b"\0" * (width + 1)  # filter byte + pixels
-    idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
-    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
-
-
-def _make_images(root: Path) -> dict:
-    rng = np.random.default_rng(0)
-    photos = _photos()
-    good = []
-    for i in range(320):
-        a = photos[i % len(photos)]
-        h, w = int(rng.integers(24, 160)), int(rng.integers(24, 160))
-        y, x = int(rng.integers(0, a.shape[0] - h)), int(rng.integers(0, a.shape[1] - w))
-        crop = Image.fromarray(np.ascontiguousarray(a[y:y + h, x:x + w]))
-        sub = ["", "a", "a/b", "c"][i % 4]
-        ext = [".jpg", ".png", ".JPG", ".jpeg", ".PNG"][i % 5]
-        rel = f"{sub}/img{i:04d}{ext}".lstrip("/")
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        if ext.lower() in (".jpg", ".jpeg"):
-            crop.save(root / rel, quality=int(rng.integers(60, 96)))
-        else:
-            crop.save(root / rel)
-        good.append(rel)
-
-    odd = root / "odd"
-    odd.mkdir()
-    astro = Image.fromarray(skimage_data.astronaut()).resize((96, 80))
-    # EXIF orientation 6 (rotate 90 CW to display): stored rotated the other way, twin stored upright.
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    astro.transpose(Image.Transpose.ROTATE_90).save(odd / "exif_rot.png", exif=exif)
-    astro.save(odd / "exif_rot_twin.png")
-    g8 = np.asarray(astro.convert("L"))
-    Image.fromarray(g8.astype(np.uint16) * 257).save(odd / "gray16.png")  # 16-bit, v*257 -> 8-bit v
-    Image.fromarray(g8).save(odd / "gray16_twin.png")
-    frames = [astro.quantize(64), Image.fromarray(skimage_data.coffee()).resize((96, 80)).quantize(64)]
-    frames[0].save(odd / "anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
-    frames[0].convert("RGB").save(odd / "anim_twin.png")
-    rgba = astro.convert("RGBA")
-    rgba.save(odd / "rgba_opaque.png")
-    astro.save(odd / "rgba_opaque_twin.png")
-    logo = Image.fromarray(skimage_data.logo())  # RGBA with real transparency
-    logo.resize((80, 80)).save(odd / "rgba.png")
-    astro.convert("CMYK").save(odd / "cmyk.jpg")
-    astro.convert("P", palette=Image.Palette.ADAPTIVE).save(odd / "palette.png")
-    pt = astro.convert("P", palette=Image.Palette.ADAPTIVE)
-    pt.info["transparency"] = 0
-    pt.save(odd / "palette_transparent.png", transparency=0)
-    astro.convert("L").save(odd / "gray.jpg")
-    astro.convert("LA").save(odd / "gray_alpha.png")
-    Image.fromarray(skimage_data.horse()).resize((64, 52)).save(odd / "bilevel.png")
-    astro.save(odd / "tiff.TIF")
-    astro.save(odd / "bitmap.bmp")
-    astro.save(odd / "web.webp")
-    astro.save(odd / "pixmap.ppm")
-    astro.convert("L").save(odd / "graymap.pgm")
-    good += sorted(p.relative_to(root).as_posix() for p in odd.iterdir())
-
-    broken = root / "broken"
-    broken.mkdir()
-    buf = io.BytesIO()
-    astro.save(buf, format="JPEG", quality=90)
-    (broken / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
-    buf = io.BytesIO()
-    astro.save(buf, format="PNG")
-    data = bytearray(buf.getvalue())
-    at = data.index(b"IDAT") + 40
-    data[at:at + 64] = bytes(rng.integers(0, 256, 64, dtype=np.uint8))  # garbage in the compressed pixels
-    (broken / "corrupt.png").write_bytes(bytes(data))
-    (broken / "zero.jpg").write_bytes(b"")
-    (broken / "text.jpg").write_text("this is not an image\n")
-    astro.resize((10, 12)).save(broken / "tiny.png")
-    _bomb_png(broken / "bomb.png")
-    # Not inputs: other extensions and hidden files.
-    (root / "notes.txt").write_text("ignored")
-    astro.save(root / ".hidden.jpg")
-    return {"good": good, "broken": list(BROKEN)}
-
-
-@pytest.fixture(scope="session")
-def images(tmp_path_factory) -> tuple[Path, dict]:
-    root = tmp_path_factory.mktemp("extract_images")
-    return root, _make_images(root)
-
-
-@pytest.fixture(scope="session")
-def bundle(tmp_path_factory) -> Path:
-    torch = pytest.importorskip("torch")
-    from export.bundle_writer import export_bundle
-    from training.model import create_model
-
-    torch.manual_seed(0)
-    model = create_model("mae_vit_test").eval()
-    with torch.no_grad():  # move LayerNorms off identity so every part of the graph matters
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    out = tmp_path_factory.mktemp("extract_bundle") / "bundle"
-    export_bundle(model, out, parts=["encoder"], verify=False, progress=None)
-    return out
-
-
-@pytest.fixture(scope="session")
-def other_bundle(tmp_path_factory, bundle) -> Path:
-    """The same graph with other preprocessing statistics: features differ, so a resume must be refused."""
-    out = tmp_path_factory.mktemp("extract_bundle2") / "bundle"
-    shutil.copytree(bundle, out)
-    m = json.loads((out / MANIFEST_NAME).read_text())
-    m["preprocessing"]["mean"] = [0.5, 0.5, 0.5]
-    write_manifest(out, m)
-    return out
-
-
-@pytest.fixture(scope="session")
-def clean(tmp_path_factory, images, bundle):
-    root, _ = images
-    out = tmp_path_factory.mktemp("extract_clean") / "out"
-    summary = extract_features(root, bundle, out, progress=False, **RUN)
-    return out, summary
-
-
-def _files(d: Path) -> dict[str, bytes]:
-    """Every result file but the manifest (which holds timings), by name."""
-    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.name != "manifest.json"}
-
 
 # ------------------------------------------------------------------------------------------------
 # Sources
@@ -314,7 +149,7 @@ def test_clean_run_lists_every_broken_input_with_its_reason(clean, images):
     for k in range(summary.shards):
         n = len((out / index_name(k)).read_text().splitlines())
         assert np.load(out / shard_name(k)).shape == (n, 32)
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [LOCK_NAME]  # no temp files left
 
 
 def test_summary_text(clean):
@@ -365,7 +200,7 @@ def test_sigkill_midway_then_resume_equals_clean_run(clean, images, bundle, tmp_
     summary = extract_features(root, bundle, out, progress=False, **RUN)
     assert summary.processed < summary.inputs  # it resumed rather than starting over
     assert summary.features == ref.features and summary.failed == ref.failed
-    assert _files(out) == _files(ref_dir)  # features, indexes and errors.jsonl byte for byte
+    assert result_files(out) == result_files(ref_dir)  # features, indexes and errors.jsonl byte for byte
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
 
 
@@ -387,16 +222,16 @@ def test_resume_discards_partial_writes_and_matches(clean, images, bundle, tmp_p
     summary = extract_features(root, bundle, out, progress=False, **RUN)
     first_left = last_good * RUN["shard_size"]
     assert summary.processed == summary.inputs - first_left
-    assert _files(out) == _files(ref_dir)
+    assert result_files(out) == result_files(ref_dir)
 
 
 def test_rerun_of_a_finished_job_does_nothing(clean, images, bundle):
     root, _ = images
     out, ref = clean
-    before = _files(out)
+    before = result_files(out)
     summary = extract_features(root, bundle, out, progress=False, **RUN)
     assert summary.processed == 0 and summary.features == ref.features and summary.failed == ref.failed
-    assert _files(out) == before
+    assert result_files(out) == before
 
 
 def test_mismatched_resume_is_refused(clean, images, bundle, other_bundle, tmp_path):
@@ -571,8 +406,6 @@ def test_supported_extensions_are_documented():
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(reason="race: killing a decode worker mid-write can raise BrokenPipeError in the main "
-                   "process (seen once in CI); fix tracked in the closing note", strict=False)
 def test_a_killed_worker_is_replaced_and_nothing_is_lost(clean, images, bundle, tmp_path):
     """SIGKILL one decode worker mid-job (as the OOM killer would): the result is still the clean run's."""
     import threading
@@ -599,7 +432,7 @@ def test_a_killed_worker_is_replaced_and_nothing_is_lost(clean, images, bundle, 
     workers[0].kill()
     t.join(timeout=120)
     assert "error" not in result, result.get("error")
-    assert _files(out) == _files(ref_dir)
+    assert result_files(out) == result_files(ref_dir)
     run_record = json.loads((out / "manifest.json").read_text())["runs"][-1]
     assert run_record["decode_worker_restarts"] >= 1
 
@@ -616,7 +449,7 @@ _original_decode_one = None
 def test_an_image_that_crashes_the_decoder_fails_alone(images, bundle, tmp_path, monkeypatch):
     """The crashing file is found by decoding its batch again image by image; the rest are extracted."""
     global _original_decode_one
-    import mae_deploy.extract as ex
+    import mae_deploy.extract.decode as ex
 
     root, _ = images
     src = tmp_path / "src"
@@ -625,8 +458,8 @@ def test_an_image_that_crashes_the_decoder_fails_alone(images, bundle, tmp_path,
     for p in plain[:5]:
         shutil.copy(p, src / p.name)
     shutil.copy(plain[5], src / "img0003_crash.jpg")  # sorts into the middle of the first batch
-    _original_decode_one = ex._Decoder.decode_one
-    monkeypatch.setattr(ex._Decoder, "decode_one", _crash_on_marked_files)
+    _original_decode_one = ex.Decoder.decode_one
+    monkeypatch.setattr(ex.Decoder, "decode_one", _crash_on_marked_files)
     # fork: the workers inherit the patched decoder (spawned ones would import the real one).
     s = extract_features(src, bundle, tmp_path / "out", progress=False, workers=1, batch_size=4,
                          start_method="fork")

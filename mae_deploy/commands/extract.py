@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from mae_deploy.errors import PartialFailure
+from mae_deploy.names import BACKENDS, POOLS
 
 
 @click.command()
@@ -13,7 +14,7 @@ from mae_deploy.errors import PartialFailure
               help="Bundle directory (from `mae-deploy export`).")
 @click.option("--out", "out_dir", required=True, type=click.Path(),
               help="Output directory: shards, index, manifest.json, errors.jsonl. Rerun into it to resume.")
-@click.option("--backend", type=click.Choice(["ort", "trt", "torch"]), default="ort", show_default=True,
+@click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True,
               help="Inference backend.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (ort also: tensorrt).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "bf16"]), default="fp32", show_default=True,
@@ -23,8 +24,8 @@ from mae_deploy.errors import PartialFailure
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Decode processes [default: cores - 1, at least 1, at most 8]; 0 decodes in a thread.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="Inference threads (ort intra-op / torch) [default: the backend's own, all cores].")
-@click.option("--pool", type=click.Choice(["cls", "mean", "tokens"]), default="cls", show_default=True,
+              help="Inference threads, mapped by each backend [default: the backend's own, all cores].")
+@click.option("--pool", type=click.Choice(POOLS), default="cls", show_default=True,
               help="cls token, mean of patch tokens, or all tokens (N x (L+1) x D).")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Stored feature dtype.")
@@ -40,8 +41,20 @@ from mae_deploy.errors import PartialFailure
 @click.option("--max-pixels", type=click.IntRange(min=0), default=None,
               help="Larger images fail as decompression_bomb [default: Pillow's limit, 89,478,485]; 0: no limit.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (the summary is still printed).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: decode processes + one runner here; ray: Ray Data (decode tasks, encoder actor pool).")
+@click.option("--ray-address", default=None,
+              help="--engine ray: auto, HOST:PORT or ray://HOST:PORT of a running cluster [default: start a local "
+                   "Ray, or join $RAY_ADDRESS].")
+@click.option("--actors", type=click.IntRange(min=1), default=1, show_default=True,
+              help="--engine ray: encoder actors (one runner each).")
+@click.option("--gpus-per-actor", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="--engine ray: GPUs per encoder actor (1 for --device cuda when not given).")
+@click.option("--cpus-per-actor", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="--engine ray: CPUs per encoder actor (also its inference threads on --device cpu).")
 def extract(source, bundle_dir, out_dir, backend, device, precision, batch_size, workers, threads, pool, dtype,
-            shard_size, num_shards, shard_index, strict, min_side, max_pixels, no_progress) -> None:
+            shard_size, num_shards, shard_index, strict, min_side, max_pixels, no_progress, engine, ray_address,
+            actors, gpus_per_actor, cpus_per_actor) -> None:
     """Extract encoder features of every image in SOURCE into sharded .npy files.
 
     \b
@@ -55,18 +68,21 @@ def extract(source, bundle_dir, out_dir, backend, device, precision, batch_size,
     mae_deploy.open_features(OUT) (or a list / glob of the parts' OUT directories).
     \b
     Exit codes: 0 all inputs succeeded; 4 the job finished but some inputs failed (see errors.jsonl);
-    3 bad options, empty source, OUT holds another job, or --strict stopped at a failure.
+    3 bad options, empty source, OUT unwritable, OUT holds another job or is in use by a running one, or
+    --strict stopped at a failure. A rerun also checks every finished shard's sha256 and recomputes damaged ones.
+    6 --engine ray without Ray installed; 7 a --ray-address that cannot be reached.
+    \b
+    --engine ray writes the same OUT; on a cluster, SOURCE, the bundle and OUT must be on storage that
+    every node mounts at the same path.
     """
     from mae_deploy.extract import extract_features
 
-    runner_opts = {}
-    if threads:
-        runner_opts = {"intra_op_threads": threads} if backend == "ort" else {"threads": threads}
     summary = extract_features(
         source, bundle_dir, out_dir, backend=backend, device=device, precision=precision, batch_size=batch_size,
-        workers=workers, pool=pool, dtype=dtype, shard_size=shard_size, num_shards=num_shards,
+        workers=workers, threads=threads, pool=pool, dtype=dtype, shard_size=shard_size, num_shards=num_shards,
         shard_index=shard_index, strict=strict, min_side=min_side, max_pixels=max_pixels,
-        progress=not no_progress, runner_opts=runner_opts,
+        progress=not no_progress, engine=engine, ray_address=ray_address, actors=actors,
+        gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
     )
     click.echo(str(summary))
     if not summary.ok:

@@ -1,0 +1,115 @@
+"""Path -> model-sized image, or a failure with its reason: what a decode worker (or a Ray task) runs.
+
+One definition of decoding and preprocessing for every engine: the runtime's
+:class:`~mae_deploy.preprocess.Preprocessor`, so extracted features equal ``FeatureExtractor``'s.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from mae_deploy.errors import InputError
+
+TRANSFERS = ("uint8", "float32")
+
+
+def classify_failure(exc: BaseException) -> str:
+    """A failure reason (one of FAILURE_REASONS) for an exception raised while loading an image."""
+    chain = [exc]
+    while chain[-1].__cause__ is not None and len(chain) < 8:
+        chain.append(chain[-1].__cause__)
+    text = " ".join(str(e) for e in chain).lower()
+    if any(isinstance(e, Image.DecompressionBombError) for e in chain) or "decompression bomb" in text:
+        return "decompression_bomb"
+    if any(isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)) for e in chain):
+        return "unreadable"
+    if any(isinstance(e, UnidentifiedImageError) for e in chain):
+        return "not_an_image"
+    if "truncated" in text:
+        return "truncated"
+    return "corrupt"
+
+
+class Failure(Exception):
+    """One input's failure: a reason from FAILURE_REASONS and a message naming the file."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason, self.message = reason, message
+
+
+@dataclass
+class Decoded:
+    """The result of decoding one batch: model-sized images of the good inputs, and the failures."""
+
+    rows: list[int]
+    pixels: np.ndarray | None  # uint8 (n, H, W[, C]) or float32 (n, C, H, W); None when n == 0
+    failures: list[tuple[int, str, str]]  # (row, reason, message)
+    decode_s: float = 0.0
+
+
+class Decoder:
+    """Path -> model-sized image with the runtime's Preprocessor (one definition of the preprocessing)."""
+
+    def __init__(self, preprocessing: dict, in_chans: int, min_side: int, max_pixels: int, transfer: str) -> None:
+        from mae_deploy.preprocess import Preprocessor
+
+        self.pre = Preprocessor.from_config(preprocessing, in_chans=in_chans, max_pixels=max_pixels, min_side=1)
+        self.min_side = min_side
+        self.transfer = transfer
+
+    def decode_one(self, path: str) -> np.ndarray:
+        from mae_deploy.preprocess import check_min_side
+
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise InputError(f"cannot read {path}: {e.strerror or e}") from e
+        if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+            # A FIFO would block the read forever, /dev/zero never ends: neither is an image file.
+            raise Failure("unreadable", f"{path} is not a regular file (a FIFO, socket or device)")
+        if st.st_size == 0 and stat.S_ISREG(st.st_mode):
+            raise Failure("empty", f"{path} is empty (0 bytes)")
+        try:
+            im = self.pre.load_image(path)
+        except Exception as e:  # any decoder error is this input's failure, never the job's
+            raise Failure(classify_failure(e), str(e)) from e
+        try:
+            check_min_side(im, self.min_side, path)
+        except InputError as e:
+            raise Failure("too_small", str(e)) from e
+        model_image = np.asarray(self.pre.resize_crop(im))
+        return model_image if self.transfer == "uint8" else self.pre.normalize(model_image)
+
+    def decode_batch(self, items: Sequence[tuple[int, str]]) -> Decoded:
+        t0 = time.perf_counter()
+        rows, images, failures = [], [], []
+        for row, path in items:
+            try:
+                images.append(self.decode_one(path))
+                rows.append(row)
+            except Failure as f:
+                failures.append((row, f.reason, f.message))
+            except Exception as e:
+                failures.append((row, classify_failure(e), str(e)))
+        pixels = np.stack(images) if images else None
+        return Decoded(rows, pixels, failures, time.perf_counter() - t0)
+
+
+def merge_decoded(parts: dict[int, Decoded], n_items: int) -> Decoded:
+    """Single-image results (after a worker death) -> one batch result, in item order."""
+    ordered = [parts[j] for j in range(n_items)]
+    pixels = [d.pixels for d in ordered if d.pixels is not None]
+    return Decoded(
+        rows=[r for d in ordered for r in d.rows],
+        pixels=np.concatenate(pixels) if pixels else None,
+        failures=[f for d in ordered for f in d.failures],
+        decode_s=sum(d.decode_s for d in ordered),
+    )

@@ -1,0 +1,290 @@
+"""The extraction job: plan, lock the output, resume, run an engine, commit shards, write the manifest.
+
+The engine (local processes, or Ray Data) only turns tasks into per-batch features in source order; the
+job does everything that decides the output directory's bytes, so both engines write the same directory.
+On any exception (Ctrl-C included) the shards already handed to the writer are committed, workers are
+stopped, the manifest says ``interrupted`` and the lock is released: rerunning the same command resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+
+import numpy as np
+
+from mae_deploy.bundle import Bundle
+from mae_deploy.errors import InputError
+from mae_deploy.extract.commit import (
+    ResumeState,
+    Shard,
+    ShardWriter,
+    append_errors,
+    finish_errors,
+    prepare_output,
+    refuse_foreign,
+)
+from mae_deploy.extract.layout import MANIFEST_NAME
+from mae_deploy.extract.lock import OutputLock
+from mae_deploy.extract.plan import ExtractSummary, JobPlan, check_options, make_plan, now, versions
+from mae_deploy.fileio import atomic_write_json, check_writable
+from mae_deploy.sources import Source, list_source, split_rows
+
+# While a job runs, the manifest's shard checksums are brought up to date at most this often.
+CHECKPOINT_S = 30.0
+
+
+def runner_info(runner) -> dict:
+    try:
+        info = runner.info
+        return {"backend": info.backend, "device": info.device, "precision": info.precision,
+                "providers": list(info.providers), "details": json.loads(json.dumps(info.details, default=str))}
+    except Exception as e:  # informational only
+        return {"error": repr(e)}
+
+
+class _Job:
+    """One run of a planned job into a locked output directory."""
+
+    def __init__(self, plan: JobPlan, state: ResumeState, t_start: float, started: str) -> None:
+        self.plan, self.state, self.t_start = plan, state, t_start
+        self.out = plan.out
+        self.manifest = plan.manifest
+        self.todo = [k for k in range(len(plan.shard_rows)) if k not in state.done]
+        self.errors = list(state.errors)
+        self.n_features = state.features
+        self.processed = 0
+        self.timings: dict[str, float] = {"startup_s": 0.0, "write_s": 0.0}
+        self.run: dict = {"started": started, "resumed_shards": len(state.done)}
+        self.writer: ShardWriter | None = None
+        self._last_checkpoint = time.monotonic()
+
+    # -- manifest ----------------------------------------------------------------------------------
+
+    def _checksums(self) -> dict:
+        sums = dict(self.state.checksums)
+        if self.writer is not None:
+            sums.update(self.writer.checksums)
+        return {str(k): sums[k] for k in sorted(sums)}
+
+    def _write_manifest(self) -> None:
+        self.manifest["shards"] = self._checksums()
+        atomic_write_json(self.out / MANIFEST_NAME, self.manifest, durable=True)
+
+    def start_manifest(self, engine_name: str) -> None:
+        previous = self.state.previous or {}
+        self.run["engine"] = engine_name
+        self.manifest["runs"] = [*previous.get("runs", []), self.run]
+        self.manifest["versions"] = versions()
+        unchanged = {str(k): v for k, v in (previous.get("shards") or {}).items()} == self._checksums()
+        if self.todo or previous.get("status") != "complete" or not unchanged:
+            self._write_manifest()
+
+    def _checkpoint(self) -> None:
+        """Writer thread, after a commit: record checksums now and then, so a kill loses few of them."""
+        if time.monotonic() - self._last_checkpoint >= CHECKPOINT_S:
+            self._last_checkpoint = time.monotonic()
+            self._write_manifest()
+
+    def finish_manifest(self, status: str) -> None:
+        wall = time.perf_counter() - self.t_start
+        self.run.update({
+            "finished": now(), "status": status, "wall_s": round(wall, 3), "images": self.processed,
+            "images_per_s": round(self.processed / wall, 3) if wall > 0 else 0.0,
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
+        })
+        by_reason = dict(Counter(e.get("reason", "corrupt") for e in self.errors))
+        self.manifest["counts"] = {"inputs": len(self.plan.part), "features": self.n_features,
+                                   "failed": len(self.errors), "failed_by_reason": by_reason,
+                                   "shards": len(self.plan.shard_rows)}
+        self.manifest["status"] = status
+        try:
+            self._write_manifest()
+        except OSError:
+            if status == "complete":
+                raise
+
+    # -- running -----------------------------------------------------------------------------------
+
+    def execute(self, engine, *, strict: bool, progress: bool) -> None:
+        """Consume the engine's batches into shards; on any exception leave a resumable directory."""
+        from tqdm import tqdm
+
+        self.writer = ShardWriter(self.out, on_commit=self._checkpoint)
+        self.timings["startup_s"] = time.perf_counter() - self.t_start
+        done_inputs = sum(len(self.plan.shard_rows[k]) for k in self.state.done)
+        bar = tqdm(total=len(self.plan.part), initial=done_inputs, unit="img", desc="extract",
+                   disable=not progress, dynamic_ncols=True, smoothing=0.1)
+        status = "interrupted"
+        try:
+            self._consume(engine, bar, strict)
+            self.writer.close()
+            self.run.update(engine.run_info())
+            status = "complete"
+        finally:
+            bar.close()
+            try:
+                if status != "complete":  # let shards already handed over be committed (e.g. on Ctrl-C)
+                    _quietly(self.writer.close)
+                engine.close()
+            finally:
+                self.timings.update(engine.timings)
+                self.timings["write_s"] = self.writer.write_s
+                if status != "complete":
+                    self.finish_manifest(status)
+
+    def _consume(self, engine, bar, strict: bool) -> None:
+        paths, feature_shape, dtype = self.plan.src.paths, self.plan.feature_shape, self.plan.dtype
+        feats: list[np.ndarray] = []
+        index: list[tuple[int, str]] = []
+        failures: list[dict] = []
+        for task, res in engine.batches():
+            for row, reason, message in res.failures:
+                rec = {"row": row, "path": paths[row], "reason": reason, "message": message}
+                failures.append(rec)
+                if strict:
+                    self.writer.close()
+                    append_errors(self.out, [rec])
+                    raise InputError(
+                        f"--strict: stopped at row {row} ({paths[row]}): {reason}: {message}. "
+                        f"{len(self.writer.checksums) + len(self.state.done)} shards are committed in {self.out}; "
+                        "fix or remove the file and rerun the same command to resume"
+                    )
+            if res.features is not None:
+                feats.append(res.features)
+                index.extend((r, paths[r]) for r in res.rows)
+            self.processed += len(task.items)
+            bar.update(len(task.items))
+            if failures or self.errors:
+                bar.set_postfix(failed=len(self.errors) + len(failures), refresh=False)
+            if task.last_in_shard:
+                arr = np.concatenate(feats) if feats else np.zeros((0, *feature_shape), dtype=dtype)
+                self.writer.put(Shard(task.shard, np.ascontiguousarray(arr), index, failures))
+                self.n_features += len(index)
+                self.errors.extend(failures)
+                feats, index, failures = [], [], []
+
+    def summary(self, engine_name: str) -> ExtractSummary:
+        wall = time.perf_counter() - self.t_start
+        by_reason = dict(Counter(e.get("reason", "corrupt") for e in self.errors))
+        return ExtractSummary(
+            out_dir=self.out, inputs=len(self.plan.part), features=self.n_features, failed=len(self.errors),
+            failures_by_reason=by_reason, shards=len(self.plan.shard_rows), processed=self.processed, wall_s=wall,
+            images_per_s=self.processed / wall if wall > 0 else 0.0, feature_shape=self.plan.feature_shape,
+            dtype=self.plan.dtype, pool=self.plan.pool, complete=True,
+            timings={k: round(v, 4) for k, v in self.timings.items()}, engine=engine_name,
+            repaired=list(self.state.damaged),
+        )
+
+
+def _quietly(fn) -> None:
+    try:
+        fn()
+    except BaseException:  # already failing: the first error is the one to report
+        pass
+
+
+def extract_features(
+    source: str | os.PathLike | Source,
+    bundle: Bundle | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    backend: str = "ort",
+    device: str = "cpu",
+    precision: str = "fp32",
+    batch_size: int = 32,
+    workers: int | None = None,
+    threads: int | None = None,
+    pool: str = "cls",
+    dtype: str = "float32",
+    shard_size: int | None = None,
+    num_shards: int = 1,
+    shard_index: int = 0,
+    strict: bool = False,
+    min_side: int = 16,
+    max_pixels: int | None = None,
+    progress: bool = True,
+    transfer: str = "uint8",
+    start_method: str = "spawn",
+    runner_opts: dict | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
+    actors: int = 1,
+    gpus_per_actor: float = 0.0,
+    cpus_per_actor: float = 1.0,
+) -> ExtractSummary:
+    """Extract features of every image of ``source`` (part ``shard_index`` of ``num_shards``) into ``out_dir``.
+
+    Resumes when ``out_dir`` already holds the same job; see :mod:`mae_deploy.extract` for the layout,
+    failure reasons and guarantees. ``workers`` decode processes (None: :func:`default_workers`; 0: a
+    thread); ``transfer`` is how decoded images travel back from workers (uint8 HWC, normalised in the main
+    process, is 4x smaller than float32 CHW). ``shard_size`` None: 10,000 inputs (less for ``pool="tokens"``
+    so a shard stays under 256 MiB), or the existing job's value when resuming. ``max_pixels`` None: Pillow's
+    ``Image.MAX_IMAGE_PIXELS``; 0 disables the bomb check. ``threads``: inference threads, mapped by each
+    backend (``create_runner(threads=...)``); ``runner_opts`` go to the runner as they are.
+
+    ``engine="ray"`` runs decoding and inference on Ray Data (``ray_address``: None starts or joins a local
+    Ray, "auto" or "ray://host:port" a cluster; ``actors`` encoder actors with ``gpus_per_actor`` /
+    ``cpus_per_actor`` each); ``workers`` and ``start_method`` then do not apply. The output is the same.
+    """
+    t_start = time.perf_counter()
+    started = now()
+    workers, max_pixels = check_options(pool=pool, dtype=dtype, transfer=transfer, batch_size=batch_size,
+                                        min_side=min_side, workers=workers, shard_size=shard_size,
+                                        max_pixels=max_pixels, engine=engine)
+    if engine == "ray":
+        from mae_deploy.extract.ray_engine import check_ray_options
+
+        check_ray_options(actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor)
+    if not isinstance(bundle, Bundle):
+        bundle = Bundle.load(bundle)
+    src = source if isinstance(source, Source) else list_source(source)
+    part = split_rows(len(src), num_shards, shard_index)
+    out = check_writable(out_dir, what="--out", directory=True)
+    refuse_foreign(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with OutputLock(out):
+        plan = make_plan(bundle, src, part, out, pool=pool, dtype=dtype, shard_size=shard_size,
+                         num_shards=num_shards, shard_index=shard_index, min_side=min_side, max_pixels=max_pixels,
+                         precision=precision)
+        state = prepare_output(out, plan.manifest, len(plan.shard_rows))
+        job = _Job(plan, state, t_start, started)
+        job.start_manifest(engine)
+        if job.todo:
+            try:
+                eng = _make_engine(engine, plan, job.todo, backend=backend, device=device, batch_size=batch_size,
+                                   transfer=transfer, runner_opts=_runner_options(runner_opts, threads),
+                                   workers=workers, start_method=start_method, ray_address=ray_address,
+                                   actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor)
+            except BaseException:
+                job.finish_manifest("interrupted")
+                raise
+            job.execute(eng, strict=strict, progress=progress)
+        job.errors = finish_errors(out, job.errors)
+        if job.todo or (state.previous or {}).get("status") != "complete":
+            job.finish_manifest("complete")
+        return job.summary(engine)
+
+
+def _runner_options(runner_opts: dict | None, threads: int | None) -> dict:
+    """Options for ``create_runner``: ``threads`` is one option every backend maps (or rejects)."""
+    opts = dict(runner_opts or {})
+    if threads is not None:
+        opts["threads"] = threads
+    return opts
+
+
+
+def _make_engine(engine: str, plan: JobPlan, todo: list[int], *, batch_size: int, workers: int, start_method: str,
+                 ray_address: str | None, actors: int, gpus_per_actor: float, cpus_per_actor: float, **opts):
+    if engine == "ray":
+        from mae_deploy.extract.ray_engine import RayEngine
+
+        return RayEngine(plan, todo, address=ray_address, actors=actors, gpus_per_actor=gpus_per_actor,
+                         cpus_per_actor=cpus_per_actor, batch_size=batch_size, **opts)
+    from mae_deploy.extract.local import LocalEngine
+
+    return LocalEngine(plan, plan.tasks(todo, batch_size), workers=workers, start_method=start_method,
+                       batch_size=batch_size, **opts)

@@ -1,0 +1,89 @@
+"""The local engine: decode workers on this machine, the encoder in this process.
+
+    source rows --(batches)--> decode workers --(bounded, in order)--> inference --(queue of 1)--> shard writer
+
+At most ``2 * workers + 2`` decoded batches exist at any time, plus the shard being filled and one being
+written, so memory stays flat however many images there are.
+
+An engine turns the job's tasks into ``(task, BatchResult)`` pairs in task order; the job
+(:mod:`mae_deploy.extract.job`) assembles shards from them and commits them. :mod:`.ray_engine` is the
+other engine.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from mae_deploy.extract.plan import JobPlan
+from mae_deploy.extract.workers import DecodePool, Task, ThreadDecode
+
+
+@dataclass
+class BatchResult:
+    """One batch's outcome: features of the good rows (pooled, in the job's dtype) and the failures."""
+
+    rows: list[int]
+    features: np.ndarray | None
+    failures: list[tuple[int, str, str]]  # (row, reason, message)
+
+
+class LocalEngine:
+    """Decode processes (or a thread) feeding one runner in this process."""
+
+    name = "local"
+
+    def __init__(self, plan: JobPlan, tasks: Iterator[Task], *, backend: str, device: str, batch_size: int,
+                 workers: int, transfer: str, start_method: str, runner_opts: dict) -> None:
+        from mae_deploy.features import FeatureExtractor
+        from mae_deploy.preprocess import Preprocessor
+
+        self.transfer = transfer
+        self.dtype = plan.dtype
+        self.timings = {"decode_wait_s": 0.0, "normalize_s": 0.0, "inference_s": 0.0, "decode_worker_s": 0.0}
+        self.pre = Preprocessor.from_bundle(plan.bundle)
+        args = plan.decoder_args(transfer)
+        # Workers start first: their start-up (imports) overlaps with creating the inference session.
+        self.stage = (DecodePool(tasks, args, plan.max_pixels, workers, 2 * workers + 2, start_method)
+                      if workers > 0 else ThreadDecode(tasks, args, 2))
+        self.settings = {"backend": backend, "device": device, "batch_size": batch_size, "workers": workers,
+                         "transfer": transfer}
+        try:
+            self.fx = FeatureExtractor(plan.bundle, backend=backend, device=device, precision=plan.precision,
+                                       pool=plan.pool, batch_size=batch_size, preprocessor=self.pre, **runner_opts)
+        except BaseException:
+            self.stage.close()
+            raise
+
+    def batches(self) -> Iterator[tuple[Task, BatchResult]]:
+        t_wait = time.perf_counter()
+        for task, dec in self.stage:
+            self.timings["decode_wait_s"] += time.perf_counter() - t_wait
+            self.timings["decode_worker_s"] += dec.decode_s
+            feats = None
+            if dec.pixels is not None:
+                t0 = time.perf_counter()
+                x = dec.pixels
+                if self.transfer == "uint8":
+                    x = np.stack([self.pre.normalize(im) for im in dec.pixels])
+                t1 = time.perf_counter()
+                feats = self.fx.extract_pixels(x).astype(self.dtype, copy=False)
+                self.timings["normalize_s"] += t1 - t0
+                self.timings["inference_s"] += time.perf_counter() - t1
+            yield task, BatchResult(dec.rows, feats, dec.failures)
+            t_wait = time.perf_counter()
+
+    def run_info(self) -> dict:
+        from mae_deploy.extract.job import runner_info
+
+        return {**self.settings, "runner": runner_info(self.fx.runner),
+                "decode_worker_restarts": self.stage.restarts}
+
+    def close(self) -> None:
+        try:
+            self.stage.close()
+        finally:
+            self.fx.close()
