@@ -1,0 +1,134 @@
+"""`extract --engine ray` (issue #13) on a real local Ray (ray.init(num_cpus=2), started once for the module).
+
+The same folder of real photos mixed with broken and odd files as the local engine's tests: the Ray engine
+must give the same paths, rows and errors.jsonl, and features within 1e-5 (in fact byte-identical: both
+engines run the same ONNX graph through the same ORT CPU kernels, whose per-image results do not depend
+on which other images share the batch). Each Ray test costs seconds, so there are few of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from extract_data import BROKEN, REPO, RUN, result_files
+
+from mae_deploy.errors import InputError
+from mae_deploy.extract import ERRORS_NAME, MANIFEST_NAME, extract_features, index_name, open_features
+
+pytest_plugins = ["extract_data"]
+pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning", "ignore::DeprecationWarning")
+RAY_RUN = {"batch_size": RUN["batch_size"], "shard_size": RUN["shard_size"], "engine": "ray"}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray for the module (2 CPUs: one encoder actor, one decode task at a time)."""
+    import ray
+
+    for attempt in range(3):  # a raylet that starts slowly on a busy machine times out after 30 s
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def test_missing_ray_is_exit_6_with_the_install_line(images, bundle, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from mae_deploy.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    root, _ = images
+    r = CliRunner().invoke(main, ["extract", str(root / "odd"), "--bundle", str(bundle), "--out",
+                                  str(tmp_path / "out"), "--engine", "ray", "--no-progress"])
+    assert r.exit_code == 6, r.output
+    assert "pip install 'mae-deploy[ray]'" in r.output
+
+
+def test_an_unreachable_ray_address_is_exit_7_naming_it(images, bundle, tmp_path):
+    root, _ = images
+    r = subprocess.run([sys.executable, "-m", "mae_deploy.cli", "extract", str(root / "odd"), "--bundle", str(bundle),
+                        "--out", str(tmp_path / "out"), "--engine", "ray", "--ray-address", "127.0.0.1:1",
+                        "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 7, r.stderr
+    assert "127.0.0.1:1" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ray_gives_the_local_engines_output(ray_local, clean, images, bundle, tmp_path):
+    root, _ = images
+    ref_dir, ref = clean
+    out = tmp_path / "ray"
+    s = extract_features(root, bundle, out, progress=False, **RAY_RUN)
+    assert (s.features, s.failed, s.failures_by_reason, s.shards) == (ref.features, ref.failed,
+                                                                      ref.failures_by_reason, ref.shards)
+    a, b = open_features(out), open_features(ref_dir)
+    assert a.paths == b.paths and np.array_equal(a.rows, b.rows)
+    assert (out / ERRORS_NAME).read_bytes() == (ref_dir / ERRORS_NAME).read_bytes()
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    assert result_files(out) == result_files(ref_dir)  # byte-identical shards (see the module docstring)
+    run = json.loads((out / MANIFEST_NAME).read_text())["runs"][-1]
+    assert run["engine"] == "ray" and run["actors"] == 1
+    assert run["ray"]["cluster_resources"]["CPU"] == 2
+
+
+def test_sigkill_of_the_driver_then_the_same_command_gives_the_clean_result(ray_local, clean, images, bundle,
+                                                                            tmp_path):
+    root, _ = images
+    ref_dir, _ = clean
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "mae_deploy.cli", "extract", str(root), "--bundle", str(bundle), "--out", str(out),
+           "--batch-size", str(RUN["batch_size"]), "--shard-size", str(RUN["shard_size"]), "--engine", "ray",
+           "--ray-address", ray_local, "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / index_name(3)).exists():
+            assert proc.poll() is None, f"extract ended before it could be killed: {proc.stderr.read().decode()}"
+            assert time.monotonic() < deadline, "no shard was committed within 300 s"
+            time.sleep(0.002)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    committed = sum(1 for k in range(100) if (out / index_name(k)).exists())
+    assert 4 <= committed < open_features(ref_dir).manifests[0]["counts"]["shards"]
+    s = extract_features(root, bundle, out, progress=False, **RAY_RUN)
+    assert 0 < s.processed < s.inputs  # it resumed
+    assert result_files(out) == result_files(ref_dir)
+    assert json.loads((out / MANIFEST_NAME).read_text())["status"] == "complete"
+
+
+def test_strict_stops_at_the_first_broken_file(ray_local, clean, images, bundle, tmp_path):
+    root, _ = images
+    ref_dir, _ = clean
+    first = json.loads((ref_dir / ERRORS_NAME).read_text().splitlines()[0])
+    out = tmp_path / "strict"
+    with pytest.raises(InputError, match=f"--strict: stopped at row {first['row']} "):
+        extract_features(root, bundle, out, progress=False, strict=True, **RAY_RUN)
+    assert [json.loads(x)["row"] for x in (out / ERRORS_NAME).read_text().splitlines()] == [first["row"]]
+    assert first["path"].endswith(tuple(BROKEN))
+    assert json.loads((out / MANIFEST_NAME).read_text())["status"] == "interrupted"
+
+
+def test_tokens_pooling_on_ray_equals_local(ray_local, images, bundle, tmp_path):
+    root, _ = images
+    local = extract_features(root / "odd", bundle, tmp_path / "local", progress=False, pool="tokens",
+                             dtype="float16", workers=0, batch_size=4)
+    ray = extract_features(root / "odd", bundle, tmp_path / "ray", progress=False, pool="tokens", dtype="float16",
+                           engine="ray", batch_size=4)
+    assert ray.feature_shape == local.feature_shape == (17, 32)
+    a, b = open_features(tmp_path / "ray"), open_features(tmp_path / "local")
+    assert a.paths == b.paths and a.dtype == np.float16
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
