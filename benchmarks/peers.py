@@ -2,7 +2,8 @@
 
 Runs in one process, on the same weights and the same inputs:
 
-- mae-deploy: PyTorch eager (the torch runner), ONNX Runtime fp32 and int8 (the bundle's graphs);
+- mae-deploy: PyTorch eager (the torch runner), ONNX Runtime fp32 and int8 (the bundle's graphs), and
+  OpenVINO fp32 on the same encoder.onnx where the openvino package is installed;
 - Hugging Face transformers ``ViTMAEModel``: the number of kept tokens comes from ``config.mask_ratio``
   (HF fixes it in the config, so it is set per workload here; an exported HF graph keeps one count);
 - timm's ``VisionTransformer`` (ViT-B/16 layout): no masking, so all tokens only.
@@ -139,6 +140,7 @@ def build_implementations(bundle, threads: int) -> tuple[list[tuple[str, Callabl
     """[(name, fn(pixels_np, noise_np, visible) -> latent np, supports_masking)], and the torch model."""
     import torch
 
+    from mae_deploy.errors import DeviceUnavailable, MissingDependency
     from mae_deploy.runners import create_runner
 
     torch.set_num_threads(threads)
@@ -175,6 +177,11 @@ def build_implementations(bundle, threads: int) -> tuple[list[tuple[str, Callabl
         (f"HF transformers {library_versions(['transformers']).get('transformers', '')} ViTMAEModel", run_hf, True),
         (f"timm {library_versions(['timm']).get('timm', '')} ViT", run_timm, False),
     ]
+    try:  # an optional engine: a row where it is installed, a note where not
+        ov32 = create_runner(bundle, "openvino", "cpu", "fp32", threads=threads).load(("encoder",))
+        impls.insert(3, ("mae-deploy OpenVINO fp32", mae(ov32), True))
+    except (MissingDependency, DeviceUnavailable) as e:
+        print(f"  (no OpenVINO row: {e})", flush=True)
     return impls, cfg
 
 
