@@ -252,7 +252,7 @@ def test_missing_tensorrt_names_the_extra(bundle):
     with pytest.raises(MissingDependency) as e:
         T.import_tensorrt()
     assert str(e.value) == ("the trt backend needs the package 'tensorrt', which is not installed: "
-                            "pip install 'mae-deploy[trt]'")
+                            "pip install 'mae-deploy[trt]' (CUDA 12 driver; 'mae-deploy[trt-cu13]' for CUDA 13)")
     assert e.value.exit_code == 6
     with pytest.raises(MissingDependency, match=r"pip install 'mae-deploy\[trt\]'"):
         create_runner(bundle, "trt", device="cuda")
@@ -530,3 +530,15 @@ def test_trt_package_keeps_one_job_per_module():
     assert {"api.py", "profile.py", "cache.py", "build.py", "session.py", "runner.py"} <= set(sizes)
     assert max(sizes.values()) < 600, sizes
     assert not any("_atomic_write" in p.read_text() for p in root.glob("*.py"))  # mae_deploy.fileio writes
+
+
+def test_trt_extras_are_pinned_per_cuda_major():
+    """Unpinned, tensorrt and cuda-python resolve to TensorRT 11 + cuda-python 13, which need a CUDA 13 driver."""
+    import tomllib
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert extras["trt-cu12"] == ["tensorrt-cu12>=10.3,<11", "cuda-python>=12.9,<13"]
+    assert extras["trt-cu13"] == ["tensorrt-cu13>=11,<12", "cuda-python>=13,<14"]
+    assert extras["trt"] == ["mae-deploy[trt-cu12]"]  # the documented default: CUDA 12 drivers
+    assert "trt-cu13" in T.INSTALL_HINT and "mae-deploy[trt]" in T.INSTALL_HINT

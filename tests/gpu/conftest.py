@@ -21,6 +21,10 @@ def cuda_torch():
         pytest.skip("torch is not installed (pip install 'mae-deploy[torch]')")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device: torch.cuda.is_available() is False on this machine")
+    try:  # a device can be listed and still not answer (driver too old for this CUDA, device busy or lost)
+        torch.zeros(1, device="cuda").add_(1).cpu()
+    except Exception as e:
+        pytest.skip(f"CUDA device listed but not answering: {type(e).__name__}: {e}")
     return torch
 
 
@@ -33,11 +37,12 @@ def gpu_name(cuda_torch) -> str:
 def tensorrt_ready(cuda_torch):
     """The tensorrt module (10+) and cuda-python, else skip with the runner's own one-line message."""
     from mae_deploy.errors import MaeDeployError
-    from mae_deploy.runners.trt import import_cudart, import_tensorrt
+    from mae_deploy.runners.trt import cuda_device_name, import_cudart, import_tensorrt
 
     try:
         trt = import_tensorrt()
-        import_cudart()
+        # cuda-python must answer too: cuda-python 13 on a CUDA 12 driver imports fine, then every call fails.
+        print(f"TensorRT {trt.__version__} on {cuda_device_name(import_cudart(), 0)}")
     except MaeDeployError as e:
         pytest.skip(f"TensorRT path not available: {e}")
     return trt
@@ -53,7 +58,35 @@ def ort_cuda(cuda_torch):
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip(f"onnxruntime {ort.__version__} here has no CUDAExecutionProvider "
                     f"({ort.get_available_providers()}); install onnxruntime-gpu: pip install 'mae-deploy[gpu]'")
+    _skip_unless_provider_answers(ort, "CUDAExecutionProvider")
     return ort
+
+
+@pytest.fixture(scope="session")
+def ort_tensorrt(ort_cuda):
+    """onnxruntime with a TensorRT execution provider that really starts, else skip saying why."""
+    if "TensorrtExecutionProvider" not in ort_cuda.get_available_providers():
+        pytest.skip(f"onnxruntime {ort_cuda.__version__} here has no TensorrtExecutionProvider")
+    _skip_unless_provider_answers(ort_cuda, "TensorrtExecutionProvider")
+    return ort_cuda
+
+
+def _skip_unless_provider_answers(ort, provider: str) -> None:
+    """A provider can be listed and still fall back to the CPU when its libraries fail to load: try one."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), providers=[provider, "CPUExecutionProvider"])
+    except Exception as e:
+        pytest.skip(f"{provider} listed but failed to start: {type(e).__name__}: {e}")
+    if sess.get_providers()[0] != provider:
+        pytest.skip(f"{provider} listed but ONNX Runtime fell back to {sess.get_providers()} (its libraries "
+                    "could not be loaded; ONNX Runtime's log says which)")
 
 
 def _export(model, out: Path) -> Path:

@@ -3,7 +3,8 @@
 
 Runs only where CUDA (and, for the trt tests, TensorRT + cuda-python) exist; elsewhere every test skips and
 says what is missing. No machine of this project has a GPU, so these tests have never run here: they are
-the only runtime check of mae_deploy/runners/trt.py. See tests/gpu/README.md.
+the only runtime check of the mae_deploy/runners/trt/ package and of ONNX Runtime's TensorRT provider. See
+tests/gpu/README.md.
 
 Tolerances (outputs are LayerNorm-scaled, O(1)):
 - fp32 engines: max |diff| <= 2e-3 (TensorRT's TF32 is off in our fp32 engines).
@@ -15,9 +16,7 @@ Tolerances (outputs are LayerNorm-scaled, O(1)):
 
 from __future__ import annotations
 
-import os
 import statistics
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -106,6 +105,53 @@ def test_trt_profile_limits_are_enforced(tensorrt_ready, gpu_tiny_bundle, tiny_i
         r.encode(tiny_inputs["x"], tiny_inputs["all"])
 
 
+def test_trt_refuses_threads_and_sets_the_device_per_thread(tensorrt_ready, gpu_tiny_bundle, tiny_inputs,
+                                                            cpu_reference, trt_cache):
+    import threading
+
+    from mae_deploy.errors import InputError
+    from mae_deploy.runners import create_runner
+
+    with pytest.raises(InputError, match="no CPU thread count"):
+        create_runner(gpu_tiny_bundle, "trt", device="cuda", threads=2)
+    out = {}
+    with _trt_runner(gpu_tiny_bundle, "fp32", trt_cache) as r:  # first call from another thread
+        t = threading.Thread(target=lambda: out.update(latent=r.encode(tiny_inputs["x"], tiny_inputs["ids_keep"])))
+        t.start()
+        t.join()
+    assert np.abs(out["latent"] - cpu_reference["latent"]).max() <= 2e-3
+
+
+# --------------------------------------------------------------------------------------------------
+# ONNX Runtime's TensorRT provider
+# --------------------------------------------------------------------------------------------------
+
+
+def test_ort_tensorrt_fp32_chunks_above_its_profile(ort_tensorrt, gpu_tiny_bundle, tiny_inputs, cpu_reference,
+                                                     tmp_path):
+    from mae_deploy.runners.ort import OrtRunner
+
+    with OrtRunner(Bundle.load(gpu_tiny_bundle), device="tensorrt", trt_max_batch=4, trt_cache_dir=tmp_path) as r:
+        _check_close(r, tiny_inputs, cpu_reference, atol=2e-3)  # batch 5 > max 4: two calls per part
+        assert r.info.providers[0] == "TensorrtExecutionProvider"
+        cache = Path(r.info.details["tensorrt"]["cache_dir"])
+        assert cache.parent == tmp_path and any(cache.iterdir())  # engines in the profile's own folder
+
+
+def test_ort_tensorrt_fp16_really_runs_fp16(ort_tensorrt, gpu_tiny_bundle, tiny_inputs, cpu_reference, tmp_path):
+    """On TensorRT 11 trt_fp16_enable is a no-op: the runner must feed the fp16 graph there."""
+    from mae_deploy.runners.ort import OrtRunner
+
+    with OrtRunner(Bundle.load(gpu_tiny_bundle), device="tensorrt", precision="fp16", trt_max_batch=4,
+                   trt_cache_dir=tmp_path) as r:
+        _check_reduced(r, tiny_inputs, cpu_reference, min_cos=0.999, max_rel=0.01)
+        latent = r.encode(tiny_inputs["x"], tiny_inputs["ids_keep"])
+        assert np.abs(latent - cpu_reference["latent"]).max() > 1e-5  # not silently fp32
+        gen = r.info.details["tensorrt"]["generation"]
+        if gen == 11:
+            assert r.info.details["graphs"]["encoder"] == "encoder.fp16.onnx"
+
+
 # --------------------------------------------------------------------------------------------------
 # ONNX Runtime CUDA provider, torch on CUDA
 # --------------------------------------------------------------------------------------------------
@@ -170,11 +216,9 @@ def append_results(rows: list[str], results: Path = RESULTS) -> None:
     end = len(text) if nxt < 0 else nxt + 1
     section = text[start:end].rstrip("\n") + "\n" + "".join(r + "\n" for r in rows)
     text = text[:start] + section + ("\n" + text[end:] if nxt >= 0 else "")
-    fd, tmp = tempfile.mkstemp(prefix=".RESULTS.", dir=results.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, results)
+    from mae_deploy.fileio import atomic_write_text
+
+    atomic_write_text(results, text)
 
 
 def test_append_results_keeps_other_sections(tmp_path):

@@ -20,8 +20,8 @@ from mae_deploy.errors import BundleError, DeviceUnavailable, InputError, MaeDep
 from mae_deploy.runners.base import PART_INPUTS, PART_OUTPUT
 from mae_deploy.runners.base import PARTS as PARTS  # re-exported: the trt package names its parts here
 
-# The extra for CUDA 12 drivers (TensorRT 10 + cuda-python 12); `mae-deploy[trt-cu13]` is TensorRT 11.
-INSTALL_HINT = "pip install 'mae-deploy[trt]'"
+# `trt` is TensorRT 10 + cuda-python 12 for CUDA 12 drivers; `trt-cu13` is TensorRT 11 + cuda-python 13.
+INSTALL_HINT = "pip install 'mae-deploy[trt]' (CUDA 12 driver; 'mae-deploy[trt-cu13]' for CUDA 13)"
 PRECISIONS = ("fp32", "fp16")
 INPUTS, OUTPUT = PART_INPUTS, PART_OUTPUT
 # Distributions that carry TensorRT's libraries, newest naming first (for a version without importing them).
