@@ -99,6 +99,13 @@ def test_unwritable_outputs_fail_before_the_benchmark_runs(bundle_dir, tmp_path,
     assert option in r.output and "Traceback" not in r.output
 
 
+def test_outputs_in_a_new_directory_are_written(bundle_dir, tmp_path):
+    out = tmp_path / "new" / "dir"
+    r = _bench(str(bundle_dir), "--out", str(out / "r.json"), "--csv", str(out / "r.csv"), "--no-reference")
+    assert r.exit_code == 0, r.output
+    assert bench.load_results(out / "r.json")["rows"] and (out / "r.csv").is_file()
+
+
 def test_a_negative_seed_is_bad_input(bundle_dir):
     r = _bench(str(bundle_dir), "--seed", "-1")
     assert r.exit_code == 3, r.output

@@ -227,5 +227,6 @@ def write_outputs(results: dict, json_path: str | None = None, csv_path: str | N
     for path, writer in ((json_path, write_json), (csv_path, write_csv), (markdown_path, write_markdown),
                          (plot_path, write_plot)):
         if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)  # check_outputs found it creatable
             written.append(str(writer(results, path)))
     return written
