@@ -254,6 +254,12 @@ def test_finetune_and_linprobe_share_the_checks(digits, tmp_path, command):
     _fails(_run(command, *TINY, "--data_path", digits, "--input_size", "30"), 3, "--input_size 30")
 
 
+def test_finetune_input_size_against_the_checkpoints_patch(digits, native, tmp_path):
+    _fails(_run("finetune", *TINY, "--finetune", native, "--data_path", digits, "--input_size", "30",
+                "--output_dir", tmp_path / "run"), 3,
+           "--input_size 30 is not a multiple of the checkpoint's patch size 8")
+
+
 def _garbage(path: Path) -> Path:
     path.write_bytes(b"this is not a png at all")
     return path

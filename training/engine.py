@@ -483,9 +483,11 @@ def build_classifier(
     from training.checkpoints import load_checkpoint
 
     ckpt = load_checkpoint(finetune)
+    ckpt.require_finite()
+    if input_size % ckpt.config.patch_size:  # before replace(): MAEConfig would refuse it as a ValueError
+        raise InputError(f"--input_size {input_size} is not a multiple of the checkpoint's patch size "
+                         f"{ckpt.config.patch_size}")
     cfg = replace(ckpt.config, img_size=input_size, decoder_depth=0)
-    if input_size % cfg.patch_size:
-        raise InputError(f"--input_size {input_size} is not a multiple of the checkpoint's patch size {cfg.patch_size}")
     model = VisionTransformer(cfg, num_classes, global_pool=global_pool, drop_path_rate=drop_path)
     target = model.state_dict()
     sd = {k: v for k, v in ckpt.state_dict.items() if k in target}
