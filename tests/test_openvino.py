@@ -245,3 +245,38 @@ def test_reconstruct_command_takes_backend_openvino(tiny_bundle, tmp_path):  # n
                                     str(tmp_path / "out"), "--backend", "openvino", "--threads", "1"])
     assert res.exit_code == 0, res.output
     assert "on openvino/cpu [openvino:CPU], fp32" in res.output and (tmp_path / "out" / "a.png").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# int8 end to end: a bundle exported with the Q/DQ variant
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qdq_bundle(tmp_path_factory) -> Bundle:
+    """The test model exported by the real exporter with the statically calibrated Q/DQ variant."""
+    import torch
+
+    from export.bundle_writer import export_bundle
+    from training.model import create_model
+
+    root = tmp_path_factory.mktemp("qdq")
+    rng = np.random.default_rng(0)
+    (root / "calib").mkdir()
+    for i in range(8):
+        Image.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8)).save(root / "calib" / f"{i}.png")
+    torch.manual_seed(0)
+    export_bundle(create_model("mae_vit_test").eval(), root / "bundle", precisions=("fp32", "int8-qdq"),
+                  calibration=root / "calib", calibration_count=8, verify=False, progress=None)
+    return Bundle.load(root / "bundle")
+
+
+def test_int8_runs_the_qdq_graph_close_to_fp32(qdq_bundle):
+    x = np.random.default_rng(3).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    ids = np.tile(np.arange(16), (3, 1))
+    with create_runner(qdq_bundle, "openvino", precision="int8", threads=1) as q, \
+            create_runner(qdq_bundle, "openvino", threads=1) as f:
+        a, b = q.encode(x, ids), f.encode(x, ids)
+        graphs = q.info.details["graphs"]
+    assert graphs["encoder"] == qdq_bundle.graph("encoder", "int8-qdq").file != "encoder.onnx"
+    assert _pooled_cosine(a, b) > 0.98 and np.abs(a - b).max() > 1e-4  # quantised, still close
