@@ -184,7 +184,12 @@ class Preprocessor:
         return Image.MAX_IMAGE_PIXELS if self.max_pixels is None else self.max_pixels
 
     def load_image(self, path: str | os.PathLike) -> Image.Image:
-        """Open an image file: first frame, EXIF orientation applied, RGB (or L), fully decoded."""
+        """Open an image file: first frame, EXIF orientation applied, RGB (or L), decoded.
+
+        On the fast path (``exact_resize=False``) a JPEG at least twice the target size comes back
+        draft-decoded (reduced by 2, 4 or 8, still >= 2x the target); :func:`source_size` gives its full size,
+        and :meth:`resize_crop` and :func:`check_min_side` use that.
+        """
         try:
             with Image.open(path) as im:
                 w, h = im.size
