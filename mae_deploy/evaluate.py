@@ -21,6 +21,7 @@ from mae_deploy.bundle import Bundle
 from mae_deploy.classify import Classifier, top_k_indices
 from mae_deploy.errors import BundleError, InputError, MissingDependency
 from mae_deploy.features import _chunks
+from mae_deploy.names import CLASSIFIER
 from mae_deploy.preprocess import Preprocessor
 from mae_deploy.sources import list_source
 
@@ -130,7 +131,7 @@ def _score(name: str, backend: str, precision: str, logits: np.ndarray, targets:
 
 def _models(bundle: Bundle, precisions: list[str], backend: str, device: str, reference: bool | None,
             batch_size: int, notes: list[str], runner_opts: dict) -> list[tuple[str, str, str, Classifier]]:
-    have = bundle.precisions("classifier")
+    have = bundle.precisions(CLASSIFIER)
     missing = [p for p in precisions if p not in have]
     if missing:
         raise BundleError(f"bundle {bundle.path} has no classifier graph at {', '.join(missing)}; it has "
@@ -171,7 +172,7 @@ def evaluate(
     names = bundle.class_names or []
     data = list_image_folder(image_folder, names)
     report = EvalReport(str(bundle.path), str(data.root), names, images=0)
-    precisions = precisions or bundle.precisions("classifier")
+    precisions = precisions or bundle.precisions(CLASSIFIER)
     models = _models(bundle, list(dict.fromkeys(precisions)), backend, device, reference, batch_size,
                      report.notes, runner_opts or {})
     pre = Preprocessor.from_bundle(bundle)

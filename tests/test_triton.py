@@ -260,7 +260,7 @@ def test_preprocess_model_fails_only_the_request_with_a_broken_image(cls_repo, p
                                     _Request(_Tensor("image", broken)),
                                     _Request(_Tensor("image", np.array([[b""]], dtype=object)))])
     assert ok.error is None and ok.outputs["pixel_values"].shape == (1, 3, 32, 32)
-    assert bad.outputs == {} and "uploaded image 1" in str(bad.error)
+    assert bad.outputs == {} and "image 1" in str(bad.error)  # the item is named (serve's decoding, its wording)
     assert "empty" in str(empty.error)
 
 
@@ -309,6 +309,24 @@ def test_int8_precision_serves_the_int8_graphs(classifier_bundle, tmp_path):  # 
         assert (repo / name / "1" / "model.onnx").read_bytes() == (b.path / b.graph(part, "int8").file).read_bytes()
 
 
+def test_tensorrt_int8_serves_the_qdq_graphs(classifier_bundle, tmp_path):  # noqa: F811
+    """TensorRT builds int8 from Q/DQ graphs; here the fp32 files stand in for them (only selection is tested)."""
+    src = tmp_path / "bundle"
+    shutil.copytree(classifier_bundle, src)
+    m = json.loads((src / MANIFEST_NAME).read_text())
+    for part in ("encoder", "classifier"):
+        shutil.copyfile(src / f"{part}.onnx", src / f"{part}.int8-qdq.onnx")
+        entry = next(g for g in m["graphs"] if g["part"] == part and g["precision"] == "fp32")
+        m["graphs"].append({**entry, "precision": "int8-qdq", "file": f"{part}.int8-qdq.onnx"})
+    write_manifest(src, m)
+    report = write_repository(src, tmp_path / "r", kind="gpu", tensorrt=True, precision="int8")
+    assert report.graphs == {"mae_encoder": "encoder.int8-qdq.onnx", "mae_classifier": "classifier.int8-qdq.onnx"}
+    for name in ("mae_encoder", "mae_classifier"):
+        params = dict(load_config(report.path / name).optimization.execution_accelerators
+                      .gpu_execution_accelerator[0].parameters)
+        assert params["precision_mode"] == "INT8"
+
+
 def test_labels_file_replaces_the_bundle_names(classifier_bundle, tmp_path):  # noqa: F811
     labels = tmp_path / "labels.txt"
     labels.write_text("a\nb\nc\nd\ne\n")
@@ -339,7 +357,7 @@ def generated_names_bundle(classifier_bundle, tmp_path_factory) -> Path:  # noqa
     (["--instances", "0"], "--instances must be at least 1"),
     (["--preferred-batch-sizes", "8,128"], "must lie in 1..--max-batch-size"),
     (["--tensorrt"], "add --kind gpu"),
-    (["--kind", "gpu", "--tensorrt", "--precision", "int8"], "TensorRT cannot build"),
+    (["--kind", "gpu", "--tensorrt", "--precision", "int8"], "--precision int8-qdq"),
     (["--models", "decoder"], "has no decoder graph"),
     (["--models", "nonsense"], "unknown model"),
 ])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from mae_deploy.errors import InputError, PartialFailure, VerificationError
-from mae_deploy.names import BACKENDS, PRECISIONS
+from mae_deploy.names import BACKENDS, GRAPH_PRECISIONS
 
 
 def _runner_opts(backend: str, threads: int | None) -> dict:
@@ -23,7 +23,7 @@ def _runner_opts(backend: str, threads: int | None) -> dict:
               help="Write predictions to a .jsonl or .csv file (default: print them).")
 @click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True, help="Inference backend.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (ort also: tensorrt).")
-@click.option("--precision", type=click.Choice([*PRECISIONS, "bf16"]), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice([*GRAPH_PRECISIONS, "bf16"]), default="fp32", show_default=True,
               help="Classifier graph variant (ort), or autocast precision (torch).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Images per inference call.")
@@ -99,8 +99,8 @@ def eval_cmd(bundle_dir, image_folder, precisions, backend, device, reference, b
             check_writable(p, what="output")
     wanted = [p.strip() for p in precisions.split(",") if p.strip()] if precisions else None
     for p in wanted or ():
-        if p not in PRECISIONS:
-            raise InputError(f"--precisions: unknown precision {p!r}; choose from {', '.join(PRECISIONS)}")
+        if p not in GRAPH_PRECISIONS:
+            raise InputError(f"--precisions: unknown precision {p!r}; choose from {', '.join(GRAPH_PRECISIONS)}")
     report = evaluate(bundle_dir, image_folder, wanted, backend=backend, device=device, reference=reference,
                       batch_size=batch_size, progress=not no_progress, runner_opts=_runner_opts(backend, threads))
     click.echo(report.table())

@@ -25,17 +25,17 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mae_deploy import __version__
 from mae_deploy.bundle import Bundle, GraphSpec
 from mae_deploy.errors import BundleError, InputError
 from mae_deploy.fileio import atomic_write_json, atomic_write_text
+from mae_deploy.names import CLASSIFIER, DECODER, ENCODER, INT8_QDQ
 from mae_deploy.triton import configs as c
 from mae_deploy.triton.pbtxt import Enum, to_pbtxt
 
-CLASSIFIER = "classifier"  # the bundle part of classifier.onnx
 MODEL_CHOICES = ("encoder", "decoder", "classifier", "features", "classify")
 KINDS = ("cpu", "gpu")
 POOLS = ("cls", "mean")
@@ -113,11 +113,6 @@ def _check_options(max_batch_size: int, instances: int, preferred: Sequence[int]
         raise InputError(f"--precision must be fp32, fp16 or int8, got {precision!r}")
     if tensorrt and kind != "gpu":
         raise InputError("--tensorrt is the GPU accelerator of the onnxruntime backend: add --kind gpu")
-    if tensorrt and precision == "int8":
-        raise InputError(
-            "--tensorrt --precision int8: the bundle's int8 graphs are ONNX Runtime dynamic quantisation, which "
-            "TensorRT cannot build; use --precision fp16 (or fp32) with --tensorrt, or int8 without it"
-        )
     if preferred is None:
         return tuple(b for b in DEFAULT_PREFERRED if b <= max_batch_size) or (max_batch_size,)
     bad = [b for b in preferred if not 1 <= b <= max_batch_size]
@@ -150,12 +145,26 @@ def _pick_models(bundle: Bundle, models: Sequence[str] | None) -> list[str]:
     return out
 
 
-def _graph(bundle: Bundle, part: str, precision: str, notes: list[str], strict: bool) -> GraphSpec:
-    """The part's graph at ``precision``; non-strict parts fall back to fp32 (with a note) when it has none."""
-    if strict or precision in bundle.precisions(part):
-        return bundle.graph(part, precision)
-    notes.append(f"the bundle has no {part} at {precision}; {part} serves its fp32 graph")
-    return bundle.graph(part, "fp32")
+def _graph(bundle: Bundle, part: str, precision: str, tensorrt: bool, notes: list[str]) -> tuple[GraphSpec, str]:
+    """(graph, TensorRT precision_mode) of ``part``. The encoder must exist at ``precision``; the other parts
+    fall back to fp32 (with a note). TensorRT takes fp16 as a build flag on the fp32 graph, and int8 only
+    from a Q/DQ graph (explicit quantisation): ORT's dynamic int8 graphs are not for it."""
+    strict = part == ENCODER
+    if tensorrt and precision == "int8":
+        if INT8_QDQ in bundle.precisions(part):
+            return bundle.graph(part, INT8_QDQ), "INT8"
+        if strict:
+            raise BundleError(f"--tensorrt --precision int8 builds TensorRT int8 from a Q/DQ graph, and bundle "
+                              f"{bundle.path} has none: export with --precision int8-qdq --calibration DIR, or use "
+                              "--precision fp16")
+        notes.append(f"the bundle has no Q/DQ int8 {part}; {part} runs TensorRT fp16 on its fp32 graph")
+        return bundle.graph(part, "fp32"), "FP16"
+    mode = "FP16" if precision == "fp16" else "FP32"
+    want = "fp32" if tensorrt else precision
+    if strict or want in bundle.precisions(part):
+        return bundle.graph(part, want), mode
+    notes.append(f"the bundle has no {part} at {want}; {part} serves its fp32 graph")
+    return bundle.graph(part, "fp32"), mode
 
 
 def _trt_profile(bundle: Bundle, part: str, sched: c.Scheduling) -> dict:
@@ -165,7 +174,7 @@ def _trt_profile(bundle: Bundle, part: str, sched: c.Scheduling) -> dict:
     opt = max(sched.preferred_batch_sizes)
     profile = profile_for_bundle(bundle, max_batch=sched.max_batch_size, opt_batch=opt)
     if part == CLASSIFIER:
-        return {"pixel_values": profile.shapes("encoder")["pixel_values"]}
+        return {"pixel_values": profile.shapes(ENCODER)["pixel_values"]}
     return profile.shapes(part)
 
 
@@ -212,8 +221,7 @@ def _string_tensor(name: str) -> dict:
 def _build(tmp: Path, bundle: Bundle, models: list[str], sched: c.Scheduling, precision: str, pool: str,
            labels: list[str] | None, notes: list[str]) -> dict[str, str]:
     """Write every model into ``tmp``; returns model -> bundle graph file."""
-    graph_precision = "fp32" if sched.tensorrt else precision  # TensorRT takes fp16 as a build flag
-    parts = {"encoder": (c.ENCODER_MODEL, "encoder"), "decoder": (c.DECODER_MODEL, "decoder"),
+    parts = {"encoder": (c.ENCODER_MODEL, ENCODER), "decoder": (c.DECODER_MODEL, DECODER),
              "classifier": (c.CLASSIFIER_MODEL, CLASSIFIER)}
     served: dict[str, str] = {}
     graphs: dict[str, GraphSpec] = {}
@@ -221,10 +229,12 @@ def _build(tmp: Path, bundle: Bundle, models: list[str], sched: c.Scheduling, pr
         if m not in parts:
             continue
         name, part = parts[m]
-        g = _graph(bundle, part, graph_precision, notes, strict=(part == "encoder"))
+        g, trt_mode = _graph(bundle, part, precision, sched.tensorrt, notes)
         graphs[part] = g
         profile = _trt_profile(bundle, part, sched) if sched.tensorrt else None
-        _write_config(tmp / name, c.onnx_model_config(name, g, sched, labels=part == CLASSIFIER, trt_profile=profile))
+        cfg = c.onnx_model_config(name, g, replace(sched, tensorrt_precision=trt_mode), labels=part == CLASSIFIER,
+                                  trt_profile=profile)
+        _write_config(tmp / name, cfg)
         _copy_graph(bundle, g, tmp / name / "1")
         served[name] = g.file
     label_text = "\n".join(labels) + "\n" if labels else None
@@ -232,7 +242,7 @@ def _build(tmp: Path, bundle: Bundle, models: list[str], sched: c.Scheduling, pr
         atomic_write_text(tmp / c.CLASSIFIER_MODEL / c.LABELS_FILE, label_text)
 
     if "features" in models or "classify" in models:
-        first = graphs["encoder"] if "encoder" in graphs else graphs[CLASSIFIER]
+        first = graphs[ENCODER] if ENCODER in graphs else graphs[CLASSIFIER]
         pix_cfg = c.tensor_config(next(t for t in first.inputs if t.name == "pixel_values"), first.file)
         ids_cfg = {"name": "ids_keep", "data_type": Enum("TYPE_INT64"), "dims": [bundle.num_patches]}
         pre_cfg = c.python_model_config(
@@ -243,7 +253,7 @@ def _build(tmp: Path, bundle: Bundle, models: list[str], sched: c.Scheduling, pr
         _python_model(tmp / c.PREPROCESS_MODEL, c.PREPROCESS_MODEL, "PreprocessModel",
                       "encoded image bytes -> pixel_values, ids_keep")
     if "features" in models:
-        latent = next(t for t in graphs["encoder"].outputs if t.name == "latent")
+        latent = next(t for t in graphs[ENCODER].outputs if t.name == "latent")
         latent_cfg = c.tensor_config(latent, "latent")
         feats_cfg = {"name": c.FEATURES_TENSOR, "data_type": Enum("TYPE_FP32"), "dims": [bundle.embed_dim]}
         _write_config(tmp / c.POOL_MODEL, c.python_model_config(
@@ -309,7 +319,8 @@ def write_repository(
 
     ``models`` None: every model the bundle's graphs allow. ``labels``: a file of class names (one per line)
     that replaces the bundle's. ``precision`` picks the graph variants (fp16 with ``tensorrt`` is TensorRT's
-    FP16 mode on the fp32 graph). Bad options or a bundle without a needed graph: InputError / BundleError.
+    FP16 mode on the fp32 graph; int8 with ``tensorrt`` needs the bundle's Q/DQ graph). Bad options or a
+    bundle without a needed graph: InputError / BundleError.
     """
     preferred = _check_options(max_batch_size, instances, preferred_batch_sizes, max_queue_delay_us, kind,
                                precision, tensorrt, pool)
@@ -328,9 +339,11 @@ def write_repository(
     out = Path(out)
     _check_destination(out, overwrite, bundle)
     sched = c.Scheduling(max_batch_size=max_batch_size, preferred_batch_sizes=preferred,
-                         max_queue_delay_us=max_queue_delay_us, instances=instances, kind=kind, tensorrt=tensorrt,
-                         tensorrt_precision="FP16" if precision == "fp16" else "FP32")
+                         max_queue_delay_us=max_queue_delay_us, instances=instances, kind=kind, tensorrt=tensorrt)
     notes: list[str] = []
+    if kind == "gpu" and precision == "int8" and not tensorrt:
+        notes.append("int8 graphs are ONNX Runtime dynamic quantisation, which runs largely on the CPU: on a GPU "
+                     "prefer --precision fp16, or --tensorrt with a Q/DQ int8 export")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         served = _build(tmp, bundle, chosen, sched, precision, pool, class_names, notes)
