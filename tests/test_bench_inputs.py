@@ -67,6 +67,19 @@ def test_an_unreadable_checkpoint_is_bad_input(bundle_dir, tmp_path):
         assert str(junk) in r.output and "Traceback" not in r.output
 
 
+def test_unreadable_reference_weights_in_the_bundle_say_what_to_do(bundle_dir, tmp_path):
+    bad = tmp_path / "badref"
+    shutil.copytree(bundle_dir, bad)
+    (bad / "reference" / "model.safetensors").write_bytes(b"\x00" * 64)
+    manifest = json.loads((bad / "mae.json").read_text())
+    manifest["files"]["reference/model.safetensors"] = sha256_file(bad / "reference" / "model.safetensors")
+    (bad / "mae.json").write_text(json.dumps(manifest))
+    r = _bench(str(bad))
+    assert r.exit_code == 3, r.output
+    assert "reference" in r.output and "--checkpoint" in r.output and "--no-reference" in r.output
+    assert _bench(str(bad), "--no-reference").exit_code == 0  # ORT rows need no weights
+
+
 def test_what_this_machine_or_bundle_lacks_is_still_skipped(bundle_dir, tmp_path):
     """torch int8 (not offered), ORT bf16 (not in the bundle), trt (no package here): skipped, reasons given."""
     r = CliRunner().invoke(main, ["bench", str(bundle_dir), "--backends", "ort,torch,trt", "--precisions",

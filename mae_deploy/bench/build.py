@@ -74,11 +74,12 @@ def build_runner(bundle, backend: str, precision: str, device: str, threads: int
                                **runner_options(backend, threads, checkpoint, max_batch))
     except UNAVAILABLE as e:
         return None, None, f"{backend} {precision} on {device} unavailable: {e}"
-    except CheckpointError:
-        raise
     except InputError as e:
-        if backend == "torch":  # every combination torch does not offer was checked above: these are the weights
-            raise
+        if backend == "torch" and checkpoint is None:  # the bundle's own reference/ weights are unreadable
+            raise InputError(f"{e} (the torch backend and the torch reference read the bundle's reference weights: "
+                             "give --checkpoint WEIGHTS, or --no-reference without torch in --backends)") from e
+        if backend == "torch" or isinstance(e, CheckpointError):
+            raise  # every combination torch does not offer was checked above: these are the weights
         return None, None, f"{backend} does not offer {precision} here: {e}"
     try:
         load = getattr(runner, "load", None)
