@@ -5,9 +5,10 @@ encoder.onnx read by both runtimes through mae_deploy's runners (``create_runner
 Backends are interleaved round by round, so a burst of load from another process hits all of them alike;
 the ratio to ORT fp32 is measured in the same run. Also the agreement with ORT fp32 on real photos
 (skimage.data): max |diff| of the latent and the cosine of mean-pooled features. bf16 is reported as
-unavailable (with OpenVINO's reason) on a CPU without bf16 instructions.
+unavailable (with OpenVINO's reason) on a CPU without bf16 instructions. ``--int8`` adds ORT's dynamic int8
+and OpenVINO's int8 on the statically calibrated Q/DQ graph (the export is calibrated on the same photos).
 
-    .venv/bin/python benchmarks/bench_openvino.py [--rounds 10] [--threads 2] [--bundle DIR]
+    .venv/bin/python benchmarks/bench_openvino.py [--rounds 10] [--threads 2] [--bundle DIR] [--int8]
 
 Prints a Markdown table; copy it into benchmarks/RESULTS.md with the date and CPU.
 """
@@ -28,17 +29,27 @@ sys.path.insert(0, str(ROOT))
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "cat", "hubble_deep_field", "immunohistochemistry", "retina")
 CONFIGS = (("ort", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"))
+INT8_CONFIGS = (("ort", "int8"), ("openvino", "int8"))
 
 
-def export_vit_b(out: Path) -> Path:
-    """A random-init ViT-B/16 MAE exported to a bundle (fp32 graphs; no parity grid, we compare here)."""
+def export_vit_b(out: Path, int8: bool) -> Path:
+    """A random-init ViT-B/16 MAE encoder exported to a bundle (no parity grid: we compare here)."""
+    import skimage.data
     import torch
+    from PIL import Image
 
     from export.bundle_writer import export_bundle
     from training.model import create_model
 
+    calib = None
+    if int8:
+        calib = out.parent / "calibration"
+        calib.mkdir(parents=True, exist_ok=True)
+        for n in PHOTOS:
+            Image.fromarray(getattr(skimage.data, n)()).convert("RGB").save(calib / f"{n}.png")
     torch.manual_seed(0)
-    export_bundle(create_model("mae_vit_base_patch16").eval(), out, parts=("encoder",), verify=False, progress=None)
+    export_bundle(create_model("mae_vit_base_patch16").eval(), out, parts=("encoder",), verify=False, progress=None,
+                  precisions=("fp32", "int8", "int8-qdq") if int8 else ("fp32",), calibration=calib)
     return out
 
 
@@ -64,18 +75,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--bundle", type=Path, default=None, help="A ViT-B/16 bundle (default: export one now).")
+    ap.add_argument("--int8", action="store_true", help="Also ORT dynamic int8 and OpenVINO Q/DQ int8.")
     args = ap.parse_args()
+    configs = CONFIGS + (INT8_CONFIGS if args.int8 else ())
 
     from mae_deploy.bundle import Bundle
     from mae_deploy.errors import MaeDeployError
     from mae_deploy.runners import create_runner
 
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = Bundle.load(args.bundle or export_vit_b(Path(tmp) / "vitb"))
+        bundle = Bundle.load(args.bundle or export_vit_b(Path(tmp) / "vitb", args.int8))
         x = photos(bundle, args.batch)
         ids = np.tile(np.arange(bundle.num_patches, dtype=np.int64), (args.batch, 1))
         runners, skipped = {}, {}
-        for backend, precision in CONFIGS:
+        for backend, precision in configs:
             try:
                 r = create_runner(bundle, backend, precision=precision, threads=args.threads)
                 r.load(("encoder",))
@@ -106,7 +119,7 @@ def main() -> None:
               f"{args.rounds} interleaved rounds (median)\n")
         print("| backend | precision | median ms | vs ORT fp32 | max abs diff | pooled cosine |")
         print("|---|---|---|---|---|---|")
-        for k in CONFIGS:
+        for k in configs:
             if k in skipped:
                 print(f"| {k[0]} | {k[1]} | unavailable: {skipped[k]} | | | |")
                 continue

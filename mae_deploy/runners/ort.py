@@ -10,8 +10,9 @@ Sessions are created lazily, one per part, on first use (feature extraction neve
 call :meth:`OrtRunner.load` to create them up front.
 
 Not run on this project's machines (no GPU here): the CUDA and TensorRT providers, their IO binding and
-TensorRT's fp16 / engine cache / profile options. The CPU path, the provider checks and the IO-binding
-code path (bound to CPU memory) are tested.
+TensorRT's fp16 / engine cache / profile options. The CPU path, the provider checks, the IO-binding code
+path (bound to CPU memory), the TensorRT provider's options, graph choice and cache folders
+(``runners/trt/ort_ep.py``) and its batch chunking (on the CPU provider) are tested.
 """
 
 from __future__ import annotations
