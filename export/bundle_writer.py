@@ -312,11 +312,11 @@ def _torch_stage(model: Model, tmp: Path, plan: _Plan, reference_weights: bool, 
         release_memory()  # the exporter's program holds graph copies until collected
     cases: dict[str, list] = {}
     if plan.verify:
-        mae_parts = [p for p in plan.parts if p != CLASSIFIER]
-        shared = reference_cases(model, with_decoder="decoder" in mae_parts)
-        cases = {p: shared for p in mae_parts}
-        if CLASSIFIER in plan.parts:
-            cases[CLASSIFIER] = classifier_cases(model)
+        cases = _reference_outputs(model, plan.parts)
+        if plan.calibration is not None:  # int8-qdq is judged on images like those it was calibrated on
+            real = _reference_outputs(model, plan.parts, plan.calibration.pixel_values)
+            cases.update({f"{part}:{INT8_QDQ}": c for part, c in real.items()})
+        say("  PyTorch reference outputs computed")
     if reference_weights:
         from training.checkpoints import save_native
 
@@ -324,6 +324,16 @@ def _torch_stage(model: Model, tmp: Path, plan: _Plan, reference_weights: bool, 
                     source={"format": source["format"], "path": source["checkpoint"], "note": "bundle reference"},
                     class_names=plan.class_names)
         say("  reference/: native checkpoint for --backend torch")
+    return cases
+
+
+def _reference_outputs(model: Model, parts: list[str], images=None) -> dict[str, list]:
+    """part -> PyTorch reference cases (encoder and decoder share theirs)."""
+    mae_parts = [p for p in parts if p != CLASSIFIER]
+    shared = reference_cases(model, with_decoder="decoder" in mae_parts, images=images)
+    cases: dict[str, list] = {p: shared for p in mae_parts}
+    if CLASSIFIER in parts:
+        cases[CLASSIFIER] = classifier_cases(model, images=images)
     return cases
 
 
@@ -336,6 +346,8 @@ def _onnx_stage(tmp: Path, plan: _Plan, cases: dict[str, list], num_patches: int
         path = tmp / variant_filename(part, "fp32")
         parity[(part, "fp32")] = (verify_fp32(path, part, cases[part], show_progress=plan.show_progress)
                                   if plan.verify else skipped)
+        if plan.verify:
+            say(f"  {path.name}: verified")
         release_memory()
     for precision in plan.precisions[1:]:
         for part in plan.parts:
@@ -351,9 +363,14 @@ def _onnx_stage(tmp: Path, plan: _Plan, cases: dict[str, list], num_patches: int
             check_graph_file(dst)
             say(f"  {dst.name}: converted in {time.perf_counter() - t:.1f}s")
             parity[(part, precision)] = (
-                verify_variant(dst, part, precision, cases[part], show_progress=plan.show_progress)
+                verify_variant(dst, part, precision, cases.get(f"{part}:{precision}", cases[part]),
+                               show_progress=plan.show_progress)
                 if plan.verify else skipped
             )
+            if plan.verify and precision == INT8_QDQ:
+                parity[(part, precision)]["inputs"] = "calibration images"
+            if plan.verify:
+                say(f"  {dst.name}: verified")
             release_memory()
     return parity
 

@@ -3,7 +3,7 @@
 Images are read with ``mae_deploy``'s :class:`~mae_deploy.preprocess.Preprocessor` built from the bundle's
 own preprocessing block, so the activation ranges are those the deployed model will see. ``count`` images
 are taken evenly spaced over the sorted listing (an ImageFolder lists class by class: the first 256 files
-would be one class). Undecodable files are skipped and counted.
+would be one class). Undecodable files are skipped, counted and replaced by the next readable ones.
 
 Per part, the feeds the quantiser runs:
 
@@ -53,9 +53,14 @@ def load_calibration(directory: str | os.PathLike, preprocessing: dict, in_chans
     paths = list_source(directory).paths
     n = min(count, len(paths))
     picked = [paths[i * len(paths) // n] for i in range(n)]
+    chosen = set(picked)
+    # An unreadable pick is replaced by the next readable file of the listing.
+    candidates = picked + [p for p in paths if p not in chosen]
     pre = Preprocessor.from_config(preprocessing, in_chans=in_chans)
     arrays, skipped = [], []
-    for p in picked:
+    for p in candidates:
+        if len(arrays) == n:
+            break
         try:
             arrays.append(pre(p)[0])
         except (InputError, OSError, ValueError) as e:

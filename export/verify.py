@@ -12,6 +12,9 @@ Thresholds (what ``passed`` means; also in `mae-deploy export --help`):
 - int8 encoder: the same cosine >= 0.99 (dynamic quantisation of every MatMul costs ~0.1-1 %).
 - fp16 decoder: relative reconstruction error ||pred - pred_ref|| / ||pred_ref|| (per sample) <= 0.01.
 - int8 decoder: the same <= 0.1.
+- int8-qdq: as int8, but on calibration images instead of noise: a statically calibrated graph clips
+  activations outside the ranges it was calibrated on, and noise images are far outside what a trained
+  model sees (its report says ``"inputs": "calibration images"``).
 - classifier (batch 1, 3, 8 = 12 images, every patch visible): fp32 as above on the logits; variants by
   logit cosine (per image, min) >= 0.999 (fp16) / 0.99 (int8, int8-qdq) and top-1 agreement with PyTorch
   = 1.0 (fp16) / >= 0.9 (int8, int8-qdq). An image whose PyTorch logits have a near tie (second best
@@ -90,15 +93,17 @@ def reference_cases(
     batches: Iterable[int] = BATCHES,
     visibles: Iterable[int] | None = None,
     seed: int = 0,
+    images: np.ndarray | None = None,
 ) -> list[Case]:
-    """Random normalised-scale images and random masks, with PyTorch fp32 outputs (eval, no grad)."""
+    """Random normalised-scale images (or batches drawn from ``images``) and random masks, with PyTorch
+    fp32 outputs (eval, no grad)."""
     cfg = model.config
     L = cfg.num_patches
     rng = np.random.default_rng(seed)
     cases = []
     for b in batches:
         for k in visibles or visible_grid(L):
-            x = rng.standard_normal((b, cfg.in_chans, cfg.img_size, cfg.img_size)).astype(np.float32)
+            x = _inputs(rng, b, cfg, images)
             shuffle = np.stack([rng.permutation(L) for _ in range(b)]).astype(np.int64)
             ids_keep = np.ascontiguousarray(shuffle[:, :k])
             ids_restore = np.argsort(shuffle, axis=1).astype(np.int64)
@@ -109,15 +114,23 @@ def reference_cases(
     return cases
 
 
+def _inputs(rng: np.random.Generator, batch: int, cfg, images: np.ndarray | None) -> np.ndarray:
+    """``batch`` noise images, or ``batch`` of ``images`` picked at random (repeats when there are fewer)."""
+    if images is None:
+        return rng.standard_normal((batch, cfg.in_chans, cfg.img_size, cfg.img_size)).astype(np.float32)
+    return np.ascontiguousarray(images[rng.choice(len(images), size=batch, replace=len(images) < batch)])
+
+
 def classifier_cases(
-    model: VisionTransformer, batches: Iterable[int] = CLASSIFIER_BATCHES, seed: int = 0
+    model: VisionTransformer, batches: Iterable[int] = CLASSIFIER_BATCHES, seed: int = 0,
+    images: np.ndarray | None = None,
 ) -> list[ClassifierCase]:
-    """Random normalised-scale images with PyTorch fp32 logits (eval, no grad)."""
+    """Random normalised-scale images (or ``images``) with PyTorch fp32 logits (eval, no grad)."""
     cfg = model.config
     rng = np.random.default_rng(seed)
     cases = []
     for b in batches:
-        x = rng.standard_normal((b, cfg.in_chans, cfg.img_size, cfg.img_size)).astype(np.float32)
+        x = _inputs(rng, b, cfg, images)
         with torch.no_grad():
             logits = model(torch.from_numpy(x)).numpy()
         cases.append(ClassifierCase(b, cfg.num_patches, x, logits))

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +22,7 @@ from click.testing import CliRunner
 import export.bundle_writer as bundle_writer
 from export.bundle_writer import export_bundle
 from export.onnx_export import FORBIDDEN_OPS, check_graph_file, forbidden_ops
+from export.staging import ExportLock
 from export.verify import ort_session, verify_fp32
 from export.wrappers import resize_model
 from mae_deploy.bundle import Bundle, sha256_file
@@ -344,6 +351,65 @@ def test_failed_verification_leaves_nothing_and_keeps_the_old_bundle(ckpt_dir, t
     r = _cli(str(ckpt_dir), "--out", str(tmp_path / "new"))
     assert r.exit_code == 5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_a_killed_export_leaves_nothing_after_the_next_run(ckpt_dir, tmp_path):
+    """kill -9 mid-export leaves its staging dir; the next export into the same --out removes it."""
+    out = tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, "-m", "mae_deploy.cli", "export", str(ckpt_dir), "--out", str(out)],
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        while proc.poll() is None and not list(tmp_path.glob(".b.tmp-*")):
+            time.sleep(0.02)
+        assert proc.poll() is None, "the export ended before its staging directory was seen"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert list(tmp_path.glob(".b.tmp-*")) and not out.exists()
+    r = _cli(str(ckpt_dir), "--out", str(out), "--parts", "encoder", "--skip-verify")
+    assert r.exit_code == 0, r.output
+    assert "left by an export that was killed" in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no staging dir, no lock file
+
+
+def test_a_second_export_into_the_same_out_is_refused(ckpt_dir, tmp_path):
+    out = tmp_path / "b"
+    with ExportLock(out):
+        (tmp_path / ".b.tmp-running").mkdir()  # the running export's staging dir: must survive
+        r = _cli(str(ckpt_dir), "--out", str(out), "--skip-verify")
+        assert r.exit_code == 3, r.output
+        assert f"another export into {out} is running (pid {os.getpid()})" in r.output
+        assert (tmp_path / ".b.tmp-running").is_dir()
+    r = _cli(str(ckpt_dir), "--out", str(out), "--skip-verify", "--parts", "encoder")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_bundle_files_are_0644_and_directories_0755(ckpt_dir, tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = export_bundle(ckpt_dir, tmp_path / "b", parts="encoder", verify=False, reference_weights=True,
+                            progress=None).bundle
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    for p in out.rglob("*"):
+        assert stat.S_IMODE(p.stat().st_mode) == (0o755 if p.is_dir() else 0o644), p
+
+
+def test_nan_weights_are_named_and_not_blamed_on_the_opset(tmp_path):
+    model = _model()
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.weight[0, 0] = float("nan")
+        model.norm.bias[1] = float("inf")
+    ckpt = tmp_path / "nan"
+    save_native(model, ckpt)
+    r = _cli(str(ckpt), "--out", str(tmp_path / "b"))
+    assert r.exit_code == 3, r.output
+    assert "blocks.0.attn.qkv.weight" in r.output and "norm.bias" in r.output
+    assert "opset" not in r.output and "Traceback" not in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan"]
 
 
 # ---------------------------------------------------------------------------------------------------
