@@ -218,67 +218,81 @@ def _string_tensor(name: str) -> dict:
     return {"name": name, "data_type": Enum("TYPE_STRING"), "dims": [1]}
 
 
-def _build(tmp: Path, bundle: Bundle, models: list[str], sched: c.Scheduling, precision: str, pool: str,
-           labels: list[str] | None, notes: list[str]) -> dict[str, str]:
-    """Write every model into ``tmp``; returns model -> bundle graph file."""
+def _onnx_models(tmp: Path, bundle: Bundle, models: list[str], sched: c.Scheduling, precision: str,
+                 notes: list[str]) -> tuple[dict[str, GraphSpec], dict[str, str]]:
+    """The graph models; returns (part -> graph served, model name -> bundle file)."""
     parts = {"encoder": (c.ENCODER_MODEL, ENCODER), "decoder": (c.DECODER_MODEL, DECODER),
              "classifier": (c.CLASSIFIER_MODEL, CLASSIFIER)}
-    served: dict[str, str] = {}
     graphs: dict[str, GraphSpec] = {}
-    for m in models:
-        if m not in parts:
-            continue
-        name, part = parts[m]
+    served: dict[str, str] = {}
+    for name, part in (parts[m] for m in models if m in parts):
         g, trt_mode = _graph(bundle, part, precision, sched.tensorrt, notes)
-        graphs[part] = g
         profile = _trt_profile(bundle, part, sched) if sched.tensorrt else None
         cfg = c.onnx_model_config(name, g, replace(sched, tensorrt_precision=trt_mode), labels=part == CLASSIFIER,
                                   trt_profile=profile)
         _write_config(tmp / name, cfg)
         _copy_graph(bundle, g, tmp / name / "1")
-        served[name] = g.file
-    label_text = "\n".join(labels) + "\n" if labels else None
-    if label_text:
-        atomic_write_text(tmp / c.CLASSIFIER_MODEL / c.LABELS_FILE, label_text)
+        graphs[part], served[name] = g, g.file
+    return graphs, served
 
+
+def _preprocess_model(tmp: Path, bundle: Bundle, graphs: dict[str, GraphSpec], sched: c.Scheduling) -> None:
+    first = graphs[ENCODER] if ENCODER in graphs else graphs[CLASSIFIER]
+    pix_cfg = c.tensor_config(next(t for t in first.inputs if t.name == "pixel_values"), first.file)
+    ids_cfg = {"name": "ids_keep", "data_type": Enum("TYPE_INT64"), "dims": [bundle.num_patches]}
+    params = {"preprocessing": json.dumps(bundle.preprocessing, sort_keys=True), "in_chans": str(bundle.in_chans),
+              "num_patches": str(bundle.num_patches), "mae_deploy_version": __version__}
+    _write_config(tmp / c.PREPROCESS_MODEL, c.python_model_config(
+        c.PREPROCESS_MODEL, [_string_tensor(c.IMAGE_TENSOR)], [pix_cfg, ids_cfg], sched, params))
+    _python_model(tmp / c.PREPROCESS_MODEL, c.PREPROCESS_MODEL, "PreprocessModel",
+                  "encoded image bytes -> pixel_values, ids_keep")
+
+
+def _features_models(tmp: Path, bundle: Bundle, encoder: GraphSpec, sched: c.Scheduling, pool: str) -> None:
+    """mae_pool and the mae_features ensemble: image bytes -> preprocess -> encoder -> pool."""
+    latent_cfg = c.tensor_config(next(t for t in encoder.outputs if t.name == "latent"), encoder.file)
+    feats_cfg = {"name": c.FEATURES_TENSOR, "data_type": Enum("TYPE_FP32"), "dims": [bundle.embed_dim]}
+    _write_config(tmp / c.POOL_MODEL, c.python_model_config(
+        c.POOL_MODEL, [latent_cfg], [feats_cfg], sched, {"pool": pool}))
+    _python_model(tmp / c.POOL_MODEL, c.POOL_MODEL, "PoolModel", f"encoder latent -> {pool}-pooled features")
+    _write_config(tmp / c.FEATURES_ENSEMBLE, c.ensemble_config(
+        c.FEATURES_ENSEMBLE, [_string_tensor(c.IMAGE_TENSOR)], [feats_cfg], [
+            {"model_name": c.PREPROCESS_MODEL, "input_map": {c.IMAGE_TENSOR: c.IMAGE_TENSOR},
+             "output_map": {"pixel_values": "pixel_values", "ids_keep": "ids_keep"}},
+            {"model_name": c.ENCODER_MODEL, "input_map": {"pixel_values": "pixel_values", "ids_keep": "ids_keep"},
+             "output_map": {"latent": "latent"}},
+            {"model_name": c.POOL_MODEL, "input_map": {"latent": "latent"},
+             "output_map": {c.FEATURES_TENSOR: c.FEATURES_TENSOR}},
+        ], sched))
+
+
+def _classify_ensemble(tmp: Path, classifier: GraphSpec, sched: c.Scheduling, label_text: str) -> None:
+    """mae_classify: image bytes -> preprocess -> classifier logits (with the labels for class_count)."""
+    logits = c.tensor_config(classifier.outputs[0], classifier.file)
+    logits["label_filename"] = c.LABELS_FILE
+    _write_config(tmp / c.CLASSIFY_ENSEMBLE, c.ensemble_config(
+        c.CLASSIFY_ENSEMBLE, [_string_tensor(c.IMAGE_TENSOR)], [logits], [
+            {"model_name": c.PREPROCESS_MODEL, "input_map": {c.IMAGE_TENSOR: c.IMAGE_TENSOR},
+             "output_map": {"pixel_values": "pixel_values"}},
+            {"model_name": c.CLASSIFIER_MODEL, "input_map": {"pixel_values": "pixel_values"},
+             "output_map": {logits["name"]: logits["name"]}},
+        ], sched))
+    atomic_write_text(tmp / c.CLASSIFY_ENSEMBLE / c.LABELS_FILE, label_text)
+
+
+def _build(tmp: Path, bundle: Bundle, models: list[str], sched: c.Scheduling, precision: str, pool: str,
+           labels: list[str] | None, notes: list[str]) -> dict[str, str]:
+    """Write every model into ``tmp``; returns model name -> bundle graph file."""
+    graphs, served = _onnx_models(tmp, bundle, models, sched, precision, notes)
+    label_text = "\n".join(labels) + "\n" if labels else ""
+    if CLASSIFIER in graphs:
+        atomic_write_text(tmp / c.CLASSIFIER_MODEL / c.LABELS_FILE, label_text)
     if "features" in models or "classify" in models:
-        first = graphs[ENCODER] if ENCODER in graphs else graphs[CLASSIFIER]
-        pix_cfg = c.tensor_config(next(t for t in first.inputs if t.name == "pixel_values"), first.file)
-        ids_cfg = {"name": "ids_keep", "data_type": Enum("TYPE_INT64"), "dims": [bundle.num_patches]}
-        pre_cfg = c.python_model_config(
-            c.PREPROCESS_MODEL, [_string_tensor(c.IMAGE_TENSOR)], [pix_cfg, ids_cfg], sched,
-            {"preprocessing": json.dumps(bundle.preprocessing, sort_keys=True), "in_chans": str(bundle.in_chans),
-             "num_patches": str(bundle.num_patches), "mae_deploy_version": __version__})
-        _write_config(tmp / c.PREPROCESS_MODEL, pre_cfg)
-        _python_model(tmp / c.PREPROCESS_MODEL, c.PREPROCESS_MODEL, "PreprocessModel",
-                      "encoded image bytes -> pixel_values, ids_keep")
+        _preprocess_model(tmp, bundle, graphs, sched)
     if "features" in models:
-        latent = next(t for t in graphs[ENCODER].outputs if t.name == "latent")
-        latent_cfg = c.tensor_config(latent, "latent")
-        feats_cfg = {"name": c.FEATURES_TENSOR, "data_type": Enum("TYPE_FP32"), "dims": [bundle.embed_dim]}
-        _write_config(tmp / c.POOL_MODEL, c.python_model_config(
-            c.POOL_MODEL, [latent_cfg], [feats_cfg], sched, {"pool": pool}))
-        _python_model(tmp / c.POOL_MODEL, c.POOL_MODEL, "PoolModel", f"encoder latent -> {pool}-pooled features")
-        _write_config(tmp / c.FEATURES_ENSEMBLE, c.ensemble_config(
-            c.FEATURES_ENSEMBLE, [_string_tensor(c.IMAGE_TENSOR)], [feats_cfg], [
-                {"model_name": c.PREPROCESS_MODEL, "input_map": {c.IMAGE_TENSOR: c.IMAGE_TENSOR},
-                 "output_map": {"pixel_values": "pixel_values", "ids_keep": "ids_keep"}},
-                {"model_name": c.ENCODER_MODEL, "input_map": {"pixel_values": "pixel_values", "ids_keep": "ids_keep"},
-                 "output_map": {"latent": "latent"}},
-                {"model_name": c.POOL_MODEL, "input_map": {"latent": "latent"},
-                 "output_map": {c.FEATURES_TENSOR: c.FEATURES_TENSOR}},
-            ], sched))
+        _features_models(tmp, bundle, graphs[ENCODER], sched, pool)
     if "classify" in models:
-        logits = c.tensor_config(graphs[CLASSIFIER].outputs[0], "logits")
-        logits["label_filename"] = c.LABELS_FILE
-        _write_config(tmp / c.CLASSIFY_ENSEMBLE, c.ensemble_config(
-            c.CLASSIFY_ENSEMBLE, [_string_tensor(c.IMAGE_TENSOR)], [logits], [
-                {"model_name": c.PREPROCESS_MODEL, "input_map": {c.IMAGE_TENSOR: c.IMAGE_TENSOR},
-                 "output_map": {"pixel_values": "pixel_values"}},
-                {"model_name": c.CLASSIFIER_MODEL, "input_map": {"pixel_values": "pixel_values"},
-                 "output_map": {logits["name"]: logits["name"]}},
-            ], sched))
-        atomic_write_text(tmp / c.CLASSIFY_ENSEMBLE / c.LABELS_FILE, label_text)
+        _classify_ensemble(tmp, graphs[CLASSIFIER], sched, label_text)
     return served
 
 
