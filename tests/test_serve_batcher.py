@@ -131,3 +131,14 @@ def test_async_run_and_timeout_cancels(rec):
     finally:
         rec.gate.set()
         b.close()
+
+
+def test_flush_runs_a_held_partial_batch_at_once(rec):
+    b = MicroBatcher({"encoder": rec}, max_batch_size=8, max_delay_s=600.0).start()
+    try:
+        held = b.submit("encoder", _work(1, 4))
+        assert not held[0].done()
+        b.flush()  # draining: a batch that waits for company would hold shutdown for max_delay_s
+        held[0].result(WAIT_S)
+    finally:
+        b.close()

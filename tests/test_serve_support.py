@@ -76,6 +76,7 @@ class GatedRunner:
         self.gate = threading.Event()
         self.gate.set()
         self.waiting = 0
+        self.held_rows = 0  # rows of the call(s) waiting at the gate
 
     @property
     def info(self):
@@ -90,7 +91,9 @@ class GatedRunner:
 
     def encode(self, pixel_values, ids_keep):
         self.waiting += 1
+        self.held_rows += len(pixel_values)
         self.gate.wait(WAIT_S)
+        self.held_rows -= len(pixel_values)
         self.waiting -= 1
         return self.runner.encode(pixel_values, ids_keep)
 

@@ -87,6 +87,7 @@ class MicroBatcher:
         self._pending: deque[_Work] = deque()
         self._queued_rows = 0
         self._closing = False
+        self._flushing = False  # draining: run partial batches at once instead of holding them for company
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
     # -- submitting ---------------------------------------------------------------------------------
@@ -154,7 +155,7 @@ class MicroBatcher:
             return
         first = self._pending[0]
         until = first.arrived + self.max_delay_s
-        while not self._closing and self._rows_for(first.key) < self.max_batch_size:
+        while not (self._closing or self._flushing) and self._rows_for(first.key) < self.max_batch_size:
             left = until - time.monotonic()
             if left <= 0:
                 return
@@ -220,6 +221,12 @@ class MicroBatcher:
             self.observer.queue_depth(rows)
 
     # -- shutting down -----------------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Stop holding partial batches (``max_delay_s``): the server is draining, company will not come."""
+        with self._cond:
+            self._flushing = True
+            self._cond.notify_all()
+
     def close(self, timeout: float | None = None) -> None:
         """Take no new work, finish what is queued, stop the thread."""
         with self._cond:

@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -91,6 +93,8 @@ class ModelService:
         self.executor = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="mae-decode")
         self.state = "loading"  # loading -> ready -> draining; or failed
         self.classifier = None  # a Classifier (class names, top-k) when the bundle has a classifier graph
+        self._inflight = 0  # images admitted and not yet answered (decoding, queued or running)
+        self._inflight_lock = threading.Lock()
         self.load_error: BaseException | None = None
 
     # -- life cycle -------------------------------------------------------------------------------------
@@ -160,8 +164,11 @@ class ModelService:
         return f"{info.backend}/{info.device} {info.precision}{providers}"
 
     def start_draining(self) -> None:
+        """Readiness turns 503; queued work runs at once (no more waiting for company)."""
         if self.state == "ready":
             self.state = "draining"
+        if self.batcher is not None:
+            self.batcher.flush()
 
     def close(self) -> None:
         if self.batcher is not None:
@@ -202,13 +209,30 @@ class ModelService:
         except InputError as e:  # validated before queueing; a runner may still refuse (e.g. TensorRT profile)
             raise bad_input(e) from e
 
+    @contextmanager
+    def _admit(self, n: int):
+        """Refuse (503) work beyond the queue plus one running batch, counted from arrival, so a flood of
+        requests cannot pile up in the decoding threads' backlog before the batcher's own limit sees it."""
+        limit = self.config.max_queue + self.config.max_batch_size
+        with self._inflight_lock:
+            if self._inflight + n > limit:
+                raise overloaded(f"the server is overloaded: {self._inflight} images in flight, {n} more would "
+                                 f"exceed {limit} (--max-queue {self.config.max_queue} + one batch)")
+            self._inflight += n
+        try:
+            yield
+        finally:
+            with self._inflight_lock:
+                self._inflight -= n
+
     # -- the jobs ---------------------------------------------------------------------------------------
     async def features(self, blobs: list[bytes], pool: str, deadline: float) -> np.ndarray:
         """Image bytes -> pooled features (N, D), or (N, L+1, D) for tokens."""
         self.check_ready()
-        x = await self._in_thread(preprocess, blobs, self.preprocessor, deadline=deadline)
-        ids_keep, _, _ = all_visible(x.shape[0], self.bundle.num_patches)
-        latent = await self._batched(ENCODER, (x, ids_keep), deadline)
+        with self._admit(len(blobs)):
+            x = await self._in_thread(preprocess, blobs, self.preprocessor, deadline=deadline)
+            ids_keep, _, _ = all_visible(x.shape[0], self.bundle.num_patches)
+            latent = await self._batched(ENCODER, (x, ids_keep), deadline)
         return np.ascontiguousarray(pool_latent(latent, pool), dtype=np.float32)
 
     async def classify(self, blobs: list[bytes], top_k: int, deadline: float) -> list[list[tuple[str, float]]]:
@@ -217,8 +241,9 @@ class ModelService:
         if self.classifier is None:
             raise ApiError(400, "no_classifier", f"the bundle {self.bundle.name} has no classifier graph with class "
                            "names; export a fine-tuned or linear-probe checkpoint")
-        x = await self._in_thread(preprocess, blobs, self.preprocessor, deadline=deadline)
-        logits = await self._batched(CLASSIFIER, (x,), deadline)
+        with self._admit(len(blobs)):
+            x = await self._in_thread(preprocess, blobs, self.preprocessor, deadline=deadline)
+            logits = await self._batched(CLASSIFIER, (x,), deadline)
         try:
             return self.classifier.predictions(logits, top_k)
         except InputError as e:
@@ -234,7 +259,9 @@ class ModelService:
         if fmt not in RECONSTRUCT_FORMATS:
             raise ApiError(400, "bad_request", f"format must be one of {list(RECONSTRUCT_FORMATS)}, got {fmt!r}")
         try:
-            return await self._in_thread(self._reconstruct, blob, mask_ratio, seed, fmt, deadline, deadline=deadline)
+            with self._admit(1):
+                return await self._in_thread(self._reconstruct, blob, mask_ratio, seed, fmt, deadline,
+                                             deadline=deadline)
         except TimeoutError:
             raise timed_out(self.config.timeout_s) from None
         except QueueFull as e:
@@ -310,7 +337,8 @@ class ModelService:
         if n > self.config.max_images_per_request:
             raise ApiError(413, "payload_too_large", f"the request holds a batch of {n}; this server takes at most "
                            f"{self.config.max_images_per_request} per request")
-        out = await self._batched(name, inputs, deadline)
+        with self._admit(n):
+            out = await self._batched(name, inputs, deadline)
         return {_GRAPH_IO[name][1][0]: out}
 
     # -- /v1/models -------------------------------------------------------------------------------------
