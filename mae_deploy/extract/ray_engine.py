@@ -4,7 +4,8 @@ The driver (this process) lists the source and plans shards exactly as the local
 still to do become a dataset of ``(row, path)`` blocks. Ray Data then runs
 
     read blocks --> decode + preprocess (map_batches, CPU tasks) --> encoder (map_batches, an actor pool of
-    ``actors`` callable-class actors, each holding one runner, ``num_gpus`` each for GPU backends)
+    ``actors`` callable-class actors (``ActorPoolStrategy(size=actors)``, what ``concurrency=N`` was before
+    Ray 2.51), each holding one runner, ``num_gpus`` each for GPU backends)
 
 and streams the results back to the driver in source order (``preserve_order``, plus a small reorder
 buffer keyed by the global row that would absorb any reordering), where the job commits them through the
@@ -39,6 +40,9 @@ from mae_deploy.extract.workers import Task
 
 # Rows per dataset block: small enough that decoding spreads over every CPU of a small job too.
 BLOCK_BATCHES = 4
+# What a decode task declares per image of its batch (a decoded 12-megapixel RGB photo is 36 MB; JPEG draft
+# decoding makes most much smaller).
+DECODE_BYTES_PER_IMAGE = 16 << 20
 
 
 def import_ray():
@@ -171,8 +175,9 @@ class RayEngine:
         self._own = connect(self.ray, address)
         try:
             self._check_resources(actors, cpus_per_actor, gpus_per_actor)
-            if device == "cpu" and "threads" not in runner_opts and cpus_per_actor >= 1:
-                runner_opts = {**runner_opts, "threads": int(cpus_per_actor)}  # not every core for each actor
+            if device == "cpu" and "threads" not in runner_opts:
+                # Each actor would otherwise start one inference thread per core of its node.
+                runner_opts = {**runner_opts, "threads": max(1, int(cpus_per_actor))}
             self.ds = self._dataset(backend, device, runner_opts, actors, gpus_per_actor, cpus_per_actor)
         except BaseException:
             self.close()
@@ -214,10 +219,14 @@ class RayEngine:
         decoded = data.from_arrow(list(self._blocks())).map_batches(
             decode_rows, fn_kwargs={"decoder_args": args, "pixel_shape": pixel_shape(self.plan, args)},
             batch_size=self.batch_size, batch_format="numpy", num_cpus=1,
+            # Memory for a batch of decoded full-size images. Also: Ray Data fuses map steps whose resource
+            # requests are equal, which would decode inside the encoder actors (a GPU idle while its actor
+            # decodes); this request differs from the actors', so decoding stays a separate CPU task.
+            memory=self.batch_size * DECODE_BYTES_PER_IMAGE,
         )
         plan = self.plan
         return decoded.map_batches(
-            EncodeActor, batch_size=self.batch_size, batch_format="numpy", concurrency=actors,
+            EncodeActor, batch_size=self.batch_size, batch_format="numpy", compute=data.ActorPoolStrategy(size=actors),
             num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None,
             fn_constructor_kwargs={"bundle_path": str(plan.bundle.path), "backend": backend, "device": device,
                                    "precision": plan.precision, "pool": plan.pool, "dtype": plan.dtype,
