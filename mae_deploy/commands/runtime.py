@@ -37,10 +37,8 @@ def _save_png_atomic(image, dst: Path) -> None:
     atomic_write(dst, lambda f: image.save(f, format="PNG"))
 
 
-def _runner_opts(backend: str, threads: int | None, checkpoint: str | None) -> dict:
+def _runner_opts(backend: str, checkpoint: str | None) -> dict:
     opts: dict = {}
-    if threads:
-        opts["intra_op_threads" if backend == "ort" else "threads"] = threads
     if checkpoint:
         from mae_deploy.errors import InputError
 
@@ -96,7 +94,7 @@ def reconstruct(images, bundle_path, out, mask_ratio, seed, backend, device, pre
         raise InputError(f"no image files in {', '.join(map(str, images))}")
     bundle = Bundle.load(bundle_path, verify=not no_verify)
     with Reconstructor(bundle, backend=backend, device=device, precision=precision,
-                       **_runner_opts(backend, threads, checkpoint)) as rec:
+                       threads=threads, **_runner_opts(backend, checkpoint)) as rec:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
