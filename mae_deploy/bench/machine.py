@@ -113,6 +113,7 @@ def machine_info(libraries: Iterable[str] = LIBRARIES) -> dict:
 
 
 def load_average() -> list[float] | None:
+    """The 1/5/15-minute load averages (they count this process's threads too); None off Unix."""
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except (AttributeError, OSError):
