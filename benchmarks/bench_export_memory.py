@@ -94,7 +94,8 @@ def run_export(ckpt: Path, out: Path, precision: str, extra: list[str]) -> dict:
     for line in proc.stdout:
         line = line.rstrip()
         log.append(line)
-        print(f"[{time.perf_counter() - t0:7.1f}s {sampler.rss() / GB:5.2f} GB] {line}", flush=True)
+        print(f"[{time.perf_counter() - t0:7.1f}s rss {sampler.rss() / GB:5.2f} GB, peak so far "
+              f"{sampler.peak / GB:5.2f} GB] {line}", flush=True)
         if line.strip().startswith(("exporting", "encoder", "decoder", "classifier", "reference", "calibration",
                                         "PyTorch")):
             sampler.set_stage(f"after: {line.strip()[:70]}")

@@ -59,8 +59,9 @@ def export_cmd(checkpoint: str, out: str, image_size: int | None, opset: int, pr
     Every graph is checked against PyTorch for batch 1, 3 x visible 1, L/4, L/2, L:
       fp32          max |diff| <= 1e-4          (else exit 5 and nothing is written)
       fp16 / int8   encoder: mean-pooled feature cosine >= 0.999 / 0.99
-      (int8-qdq     decoder: relative reconstruction error <= 0.01 / 0.1
-       as int8)     classifier: logit cosine >= 0.999 / 0.99, top-1 agreement 100 % / 90 %
+                    decoder: relative reconstruction error <= 0.01 / 0.1
+                    classifier: logit cosine >= 0.999 / 0.99, top-1 agreement 100 % / 90 %
+      int8-qdq      as int8, on --calibration images instead of noise
     The bundle is written atomically (temporary directory, then rename).
     """
     import time
