@@ -109,7 +109,8 @@ class BaseRunner:
 
     # -- the interface ------------------------------------------------------------------------------
     def has_part(self, part: str) -> bool:
-        if part not in PARTS:
+        """Whether this runner has ``part`` (encoder, decoder, or an extra graph its backend lists)."""
+        if part not in PARTS and part not in self._specs:
             raise InputError(f"unknown part {part!r}; expected one of {list(PARTS)}")
         return self._specs.get(part) is not None
 
