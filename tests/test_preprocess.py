@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
+from runtime_fixtures import tiny_bundle  # noqa: F401
 
 from mae_deploy.errors import InputError
 from mae_deploy.preprocess import Preprocessor, check_min_side, source_size, to_rgb
@@ -397,3 +398,27 @@ def test_truncated_jpeg_is_refused_on_the_draft_path_too(photos, tmp_path):
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
     with pytest.raises(InputError, match=f"cannot read image {tmp_path / 'cut.jpg'}: .*truncated"):
         Preprocessor(224).load_image(tmp_path / "cut.jpg")
+
+
+def test_reconstruct_cli_exact_resize_flag(tiny_bundle, tmp_path):  # noqa: F811
+    """--exact-resize reaches the preprocessing: the big JPEG's grid changes, the small image's does not."""
+    from click.testing import CliRunner
+
+    from mae_deploy.cli import main
+    from mae_deploy.reconstruct import Reconstructor
+
+    big = _big_photo(tmp_path / "big.jpg", "coffee", (600, 400))  # 400 px >= 2 x 36: draft-decoded at 1/4
+    small = _big_photo(tmp_path / "small.jpg", "coffee", (90, 60))  # below 2x the target
+    grids = {}
+    for flag in ([], ["--exact-resize"]):
+        out = tmp_path / ("exact" if flag else "fast")
+        r = CliRunner().invoke(main, ["reconstruct", str(big), str(small), "--bundle", str(tiny_bundle),
+                                      "--out", str(out), "--threads", "1", *flag])
+        assert r.exit_code == 0, r.output
+        grids[bool(flag)] = {n: np.asarray(Image.open(out / f"{n}.png")) for n in ("big", "small")}
+    assert not np.array_equal(grids[True]["big"], grids[False]["big"])
+    assert np.array_equal(grids[True]["small"], grids[False]["small"])
+    exact = Preprocessor(32, exact_resize=True)
+    with Reconstructor(tiny_bundle, preprocessor=exact, threads=1) as rec:
+        want = np.asarray(rec.reconstruct([big], mask_ratio=0.75, seed=0)[0].grid_image())
+    assert np.array_equal(grids[True]["big"], want)

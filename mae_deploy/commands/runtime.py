@@ -68,7 +68,12 @@ def _runner_opts(backend: str, checkpoint: str | None) -> dict:
 @click.option("--checkpoint", type=click.Path(exists=True), default=None,
               help="torch backend only: weights to use instead of the bundle's reference checkpoint.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle's files.")
-def reconstruct(images, bundle_path, out, mask_ratio, seed, backend, device, precision, threads, checkpoint, no_verify):
+@click.option("--exact-resize", is_flag=True,
+              help="Decode and resize every image at full size; by default images at least twice the model's "
+                   "input are JPEG-draft-decoded and box-reduced first (feature cosine 0.999999, see "
+                   "benchmarks/RESULTS.md).")
+def reconstruct(images, bundle_path, out, mask_ratio, seed, backend, device, precision, threads, checkpoint, no_verify,
+                exact_resize):
     """Mask, encode, decode: one PNG per image with the official demo's four panels.
 
     \b
@@ -85,6 +90,7 @@ def reconstruct(images, bundle_path, out, mask_ratio, seed, backend, device, pre
     from mae_deploy.bundle import Bundle
     from mae_deploy.errors import InputError, PartialFailure
     from mae_deploy.fileio import check_writable
+    from mae_deploy.preprocess import Preprocessor
     from mae_deploy.reconstruct import Reconstructor, check_seed
 
     check_seed(seed, "--seed")
@@ -93,8 +99,9 @@ def reconstruct(images, bundle_path, out, mask_ratio, seed, backend, device, pre
     if not paths:
         raise InputError(f"no image files in {', '.join(map(str, images))}")
     bundle = Bundle.load(bundle_path, verify=not no_verify)
-    with Reconstructor(bundle, backend=backend, device=device, precision=precision,
-                       threads=threads, **_runner_opts(backend, checkpoint)) as rec:
+    with Reconstructor(bundle, backend=backend, device=device, precision=precision, threads=threads,
+                       preprocessor=Preprocessor.from_bundle(bundle, exact_resize=exact_resize),
+                       **_runner_opts(backend, checkpoint)) as rec:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
