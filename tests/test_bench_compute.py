@@ -97,6 +97,23 @@ def test_peak_probe_runs_the_same_engine(backend, precision, op):
     assert p["unit"] == ("GOP/s" if precision.startswith("int8") else "GFLOP/s")
 
 
+def test_confirm_keeps_the_faster_probe(monkeypatch):
+    from mae_deploy.bench import peak
+
+    made = iter([100.0, 300.0, 50.0])
+
+    def fake(backend, precision, device, threads):
+        return {**dict.fromkeys(PROBE_KEYS), "backend": backend, "precision": precision, "device": device,
+                "status": "ok", "peak": next(made), "calls": 3, "seconds": 0.4, "op": "MatMul", "size": 8}
+
+    monkeypatch.setattr(peak, "probe_peak", fake)
+    probes = PeakProbes(threads=1)
+    assert probes.get("ort", "fp32", "cpu")["peak"] == 100.0
+    assert probes.confirm("ort", "fp32", "cpu")["peak"] == 300.0  # a burst of load hit the first probe
+    assert probes.confirm("ort", "fp32", "cpu")["peak"] == 300.0  # a slower later probe does not lower it
+    assert probes.results()[0]["calls"] == 9
+
+
 def test_peak_probe_without_an_engine_says_why():
     trt = probe_peak("trt", "fp32", "cuda", threads=1)
     assert trt["status"] == "skipped" and "no peak probe for the trt backend" in trt["reason"]
@@ -111,6 +128,9 @@ def test_probes_are_cached_per_run_and_rows_get_their_share():
     assert PeakProbes(threads=1, enabled=False).get("ort", "fp32", "cpu") is None
 
     probe = {**first, "peak": 400.0, "status": "ok", "op": "MatMul", "size": 1024}
+    confirmed = probes.confirm("ort", "fp32", "cpu")  # probed again; the faster of the two is kept
+    assert confirmed["status"] == "ok" and confirmed["calls"] >= 6
+    assert probes.get("ort", "fp32", "cpu") is confirmed and len(probes.results()) == 1
     c = compute(35_126_120_448 * 8, 800.0, probe, "fp32")  # ViT-B batch 8 in 800 ms
     assert c["achieved"] == pytest.approx(351.26, rel=1e-4)
     assert c["fraction_of_peak"] == pytest.approx(351.26 / 400, rel=1e-4)
