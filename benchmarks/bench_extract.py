@@ -7,9 +7,14 @@
    so the ratio errs against the pipeline.
 2. Memory, tiny model (mae_vit_test): peak RSS of the whole job (main process + decode workers, sampled every
    20 ms) for 1k and 10k images.
+3. ``--ray`` (issue #13): the Ray Data engine against the local engine on the same JPEGs and machine, in one
+   run: local (default workers), Ray with 1 encoder actor (inference threads = cores, like local) and with 2
+   actors (1 thread each), on a local Ray started once by this script (its start-up is not timed). Then the
+   peak RSS of the Ray driver process alone (the CLI, joining that Ray) for 1k and 10k small images.
 
     python benchmarks/bench_extract.py                 # both parts, appends to benchmarks/RESULTS.md
     python benchmarks/bench_extract.py --images 200 --no-append   # a quicker look
+    python benchmarks/bench_extract.py --ray --skip-throughput --skip-memory --images 160   # Ray vs local only
 
 Needs the dev extras (torch for the export) and psutil. Runs on a CPU; a busy CPU lowers every number, so the
 load average is recorded with the results.
@@ -141,6 +146,8 @@ def main() -> None:
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "mae-deploy-bench-extract")
     ap.add_argument("--no-append", action="store_true", help="print results only")
+    ap.add_argument("--ray", action="store_true", help="also compare --engine ray with --engine local")
+    ap.add_argument("--ray-model", default="mae_vit_base_patch16", help="model for the Ray comparison")
     args = ap.parse_args()
     cache = args.cache
     cache.mkdir(parents=True, exist_ok=True)
@@ -183,10 +190,53 @@ def main() -> None:
             mem[n] = peak_rss_of_job(cmd)
             print(f"RSS {n} images: {json.dumps({k: round(v, 1) for k, v in mem[n].items()})}", flush=True)
         results["memory"] = mem
+    if args.ray:
+        results["ray"] = ray_vs_local(args, cache, (w, h))
     results["loadavg_after"] = os.getloadavg()[0]
     print(json.dumps(results, indent=1, default=float))
     if not args.no_append:
         append_results(results)
+
+
+def ray_vs_local(args, cache: Path, size: tuple[int, int]) -> dict:
+    """img/s of --engine ray (1 and 2 actors) and --engine local on the same JPEGs; Ray driver RSS at 2 sizes."""
+    import ray
+
+    bundle = export(args.ray_model, cache / args.ray_model)
+    src = cache / f"jpeg_{size[0]}x{size[1]}"
+    make_jpegs(src, args.images, size)
+    lst = cache / f"ray_{size[0]}x{size[1]}_{args.images}.txt"
+    lst.write_text("\n".join(sorted(str(p) for p in src.rglob("*.jpg"))[: args.images]) + "\n")
+    cores = os.cpu_count() or 2
+    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    try:
+        address = ray.get_runtime_context().gcs_address
+        configs = [("local", {"engine": "local"}),
+                   ("ray, 1 actor", {"engine": "ray", "actors": 1, "cpus_per_actor": 1, "threads": cores}),
+                   ("ray, 2 actors", {"engine": "ray", "actors": 2, "cpus_per_actor": (cores - 1) / 2,
+                                      "threads": max(1, (cores - 1) // 2)})]
+        runs = []
+        for name, kw in configs:
+            out = Path(tempfile.mkdtemp(prefix="ray-", dir=cache))
+            r = end_to_end(lst, bundle, out, batch_size=args.batch_size, **kw)
+            r["engine"] = name
+            runs.append(r)
+            print(f"{name}: {r['img_s']:.2f} img/s (steady {r['steady_img_s']:.2f})", flush=True)
+        tiny = export("mae_vit_test", cache / "tiny")
+        paths = make_jpegs(cache / "jpeg_small", 10_000, (160, 120), seed=1)
+        rss = {}
+        for n in (1_000, 10_000):
+            small = cache / f"small_{n}.txt"
+            small.write_text("\n".join(paths[:n]) + "\n")
+            out = Path(tempfile.mkdtemp(prefix=f"rayrss{n}-", dir=cache))
+            cmd = [sys.executable, "-m", "mae_deploy.cli", "extract", str(small), "--bundle", str(tiny), "--out",
+                   str(out), "--no-progress", "--shard-size", "1000", "--engine", "ray", "--ray-address", address]
+            rss[n] = peak_rss_of_job(cmd)
+            print(f"Ray driver RSS {n} images: {rss[n]['peak_main_mib']:.1f} MiB", flush=True)
+    finally:
+        ray.shutdown()
+    return {"model": args.ray_model, "images": args.images, "size": f"{size[0]}x{size[1]}",
+            "batch_size": args.batch_size, "cores": cores, "runs": runs, "driver_rss": rss}
 
 
 def append_results(r: dict) -> None:
@@ -218,6 +268,8 @@ def append_results(r: dict) -> None:
             lines.append(f"| {n:,} | {x['peak_tree_mib']:.1f} | {x['peak_main_mib']:.1f} | {x['wall_s']:.1f} |")
         lines.append(f"\n10k / 1k: whole job {b['peak_tree_mib'] / a['peak_tree_mib'] - 1:+.1%}, main process "
                      f"{b['peak_main_mib'] / a['peak_main_mib'] - 1:+.1%}.")
+    if "ray" in r:
+        lines += ray_lines(r["ray"])
     text = "\n".join(lines) + "\n"
     existing = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     if SECTION not in existing:
@@ -228,6 +280,23 @@ def append_results(r: dict) -> None:
     end = len(existing) if nxt == -1 else nxt + 1
     RESULTS.write_text(existing[:end].rstrip("\n") + "\n" + text + ("\n" + existing[end:] if nxt != -1 else ""))
     print(f"appended to {RESULTS}")
+
+
+def ray_lines(x: dict) -> list[str]:
+    local = x["runs"][0]
+    lines = [f"\nRay Data engine vs local (issue #13): {x['model']} (random init, ORT CPU fp32), {x['images']} JPEGs "
+             f"of {x['size']}, batch {x['batch_size']}, cls pooling; local Ray with {x['cores']} CPUs started "
+             "before the timed runs. Wall time includes each job's own start-up (Ray: actors loading the model).\n",
+             "| engine | img/s (wall) | vs local | steady img/s | vs local | start-up s |", "|---|---|---|---|---|---|"]
+    for run in x["runs"]:
+        lines.append(f"| {run['engine']} | {run['img_s']:.2f} | {run['img_s'] / local['img_s']:.2f}x | "
+                     f"{run['steady_img_s']:.2f} | {run['steady_img_s'] / local['steady_img_s']:.2f}x | "
+                     f"{run['startup_s']:.2f} |")
+    a, b = x["driver_rss"][1_000], x["driver_rss"][10_000]
+    lines.append(f"\nRay driver peak RSS (the CLI process alone, mae_vit_test, 160x120 JPEGs): 1,000 images "
+                 f"{a['peak_main_mib']:.1f} MiB, 10,000 images {b['peak_main_mib']:.1f} MiB "
+                 f"({b['peak_main_mib'] / a['peak_main_mib'] - 1:+.1%}).")
+    return lines
 
 
 if __name__ == "__main__":

@@ -38,8 +38,9 @@ from mae_deploy.extract.local import BatchResult
 from mae_deploy.extract.plan import JobPlan
 from mae_deploy.extract.workers import Task
 
-# Rows per dataset block: small enough that decoding spreads over every CPU of a small job too.
-BLOCK_BATCHES = 4
+# Dataset blocks: one batch each (so a small job spreads over every decode CPU and actor too), but at most
+# about this many blocks (a block costs the driver an object and Ray a task).
+MAX_BLOCKS = 2000
 # What a decode task declares per image of its batch (a decoded 12-megapixel RGB photo is 36 MB; JPEG draft
 # decoding makes most much smaller).
 DECODE_BYTES_PER_IMAGE = 16 << 20
@@ -197,10 +198,11 @@ class RayEngine:
             raise DeviceUnavailable(f"{actors} actors x {gpus_per_actor} GPUs asked, the Ray cluster has {gpus:g}")
 
     def _blocks(self):
-        """The rows to do as pyarrow tables of BLOCK_BATCHES batches each (no Python object per row)."""
+        """The rows to do as pyarrow tables of whole batches (no Python object per row)."""
         import pyarrow as pa
 
-        step = self.batch_size * BLOCK_BATCHES
+        rows_to_do = sum(len(self.plan.shard_rows[k]) for k in self.todo)
+        step = self.batch_size * max(1, -(-rows_to_do // (self.batch_size * MAX_BLOCKS)))
         paths = self.plan.src.paths
         for k in self.todo:
             rows = self.plan.shard_rows[k]
