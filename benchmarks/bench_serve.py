@@ -6,7 +6,8 @@ photos) per request, on this CPU. For each precision, in the same run:
 - offline: encode-only images/s on the decoded images in batches of 32 (the ceiling of `mae-deploy extract`,
   whose decode workers overlap inference), ``FeatureExtractor.extract`` images/s (decode, preprocess and
   encode in turn), and the runner's batch-1 latency (p50 of encode on one preprocessed image);
-- online: the server (a subprocess: uvicorn + the micro-batcher, default settings, --max-delay-ms 0) and
+- online: the server (a subprocess: uvicorn + the micro-batcher, default batching, --max-delay-ms 0; a long
+  --timeout-s and --max-queue so a slow machine measures latency instead of 504/503) and
   1 / 8 / 32 client threads, each sending one image per request in a loop: images/s, p50/p90/p99 latency,
   mean batch size (from /metrics).
 
@@ -135,7 +136,7 @@ def start_server(bundle: Path, precision: str, log: Path) -> tuple[subprocess.Po
     port = _free_port()
     code = "from mae_deploy.commands.serve import serve; serve()"  # the click command itself
     proc = subprocess.Popen([sys.executable, "-c", code, str(bundle), "--port", str(port), "--precision", precision,
-                             "--max-queue", "1024"], cwd=ROOT, stderr=open(log, "w"))  # noqa: SIM115
+                             "--max-queue", "1024", "--timeout-s", "600"], cwd=ROOT, stderr=open(log, "w"))  # noqa: SIM115
     url = f"http://127.0.0.1:{port}"
     for _ in range(1200):
         if proc.poll() is not None:
@@ -228,7 +229,8 @@ def _cpu() -> str:
 def markdown(res: dict) -> str:
     lines = [SECTION, "",
              "ViT-B/16 encoder (random init), ORT on CPU, single 224x224 JPEG per request; server = "
-             "`mae-deploy serve` defaults (--max-delay-ms 0, --max-batch-size 32). "
+             "`mae-deploy serve` defaults (--max-delay-ms 0, --max-batch-size 32) but --timeout-s 600 and --max-queue "
+             "1024 (a slow machine must not turn the measurement into 504s). "
              f"Measured {res['date']} on {res['cpu']}; load "
              f"average {res['load_before']:.1f} before, {res['load_after']:.1f} after (other processes share the "
              "2 cores; clients run on them too).", "",
@@ -261,7 +263,15 @@ def main() -> None:
     ap.add_argument("--precisions", default="fp32,int8")
     ap.add_argument("--json", default=None, help="also write the raw results here")
     ap.add_argument("--no-append", action="store_true", help="print, do not append to benchmarks/RESULTS.md")
+    ap.add_argument("--from-json", default=None, help="only format (and append) the results of an earlier --json")
     args = ap.parse_args()
+    if args.from_json:
+        md = markdown(json.loads(Path(args.from_json).read_text()))
+        print(md)
+        if not args.no_append:
+            with open(RESULTS, "a") as f:
+                f.write("\n" + md)
+        return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the server subprocess
     res = run(args)
     md = markdown(res)
