@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from extract_data import REPO, RUN, result_files
+from PIL import Image
 
 from mae_deploy.errors import InputError
 from mae_deploy.extract import ERRORS_NAME, LOCK_NAME, MANIFEST_NAME, extract_features, index_name, open_features
@@ -244,3 +245,30 @@ def test_threads_is_one_runner_option(images, bundle, tmp_path):
     run = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())["runs"][-1]
     assert s.features > 0 and run["runner"]["backend"] == "ort"
     np.testing.assert_equal(len(open_features(tmp_path / "out")), s.features)
+
+
+def test_exact_resize_reaches_the_decoders_and_binds_the_job(bundle, tmp_path):
+    """--exact-resize gives the exact preprocessing's features, is in the manifest, and a resume must match it."""
+    from skimage import data
+
+    from mae_deploy.bundle import Bundle
+    from mae_deploy.features import FeatureExtractor
+    from mae_deploy.preprocess import Preprocessor
+
+    b = Bundle.load(bundle)
+    src = tmp_path / "big"
+    src.mkdir()
+    # A photo several times the model's input: the default path draft-decodes it, the exact one does not.
+    Image.fromarray(data.astronaut()).resize((1600, 1600)).save(src / "astronaut.jpg", quality=90)
+    feats = {}
+    for exact in (False, True):
+        out = tmp_path / f"out-{exact}"
+        extract_features(src, bundle, out, workers=1, exact_resize=exact, progress=False)
+        assert json.loads((out / MANIFEST_NAME).read_text())["settings"]["exact_resize"] is exact
+        feats[exact] = np.asarray(open_features(out)[0])
+        pre = Preprocessor.from_bundle(b, exact_resize=exact)
+        with FeatureExtractor(b, preprocessor=pre) as fx:
+            np.testing.assert_allclose(feats[exact], fx.extract(src / "astronaut.jpg")[0], atol=1e-5)
+    assert not np.array_equal(feats[False], feats[True])  # the flag changed what the encoder saw
+    with pytest.raises(InputError, match="exact_resize"):
+        extract_features(src, bundle, tmp_path / "out-False", workers=0, exact_resize=True, progress=False)

@@ -38,6 +38,10 @@ from mae_deploy.names import BACKENDS, POOLS
 @click.option("--strict", is_flag=True, help="Stop at the first input that fails (exit 3) instead of listing it.")
 @click.option("--min-side", type=click.IntRange(min=1), default=16, show_default=True,
               help="Images whose shorter side is below this many pixels fail as too_small.")
+@click.option("--exact-resize", is_flag=True,
+              help="Decode and resize every image at full size; by default images at least twice the model's "
+                   "input are JPEG-draft-decoded and box-reduced first (feature cosine 0.999999, see "
+                   "benchmarks/RESULTS.md). Recorded in the manifest.")
 @click.option("--max-pixels", type=click.IntRange(min=0), default=None,
               help="Larger images fail as decompression_bomb [default: Pillow's limit, 89,478,485]; 0: no limit.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (the summary is still printed).")
@@ -54,7 +58,7 @@ from mae_deploy.names import BACKENDS, POOLS
               help="--engine ray: CPUs per encoder actor (also its inference threads on --device cpu).")
 def extract(source, bundle_dir, out_dir, backend, device, precision, batch_size, workers, threads, pool, dtype,
             shard_size, num_shards, shard_index, strict, min_side, max_pixels, no_progress, engine, ray_address,
-            actors, gpus_per_actor, cpus_per_actor) -> None:
+            actors, gpus_per_actor, cpus_per_actor, exact_resize) -> None:
     """Extract encoder features of every image in SOURCE into sharded .npy files.
 
     \b
@@ -82,7 +86,7 @@ def extract(source, bundle_dir, out_dir, backend, device, precision, batch_size,
         workers=workers, threads=threads, pool=pool, dtype=dtype, shard_size=shard_size, num_shards=num_shards,
         shard_index=shard_index, strict=strict, min_side=min_side, max_pixels=max_pixels,
         progress=not no_progress, engine=engine, ray_address=ray_address, actors=actors,
-        gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
+        gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, exact_resize=exact_resize,
     )
     click.echo(str(summary))
     if not summary.ok:

@@ -58,10 +58,12 @@ class Decoded:
 class Decoder:
     """Path -> model-sized image with the runtime's Preprocessor (one definition of the preprocessing)."""
 
-    def __init__(self, preprocessing: dict, in_chans: int, min_side: int, max_pixels: int, transfer: str) -> None:
+    def __init__(self, preprocessing: dict, in_chans: int, min_side: int, max_pixels: int, transfer: str,
+                 exact_resize: bool = False) -> None:
         from mae_deploy.preprocess import Preprocessor
 
-        self.pre = Preprocessor.from_config(preprocessing, in_chans=in_chans, max_pixels=max_pixels, min_side=1)
+        self.pre = Preprocessor.from_config(preprocessing, in_chans=in_chans, max_pixels=max_pixels, min_side=1,
+                                            exact_resize=exact_resize)
         self.min_side = min_side
         self.transfer = transfer
 

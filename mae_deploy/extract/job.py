@@ -214,6 +214,7 @@ def extract_features(
     actors: int = 1,
     gpus_per_actor: float = 0.0,
     cpus_per_actor: float = 1.0,
+    exact_resize: bool = False,
 ) -> ExtractSummary:
     """Extract features of every image of ``source`` (part ``shard_index`` of ``num_shards``) into ``out_dir``.
 
@@ -228,6 +229,10 @@ def extract_features(
     ``engine="ray"`` runs decoding and inference on Ray Data (``ray_address``: None starts or joins a local
     Ray, "auto" or "ray://host:port" a cluster; ``actors`` encoder actors with ``gpus_per_actor`` /
     ``cpus_per_actor`` each); ``workers`` and ``start_method`` then do not apply. The output is the same.
+
+    ``exact_resize=True`` decodes every image at full size before resizing (see
+    :class:`~mae_deploy.preprocess.Preprocessor`); the default downscales large JPEGs while decoding. It is
+    recorded in the manifest, and resuming with the other setting is refused.
     """
     t_start = time.perf_counter()
     started = now()
@@ -248,7 +253,7 @@ def extract_features(
     with OutputLock(out):
         plan = make_plan(bundle, src, part, out, pool=pool, dtype=dtype, shard_size=shard_size,
                          num_shards=num_shards, shard_index=shard_index, min_side=min_side, max_pixels=max_pixels,
-                         precision=precision)
+                         precision=precision, exact_resize=exact_resize)
         state = prepare_output(out, plan.manifest, len(plan.shard_rows))
         job = _Job(plan, state, t_start, started)
         job.start_manifest(engine)

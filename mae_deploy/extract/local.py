@@ -44,7 +44,7 @@ class LocalEngine:
         self.transfer = transfer
         self.dtype = plan.dtype
         self.timings = {"decode_wait_s": 0.0, "normalize_s": 0.0, "inference_s": 0.0, "decode_worker_s": 0.0}
-        self.pre = Preprocessor.from_bundle(plan.bundle)
+        self.pre = Preprocessor.from_bundle(plan.bundle, exact_resize=plan.exact_resize)
         args = plan.decoder_args(transfer)
         # Workers start first: their start-up (imports) overlaps with creating the inference session.
         self.stage = (DecodePool(tasks, args, plan.max_pixels, workers, 2 * workers + 2, start_method)

@@ -86,11 +86,12 @@ class JobPlan:
     min_side: int
     max_pixels: int
     precision: str
+    exact_resize: bool = False
 
     def decoder_args(self, transfer: str) -> dict:
         b = self.bundle
         return {"preprocessing": b.preprocessing, "in_chans": b.in_chans, "min_side": self.min_side,
-                "max_pixels": self.max_pixels, "transfer": transfer}
+                "max_pixels": self.max_pixels, "transfer": transfer, "exact_resize": self.exact_resize}
 
     def tasks(self, shards: Sequence[int], batch_size: int) -> Iterator[Task]:
         """Batches of the given shards, in order; a batch never straddles two shards."""
@@ -104,7 +105,7 @@ class JobPlan:
 
 def make_plan(bundle: Bundle, src: Source, part: range, out: Path, *, pool: str, dtype: str,
               shard_size: int | None, num_shards: int, shard_index: int, min_side: int, max_pixels: int,
-              precision: str) -> JobPlan:
+              precision: str, exact_resize: bool = False) -> JobPlan:
     """The plan of a job into ``out`` (read under its lock: an existing job's shard size is reused)."""
     L, D = bundle.num_patches, bundle.embed_dim
     feature_shape = (L + 1, D) if pool == "tokens" else (D,)
@@ -127,13 +128,14 @@ def make_plan(bundle: Bundle, src: Source, part: range, out: Path, *, pool: str,
         "source": {"spec": src.spec, "kind": src.kind, "fingerprint": src.fingerprint, "num_inputs": len(src),
                    "rows": [part.start, part.stop]},
         "settings": {"pool": pool, "dtype": dtype, "shard_size": shard_size, "min_side": min_side,
-                     "max_pixels": max_pixels, "num_shards": num_shards, "shard_index": shard_index},
+                     "max_pixels": max_pixels, "num_shards": num_shards, "shard_index": shard_index,
+                     "exact_resize": bool(exact_resize)},
         "feature_shape": list(feature_shape),
         "layout": {"features": "shard-{k:05d}.npy", "index": "shard-{k:05d}.index.jsonl", "errors": ERRORS_NAME,
                    "sharding": "contiguous row ranges of shard_size inputs; parts are contiguous row ranges"},
     }
     return JobPlan(bundle, src, part, out, shard_rows, feature_shape, manifest, pool, dtype, min_side, max_pixels,
-                   precision)
+                   precision, bool(exact_resize))
 
 
 def bundle_fingerprint(bundle: Bundle, precision: str) -> str:
