@@ -196,7 +196,7 @@ def main() -> None:
 
         def bench() -> dict:
             bench_dir.mkdir(exist_ok=True)
-            mae_deploy("bench", str(bundle), "--backends", "ort,torch", "--parts", "encoder,reconstruct",
+            mae_deploy("bench", str(bundle), "--backends", "ort,openvino,torch", "--parts", "encoder,reconstruct",
                        "--batch-sizes", "1,64", "--out", str(bench_dir / "results.json"),
                        "--markdown", str(bench_dir / "results.md"))
             rows = json.loads((bench_dir / "results.json").read_text()).get("rows", [])
@@ -306,10 +306,12 @@ def summarize(demo: Demo, out: Path, elapsed: float) -> None:
                      f"({x.get('failed')} failed)   {out / 'features'}")
     bn = s.get("bench", {})
     if bn.get("status") == "ran":
-        lines.append(f"bench       {len(bn['rows'])} rows (ONNX Runtime below)   {out / 'bench' / 'results.md'}")
+        lines.append(f"bench       {len(bn['rows'])} rows (ONNX Runtime and OpenVINO below)   "
+                     f"{out / 'bench' / 'results.md'}")
         for row in bn["rows"]:
-            if row.get("p50_ms") is not None and row["backend"] == "ort":
-                lines.append(f"            {row['part']:<12} batch {row['batch']:<3} visible {row['visible']:<3} "
+            if row.get("p50_ms") is not None and row["backend"] in ("ort", "openvino"):
+                lines.append(f"            {row['backend']:<8} {row['part']:<12} batch {row['batch']:<3} "
+                             f"visible {row['visible']:<3} "
                              f"p50 {row['p50_ms']:7.2f} ms  {row.get('throughput_ips') or 0:8.0f} images/s")
     sv = s.get("serve", {})
     if sv.get("status") == "ran":
