@@ -129,6 +129,7 @@ def test_a_negative_seed_is_bad_input(bundle_dir):
 
 def test_every_backend_in_names_is_offered(bundle_dir):
     assert bench.BACKENDS == names.BACKENDS
+    assert set(names.GRAPH_PRECISIONS) <= set(bench.PRECISIONS)  # int8-qdq too: let the numbers pick per backend
     r = CliRunner().invoke(main, ["bench", "--help"])
     for backend in names.BACKENDS:
         assert backend in r.output

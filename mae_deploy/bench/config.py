@@ -12,8 +12,9 @@ from mae_deploy.errors import InputError
 
 # Every backend the runners offer; one missing here (package or device) becomes skipped rows.
 BACKENDS = names.BACKENDS
-# The bundle's precisions, plus bf16 (torch autocast; OpenVINO's inference-precision hint).
-PRECISIONS = tuple(dict.fromkeys((*names.PRECISIONS, "bf16")))
+# The bundle's graph precisions (int8-qdq: the statically calibrated Q/DQ variant, which ORT can run beside its
+# dynamic int8), plus bf16 (torch autocast; OpenVINO's inference-precision hint).
+PRECISIONS = tuple(dict.fromkeys((*names.GRAPH_PRECISIONS, "bf16")))
 PARTS = ("encoder", "decoder", "reconstruct")
 KEY_FIELDS = ("backend", "precision", "part", "batch", "visible")
 
