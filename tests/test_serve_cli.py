@@ -91,3 +91,11 @@ def test_missing_fastapi_exits_6_with_the_install_line(tiny_bundle):  # noqa: F8
     r = _cli("serve", str(tiny_bundle), pre="import sys; sys.modules['fastapi'] = None; ")
     assert r.returncode == 6, r.stderr
     assert "pip install 'mae-deploy[serve]'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_an_unreachable_ray_address_is_exit_7_in_seconds(tiny_bundle):  # noqa: F811
+    # ray.init alone retries such an address for minutes; the shared probe answers at once, naming it.
+    pytest.importorskip("ray")
+    r = _cli("serve", str(tiny_bundle), "--ray", "--ray-address", "127.0.0.1:1", "--port", "1")
+    assert r.returncode == 7, r.stderr
+    assert "127.0.0.1:1" in r.stderr and "Traceback" not in r.stderr

@@ -26,8 +26,6 @@ the same code with other resource numbers.
 
 from __future__ import annotations
 
-import logging
-import socket
 import time
 from collections.abc import Iterator
 
@@ -37,6 +35,7 @@ from mae_deploy.errors import DeviceUnavailable, InputError, MissingDependency
 from mae_deploy.extract.local import BatchResult
 from mae_deploy.extract.plan import JobPlan
 from mae_deploy.extract.workers import Task
+from mae_deploy.ray_cluster import connect
 
 # Dataset blocks: one batch each (so a small job spreads over every decode CPU and actor too), but at most
 # about this many blocks (a block costs the driver an object and Ray a task).
@@ -64,35 +63,6 @@ def check_ray_options(*, actors: int, gpus_per_actor: float, cpus_per_actor: flo
                          f"{cpus_per_actor}")
     if gpus_per_actor == 0 and cpus_per_actor == 0:
         raise InputError("an encoder actor needs some resource: give --cpus-per-actor or --gpus-per-actor above 0")
-
-
-def probe_address(address: str | None) -> None:
-    """Fail in seconds, not minutes, when a HOST:PORT address does not answer (exit 7 naming it)."""
-    if address in (None, "auto", "local"):
-        return
-    host, _, port = address.split("://", 1)[-1].rpartition(":")
-    if not host or not port.isdigit():
-        raise InputError(f"--ray-address {address!r} is not auto, HOST:PORT or ray://HOST:PORT")
-    try:
-        socket.create_connection((host, int(port)), timeout=10).close()
-    except OSError as e:
-        raise DeviceUnavailable(
-            f"cannot reach the Ray cluster at {address} ({e.strerror or e}); start it with `ray start --head` "
-            "on that machine, or check --ray-address"
-        ) from e
-
-
-def connect(ray, address: str | None) -> bool:
-    """Join (or start) Ray unless this process already is connected; True when this call connected."""
-    if ray.is_initialized():
-        return False  # e.g. a notebook or a test that started Ray itself: use it, leave it running
-    probe_address(address)
-    try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    except (ConnectionError, TimeoutError) as e:
-        where = address or "a new local Ray instance"
-        raise DeviceUnavailable(f"cannot connect to the Ray cluster at {where}: {e}") from e
-    return True
 
 
 def decode_rows(batch: dict, decoder_args: dict, pixel_shape: tuple[int, ...]) -> dict:
@@ -173,7 +143,7 @@ class RayEngine:
                      "address": address}
         self._iter = None
         self._saved_context = None
-        self._own = connect(self.ray, address)
+        self._own = connect(self.ray, address, include_dashboard=False, log_to_driver=False)
         try:
             self._check_resources(actors, cpus_per_actor, gpus_per_actor)
             if device == "cpu" and "threads" not in runner_opts:

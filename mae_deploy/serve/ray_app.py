@@ -14,7 +14,7 @@ import logging
 import signal
 import threading
 
-from mae_deploy.errors import InputError
+from mae_deploy.ray_cluster import connect
 from mae_deploy.serve.config import ServeConfig
 
 log = logging.getLogger("mae_deploy.serve")
@@ -96,11 +96,7 @@ def run_on_ray(config: ServeConfig, host: str = "127.0.0.1", port: int = 8080, r
     from mae_deploy.bundle import Bundle
 
     Bundle.load(config.bundle, verify=config.verify_bundle)  # a bad bundle fails here (exit 3), not in a replica
-    try:
-        ray.init(address=address, ignore_reinit_error=True)
-    except (ConnectionError, RuntimeError) as e:  # no cluster at that address
-        raise InputError(f"cannot join the Ray cluster at {address!r}: {e}; start one (`ray start --head`) or drop "
-                         "--ray-address to run a local Ray instance") from e
+    connect(ray, address)  # an address that does not answer: exit 7 in seconds, naming it
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
