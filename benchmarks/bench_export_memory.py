@@ -49,7 +49,7 @@ class RssSampler(threading.Thread):
         self.peaks: dict[str, int] = {}
         self.order: list[str] = []
         self.peak = 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def set_stage(self, name: str) -> None:
         self.stage = name
@@ -64,7 +64,7 @@ class RssSampler(threading.Thread):
         return total
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             try:
                 r = self.rss()
             except psutil.Error:
@@ -77,7 +77,7 @@ class RssSampler(threading.Thread):
             time.sleep(self.interval_s)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
 
 
