@@ -60,10 +60,14 @@ def test_a_second_job_into_the_same_out_is_refused_with_the_holders_pid(clean, i
     first = _start(_cli_cmd(root, bundle, out))
     try:
         _wait_for(out / index_name(1), first, "the second job could start")
+        # Paused, the first job keeps its lock (as a slow job would) however long the second takes to start:
+        # without this, a quiet machine let the first finish before the second's imports were done.
+        first.send_signal(signal.SIGSTOP)
         second = subprocess.run(_cli_cmd(root, bundle, out, "--pool", "mean"), cwd=REPO, capture_output=True,
                                 text=True, timeout=120)
         still_running = first.poll() is None
     finally:
+        first.send_signal(signal.SIGCONT)
         first.wait(timeout=120)
     assert still_running, "the first job must still hold the directory when the second starts"
     assert second.returncode == 3, second.stderr
