@@ -492,3 +492,15 @@ def test_vit_base_encoder_serves_every_visible_count_and_batch(tmp_path):
                 ref = model.forward_encoder(torch.from_numpy(x8[:batch]), torch.from_numpy(ids_keep)).numpy()
             assert out.shape == (batch, visible + 1, 768)
             assert np.abs(out - ref).max() <= 1e-4, (batch, visible)
+
+
+def test_an_encoder_only_export_of_a_full_mae_has_a_reference_the_torch_runner_loads(tmp_path):
+    # reference/ used to hold the decoder's weights under an encoder-only config: unloadable (bench: exit 3).
+    from mae_deploy.features import FeatureExtractor
+
+    model = _model()
+    out = export_bundle(model, tmp_path / "b", parts="encoder", verify=False, reference_weights=True,
+                        progress=None).bundle
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    with FeatureExtractor(out, backend="torch", pool="mean") as ref, FeatureExtractor(out, pool="mean") as ort:
+        np.testing.assert_allclose(ref.extract_pixels(x), ort.extract_pixels(x), atol=1e-4)

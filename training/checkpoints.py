@@ -669,6 +669,9 @@ def save_native(
     if dst.exists() and not overwrite:
         raise CheckpointError(f"{dst} already exists; pass --overwrite to replace it")
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if parts is not None and "decoder" not in parts:
+        # The parts written are the parts recorded: an encoder-only reference of a full MAE must load as one.
+        sd = {k: v for k, v in sd.items() if _part_of(k) != "decoder"}
     is_cls = isinstance(model, VisionTransformer)
     meta = {
         "format": NATIVE_FORMAT,
