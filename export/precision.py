@@ -10,7 +10,7 @@ alone anyway; excluding them by name keeps it so across versions: softmax output
 and quantise badly). Weights are quantised per output channel: it guards layers with a few large rows
 (common in trained ViTs) and costs nothing measurable at run time. Weights use 7 bits (``reduce_range``):
 on x86 CPUs without VNNI, ONNX Runtime's uint8 x int8 kernel sums pairs of products in saturating int16
-(vpmaddubsw), which with full-range weights overflows — measured on an AVX-512 CPU without VNNI (ORT
+(vpmaddubsw), which with full-range weights overflows — measured on an AVX2 CPU without VNNI (AMD EPYC, ORT
 1.32, the test model): mean-pooled feature cosine 0.943 with 8-bit weights, 0.99989 with 7-bit. A bundle
 may be exported on one CPU and served on another, so the variant is made safe for both. Measured on
 ViT-B/16 (random init, 8 skimage photos, 2 threads): mean-pooled feature cosine 0.99996 per-channel and
