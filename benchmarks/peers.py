@@ -96,7 +96,7 @@ def hf_model(model, cfg):
     import transformers
     from safetensors.torch import save_file
 
-    from training.checkpoints import official_to_hf
+    from training.hf_layout import official_to_hf
 
     hf_cfg = transformers.ViTMAEConfig(
         hidden_size=cfg.embed_dim, num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads,

@@ -16,10 +16,10 @@ from training.checkpoints import (
     detect_format,
     load_checkpoint,
     load_model,
-    official_to_hf,
     save_native,
     save_official,
 )
+from training.hf_layout import official_to_hf
 from training.model import MaskedAutoencoderViT, VisionTransformer, create_model, get_config, random_masking
 
 transformers = pytest.importorskip("transformers")
