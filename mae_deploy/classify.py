@@ -18,8 +18,9 @@ from mae_deploy.bundle import Bundle
 from mae_deploy.errors import BundleError, InputError
 from mae_deploy.features import _chunks
 from mae_deploy.masking import check_pixel_values
+from mae_deploy.pipeline import Pipeline
 from mae_deploy.preprocess import ImageLike, Preprocessor
-from mae_deploy.runners import Runner, create_runner
+from mae_deploy.runners import Runner
 
 Prediction = list[tuple[str, float]]  # (label, probability), most probable first
 
@@ -46,7 +47,7 @@ def _as_list(images: ImageLike | Iterable[ImageLike]) -> Iterable[ImageLike]:
     return images
 
 
-class Classifier:
+class Classifier(Pipeline):
     """Top-k labels for images, uint8 arrays or paths, with the bundle's classifier graph.
 
     ``runner`` lets pipelines share one; otherwise one is created from ``backend``/``device``/``precision``
@@ -66,22 +67,19 @@ class Classifier:
         class_names: list[str] | None = None,
         **runner_opts,
     ) -> None:
-        if batch_size < 1:
-            raise InputError(f"batch_size must be at least 1, got {batch_size}")
-        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+        self._class_names_given = class_names
+        super().__init__(bundle, backend, device, precision, batch_size, runner, preprocessor, runner_opts)
+
+    def _check_bundle(self) -> None:
         graph = self.bundle.classifier_graph("fp32")  # raises, saying how to get one, when there is none
         n = graph.outputs[0].shape[-1] if graph.outputs and graph.outputs[0].shape else None
-        names = list(class_names) if class_names is not None else self.bundle.class_names
+        given = self._class_names_given
+        names = list(given) if given is not None else self.bundle.class_names
         if not names:
             raise BundleError(f"bundle {self.bundle.path} records no class names; pass class_names=[...]")
         if isinstance(n, int) and len(names) != n:
             raise InputError(f"{len(names)} class names given for a classifier with {n} classes")
         self.class_names = [str(c) for c in names]
-        self.batch_size = batch_size
-        self.preprocessor = preprocessor or Preprocessor.from_bundle(self.bundle)
-        self._own_runner = runner is None
-        self._closed = False
-        self.runner = runner or create_runner(self.bundle, backend, device=device, precision=precision, **runner_opts)
 
     @property
     def num_classes(self) -> int:
@@ -89,8 +87,7 @@ class Classifier:
 
     def logits_pixels(self, pixel_values: np.ndarray) -> np.ndarray:
         """Already preprocessed float32 (N, C, H, W) -> logits float32 (N, num_classes), one runner call."""
-        if self._closed:  # the runner would silently open new sessions: a use-after-close is a bug
-            raise RuntimeError("this Classifier is closed; create a new one to classify more images")
+        self._check_open()
         b = self.bundle
         x = check_pixel_values(pixel_values, b.in_chans, b.image_size)
         logits = np.asarray(self.runner.classify(x), dtype=np.float32)
@@ -119,17 +116,6 @@ class Classifier:
         return self.predictions(self.logits(images), top_k)
 
     __call__ = classify
-
-    def close(self) -> None:
-        self._closed = True
-        if self._own_runner:
-            self.runner.close()
-
-    def __enter__(self) -> Classifier:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def classify_files(classifier: Classifier, paths: list[str], top_k: int = 5) -> list[dict]:

@@ -21,8 +21,9 @@ from PIL import Image
 from mae_deploy.bundle import Bundle
 from mae_deploy.errors import InputError
 from mae_deploy.masking import all_visible, check_pixel_values
+from mae_deploy.pipeline import Pipeline
 from mae_deploy.preprocess import ImageLike, Preprocessor
-from mae_deploy.runners import Runner, create_runner
+from mae_deploy.runners import Runner
 
 POOLS = ("cls", "mean", "tokens")
 
@@ -44,7 +45,7 @@ def _chunks(items: Iterable, n: int) -> Iterator[list]:
         yield chunk
 
 
-class FeatureExtractor:
+class FeatureExtractor(Pipeline):
     """Features for images, uint8 arrays or paths, through any runner.
 
     ``runner`` lets several pipelines share one (e.g. a warmed-up GPU session); otherwise one is created
@@ -66,15 +67,8 @@ class FeatureExtractor:
     ) -> None:
         if pool not in POOLS:
             raise InputError(f"pool must be one of {list(POOLS)}, got {pool!r}")
-        if batch_size < 1:
-            raise InputError(f"batch_size must be at least 1, got {batch_size}")
-        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         self.pool = pool
-        self.batch_size = batch_size
-        self.preprocessor = preprocessor or Preprocessor.from_bundle(self.bundle)
-        self._own_runner = runner is None
-        self._closed = False
-        self.runner = runner or create_runner(self.bundle, backend, device=device, precision=precision, **runner_opts)
+        super().__init__(bundle, backend, device, precision, batch_size, runner, preprocessor, runner_opts)
 
     @property
     def dim(self) -> int:
@@ -82,8 +76,7 @@ class FeatureExtractor:
 
     def extract_pixels(self, pixel_values: np.ndarray) -> np.ndarray:
         """Already preprocessed float32 (N, C, H, W) -> pooled features (one runner call)."""
-        if self._closed:  # the runner would silently open new sessions: a use-after-close is a bug
-            raise RuntimeError("this FeatureExtractor is closed; create a new one to extract more features")
+        self._check_open()
         b = self.bundle
         x = check_pixel_values(pixel_values, b.in_chans, b.image_size)
         ids_keep, _, _ = all_visible(x.shape[0], b.num_patches)
@@ -120,14 +113,3 @@ class FeatureExtractor:
         return np.concatenate(out).astype(np.float32, copy=False)
 
     __call__ = extract
-
-    def close(self) -> None:
-        self._closed = True
-        if self._own_runner:
-            self.runner.close()
-
-    def __enter__(self) -> FeatureExtractor:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -26,8 +26,9 @@ from mae_deploy.bundle import Bundle
 from mae_deploy.errors import InputError
 from mae_deploy.masking import random_masking
 from mae_deploy.patches import denormalize_norm_pix, mask_to_pixels, patchify, unpatchify
+from mae_deploy.pipeline import Pipeline
 from mae_deploy.preprocess import ImageLike, Preprocessor
-from mae_deploy.runners import Runner, create_runner
+from mae_deploy.runners import Runner
 
 PANEL_TITLES = ("original", "masked", "reconstruction", "reconstruction + visible")
 MIN_PANEL = 224  # small models' panels are enlarged (nearest neighbour) to at least this many pixels
@@ -127,7 +128,7 @@ class Reconstruction:
         return canvas
 
 
-class Reconstructor:
+class Reconstructor(Pipeline):
     """Reconstructions through any runner (``backend``/``device``/``precision``, or an existing ``runner``)."""
 
     def __init__(
@@ -141,19 +142,16 @@ class Reconstructor:
         preprocessor: Preprocessor | None = None,
         **runner_opts,
     ) -> None:
-        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+        super().__init__(bundle, backend, device, precision, batch_size, runner, preprocessor, runner_opts)
+
+    def _check_bundle(self) -> None:
         self.bundle.graph("decoder")  # encoder-only bundles fail here with the bundle's own message
-        if batch_size < 1:
-            raise InputError(f"batch_size must be at least 1, got {batch_size}")
-        self.batch_size = batch_size
-        self.preprocessor = preprocessor or Preprocessor.from_bundle(self.bundle)
-        self._own_runner = runner is None
-        self.runner = runner or create_runner(self.bundle, backend, device=device, precision=precision, **runner_opts)
 
     def predict_pixels(
         self, pixel_values: np.ndarray, ids_keep: np.ndarray, ids_restore: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """Normalised (N, C, H, W) input + mask -> ([0, 1] images (N, C, H, W), raw decoder output (N, L, p*p*C))."""
+        self._check_open()
         b = self.bundle
         pred = self.runner.decode(self.runner.encode(pixel_values, ids_keep), ids_restore)
         if b.norm_pix_loss:
@@ -204,16 +202,6 @@ class Reconstructor:
         return out
 
     __call__ = reconstruct
-
-    def close(self) -> None:
-        if self._own_runner:
-            self.runner.close()
-
-    def __enter__(self) -> Reconstructor:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _source(item: object, index: int) -> str:
