@@ -210,9 +210,18 @@ def test_a_corrupt_graph_is_a_bundle_error(tiny_bundle, tmp_path):  # noqa: F811
     dst = tmp_path / "b"
     shutil.copytree(tiny_bundle, dst)
     (dst / "encoder.onnx").write_bytes(b"not an onnx file")
-    r = create_runner(Bundle.load(dst, verify=False), "openvino")
-    with pytest.raises(BundleError, match="OpenVINO cannot read .*encoder.onnx"):
-        r.load()
+    # In a fresh process: in the full suite (after many OpenVINO models in one process) OpenVINO's reader
+    # crashed the whole pytest process on this file; alone it raises. Unresolved: see the session note.
+    code = (
+        "from mae_deploy import create_runner\nfrom mae_deploy.bundle import Bundle\n"
+        "from mae_deploy.errors import BundleError\n"
+        f"r = create_runner(Bundle.load({str(dst)!r}, verify=False), 'openvino')\n"
+        "try:\n    r.load()\nexcept BundleError as e:\n    print('BundleError', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("BundleError") and "OpenVINO cannot read" in out.stdout
+    assert "encoder.onnx" in out.stdout
 
 
 def test_missing_openvino_says_what_to_install(tiny_bundle):  # noqa: F811
