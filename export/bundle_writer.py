@@ -38,6 +38,7 @@ from export.wrappers import resize_model
 from mae_deploy import __version__
 from mae_deploy.bundle import DEFAULT_PREPROCESSING, MANIFEST_NAME, Bundle, sha256_file, write_manifest
 from mae_deploy.errors import CheckpointError, InputError, MaeDeployError
+from mae_deploy.fileio import check_replaceable_dir
 from mae_deploy.names import CLASSIFIER, INT8_QDQ
 from training.model import MaskedAutoencoderViT, VisionTransformer
 
@@ -124,24 +125,7 @@ def _graph_entry(bundle_dir: Path, part: str, precision: str, parity: dict, cali
 
 def _check_destination(out: Path, overwrite: bool, source: Path | None) -> None:
     """Fail before the (long) export if the bundle could not be written or would destroy something."""
-    if out.exists():
-        if not out.is_dir():
-            raise InputError(f"--out {out} exists and is a file; choose a directory path for the bundle")
-        if not overwrite:
-            raise InputError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
-        if any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
-            raise InputError(
-                f"{out} is a non-empty directory that is not a bundle (no {MANIFEST_NAME}); refusing to replace "
-                "it even with --overwrite: choose another --out"
-            )
-        if source is not None and (source.resolve() == out.resolve() or out.resolve() in source.resolve().parents):
-            raise InputError(f"the checkpoint {source} is inside {out}; --overwrite would delete it")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"cannot create the parent directory of --out {out}: {e.strerror or e}") from e
-    if not os.access(out.parent, os.W_OK):
-        raise InputError(f"cannot write to {out.parent} (permission denied); choose another --out")
+    check_replaceable_dir(out, overwrite=overwrite, marker=MANIFEST_NAME, what="bundle", protect=source)
 
 
 def discard_weights(model: torch.nn.Module) -> None:

@@ -133,3 +133,28 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def check_replaceable_dir(out: Path, *, overwrite: bool, marker: str, what: str, protect: Path | None = None) -> None:
+    """Raise InputError unless the directory ``out`` may be written, or replaced whole with ``overwrite``.
+
+    An existing ``out`` is replaced only when it is empty or holds ``marker`` (the file our writer puts in
+    every ``what`` it makes), and never when ``protect`` (the input being read) lies inside it. Checked
+    before long work, so a failure costs nothing.
+    """
+    if out.exists():
+        if not out.is_dir():
+            raise InputError(f"--out {out} exists and is a file; choose a directory path for the {what}")
+        if not overwrite:
+            raise InputError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+        if any(out.iterdir()) and not (out / marker).is_file():
+            raise InputError(f"{out} is a non-empty directory but not a {what} (no {marker}): mae-deploy did not "
+                             "write it and refuses to replace it even with --overwrite; choose another --out")
+        if protect is not None and (protect.resolve() == out.resolve() or out.resolve() in protect.resolve().parents):
+            raise InputError(f"the input {protect} is inside {out}; --overwrite would delete it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create the parent directory of --out {out}: {e.strerror or e}") from e
+    if not os.access(out.parent, os.W_OK):
+        raise InputError(f"cannot write to {out.parent} (permission denied); choose another --out")

@@ -31,7 +31,7 @@ from pathlib import Path
 from mae_deploy import __version__
 from mae_deploy.bundle import Bundle, GraphSpec
 from mae_deploy.errors import BundleError, InputError
-from mae_deploy.fileio import atomic_write_json, atomic_write_text
+from mae_deploy.fileio import atomic_write_json, atomic_write_text, check_replaceable_dir
 from mae_deploy.names import CLASSIFIER, DECODER, ENCODER, INT8_QDQ
 from mae_deploy.triton import configs as c
 from mae_deploy.triton.pbtxt import Enum, to_pbtxt
@@ -179,22 +179,7 @@ def _trt_profile(bundle: Bundle, part: str, sched: c.Scheduling) -> dict:
 
 
 def _check_destination(out: Path, overwrite: bool, bundle: Bundle) -> None:
-    if out.exists():
-        if not out.is_dir():
-            raise InputError(f"--out {out} exists and is a file; choose a directory path for the repository")
-        if not overwrite:
-            raise InputError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
-        if any(out.iterdir()) and not (out / MANIFEST).is_file():
-            raise InputError(f"{out} is a non-empty directory that mae-deploy did not write (no {MANIFEST}); "
-                             "refusing to replace it even with --overwrite: choose another --out")
-        if out.resolve() == bundle.path.resolve() or out.resolve() in bundle.path.resolve().parents:
-            raise InputError(f"the bundle {bundle.path} is inside {out}; --overwrite would delete it")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"cannot create the parent directory of --out {out}: {e.strerror or e}") from e
-    if not os.access(out.parent, os.W_OK):
-        raise InputError(f"cannot write to {out.parent} (permission denied); choose another --out")
+    check_replaceable_dir(out, overwrite=overwrite, marker=MANIFEST, what="repository", protect=bundle.path)
 
 
 def _write_config(model_dir: Path, cfg: dict) -> None:
