@@ -89,6 +89,15 @@ def _output_layers(model: onnx.ModelProto, weight: list[str]) -> list[str]:
             if n.name in wanted and (n.output[0] in outputs or n.output[0] in adds_to_output)]
 
 
+def _float_nodes(src: Path) -> list[str]:
+    """Names of the MatMul/Gemm nodes of ``src`` that stay float; InputError when nothing would be quantised."""
+    graph = onnx.load(str(src), load_external_data=False)
+    weight, activation = _weight_matmuls(graph)
+    if not weight:
+        raise InputError(f"{src.name} has no MatMul with a weight input: nothing to quantise")
+    return activation + _output_layers(graph, weight)
+
+
 def _topologically_sorted(model: onnx.ModelProto) -> onnx.ModelProto:
     """The fp16 converter appends its boundary Casts at the end of the node list; ONNX requires
     topological order (onnx.checker rejects the file otherwise)."""
@@ -118,11 +127,7 @@ def to_int8(src: str | os.PathLike, dst: str | os.PathLike, external_data: bool 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     src, dst = Path(src), Path(dst)
-    graph = onnx.load(str(src), load_external_data=False)
-    weight, activation = _weight_matmuls(graph)
-    if not weight:
-        raise InputError(f"{src.name} has no MatMul with a weight input: nothing to quantise")
-    keep_float = activation + _output_layers(graph, weight)
+    keep_float = _float_nodes(src)
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # quantize_dynamic logs a "consider pre-processing" hint on every call
@@ -160,11 +165,7 @@ def to_int8_qdq(src: str | os.PathLike, dst: str | os.PathLike, feeds: list[dict
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     src, dst = Path(src), Path(dst)
-    graph = onnx.load(str(src), load_external_data=False)
-    weight, activation = _weight_matmuls(graph)
-    if not weight:
-        raise InputError(f"{src.name} has no MatMul with a weight input: nothing to quantise")
-    keep_float = activation + _output_layers(graph, weight)
+    keep_float = _float_nodes(src)
     if not feeds:
         raise InputError("static int8 needs calibration images: pass --calibration DIR")
     root = logging.getLogger()
