@@ -213,6 +213,20 @@ def test_bad_settings():
         Preprocessor(32, mean=[0.5])
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_normalize_is_bit_identical_to_the_textbook_formula(mode):
+    """The in-place normalisation must not change a single bit of (x / 255 - mean) / std in float32."""
+    chans = 3 if mode == "RGB" else 1
+    pre = Preprocessor(224, in_chans=chans, mean=[0.485, 0.456, 0.406][:chans], std=[0.229, 0.224, 0.225][:chans])
+    img = _photo((224, 224)).convert(mode)
+    a = np.asarray(img, dtype=np.float32) / 255.0
+    a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+    want = (a - pre.mean) / pre.std
+    got = pre.normalize(img)
+    assert got.dtype == np.float32 and got.flags.c_contiguous and got.shape == (chans, 224, 224)
+    assert np.array_equal(got, want)
+
+
 def test_denormalize_inverts_normalize(pre):
     img = _photo((32, 32))
     x = pre.normalize(img)

@@ -102,6 +102,26 @@ def test_body_formats_and_pools(server, client, tiny_bundle, tmp_path):  # noqa:
     np.testing.assert_allclose(np.array(r.json()["data"][0]["embedding"]), tokens[0], atol=1e-5, rtol=0)
 
 
+def _timings(header: str) -> dict[str, float]:
+    """'preprocess;dur=1.20, infer;dur=3.40' -> {'preprocess': 1.2, 'infer': 3.4}"""
+    out = {}
+    for entry in header.split(","):
+        name, _, dur = entry.strip().partition(";dur=")
+        out[name] = float(dur)
+    return out
+
+
+def test_server_timing_says_where_the_time_went(server, client):
+    r = post_image(client, f"{server.url}/v1/features", jpeg_bytes(7))
+    assert r.status_code == 200
+    t = _timings(r.headers["Server-Timing"])
+    assert set(t) == {"preprocess", "infer", "total"}
+    assert all(v > 0 for v in t.values())
+    assert t["preprocess"] + t["infer"] <= t["total"]  # sequential parts of one request
+    health = _timings(client.get(f"{server.url}/healthz").headers["Server-Timing"])
+    assert set(health) == {"total"}  # no model work, no model entries
+
+
 def test_models_health_and_request_ids(server, client):
     assert client.get(f"{server.url}/healthz").status_code == 200
     assert client.get(f"{server.url}/readyz").json()["status"] == "ready"
@@ -191,6 +211,33 @@ def test_bad_input_is_a_json_error(server, client, kind, status, code):
     assert err["code"] == code and err["message"]
     assert r.headers["X-Request-ID"]
     assert client.get(f"{server.url}/readyz").status_code == 200  # the server lives on
+
+
+class _BuggyRunner(GatedRunner):
+    """A runner whose next encoder call, once armed (``failed = False``), fails the way a bug would."""
+
+    def __init__(self, runner) -> None:
+        super().__init__(runner)
+        self.failed = True  # disarmed: the warm-up at load must pass
+
+    def encode(self, pixel_values, ids_keep):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("simulated bug")
+        return super().encode(pixel_values, ids_keep)
+
+
+def test_a_bug_is_a_json_500_and_the_server_lives_on(tiny_bundle, caplog):  # noqa: F811
+    runner = _BuggyRunner(create_runner(tiny_bundle))
+    with LiveServer(ServeConfig(bundle=str(tiny_bundle)), runner=runner) as s, httpx.Client(timeout=30) as c:
+        runner.failed = False  # arm it
+        r = post_image(c, f"{s.url}/v1/features", jpeg_bytes(1), headers={"X-Request-ID": "bug-1"})
+        assert r.status_code == 500
+        assert r.json()["error"] == {"code": "internal", "message": "internal error: RuntimeError"}
+        assert r.headers["X-Request-ID"] == "bug-1" and r.headers["X-Replica"] and r.headers["Server-Timing"]
+        assert post_image(c, f"{s.url}/v1/features", jpeg_bytes(1)).status_code == 200
+        assert 'status="500"' in c.get(f"{s.url}/metrics").text
+    assert "simulated bug" in caplog.text  # the traceback is logged for whoever runs the server
 
 
 def test_overload_is_503_with_retry_after(tiny_bundle):  # noqa: F811

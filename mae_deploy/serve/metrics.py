@@ -4,9 +4,21 @@ Names: ``mae_serve_requests_total{endpoint,status}``, ``mae_serve_request_latenc
 ``mae_serve_batch_size{part}`` (rows per runner call), ``mae_serve_batch_latency_seconds{part}``,
 ``mae_serve_queue_depth`` (images waiting for the runner), ``mae_serve_images_total{endpoint}``.
 ``endpoint`` is the route template (``/v2/models/{name}/infer``), so labels stay few.
+
+Per request, the W3C ``Server-Timing`` response header says where the time went (``preprocess``: decode and
+preprocessing in a thread; ``infer``: from queueing on the micro-batcher to the result, i.e. the wait for a
+batch plus the runner call; ``total``: arrival to response), so a client can tell the server's overhead from
+the model's time without access to the metrics.
 """
 
 from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+_timings: ContextVar[dict[str, float] | None] = ContextVar("server_timing", default=None)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -51,3 +63,27 @@ class ServeMetrics:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def start_timing() -> dict[str, float]:
+    """A fresh per-request timing record (the middleware calls this before the route runs)."""
+    record: dict[str, float] = {}
+    _timings.set(record)
+    return record
+
+
+@contextmanager
+def timed(name: str) -> Iterator[None]:
+    """Add the block's wall time (ms) to the current request's Server-Timing entry ``name``."""
+    record = _timings.get()
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        if record is not None:
+            record[name] = record.get(name, 0.0) + (time.perf_counter() - t0) * 1000
+
+
+def server_timing(record: dict[str, float]) -> str:
+    """``{"infer": 12.3}`` -> ``'infer;dur=12.30'`` (the header's syntax)."""
+    return ", ".join(f"{name};dur={ms:.2f}" for name, ms in record.items())

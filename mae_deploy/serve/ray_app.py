@@ -87,9 +87,10 @@ def deploy(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, repli
 def run_on_ray(config: ServeConfig, host: str = "127.0.0.1", port: int = 8080, replicas: int = 1,
                address: str | None = None, gpus_per_replica: float = 0.0, cpus_per_replica: float = 1.0) -> None:
     """Blocking: join (or start) Ray, deploy, wait for SIGTERM/SIGINT, then shut the deployment down."""
-    from mae_deploy.serve.server import configure_logging, require
+    from mae_deploy.serve.server import configure_logging, require, require_app_deps
 
     ray = require("ray", "ray[serve]", extra="ray")
+    require_app_deps()
     from ray import serve
 
     configure_logging(config.log_format)

@@ -31,6 +31,14 @@ def require(module: str, package: str | None = None, extra: str = "serve"):
                                 f"pip install 'mae-deploy[{extra}]'") from e
 
 
+def require_app_deps() -> None:
+    """The app's own packages (the serve extra), checked before anything loads: local and Ray Serve alike."""
+    require("fastapi")
+    require("prometheus_client", "prometheus-client")
+    require("multipart", "python-multipart")
+    require("orjson")
+
+
 class _RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         from mae_deploy.serve.app import request_id_var
@@ -80,9 +88,7 @@ def _ignore_sigterm(signum, frame) -> None:
 def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8080, runner=None) -> None:
     """Serve ``config`` on host:port until SIGTERM/SIGINT (blocking). Raises the load error, if any."""
     uvicorn = require("uvicorn")
-    require("fastapi")
-    require("prometheus_client", "prometheus-client")
-    require("multipart", "python-multipart")
+    require_app_deps()
     from mae_deploy.serve.app import create_app
     from mae_deploy.serve.service import ModelService
 

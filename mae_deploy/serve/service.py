@@ -47,7 +47,7 @@ from mae_deploy.serve.batcher import BatcherClosed, MicroBatcher, QueueFull
 from mae_deploy.serve.config import ServeConfig
 from mae_deploy.serve.errors import ApiError, bad_input, not_ready, overloaded, timed_out
 from mae_deploy.serve.images import decode_image, preprocess
-from mae_deploy.serve.metrics import ServeMetrics
+from mae_deploy.serve.metrics import ServeMetrics, timed
 from mae_deploy.serve.protocol_v2 import InferRequest, tensor_metadata
 
 log = logging.getLogger("mae_deploy.serve")
@@ -230,9 +230,11 @@ class ModelService:
         """Image bytes -> pooled features (N, D), or (N, L+1, D) for tokens."""
         self.check_ready()
         with self._admit(len(blobs)):
-            x = await self._in_thread(preprocess, blobs, self.preprocessor, deadline=deadline)
+            with timed("preprocess"):
+                x = await self._in_thread(preprocess, blobs, self.preprocessor, deadline=deadline)
             ids_keep, _, _ = all_visible(x.shape[0], self.bundle.num_patches)
-            latent = await self._batched(ENCODER, (x, ids_keep), deadline)
+            with timed("infer"):
+                latent = await self._batched(ENCODER, (x, ids_keep), deadline)
         return np.ascontiguousarray(pool_latent(latent, pool), dtype=np.float32)
 
     async def classify(self, blobs: list[bytes], top_k: int, deadline: float) -> list[list[tuple[str, float]]]:
@@ -242,8 +244,10 @@ class ModelService:
             raise ApiError(400, "no_classifier", f"the bundle {self.bundle.name} has no classifier graph with class "
                            "names; export a fine-tuned or linear-probe checkpoint")
         with self._admit(len(blobs)):
-            x = await self._in_thread(preprocess, blobs, self.preprocessor, deadline=deadline)
-            logits = await self._batched(CLASSIFIER, (x,), deadline)
+            with timed("preprocess"):
+                x = await self._in_thread(preprocess, blobs, self.preprocessor, deadline=deadline)
+            with timed("infer"):
+                logits = await self._batched(CLASSIFIER, (x,), deadline)
         try:
             return self.classifier.predictions(logits, top_k)
         except InputError as e:
@@ -337,7 +341,7 @@ class ModelService:
         if n > self.config.max_images_per_request:
             raise ApiError(413, "payload_too_large", f"the request holds a batch of {n}; this server takes at most "
                            f"{self.config.max_images_per_request} per request")
-        with self._admit(n):
+        with self._admit(n), timed("infer"):
             out = await self._batched(name, inputs, deadline)
         return {_GRAPH_IO[name][1][0]: out}
 
