@@ -133,6 +133,24 @@ def test_async_run_and_timeout_cancels(rec):
         b.close()
 
 
+def test_async_run_reports_the_runner_time_of_its_chunks():
+    """on_ran gets the summed duration of the runner calls that carried the work (two chunks here)."""
+    import time
+
+    def slow(x, ids):
+        time.sleep(0.02)
+        return x.sum(axis=(1, 2))
+
+    b = MicroBatcher({"encoder": slow}, max_batch_size=2).start()
+    seen: list[float] = []
+    try:
+        out = asyncio.run(b.run_async("encoder", _work(3, 4), timeout=WAIT_S, on_ran=seen.append))
+    finally:
+        b.close()
+    assert out.shape == (3,)
+    assert len(seen) == 1 and 0.04 <= seen[0] < WAIT_S  # two calls of at least 20 ms each
+
+
 def test_flush_runs_a_held_partial_batch_at_once(rec):
     b = MicroBatcher({"encoder": rec}, max_batch_size=8, max_delay_s=600.0).start()
     try:

@@ -59,6 +59,7 @@ class _Work:
     key: tuple
     future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.monotonic)
+    runner_seconds: float = 0.0  # the duration of the runner call this work rode in (set before its result)
 
 
 def batch_key(part: str, inputs: Sequence[np.ndarray]) -> tuple:
@@ -101,6 +102,9 @@ class MicroBatcher:
 
     def submit(self, part: str, inputs: Sequence[np.ndarray]) -> list[Future]:
         """Queue ``inputs`` (same leading dim) for ``part``; one future per chunk of at most max_batch_size rows."""
+        return [w.future for w in self._enqueue(part, inputs)]
+
+    def _enqueue(self, part: str, inputs: Sequence[np.ndarray]) -> list[_Work]:
         if part not in self.calls:
             raise KeyError(f"no runner call for part {part!r}")
         rows = int(inputs[0].shape[0])
@@ -119,7 +123,7 @@ class MicroBatcher:
             self._cond.notify_all()
             depth = self._queued_rows
         self._report_depth(depth)
-        return [w.future for w in chunks]
+        return chunks
 
     def run(self, part: str, inputs: Sequence[np.ndarray], timeout: float | None = None) -> np.ndarray:
         """Blocking: submit and wait (from a worker thread). TimeoutError after ``timeout`` seconds."""
@@ -133,16 +137,23 @@ class MicroBatcher:
             raise
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
-    async def run_async(self, part: str, inputs: Sequence[np.ndarray], timeout: float | None = None) -> np.ndarray:
-        """From the event loop: submit and await. ``asyncio.TimeoutError`` after ``timeout`` seconds."""
-        futures = self.submit(part, inputs)
-        wrapped = [asyncio.wrap_future(f) for f in futures]
+    async def run_async(self, part: str, inputs: Sequence[np.ndarray], timeout: float | None = None,
+                        on_ran: Callable[[float], None] | None = None) -> np.ndarray:
+        """From the event loop: submit and await. ``asyncio.TimeoutError`` after ``timeout`` seconds.
+
+        ``on_ran(seconds)``: told how long the runner calls carrying this work took (their sum over chunks), so a
+        caller can tell waiting for a batch from computing it.
+        """
+        works = self._enqueue(part, inputs)
+        wrapped = [asyncio.wrap_future(w.future) for w in works]
         try:
             outs = await asyncio.wait_for(asyncio.gather(*wrapped), timeout)
         except BaseException:
-            for f in futures:  # a timed-out or abandoned request costs no runner time
-                f.cancel()
+            for w in works:  # a timed-out or abandoned request costs no runner time
+                w.future.cancel()
             raise
+        if on_ran is not None:
+            on_ran(sum(w.runner_seconds for w in works))
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
     # -- the runner thread ------------------------------------------------------------------------------
@@ -211,6 +222,7 @@ class MicroBatcher:
         seconds = time.perf_counter() - t0
         start = 0
         for w in batch:
+            w.runner_seconds = seconds
             w.future.set_result(out[start : start + w.rows])
             start += w.rows
         if self.observer is not None:

@@ -5,10 +5,10 @@ Names: ``mae_serve_requests_total{endpoint,status}``, ``mae_serve_request_latenc
 ``mae_serve_queue_depth`` (images waiting for the runner), ``mae_serve_images_total{endpoint}``.
 ``endpoint`` is the route template (``/v2/models/{name}/infer``), so labels stay few.
 
-Per request, the W3C ``Server-Timing`` response header says where the time went (``preprocess``: decode and
-preprocessing in a thread; ``infer``: from queueing on the micro-batcher to the result, i.e. the wait for a
-batch plus the runner call; ``total``: arrival to response), so a client can tell the server's overhead from
-the model's time without access to the metrics.
+Per request, the W3C ``Server-Timing`` response header says where the time went: ``preprocess`` (decode
+and preprocessing in a thread), ``infer`` (from queueing on the micro-batcher to the result: the wait for a
+batch plus the runner call), ``runner`` (that runner call alone) and ``total`` (arrival to the response's
+start). A client can tell the server's overhead from the model's time without access to the metrics.
 """
 
 from __future__ import annotations
@@ -75,13 +75,18 @@ def start_timing() -> dict[str, float]:
 @contextmanager
 def timed(name: str) -> Iterator[None]:
     """Add the block's wall time (ms) to the current request's Server-Timing entry ``name``."""
-    record = _timings.get()
     t0 = time.perf_counter()
     try:
         yield
     finally:
-        if record is not None:
-            record[name] = record.get(name, 0.0) + (time.perf_counter() - t0) * 1000
+        add_timing(name, (time.perf_counter() - t0) * 1000)
+
+
+def add_timing(name: str, ms: float) -> None:
+    """Add ``ms`` to the current request's Server-Timing entry ``name`` (no-op outside a request)."""
+    record = _timings.get()
+    if record is not None:
+        record[name] = record.get(name, 0.0) + ms
 
 
 def server_timing(record: dict[str, float]) -> str:

@@ -47,7 +47,7 @@ from mae_deploy.serve.batcher import BatcherClosed, MicroBatcher, QueueFull
 from mae_deploy.serve.config import ServeConfig
 from mae_deploy.serve.errors import ApiError, bad_input, not_ready, overloaded, timed_out
 from mae_deploy.serve.images import decode_image, preprocess
-from mae_deploy.serve.metrics import ServeMetrics, timed
+from mae_deploy.serve.metrics import ServeMetrics, add_timing, timed
 from mae_deploy.serve.protocol_v2 import InferRequest, tensor_metadata
 
 log = logging.getLogger("mae_deploy.serve")
@@ -199,7 +199,8 @@ class ModelService:
 
     async def _batched(self, part: str, inputs: tuple, deadline: float) -> np.ndarray:
         try:
-            return await self.batcher.run_async(part, inputs, timeout=_left(deadline))
+            return await self.batcher.run_async(part, inputs, timeout=_left(deadline),
+                                                on_ran=lambda s: add_timing("runner", s * 1000))
         except (asyncio.TimeoutError, TimeoutError):
             raise timed_out(self.config.timeout_s) from None
         except QueueFull as e:
