@@ -47,6 +47,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
@@ -89,13 +91,39 @@ def _output_layers(model: onnx.ModelProto, weight: list[str]) -> list[str]:
             if n.name in wanted and (n.output[0] in outputs or n.output[0] in adds_to_output)]
 
 
-def _float_nodes(src: Path) -> list[str]:
+def _float_nodes(src: Path, graph: onnx.ModelProto | None = None) -> list[str]:
     """Names of the MatMul/Gemm nodes of ``src`` that stay float; InputError when nothing would be quantised."""
-    graph = onnx.load(str(src), load_external_data=False)
+    graph = graph if graph is not None else onnx.load(str(src), load_external_data=False)
     weight, activation = _weight_matmuls(graph)
     if not weight:
         raise InputError(f"{src.name} has no MatMul with a weight input: nothing to quantise")
     return activation + _output_layers(graph, weight)
+
+
+@contextmanager
+def _one_copy_of_the_weights(graph: onnx.ModelProto) -> Iterator[None]:
+    """Keep ``quantize_dynamic`` to one in-memory copy of a graph without Gemm nodes.
+
+    ONNX Runtime's dynamic quantiser (1.32) rewrites Gemm nodes as MatMul and then, unconditionally, deep-copies
+    the model, saves it and reloads it with shape inference to refresh its type annotations, while the caller's
+    copy stays alive: three copies of the weights at once (ViT-H/14 encoder: 2.5 GB of weights, 7.3 GB peak;
+    the export's peak, issue #10). With no Gemm node the rewrite changes nothing and the model was already
+    shape-inferred when the quantiser loaded it, so the refresh would return an equal model: here it returns
+    the same one (2.5 GB peak). Graphs with Gemm (classifier heads, small) keep the library's path, and so
+    does a version of ONNX Runtime that lacks the function (tests/test_export.py checks the result is equal).
+    """
+    import importlib
+
+    module = importlib.import_module("onnxruntime.quantization.onnx_quantizer")
+    original = getattr(module, "save_and_reload_model_with_shape_infer", None)
+    if original is None or any(n.op_type == "Gemm" for n in graph.graph.node):
+        yield
+        return
+    module.save_and_reload_model_with_shape_infer = lambda model: model
+    try:
+        yield
+    finally:
+        module.save_and_reload_model_with_shape_infer = original
 
 
 def _topologically_sorted(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -127,20 +155,22 @@ def to_int8(src: str | os.PathLike, dst: str | os.PathLike, external_data: bool 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     src, dst = Path(src), Path(dst)
-    keep_float = _float_nodes(src)
+    graph = onnx.load(str(src), load_external_data=False)
+    keep_float = _float_nodes(src, graph)
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # quantize_dynamic logs a "consider pre-processing" hint on every call
     try:
-        quantize_dynamic(
-            src, dst,
-            op_types_to_quantize=["MatMul", "Gemm"],
-            nodes_to_exclude=keep_float,
-            per_channel=False,  # see the module docstring: per-tensor kept top-1 within 0.3 points, per-channel not
-            reduce_range=True,  # see the module docstring: int16 saturation on CPUs without VNNI
-            weight_type=QuantType.QInt8,
-            use_external_data_format=external_data,
-        )
+        with _one_copy_of_the_weights(graph):
+            quantize_dynamic(
+                src, dst,
+                op_types_to_quantize=["MatMul", "Gemm"],
+                nodes_to_exclude=keep_float,
+                per_channel=False,  # module docstring: per-tensor kept top-1 within 0.3 points, per-channel not
+                reduce_range=True,  # see the module docstring: int16 saturation on CPUs without VNNI
+                weight_type=QuantType.QInt8,
+                use_external_data_format=external_data,
+            )
     finally:
         root.setLevel(level)
     return dst
