@@ -70,3 +70,26 @@ def test_errors_and_request_ids_pass_through_ray(ray_server):
                                                                          "X-Request-ID": "ray-1"})
         assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
         assert r.headers["X-Request-ID"] == "ray-1" and r.headers["X-Replica"]
+
+
+def test_a_proxy_restarted_during_start_up_is_joined_not_fatal(monkeypatch, tiny_bundle):  # noqa: F811
+    """In-process, no Ray instance: serve.start's ActorDiedError (its first proxy replaced by the controller
+    on a loaded machine, seen in the full suite) is followed by one reconnecting start, then the deployment."""
+    from ray import serve
+    from ray.exceptions import ActorDiedError
+
+    import mae_deploy.serve.ray_app as ray_app
+
+    starts: list[dict] = []
+
+    def start(http_options):
+        starts.append(http_options)
+        if len(starts) == 1:
+            raise ActorDiedError()
+
+    monkeypatch.setattr(serve, "start", start)
+    monkeypatch.setattr(serve, "run", lambda app, name, route_prefix: (app, name, route_prefix))
+    monkeypatch.setattr(ray_app, "build_deployment", lambda *a: "app")
+    out = ray_app.deploy(ServeConfig(bundle=str(tiny_bundle)), host="127.0.0.1", port=8123)
+    assert starts == [{"host": "127.0.0.1", "port": 8123}] * 2
+    assert out == ("app", ray_app.APP_NAME, "/")
