@@ -215,7 +215,13 @@ def test_ctrl_c_exits_130_and_leaves_a_resumable_directory(clean, images, bundle
     root, _ = images
     ref_dir, _ = clean
     out = tmp_path / "interrupted"
-    proc = _start(_cli_cmd(root, bundle, out))
+    # As an interactive shell starts it: Ctrl-C handled, whatever disposition this test process passes on (a
+    # child inherits an ignored or blocked SIGINT, and then a well-behaved CLI rightly does not stop).
+    cmd = _cli_cmd(root, bundle, out)
+    interactive = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                   "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
+                   "sys.argv = ['mae-deploy', *sys.argv[1:]]; runpy.run_module('mae_deploy.cli', run_name='__main__')")
+    proc = _start([cmd[0], "-c", interactive, *cmd[3:]])
     try:
         _wait_for(out / index_name(1), proc, "it could be interrupted")
         # Stopped at once, the job cannot finish before Ctrl-C arrives: inference runs ahead of the shard writer,
