@@ -136,6 +136,18 @@ def peak_rss_of_job(cmd: list[str]) -> dict:
             "wall_s": time.perf_counter() - t0}
 
 
+def small_job_rss(cache: Path, n: int, prefix: str, *extra: str) -> dict:
+    """Peak RSS of `mae-deploy extract` over the first ``n`` of 10,000 small JPEGs (mae_vit_test, shards of
+    1000); ``extra`` CLI options choose the engine. The bundle and the JPEGs are made once in ``cache``."""
+    tiny = export("mae_vit_test", cache / "tiny")
+    paths = make_jpegs(cache / "jpeg_small", 10_000, (160, 120), seed=1)
+    lst = cache / f"small_{n}.txt"
+    lst.write_text("\n".join(paths[:n]) + "\n")
+    out = Path(tempfile.mkdtemp(prefix=f"{prefix}{n}-", dir=cache))
+    return peak_rss_of_job([sys.executable, "-m", "mae_deploy.cli", "extract", str(lst), "--bundle", str(tiny),
+                            "--out", str(out), "--no-progress", "--shard-size", "1000", *extra])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=400, help="JPEGs for the ViT-B throughput runs")
@@ -177,17 +189,9 @@ def main() -> None:
                                  "size": args.size, "batch_size": args.batch_size}
 
     if not args.skip_memory:
-        tiny = export("mae_vit_test", cache / "tiny")
-        src = cache / "jpeg_small"
-        paths = make_jpegs(src, 10_000, (160, 120), seed=1)
         mem = {}
         for n in (1_000, 10_000):
-            lst = cache / f"small_{n}.txt"
-            lst.write_text("\n".join(paths[:n]) + "\n")
-            out = Path(tempfile.mkdtemp(prefix=f"rss{n}-", dir=cache))
-            cmd = [sys.executable, "-m", "mae_deploy.cli", "extract", str(lst), "--bundle", str(tiny), "--out",
-                   str(out), "--no-progress", "--shard-size", "1000"]
-            mem[n] = peak_rss_of_job(cmd)
+            mem[n] = small_job_rss(cache, n, "rss")
             print(f"RSS {n} images: {json.dumps({k: round(v, 1) for k, v in mem[n].items()})}", flush=True)
         results["memory"] = mem
     if args.ray:
@@ -222,16 +226,9 @@ def ray_vs_local(args, cache: Path, size: tuple[int, int]) -> dict:
             r["engine"] = name
             runs.append(r)
             print(f"{name}: {r['img_s']:.2f} img/s (steady {r['steady_img_s']:.2f})", flush=True)
-        tiny = export("mae_vit_test", cache / "tiny")
-        paths = make_jpegs(cache / "jpeg_small", 10_000, (160, 120), seed=1)
         rss = {}
         for n in (1_000, 10_000):
-            small = cache / f"small_{n}.txt"
-            small.write_text("\n".join(paths[:n]) + "\n")
-            out = Path(tempfile.mkdtemp(prefix=f"rayrss{n}-", dir=cache))
-            cmd = [sys.executable, "-m", "mae_deploy.cli", "extract", str(small), "--bundle", str(tiny), "--out",
-                   str(out), "--no-progress", "--shard-size", "1000", "--engine", "ray", "--ray-address", address]
-            rss[n] = peak_rss_of_job(cmd)
+            rss[n] = small_job_rss(cache, n, "rayrss", "--engine", "ray", "--ray-address", address)
             print(f"Ray driver RSS {n} images: {rss[n]['peak_main_mib']:.1f} MiB", flush=True)
     finally:
         ray.shutdown()

@@ -156,11 +156,12 @@ def start_server(bundle: Path, precision: str, log: Path) -> tuple[subprocess.Po
 
 def _timing_ms(header: str, name: str) -> float:
     """One entry of a Server-Timing header ('preprocess;dur=2.1, runner;dur=180.3, ...'), in ms."""
-    for entry in header.split(","):
-        key, _, dur = entry.strip().partition(";dur=")
-        if key == name:
-            return float(dur)
-    raise SystemExit(f"the server sent no Server-Timing {name!r} entry (got {header!r})")
+    from mae_deploy.serve.metrics import parse_server_timing
+
+    timings = parse_server_timing(header)
+    if name not in timings:
+        raise SystemExit(f"the server sent no Server-Timing {name!r} entry (got {header!r})")
+    return timings[name]
 
 
 class _Client:

@@ -10,7 +10,7 @@ import types
 import numpy as np
 import pytest
 from PIL import Image
-from runtime_fixtures import encoder_only_bundle, tiny_bundle  # noqa: F401
+from runtime_fixtures import encoder_only_bundle, missing_dependency_output, tiny_bundle  # noqa: F401
 
 from mae_deploy import Bundle, FeatureExtractor, Reconstructor, create_runner, random_masking
 from mae_deploy.errors import BundleError, DeviceUnavailable, InputError
@@ -225,16 +225,8 @@ def test_a_corrupt_graph_is_a_bundle_error(tiny_bundle, tmp_path):  # noqa: F811
 
 
 def test_missing_openvino_says_what_to_install(tiny_bundle):  # noqa: F811
-    code = (
-        "import sys; sys.modules['openvino'] = None\n"
-        "from mae_deploy import create_runner\n"
-        "from mae_deploy.errors import MissingDependency\n"
-        f"try:\n    create_runner({str(tiny_bundle)!r}, 'openvino')\n"
-        "except MissingDependency as e:\n    print(e.exit_code, e)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("6 ") and "pip install 'mae-deploy[openvino]'" in out.stdout
+    out = missing_dependency_output(tiny_bundle, "openvino", "openvino")
+    assert out.startswith("6 ") and "pip install 'mae-deploy[openvino]'" in out
 
 
 def test_openvino_module_imports_neither_openvino_nor_torch():

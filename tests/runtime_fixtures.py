@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -198,3 +200,18 @@ def classifier_bundle(tmp_path_factory) -> Path:
     """mae_vit_test classifier, 5 classes named cat/dog/bird/fish/frog, fp32 + int8, reference weights."""
     labels = ["cat", "dog", "bird", "fish", "frog"]
     return _cached(tmp_path_factory, "mae_vit_test_cls", lambda d: export_classifier_bundle(d, labels=labels))
+
+
+def missing_dependency_output(bundle: Path, module: str, backend: str) -> str:
+    """``create_runner(bundle, backend)`` in a fresh process where ``module`` cannot be imported: what it prints
+    for the MissingDependency it must raise (``"<exit code> <message>"``)."""
+    code = (
+        f"import sys; sys.modules[{module!r}] = None\n"
+        "from mae_deploy import create_runner\n"
+        "from mae_deploy.errors import MissingDependency\n"
+        f"try:\n    create_runner({str(bundle)!r}, {backend!r})\n"
+        "except MissingDependency as e:\n    print(e.exit_code, e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return out.stdout

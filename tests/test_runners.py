@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import types
 
 import numpy as np
 import pytest
 from PIL import Image
-from runtime_fixtures import encoder_only_bundle, norm_pix_bundle, tiny_bundle  # noqa: F401
+from runtime_fixtures import encoder_only_bundle, missing_dependency_output, norm_pix_bundle, tiny_bundle  # noqa: F401
 
 from mae_deploy import Bundle, FeatureExtractor, Reconstructor, create_runner, random_masking
 from mae_deploy.errors import BundleError, DeviceUnavailable, InputError
@@ -236,16 +235,8 @@ def test_torch_runner_options(bundle, tmp_path, torch_runner):
 
 
 def test_missing_onnxruntime_says_what_to_install(tiny_bundle):  # noqa: F811
-    code = (
-        "import sys; sys.modules['onnxruntime'] = None\n"
-        "from mae_deploy import create_runner\n"
-        "from mae_deploy.errors import MissingDependency\n"
-        f"try:\n    create_runner({str(tiny_bundle)!r}, 'ort')\n"
-        "except MissingDependency as e:\n    print(e.exit_code, e)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("6 ") and "pip install 'mae-deploy[cpu]'" in out.stdout
+    out = missing_dependency_output(tiny_bundle, "onnxruntime", "ort")
+    assert out.startswith("6 ") and "pip install 'mae-deploy[cpu]'" in out
 
 
 # --------------------------------------------------------------------------------------------------

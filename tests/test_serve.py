@@ -24,6 +24,7 @@ httpx = pytest.importorskip("httpx")
 from mae_deploy.features import FeatureExtractor  # noqa: E402
 from mae_deploy.runners import create_runner  # noqa: E402
 from mae_deploy.serve.config import ServeConfig  # noqa: E402
+from mae_deploy.serve.metrics import parse_server_timing  # noqa: E402
 
 N_CONCURRENT = 16
 
@@ -102,24 +103,15 @@ def test_body_formats_and_pools(server, client, tiny_bundle, tmp_path):  # noqa:
     np.testing.assert_allclose(np.array(r.json()["data"][0]["embedding"]), tokens[0], atol=1e-5, rtol=0)
 
 
-def _timings(header: str) -> dict[str, float]:
-    """'preprocess;dur=1.20, infer;dur=3.40' -> {'preprocess': 1.2, 'infer': 3.4}"""
-    out = {}
-    for entry in header.split(","):
-        name, _, dur = entry.strip().partition(";dur=")
-        out[name] = float(dur)
-    return out
-
-
 def test_server_timing_says_where_the_time_went(server, client):
     r = post_image(client, f"{server.url}/v1/features", jpeg_bytes(7))
     assert r.status_code == 200
-    t = _timings(r.headers["Server-Timing"])
+    t = parse_server_timing(r.headers["Server-Timing"])
     assert set(t) == {"preprocess", "infer", "runner", "total"}
     assert all(v > 0 for v in t.values())
     assert t["runner"] <= t["infer"]  # the call is inside the wait for it
     assert t["preprocess"] + t["infer"] <= t["total"]  # sequential parts of one request
-    health = _timings(client.get(f"{server.url}/healthz").headers["Server-Timing"])
+    health = parse_server_timing(client.get(f"{server.url}/healthz").headers["Server-Timing"])
     assert set(health) == {"total"}  # no model work, no model entries
 
 

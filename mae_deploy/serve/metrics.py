@@ -92,3 +92,13 @@ def add_timing(name: str, ms: float) -> None:
 def server_timing(record: dict[str, float]) -> str:
     """``{"infer": 12.3}`` -> ``'infer;dur=12.30'`` (the header's syntax)."""
     return ", ".join(f"{name};dur={ms:.2f}" for name, ms in record.items())
+
+
+def parse_server_timing(header: str) -> dict[str, float]:
+    """The inverse, for clients: ``'preprocess;dur=1.20, infer;dur=3.40'`` -> ``{"preprocess": 1.2, "infer": 3.4}``."""
+    out = {}
+    for entry in header.split(","):
+        name, _, dur = entry.strip().partition(";dur=")
+        if name and dur:
+            out[name] = float(dur)
+    return out
