@@ -10,6 +10,7 @@ import base64
 import io
 import struct
 import threading
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -313,3 +314,42 @@ def test_readyz_is_503_until_loaded_and_while_draining(tiny_bundle):  # noqa: F8
     finally:
         loaded.set()
         server.__exit__(None, None, None)
+
+
+def test_a_lone_small_image_is_preprocessed_inline_and_the_rest_on_threads(tiny_bundle, monkeypatch):  # noqa: F811
+    """Where decoding runs: inline for a lone small body (no thread hop); on the decoding threads when another
+    request is in flight or the body is large, so the event loop keeps accepting."""
+    import asyncio
+
+    from mae_deploy.serve import service as service_mod
+
+    threads: list[str] = []
+    real = service_mod.preprocess
+
+    def recording(blobs, preprocessor):
+        threads.append(threading.current_thread().name)
+        return real(blobs, preprocessor)
+
+    monkeypatch.setattr(service_mod, "preprocess", recording)
+    svc = service_mod.ModelService(ServeConfig(bundle=str(tiny_bundle)))
+    svc.load()
+    small, large = jpeg_bytes(0), jpeg_bytes(1, size=(600, 600))
+    assert len(large) > service_mod.INLINE_MAX_BYTES >= len(small)
+
+    async def scenario():
+        deadline = svc.deadline(time.monotonic())
+        lone = await svc.features([small], "cls", deadline)
+        await svc.features([large], "cls", deadline)
+        await svc.features([small, small], "cls", deadline)
+        together = await asyncio.gather(*(svc.features([small], "cls", deadline) for _ in range(2)))
+        return lone, together
+
+    try:
+        lone, together = asyncio.run(scenario())
+    finally:
+        svc.close()
+    main = threading.current_thread().name
+    assert threads[0] == main  # lone and small: on the loop
+    assert threads[1].startswith("mae-decode") and threads[2].startswith("mae-decode")  # large; two images
+    assert any(t.startswith("mae-decode") for t in threads[3:5])  # the second of two in flight
+    np.testing.assert_array_equal(together[0], lone)  # the same image gives the same features either way

@@ -147,7 +147,10 @@ class MicroBatcher:
         works = self._enqueue(part, inputs)
         wrapped = [asyncio.wrap_future(w.future) for w in works]
         try:
-            outs = await asyncio.wait_for(asyncio.gather(*wrapped), timeout)
+            if len(wrapped) == 1:  # the usual case: no gather, one task less per request
+                outs = [await asyncio.wait_for(wrapped[0], timeout)]
+            else:
+                outs = await asyncio.wait_for(asyncio.gather(*wrapped), timeout)
         except BaseException:
             for w in works:  # a timed-out or abandoned request costs no runner time
                 w.future.cancel()
