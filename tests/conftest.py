@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+from graph_cache import GraphCache
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +29,43 @@ def vit_base_bundle(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("vitb") / "bundle"
     export_bundle(model, out, verify=False, reference_weights=True, progress=None)
     return out
+
+
+_CACHE_ENV = "MAE_TEST_GRAPH_CACHE"
+
+
+def pytest_configure(config) -> None:
+    """The first pytest process of a run (not an xdist worker, not a nested pytest) makes the graph cache's
+    folder and names it in the environment, which the workers and nested runs inherit."""
+    if os.environ.get(_CACHE_ENV) or hasattr(config, "workerinput"):
+        return
+    os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="mae-graph-cache-")
+    config._mae_graph_cache_owner = True
+
+
+def pytest_unconfigure(config) -> None:
+    if getattr(config, "_mae_graph_cache_owner", False):
+        shutil.rmtree(os.environ.pop(_CACHE_ENV), ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def graph_cache():
+    """In-process exports reuse graphs already exported this run for the same model and options (see
+    tests/graph_cache.py); ``MAE_TEST_REAL_EXPORTS=1`` runs the real exporter for every one."""
+    if os.environ.get("MAE_TEST_REAL_EXPORTS") or not os.environ.get(_CACHE_ENV):
+        yield None
+        return
+    from export import bundle_writer
+
+    cache = GraphCache(Path(os.environ[_CACHE_ENV]))
+    mp = pytest.MonkeyPatch()
+    mp.setattr(bundle_writer, "export_graph", functools.partial(cache.export_graph, bundle_writer.export_graph))
+    yield cache
+    mp.undo()
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Files with a ``slow`` test run first: ``-n 2 --dist loadfile`` hands out whole files in this order, and a
+    long file picked up last keeps one worker busy while the other has nothing left (longest first)."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within each group stays

@@ -176,6 +176,7 @@ def test_schema_doc_lists_the_keys_the_code_writes():
 # ---------------------------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow  # every backend x precision x part, end to end
 def test_bench_writes_well_formed_results(run_dir, bundle_dir):
     d, result = run_dir
     assert result.exit_code == 0, result.output

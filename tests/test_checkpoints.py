@@ -253,7 +253,18 @@ def test_not_mae_and_mismatched_keys(tmp_path):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
+    """The CLI in its own process: exit code and streams as a shell sees them."""
     return subprocess.run([sys.executable, "-m", "mae_deploy.cli", *args], capture_output=True, text=True)
+
+
+def _cli_here(*args: str) -> subprocess.CompletedProcess:
+    """The same command in this process (click's runner): no interpreter and torch start-up per call."""
+    from click.testing import CliRunner
+
+    from mae_deploy.cli import main
+
+    r = CliRunner().invoke(main, list(args))
+    return subprocess.CompletedProcess(args, r.exit_code, r.stdout, r.stderr)
 
 
 def test_cli_convert_and_info_all_kinds(tmp_path, hf_dir):
@@ -261,15 +272,15 @@ def test_cli_convert_and_info_all_kinds(tmp_path, hf_dir):
     pth = save_official(create_model("mae_vit_test"), tmp_path / "m_full.pth")
     r = _cli("convert", str(d), str(tmp_path / "from_hf"))
     assert r.returncode == 0, r.stderr
-    r = _cli("convert", str(pth), str(tmp_path / "from_pth"))
+    r = _cli_here("convert", str(pth), str(tmp_path / "from_pth"))
     assert r.returncode == 0, r.stderr
     for src, fmt in ((d, "hf"), (pth, "official"), (tmp_path / "from_hf", "native")):
-        r = _cli("info", str(src), "--json")
+        r = _cli_here("info", str(src), "--json")
         assert r.returncode == 0, r.stderr
         info = json.loads(r.stdout)
         assert info["format"] == fmt and info["parts"] == ["encoder", "decoder"]
         assert info["parameters"]["total"] > 0
-    r = _cli("info", str(pth))
+    r = _cli_here("info", str(pth))
     assert "mae_vit_test" in r.stdout and "norm-pix" in r.stdout
     # The HF directory converted to native loads back identically.
     a, _ = load_model(d)
@@ -279,7 +290,7 @@ def test_cli_convert_and_info_all_kinds(tmp_path, hf_dir):
     r = _cli("convert", str(pth), str(tmp_path / "from_pth"))
     assert r.returncode == 3 and "already exists" in r.stderr and "Traceback" not in r.stderr
     (tmp_path / "junk.pth").write_bytes(b"\x00" * 10)
-    r = _cli("info", str(tmp_path / "junk.pth"))
+    r = _cli_here("info", str(tmp_path / "junk.pth"))
     assert r.returncode == 3 and "error:" in r.stderr and "Traceback" not in r.stderr
 
 

@@ -510,33 +510,6 @@ def test_bad_options_are_clear_errors(ckpt_dir, tmp_path, args, message):
     assert not (tmp_path / "b").exists()
 
 
-# ---------------------------------------------------------------------------------------------------
-# ViT-B/16: one encoder file, visible 49 and 196, batch 1 and 8
-# ---------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_vit_base_encoder_serves_every_visible_count_and_batch(tmp_path):
-    torch.manual_seed(0)
-    model = create_model("mae_vit_base_patch16").eval()
-    rep = export_bundle(model, tmp_path / "vitb", parts="encoder", verify=False, progress=None)
-    assert [g["file"] for g in rep.manifest["graphs"]] == ["encoder.onnx"]
-    enc = onnx.load(str(tmp_path / "vitb" / "encoder.onnx"), load_external_data=False)
-    assert _dims(enc.graph.input[1]) == ["batch", "visible"] and _dims(enc.graph.output[0]) == [
-        "batch", "visible+1", 768]
-    session = ort_session(tmp_path / "vitb" / "encoder.onnx")
-    rng = np.random.default_rng(0)
-    x8 = rng.standard_normal((8, 3, 224, 224)).astype(np.float32)
-    for batch in (1, 8):
-        for visible in (49, 196):
-            ids_keep, _ = _masks(batch, visible, 196, seed=batch * 1000 + visible)
-            out = session.run(None, {"pixel_values": x8[:batch], "ids_keep": ids_keep})[0]
-            with torch.no_grad():
-                ref = model.forward_encoder(torch.from_numpy(x8[:batch]), torch.from_numpy(ids_keep)).numpy()
-            assert out.shape == (batch, visible + 1, 768)
-            assert np.abs(out - ref).max() <= 1e-4, (batch, visible)
-
-
 def test_an_encoder_only_export_of_a_full_mae_has_a_reference_the_torch_runner_loads(tmp_path):
     # reference/ used to hold the decoder's weights under an encoder-only config: unloadable (bench: exit 3).
     from mae_deploy.features import FeatureExtractor
@@ -547,3 +520,29 @@ def test_an_encoder_only_export_of_a_full_mae_has_a_reference_the_torch_runner_l
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
     with FeatureExtractor(out, backend="torch", pool="mean") as ref, FeatureExtractor(out, pool="mean") as ort:
         np.testing.assert_allclose(ref.extract_pixels(x), ort.extract_pixels(x), atol=1e-4)
+
+
+def test_the_test_graph_cache_keys_on_everything_a_graph_depends_on(tmp_path):
+    """The suite's graph cache (tests/graph_cache.py) must never hand one model's graph to another."""
+    from graph_cache import graph_key
+
+    from training.model import VisionTransformer, get_config
+
+    path = tmp_path / "encoder.onnx"
+    base = graph_key(_model(), "encoder", path, 20, None)
+    assert graph_key(_model(), "encoder", path, 20, None) == base  # same weights, same options
+    changed = _model()
+    with torch.no_grad():
+        changed.blocks[0].attn.qkv.bias[0] += 1e-3
+    others = [graph_key(changed, "encoder", path, 20, None),
+              graph_key(_model(), "decoder", path, 20, None),
+              graph_key(_model(), "encoder", tmp_path / "x.onnx", 20, None),
+              graph_key(_model(), "encoder", path, 18, None),
+              graph_key(_model(), "encoder", path, 20, True),
+              graph_key(_model().train(), "encoder", path, 20, None)]
+    assert len({base, *others}) == 1 + len(others)
+    torch.manual_seed(0)
+    mean = VisionTransformer(get_config("mae_vit_test"), num_classes=3, global_pool=True)
+    torch.manual_seed(0)
+    cls = VisionTransformer(get_config("mae_vit_test"), num_classes=3, global_pool=False)
+    assert graph_key(mean, "classifier", path, 20, None) != graph_key(cls, "classifier", path, 20, None)

@@ -23,7 +23,8 @@ from mae_deploy.errors import InputError
 from mae_deploy.extract import ERRORS_NAME, MANIFEST_NAME, extract_features, index_name, open_features
 
 pytest_plugins = ["extract_data"]
-pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning", "ignore::DeprecationWarning")
+pytestmark = [pytest.mark.slow,  # a local Ray instance per test
+              pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning", "ignore::DeprecationWarning")]
 RAY_RUN = {"batch_size": RUN["batch_size"], "shard_size": RUN["shard_size"], "engine": "ray"}
 
 

@@ -16,6 +16,7 @@ import pytest
 
 pytest.importorskip("openvino")
 HERE = Path(__file__).resolve().parent
+pytestmark = pytest.mark.slow  # a whole pytest run of its own
 
 
 def test_openvino_cases_in_their_own_process():

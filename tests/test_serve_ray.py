@@ -19,6 +19,7 @@ httpx = pytest.importorskip("httpx")
 
 from mae_deploy.serve.config import ServeConfig  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a Ray instance and a two-replica deployment
 ROUNDS, PER_ROUND = 10, 8  # bounded: at most 80 requests to see both replicas
 
 

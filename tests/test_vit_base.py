@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 
 from mae_deploy.features import FeatureExtractor
@@ -52,3 +53,20 @@ def test_vit_base_reconstruction_ort_equals_torch(vit_base_bundle, runners, phot
         assert np.abs(x.pred - y.pred).max() <= 1e-4
         # uint8 pixels may differ by one level where a value sits on a rounding boundary
         assert np.abs(x.reconstruction.astype(int) - y.reconstruction.astype(int)).max() <= 1
+
+
+def test_vit_base_encoder_serves_every_visible_count_and_batch(vit_base_bundle, runners):
+    """One encoder file, symbolic batch and visible: visible 49 and 196 at batch 1 and 8 equal PyTorch."""
+    enc = onnx.load(str(vit_base_bundle / "encoder.onnx"), load_external_data=False)
+    dims = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in (enc.graph.input[1], enc.graph.output[0])]
+    assert dims == [["batch", "visible"], ["batch", "visible+1", 768]]
+    ort, torch_ = runners
+    rng = np.random.default_rng(0)
+    x8 = rng.standard_normal((8, 3, 224, 224)).astype(np.float32)
+    for batch in (1, 8):
+        for visible in (49, 196):
+            ids_keep = np.stack([rng.permutation(196)[:visible] for _ in range(batch)]).astype(np.int64)
+            out = ort.encode(x8[:batch], ids_keep)
+            assert out.shape == (batch, visible + 1, 768)
+            assert np.abs(out - torch_.encode(x8[:batch], ids_keep)).max() <= 1e-4, (batch, visible)
