@@ -51,10 +51,11 @@ def graph_key(model, part: str, path: Path, opset: int, external_data: bool | No
 
 
 class GraphCache:
+    """Exported graphs by key under ``root``; :meth:`export_graph` takes the real exporter as first argument."""
+
     def __init__(self, root: Path) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
-        self.hits = self.misses = 0
 
     def export_graph(self, real, model, part: str, path, opset: int, external_data: bool | None = None):
         from export.onnx_export import GraphFile, check_graph_file, external_data_files, op_types
@@ -64,14 +65,11 @@ class GraphCache:
         with open(f"{entry}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one worker exports a key; the others wait, then copy
             if not entry.is_dir():
-                self.misses += 1
                 tmp = entry.with_suffix(".tmp")
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir()
                 real(model, part, tmp / path.name, opset=opset, external_data=external_data)
                 os.replace(tmp, entry)
-            else:
-                self.hits += 1
         path.parent.mkdir(parents=True, exist_ok=True)
         for f in entry.iterdir():
             shutil.copyfile(f, path.parent / f.name)
