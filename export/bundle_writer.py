@@ -56,6 +56,11 @@ QUANTIZATION = {
 __all__ = ["ExportReport", "export_bundle", "default_preprocessing"]
 
 
+# Below this much weight data the stages' peaks are small, and a full collection (~0.4 s with torch loaded,
+# 13 of them in an export of every precision) would be most of a small model's export time.
+RELEASE_MIN_BYTES = 64 * 2**20
+
+
 def release_memory() -> None:
     """Collect garbage and hand freed heap pages back to the OS, so the next stage's peak does not stack
     on this one's (glibc keeps freed small-block arenas otherwise)."""
@@ -292,6 +297,11 @@ class _Plan:
     calibration: CalibrationSet | None = None
     external: dict[str, bool] = field(default_factory=dict)  # part -> weights in a side file
     class_names: list[str] | None = None
+    release_between_stages: bool = True  # big weights: free each stage's memory before the next one
+
+    def release_memory(self) -> None:
+        if self.release_between_stages:
+            release_memory()
 
 
 def _torch_stage(model: Model, tmp: Path, plan: _Plan, reference_weights: bool, source: dict,
@@ -305,7 +315,7 @@ def _torch_stage(model: Model, tmp: Path, plan: _Plan, reference_weights: bool, 
         plan.external[part] = bool(g.external_data)
         say(f"  {g.path.name}: exported in {time.perf_counter() - t:.1f}s"
             + (f" (weights in {', '.join(g.external_data)})" if g.external_data else ""))
-        release_memory()  # the exporter's program holds graph copies until collected
+        plan.release_memory()  # the exporter's program holds graph copies until collected
     cases: dict[str, list] = {}
     if plan.verify:
         cases = _reference_outputs(model, plan.parts)
@@ -344,7 +354,7 @@ def _onnx_stage(tmp: Path, plan: _Plan, cases: dict[str, list], num_patches: int
                                   if plan.verify else skipped)
         if plan.verify:
             say(f"  {path.name}: verified")
-        release_memory()
+        plan.release_memory()
     for precision in plan.precisions[1:]:
         for part in plan.parts:
             t = time.perf_counter()
@@ -355,7 +365,7 @@ def _onnx_stage(tmp: Path, plan: _Plan, cases: dict[str, list], num_patches: int
             make_variant(tmp / variant_filename(part, "fp32"), dst, precision, external_data=plan.external[part],
                          feeds=feeds)
             del feeds
-            release_memory()
+            plan.release_memory()
             check_graph_file(dst)
             say(f"  {dst.name}: converted in {time.perf_counter() - t:.1f}s")
             parity[(part, precision)] = (
@@ -367,7 +377,7 @@ def _onnx_stage(tmp: Path, plan: _Plan, cases: dict[str, list], num_patches: int
                 parity[(part, precision)]["inputs"] = "calibration images"
             if plan.verify:
                 say(f"  {dst.name}: verified")
-            release_memory()
+            plan.release_memory()
     return parity
 
 
@@ -378,7 +388,8 @@ def _export_locked(model_or_checkpoint_path, out: Path, image_size, opset, wante
     loaded = _load(model_or_checkpoint_path, checkpoint_hints)
     model, notes = loaded.model, loaded.notes
     plan = _Plan(_wanted_parts(parts, loaded.parts), wanted_precisions, opset, external_data, verify,
-                 progress is not None)
+                 progress is not None,
+                 release_between_stages=sum(t.nbytes for t in model.state_dict().values()) >= RELEASE_MIN_BYTES)
     if labels is not None and CLASSIFIER not in plan.parts:
         raise InputError("--labels names the classes of a classifier, but this export has no classifier graph "
                          "(the checkpoint has no head)")
@@ -410,7 +421,7 @@ def _export_locked(model_or_checkpoint_path, out: Path, image_size, opset, wante
         if model is not model_or_checkpoint_path:  # ours (loaded or resized), not the caller's
             discard_weights(model)
         del model, loaded
-        release_memory()  # the PyTorch model is no longer needed: every later stage reads the ONNX files
+        plan.release_memory()  # the PyTorch model is no longer needed: every later stage reads the ONNX files
         parity = _onnx_stage(tmp, plan, cases, cfg.num_patches, say)
         manifest = {
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
