@@ -16,9 +16,11 @@ $(STAMP): pyproject.toml constraints-dev.txt
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
+# Bytecode is cached even where the environment says PYTHONDONTWRITEBYTECODE: every xdist worker, nested
+# pytest and CLI subprocess otherwise recompiles the project and re-rewrites the test files (~3 s a worker).
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest -q -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import tempfile
@@ -32,6 +33,7 @@ def vit_base_bundle(tmp_path_factory) -> Path:
 
 
 _CACHE_ENV = "MAE_TEST_GRAPH_CACHE"
+_DURATIONS = Path(__file__).resolve().parent / "durations.json"
 
 
 def pytest_configure(config) -> None:
@@ -65,7 +67,16 @@ def graph_cache():
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Files with a ``slow`` test run first: ``-n 2 --dist loadfile`` hands out whole files in this order, and a
-    long file picked up last keeps one worker busy while the other has nothing left (longest first)."""
+    """Longest files first. ``-n 2 --dist loadfile`` hands out whole files in this order, and a long file
+    picked up last keeps one worker busy while the other has nothing left. The lengths are measured
+    (tests/durations.json, rewritten by tests/update_durations.py); a file not listed yet counts as long when it
+    has a ``slow`` test, else as short."""
+    seconds = json.loads(_DURATIONS.read_text()) if _DURATIONS.exists() else {}
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within each group stays
+    root = Path(str(config.rootpath))
+
+    def expected(item) -> float:
+        name = item.path.relative_to(root).as_posix() if item.path.is_relative_to(root) else str(item.path)
+        return seconds.get(name, 60.0 if item.path in slow_files else 5.0)
+
+    items.sort(key=lambda item: -expected(item))  # stable: the order within a file stays

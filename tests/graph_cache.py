@@ -12,8 +12,9 @@ has no data-dependent branches.
 
 The cache is one folder per run (made by the run's first pytest process, named in ``MAE_TEST_GRAPH_CACHE``,
 removed when it ends), shared by its xdist workers and nested pytest runs (an flock per key: one process
-exports, the others wait and copy). Exports in a subprocess (the CLI tests) are not cached: they run the
-real exporter every time. ``MAE_TEST_REAL_EXPORTS=1`` turns the cache off.
+exports, the others wait and copy); :func:`build_once` also shares the test bundles of
+tests/runtime_fixtures.py. Exports in a subprocess (the CLI tests) are not cached: they run the real exporter
+every time. ``MAE_TEST_REAL_EXPORTS=1`` turns the cache off.
 """
 
 from __future__ import annotations
@@ -50,6 +51,20 @@ def graph_key(model, part: str, path: Path, opset: int, external_data: bool | No
     return h.hexdigest()[:32]
 
 
+def build_once(entry: Path, build) -> Path:
+    """The folder ``entry``, made by ``build(folder)`` in the first process that asks (an flock per entry: the
+    others wait, then find it done). Callers copy out of it: the entry is shared by the whole run."""
+    with open(f"{entry}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not entry.is_dir():
+            tmp = entry.with_suffix(".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            build(tmp)
+            os.replace(tmp, entry)
+    return entry
+
+
 class GraphCache:
     """Exported graphs by key under ``root``; :meth:`export_graph` takes the real exporter as first argument."""
 
@@ -61,15 +76,8 @@ class GraphCache:
         from export.onnx_export import GraphFile, check_graph_file, external_data_files, op_types
 
         path = Path(path)
-        entry = self.root / graph_key(model, part, path, opset, external_data)
-        with open(f"{entry}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one worker exports a key; the others wait, then copy
-            if not entry.is_dir():
-                tmp = entry.with_suffix(".tmp")
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir()
-                real(model, part, tmp / path.name, opset=opset, external_data=external_data)
-                os.replace(tmp, entry)
+        entry = build_once(self.root / graph_key(model, part, path, opset, external_data),
+                           lambda tmp: real(model, part, tmp / path.name, opset=opset, external_data=external_data))
         path.parent.mkdir(parents=True, exist_ok=True)
         for f in entry.iterdir():
             shutil.copyfile(f, path.parent / f.name)

@@ -7,6 +7,7 @@ Bundles are built once per test session (cached in this module) whichever module
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from graph_cache import build_once
 
 from mae_deploy.bundle import MANIFEST_NAME, write_manifest
 
@@ -139,8 +141,19 @@ def derived_bundle(src: Path, dst: Path, *, norm_pix: bool | None = None, drop_d
 
 def _cached(tmp_path_factory, key: str, make) -> Path:
     if key not in _CACHE or not _CACHE[key].exists():
-        _CACHE[key] = make(tmp_path_factory.mktemp("bundles") / key)
+        _CACHE[key] = _shared(make, tmp_path_factory.mktemp("bundles") / key, key)
     return _CACHE[key]
+
+
+def _shared(make, dst: Path, key: str) -> Path:
+    """``make(dst)``, or a copy of the bundle another process of this run made (the graph cache's folder: the
+    xdist workers and the nested OpenVINO run each need the tiny bundle, ~10 s of exporting)."""
+    root = os.environ.get("MAE_TEST_GRAPH_CACHE")
+    if not root or os.environ.get("MAE_TEST_REAL_EXPORTS"):
+        return make(dst)
+    entry = build_once(Path(root) / f"bundle-{key}", lambda tmp: make(tmp / "bundle"))
+    shutil.copytree(entry / "bundle", dst)
+    return dst
 
 
 @pytest.fixture(scope="session")
