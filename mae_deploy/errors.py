@@ -13,7 +13,8 @@ Exit codes (also in README.md):
 4     the job finished but some inputs failed (see errors.jsonl)
 5     verification failed: an exported graph disagrees with PyTorch
 6     a required optional package is missing (the message says what to install)
-7     the requested device or backend is not available on this machine
+7     the requested device or backend is not available on this machine, or a source URL / bucket cannot
+      be reached
 130   interrupted by Ctrl-C (SIGINT); outputs already finished are kept
 ====  =====================================================================
 """
@@ -66,5 +67,11 @@ class MissingDependency(MaeDeployError):
 
 class DeviceUnavailable(MaeDeployError):
     """The requested device/backend does not work here (never silently replaced by another)."""
+
+    exit_code = 7
+
+
+class SourceUnreachable(MaeDeployError):
+    """A source URL, bucket or host that does not answer (or refuses the credentials) at planning."""
 
     exit_code = 7

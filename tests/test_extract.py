@@ -437,10 +437,10 @@ def test_a_killed_worker_is_replaced_and_nothing_is_lost(clean, images, bundle, 
     assert run_record["decode_worker_restarts"] >= 1
 
 
-def _crash_on_marked_files(self, path):
+def _crash_on_marked_files(self, row, path):
     if "crash" in os.path.basename(path):
         os.kill(os.getpid(), signal.SIGSEGV)  # what a crashing image decoder does to its process
-    return _original_decode_one(self, path)
+    return _original_decode_one(self, row, path)
 
 
 _original_decode_one = None

@@ -6,8 +6,6 @@ One definition of decoding and preprocessing for every engine: the runtime's
 
 from __future__ import annotations
 
-import os
-import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +14,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mae_deploy.errors import InputError
+from mae_deploy.sources.base import Failure, NamedBytes, RowReader
 
 TRANSFERS = ("uint8", "float32")
 
@@ -37,14 +36,6 @@ def classify_failure(exc: BaseException) -> str:
     return "corrupt"
 
 
-class Failure(Exception):
-    """One input's failure: a reason from FAILURE_REASONS and a message naming the file."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason, self.message = reason, message
-
-
 @dataclass
 class Decoded:
     """The result of decoding one batch: model-sized images of the good inputs, and the failures."""
@@ -56,31 +47,30 @@ class Decoded:
 
 
 class Decoder:
-    """Path -> model-sized image with the runtime's Preprocessor (one definition of the preprocessing)."""
+    """Row -> model-sized image: the source's reader gives the bytes, the runtime's Preprocessor decodes them
+    (one definition of the preprocessing). ``reader`` None reads plain files."""
 
     def __init__(self, preprocessing: dict, in_chans: int, min_side: int, max_pixels: int, transfer: str,
-                 exact_resize: bool = False) -> None:
+                 exact_resize: bool = False, reader: RowReader | None = None) -> None:
         from mae_deploy.preprocess import Preprocessor
+        from mae_deploy.sources.files import FileReader
 
         self.pre = Preprocessor.from_config(preprocessing, in_chans=in_chans, max_pixels=max_pixels, min_side=1,
                                             exact_resize=exact_resize)
         self.min_side = min_side
         self.transfer = transfer
+        self.reader = reader if reader is not None else FileReader()
 
-    def decode_one(self, path: str) -> np.ndarray:
+    def read(self, row: int, path: str) -> bytes:
+        """The encoded bytes of ``row`` (a file, a tar member, a Parquet value); Failure when it has none."""
+        return self.reader.read(row, path)
+
+    def decode_one(self, row: int, path: str) -> np.ndarray:
         from mae_deploy.preprocess import check_min_side
 
+        data = self.read(row, path)
         try:
-            st = os.stat(path)
-        except OSError as e:
-            raise InputError(f"cannot read {path}: {e.strerror or e}") from e
-        if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
-            # A FIFO would block the read forever, /dev/zero never ends: neither is an image file.
-            raise Failure("unreadable", f"{path} is not a regular file (a FIFO, socket or device)")
-        if st.st_size == 0 and stat.S_ISREG(st.st_mode):
-            raise Failure("empty", f"{path} is empty (0 bytes)")
-        try:
-            im = self.pre.load_image(path)
+            im = self.pre.load_image(NamedBytes(data, path))
         except Exception as e:  # any decoder error is this input's failure, never the job's
             raise Failure(classify_failure(e), str(e)) from e
         try:
@@ -95,7 +85,7 @@ class Decoder:
         rows, images, failures = [], [], []
         for row, path in items:
             try:
-                images.append(self.decode_one(path))
+                images.append(self.decode_one(row, path))
                 rows.append(row)
             except Failure as f:
                 failures.append((row, f.reason, f.message))

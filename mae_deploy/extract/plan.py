@@ -91,7 +91,8 @@ class JobPlan:
     def decoder_args(self, transfer: str) -> dict:
         b = self.bundle
         return {"preprocessing": b.preprocessing, "in_chans": b.in_chans, "min_side": self.min_side,
-                "max_pixels": self.max_pixels, "transfer": transfer, "exact_resize": self.exact_resize}
+                "max_pixels": self.max_pixels, "transfer": transfer, "exact_resize": self.exact_resize,
+                "reader": self.src.reader}
 
     def tasks(self, shards: Sequence[int], batch_size: int) -> Iterator[Task]:
         """Batches of the given shards, in order; a batch never straddles two shards."""
