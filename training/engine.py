@@ -26,6 +26,7 @@ from torch import nn
 
 from mae_deploy.errors import DeviceUnavailable, InputError, MaeDeployError
 from mae_deploy.fileio import atomic_write
+from training.compiled import begin_step, eager_module, plain_state_dict
 from training.distributed import DistInfo, all_gather_objects, all_reduce_mean, all_reduce_sum
 from training.options import PRECISIONS, check_args
 
@@ -40,11 +41,14 @@ class NonFiniteLossError(MaeDeployError):
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> fp16 with a grad scaler on CUDA (the official recipe), fp32 on CPU."""
+    """'auto' -> bf16 on a GPU that has it (no grad scaler, fp32's range), else fp16 with a grad scaler
+    (the official recipe) on CUDA; fp32 on CPU."""
     if precision not in PRECISIONS:
         raise InputError(f"--precision {precision!r}: choose from {', '.join(PRECISIONS)}")
     if precision == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if precision == "fp16" and device.type != "cuda":
         raise InputError("--precision fp16 needs a CUDA GPU (fp16 with a grad scaler); on CPU use bf16 or fp32")
     return precision
@@ -165,8 +169,8 @@ def _plain_args(args: object) -> dict:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel wrapper."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    """The eager model inside DistributedDataParallel and torch.compile wrappers."""
+    return eager_module(model)
 
 
 def save_training_checkpoint(
@@ -186,7 +190,7 @@ def save_training_checkpoint(
         return None
     path = Path(path)
     state = {
-        "model": unwrap(model).state_dict(),
+        "model": plain_state_dict(model),  # no `_orig_mod.` / `module.`: loads into eager and compiled runs
         "optimizer": optimizer.state_dict(),
         "epoch": epoch,
         "scaler": scaler.state_dict() if scaler is not None else None,
@@ -332,6 +336,7 @@ def train_one_epoch(
                leave=False, dynamic_ncols=True)
     t0 = time.perf_counter()
     for it, (samples, targets) in enumerate(batches(loader)):
+        begin_step(model)
         if it % accum_iter == 0:
             lr = set_lr(epoch + it / steps)
         samples = samples.to(device, non_blocking=True)
@@ -402,6 +407,7 @@ def evaluate(model: nn.Module, loader, info: DistInfo, precision: str = "fp32") 
     device = info.device
     correct1 = correct5 = loss_sum = count = 0.0
     for samples, targets in batches(loader):
+        begin_step(model)
         samples, targets = samples.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with autocast(device, precision):
             logits = model(samples)

@@ -15,6 +15,7 @@ from torch import nn
 
 from mae_deploy.errors import InputError
 from training import data, engine, optim, options
+from training.compiled import compile_note, prepare_model
 from training.distributed import ShardSampler, cleanup, init_distributed, train_sampler
 
 
@@ -80,8 +81,8 @@ def train(args: argparse.Namespace, info) -> None:
     groups = optim.param_groups_layer_decay(model, args.weight_decay, args.layer_decay)
     optimizer = optim.make_adamw(groups, args.lr, device)
     scaler = engine.make_scaler(precision, device)
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if info.distributed else model
+    # DDP under torchrun, then torch.compile with --compile; `model` stays the eager module (checkpoints).
+    ddp = prepare_model(model, info, args.compile, args.compile_mode, args.accum_iter)
 
     if mixup is not None:
         criterion = soft_target_cross_entropy
@@ -100,7 +101,7 @@ def train(args: argparse.Namespace, info) -> None:
     metrics = engine.MetricsLog(out, args.log_dir, info)
     say(f"fine-tuning: {len(train_set)} train / {len(val_set)} val images, {nb_classes} classes, "
         f"lr {args.lr:.3e} (blr {args.blr:.3e} x {eff_batch} / 256), layer decay {args.layer_decay}, "
-        f"{args.epochs} epochs, {precision} on {device}")
+        f"{args.epochs} epochs, {precision} on {device}{compile_note(ddp)}")
 
     def set_lr(epoch: float) -> float:
         return optim.adjust_learning_rate(optimizer, epoch, args.lr, args.min_lr, args.epochs, args.warmup_epochs)

@@ -15,6 +15,7 @@ from torch import nn
 
 from mae_deploy.errors import InputError
 from training import data, engine, optim, options
+from training.compiled import compile_note, prepare_model
 from training.distributed import ShardSampler, cleanup, init_distributed, train_sampler
 from training.model import VisionTransformer
 
@@ -80,8 +81,8 @@ def train(args: argparse.Namespace, info) -> None:
     if args.lr is None:
         args.lr = optim.effective_lr(args.blr, args.batch_size, args.accum_iter, info.world_size)
     optimizer = optim.LARS(model.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if info.distributed else model
+    # DDP under torchrun, then torch.compile with --compile; `model` stays the eager module (checkpoints).
+    ddp = prepare_model(model, info, args.compile, args.compile_mode, args.accum_iter)
 
     start = engine.resume_path(args.resume, out)
     extra = {"best_acc1": 0.0}
@@ -95,7 +96,7 @@ def train(args: argparse.Namespace, info) -> None:
     metrics = engine.MetricsLog(out, args.log_dir, info)
     say(f"linear probe: {len(train_set)} train / {len(val_set)} val images, {nb_classes} classes, "
         f"{'mean-pool' if args.global_pool else 'cls-token'} features, lr {args.lr:.3e} "
-        f"(blr {args.blr:.3e} x {eff_batch} / 256), {args.epochs} epochs, {precision} on {device}")
+        f"(blr {args.blr:.3e} x {eff_batch} / 256), {args.epochs} epochs, {precision} on {device}{compile_note(ddp)}")
 
     criterion = nn.CrossEntropyLoss()
 

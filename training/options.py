@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# torch.compile modes; 'auto' is resolved by training.compiled.resolve_compile_mode.
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:
@@ -20,8 +22,14 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
                    help="write TensorBoard events here (needs the tensorboard package); default: none")
     g.add_argument("--device", default="auto", help="cuda, cuda:N or cpu; auto = cuda when available")
     g.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto = fp16 with a grad scaler on GPU (the official recipe), fp32 on CPU; "
-                        "bf16 autocasts on CPU or GPU")
+                   help="auto = bf16 autocast on GPUs that have bf16 (Ampere and later), else fp16 with a grad "
+                        "scaler (the official recipe), fp32 on CPU; bf16 autocasts on CPU or GPU")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (inductor) for training and evaluation; checkpoints and model/ "
+                        "stay in the eager layout, so --resume works across compiled and eager runs")
+    g.add_argument("--compile_mode", default="auto", choices=COMPILE_MODES,
+                   help="with --compile: auto = reduce-overhead (CUDA graphs) on one GPU with --accum_iter 1, "
+                        "else default (no CUDA graphs)")
     g.add_argument("--seed", default=0, type=int)
     g.add_argument("--resume", default="",
                    help="training checkpoint to continue from; 'auto' = output_dir/checkpoint-last.pth if present")

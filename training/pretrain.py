@@ -15,6 +15,7 @@ from torch import nn
 
 from mae_deploy.errors import InputError
 from training import data, engine, optim, options
+from training.compiled import compile_note, prepare_model
 from training.distributed import cleanup, init_distributed, train_sampler
 from training.model import MaskedAutoencoderViT, create_model, random_masking
 
@@ -90,8 +91,8 @@ def train(args: argparse.Namespace, info) -> None:
     optimizer = optim.make_adamw(optim.param_groups_weight_decay(model, args.weight_decay), args.lr, device,
                                  betas=(0.9, 0.95))
     scaler = engine.make_scaler(precision, device)
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if info.distributed else model
+    # DDP under torchrun, then torch.compile with --compile; `model` stays the eager module (checkpoints).
+    ddp = prepare_model(model, info, args.compile, args.compile_mode, args.accum_iter)
 
     start = engine.resume_path(args.resume, out)
     extra = {}
@@ -102,15 +103,21 @@ def train(args: argparse.Namespace, info) -> None:
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"pretraining {name}{' (mask-token encoder baseline)' if args.mask_token_encoder else ''}: "
         f"{n_params / 1e6:.2f}M parameters, {len(dataset)} images, {len(loader)} steps/epoch, "
-        f"{info.world_size} process(es) on {device}, {precision}")
+        f"{info.world_size} process(es) on {device}, {precision}{compile_note(ddp)}")
     say(f"lr {args.lr:.3e} (blr {args.blr:.3e} x effective batch {eff_batch} / 256), "
         f"epochs {args.epochs}, warm-up {args.warmup_epochs}")
 
     def set_lr(epoch: float) -> float:
         return optim.adjust_learning_rate(optimizer, epoch, args.lr, args.min_lr, args.epochs, args.warmup_epochs)
 
+    num_patches = model.config.num_patches
+
     def compute_loss(samples: torch.Tensor, _targets: torch.Tensor) -> torch.Tensor:
-        return ddp(samples, mask_ratio=args.mask_ratio)[0]
+        # The masking noise is drawn here, in eager mode, with the same call random_masking makes: a
+        # compiled model would draw other numbers (inductor's own RNG), and this way compiled and eager
+        # runs, and resumed ones, see the same masks.
+        noise = torch.rand(samples.shape[0], num_patches, device=samples.device)
+        return ddp(samples, mask_ratio=args.mask_ratio, noise=noise)[0]
 
     last = out / "checkpoint-last.pth" if out else None
     t0 = time.perf_counter()
