@@ -25,6 +25,7 @@ LOCK_NAME = ".extract.lock"
 DTYPES = ("float32", "float16")
 FAILURE_REASONS = (
     "empty", "not_an_image", "truncated", "corrupt", "too_small", "decompression_bomb", "unreadable", "decoder_crashed",
+    "missing_image",
 )
 
 

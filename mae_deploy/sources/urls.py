@@ -82,6 +82,11 @@ def unreachable(url: str, exc: BaseException) -> SourceUnreachable:
 def missing_or_unreachable(url: str, exc: FileNotFoundError) -> Exception:
     """A FileNotFoundError at planning: exit 3 when the bucket / host answers (the object is missing),
     exit 7 naming the bucket when the bucket itself is not there."""
+    cause: BaseException | None = exc.__cause__ or exc.__context__
+    while cause is not None:  # fsspec's HTTP reports a refused connection as FileNotFoundError from it
+        if isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError):
+            return unreachable(url, cause)
+        cause = cause.__cause__ or cause.__context__
     fs = filesystem(url)
     scheme, rest = url.split("://", 1)
     root = rest.split("/", 1)[0]
@@ -115,3 +120,19 @@ def size_of(path: str) -> int:
     if is_url(path):
         return int(call(path, "sizing", filesystem(path).size, path))
     return os.path.getsize(path)
+
+
+def open_planned(path: str, what: str, block_size: int = 4 << 20):
+    """A seekable binary file of a local path or URL (URLs with a read-ahead buffer of ``block_size``).
+
+    ``what`` names the file in errors: a missing file is exit 3, an unreachable URL or bucket exit 7.
+    """
+    try:
+        if is_url(path):
+            fs = filesystem(path)
+            return call(path, "opening", fs.open, path, "rb", block_size=block_size, cache_type="readahead")
+        return open(path, "rb")
+    except FileNotFoundError as e:
+        raise InputError(f"{what} {path} does not exist; check the path") from e
+    except OSError as e:
+        raise InputError(f"cannot open {what} {path}: {e}") from e
