@@ -39,7 +39,16 @@ while they are a negligible share of the time. Converting the ONNX graph rather 
 ``model.half()`` keeps one export path and needs no autocast exclusions inside the model code. The fp16
 graph is checked here on ONNX Runtime's CPU provider (which upcasts kernels it lacks); it is meant for GPU
 runtimes (CUDA / TensorRT, strongly typed networks take the precision from the ONNX), which are unrun in
-this project's CI.
+this project's CI. Two things the converter gets wrong on the dynamo exporter's graphs are set right around
+it (issue #21): the exporter merges equal small initializers (a fresh model's LayerNorm weights are all
+ones, its LayerNorm and Linear biases all zeros: one initializer then feeds every LayerNorm), and it
+annotates initializers in ``value_info``. The converter takes every float annotation for an fp16 value, so
+it put a Cast in front of each LayerNorm reading a weight it keeps in float32; ONNX Runtime 1.25-1.31 (the
+CUDA 13 onnxruntime-gpu) names that Cast after the value it reads, once per reader, so 25 LayerNorms
+sharing one weight gave 25 nodes declaring one output, an invalid graph. Here the initializers' annotations
+are dropped before converting (a float32-kept weight then needs no Cast at all) and repeated identical
+nodes are dropped after (a value read by two float32 nodes, e.g. the zero bias shared with fp16 Adds, keeps
+one Cast, as ONNX Runtime 1.32 does itself).
 """
 
 from __future__ import annotations
@@ -53,7 +62,7 @@ from pathlib import Path
 
 import onnx
 
-from mae_deploy.errors import InputError
+from mae_deploy.errors import InputError, VerificationError
 from mae_deploy.names import INT8_QDQ
 
 VARIANT_PRECISIONS = ("fp16", "int8", INT8_QDQ)
@@ -124,6 +133,45 @@ def _one_copy_of_the_weights(graph: onnx.ModelProto) -> Iterator[None]:
         yield
     finally:
         module.save_and_reload_model_with_shape_infer = original
+
+
+def _without_initializer_annotations(model: onnx.ModelProto) -> None:
+    """Drop the ``value_info`` entries of initializers (they carry their own type) in place.
+
+    The fp16 converter turns every float annotation into float16, also that of a weight it keeps in float32
+    (one only LayerNorms read), and then casts that "fp16" weight back before each LayerNorm (module
+    docstring).
+    """
+    initializers = {t.name for t in model.graph.initializer}
+    kept = [v for v in model.graph.value_info if v.name not in initializers]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
+
+
+def _one_node_per_output(model: onnx.ModelProto) -> None:
+    """Drop nodes that repeat an earlier node exactly (same op, inputs, outputs, name) in place.
+
+    ONNX Runtime 1.25-1.31's fp16 converter emits one Cast per float32 reader of an fp16 value, each named
+    after the value, so a value two LayerNorms read is declared twice (module docstring). The copies
+    compute the same thing: one stays. Two different nodes writing one value are a converter bug that no
+    reordering fixes, so that is an error.
+    """
+    producers: dict[str, onnx.NodeProto] = {}
+    kept: list[onnx.NodeProto] = []
+    for node in model.graph.node:
+        earlier = next((producers[o] for o in node.output if o in producers), None)
+        if earlier is None:
+            kept.append(node)
+            producers.update((o, node) for o in node.output)
+        elif earlier != node:
+            raise VerificationError(
+                f"the fp16 converter made two different nodes ({earlier.name!r}, {node.name!r}) that write one "
+                f"value ({', '.join(o for o in node.output if o in producers)}): upgrade onnxruntime "
+                "(1.32 or newer) or export without fp16"
+            )
+    if len(kept) < len(model.graph.node):
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
 
 
 def _topologically_sorted(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -235,9 +283,11 @@ def to_fp16(src: str | os.PathLike, dst: str | os.PathLike, external_data: bool 
         model = onnx.load(inferred)  # weights included: the converter rewrites them
     finally:
         Path(inferred).unlink(missing_ok=True)
+    _without_initializer_annotations(model)
     half = convert_float_to_float16(
         model, keep_io_types=True, op_block_list=list(FP16_KEEP_FP32_OPS), disable_shape_infer=True
     )
+    _one_node_per_output(half)
     _save(_topologically_sorted(half), dst, external_data)
     return dst
 
