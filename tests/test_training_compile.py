@@ -4,7 +4,9 @@ layout (resume across compiled and eager runs, identical native model)."""
 from __future__ import annotations
 
 import filecmp
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from training.compiled import compile_note, eager_module, plain_state_dict, reso
 from training.data import write_digits_imagefolder
 from training.model import create_model
 
+ROOT = Path(__file__).resolve().parents[1]
 # The digits demo's model and recipe (scripts/demo.py), on a smaller set: 80 train images, 5 steps/epoch.
 DEMO = ["--model", "mae_vit_tiny_patch4", "--in_chans", "1", "--input_size", "32", "--norm_pix_loss",
         "--mask_ratio", "0.75", "--batch_size", "16", "--blr", "2e-3", "--warmup_epochs", "1",
@@ -116,3 +119,33 @@ def test_auto_precision_is_bf16_on_gpus_that_have_it(monkeypatch):
     assert engine.resolve_precision("auto", cuda) == "fp16"  # pre-Ampere: the official fp16 + grad scaler
     assert engine.resolve_precision("fp16", cuda) == "fp16"
     assert engine.resolve_precision("auto", torch.device("cpu")) == "fp32"
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_pretrain_gpu", ROOT / "benchmarks" / "bench_pretrain_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pretrain_benchmark_smoke_run_on_cpu(tmp_path):
+    bench = _load_bench()
+    report = bench.main(["--device", "cpu", "--models", "tiny", "--decoder-depths", "2", "1", "--modes", "eager",
+                         "--rounds", "1", "--steps", "1", "--warmup", "0", "--budget-s", "0",
+                         "--profile", str(tmp_path / "prof"), "--json", str(tmp_path / "r.json"),
+                         "--markdown", str(tmp_path / "r.md")])
+    assert json.loads((tmp_path / "r.json").read_text())["configs"][0]["decoder_depth"] == 2
+    (config,) = report["configs"]  # --budget-s 0: the first configuration runs, the next is skipped
+    assert report["skipped"] == ["tiny (test) decoder 1 (would end near " + report["skipped"][0].split("near ")[1]]
+    rows = {r["variant"]: r for r in config["rows"]}
+    assert set(rows) == {"MAE eager", "[M] eager"}
+    # The [M] encoder sees all 16 tokens instead of 4: more work per step, counted, not assumed.
+    assert rows["[M] eager"]["gflop_per_step"] > 1.3 * rows["MAE eager"]["gflop_per_step"] > 0
+    assert config["ratio_eager"] == pytest.approx(rows["[M] eager"]["ms_per_step"] / rows["MAE eager"]["ms_per_step"])
+    assert config["paper_table2"] is None and bench.PAPER_TABLE2[("large", 8)] == 2.8
+    for r in rows.values():
+        assert sum(r["profile"]["share"].values()) == pytest.approx(1.0) and r["profile"]["launches_per_step"] > 0
+    assert sorted(p.name for p in (tmp_path / "prof" / "tiny_dec2").iterdir()) == ["MAE_eager.txt", "mtok_eager.txt"]
+    text = (tmp_path / "r.md").read_text()
+    assert "| tiny (test), dec 2, 8 | MAE eager |" in text and "paper Table 2" in text and "skipped" in text
