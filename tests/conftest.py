@@ -32,6 +32,50 @@ def vit_base_bundle(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """An S3-compatible server (moto's standalone server, as s3fs's own tests use) on 127.0.0.1 for the session.
+
+    The environment points botocore / s3fs at it with dummy credentials (inherited by decode worker processes
+    and by a Ray started afterwards) and is restored when the session ends; the server is stopped then too.
+    """
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    nowhere = str(tmp_path_factory.mktemp("aws") / "none")  # no profile of this machine's user takes part
+    mp = pytest.MonkeyPatch()
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                 "AWS_ENDPOINT_URL_S3": url, "AWS_CONFIG_FILE": nowhere, "AWS_SHARED_CREDENTIALS_FILE": nowhere,
+                 "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        mp.setenv(k, v)
+    yield url
+    mp.undo()
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray for the module (2 CPUs: one encoder actor, one decode task at a time)."""
+    import ray
+
+    for attempt in range(3):  # a raylet that starts slowly on a busy machine times out after 30 s
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
 _CACHE_ENV = "MAE_TEST_GRAPH_CACHE"
 _DURATIONS = Path(__file__).resolve().parent / "durations.json"
 

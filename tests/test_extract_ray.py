@@ -28,23 +28,6 @@ pytestmark = [pytest.mark.slow,  # a local Ray instance per test
 RAY_RUN = {"batch_size": RUN["batch_size"], "shard_size": RUN["shard_size"], "engine": "ray"}
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """One local Ray for the module (2 CPUs: one encoder actor, one decode task at a time)."""
-    import ray
-
-    for attempt in range(3):  # a raylet that starts slowly on a busy machine times out after 30 s
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-            break
-        except Exception:
-            ray.shutdown()
-            if attempt == 2:
-                raise
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
 def test_missing_ray_is_exit_6_with_the_install_line(images, bundle, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
