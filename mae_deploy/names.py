@@ -10,6 +10,10 @@ from __future__ import annotations
 # Inference backends, in the order `--help` lists them.
 BACKENDS = ("ort", "trt", "torch", "openvino")
 
+# Diagnostic runners that create_runner also accepts: never offered by --backend or `mae-deploy bench`
+# ("null" returns zeros at once, for measuring the extraction pipeline without a model).
+DIAGNOSTIC_BACKENDS = ("null",)
+
 # Feature pooling: cls token, mean of the patch tokens, or every token.
 POOLS = ("cls", "mean", "tokens")
 

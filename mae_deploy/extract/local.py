@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mae_deploy.extract.decode import normalize_batch
 from mae_deploy.extract.plan import JobPlan
-from mae_deploy.extract.workers import DecodePool, Task, ThreadDecode
+from mae_deploy.extract.workers import DecodePool, DecodeStage, Task, ThreadDecode
 
 
 @dataclass
@@ -43,14 +44,16 @@ class LocalEngine:
 
         self.transfer = transfer
         self.dtype = plan.dtype
-        self.timings = {"decode_wait_s": 0.0, "normalize_s": 0.0, "inference_s": 0.0, "decode_worker_s": 0.0}
+        # first_batch_s: until the first decoded batch (worker start-up); the rest is the steady state.
+        self.timings = {"decode_wait_s": 0.0, "normalize_s": 0.0, "inference_s": 0.0, "decode_worker_s": 0.0,
+                        "first_batch_s": 0.0}
         self.pre = Preprocessor.from_bundle(plan.bundle, exact_resize=plan.exact_resize)
         args = plan.decoder_args(transfer)
         # Workers start first: their start-up (imports) overlaps with creating the inference session.
-        self.stage = (DecodePool(tasks, args, plan.max_pixels, workers, 2 * workers + 2, start_method)
-                      if workers > 0 else ThreadDecode(tasks, args, 2))
+        self.stage: DecodeStage = (DecodePool(tasks, args, plan.max_pixels, workers, 2 * workers + 2, start_method,
+                                 batch_size=batch_size) if workers > 0 else ThreadDecode(tasks, args, 2))
         self.settings = {"backend": backend, "device": device, "batch_size": batch_size, "workers": workers,
-                         "transfer": transfer}
+                         "transfer": transfer, "transport": self.stage.transport}
         try:
             self.fx = FeatureExtractor(plan.bundle, backend=backend, device=device, precision=plan.precision,
                                        pool=plan.pool, batch_size=batch_size, preprocessor=self.pre, **runner_opts)
@@ -59,16 +62,18 @@ class LocalEngine:
             raise
 
     def batches(self) -> Iterator[tuple[Task, BatchResult]]:
-        t_wait = time.perf_counter()
+        t_wait = t_first = time.perf_counter()
         for task, dec in self.stage:
             self.timings["decode_wait_s"] += time.perf_counter() - t_wait
+            if not self.timings["first_batch_s"]:
+                self.timings["first_batch_s"] = time.perf_counter() - t_first
             self.timings["decode_worker_s"] += dec.decode_s
             feats = None
             if dec.pixels is not None:
                 t0 = time.perf_counter()
                 x = dec.pixels
                 if self.transfer == "uint8":
-                    x = np.stack([self.pre.normalize(im) for im in dec.pixels])
+                    x = normalize_batch(self.pre, dec.pixels)
                 t1 = time.perf_counter()
                 feats = self.fx.extract_pixels(x).astype(self.dtype, copy=False)
                 self.timings["normalize_s"] += t1 - t0

@@ -7,6 +7,11 @@ batches decoded ahead of the consumer, so memory stays flat.
 Worker processes are started with ``spawn`` by default (safe with the threads that ONNX Runtime, PyTorch and
 CUDA start). A worker exits by itself when the main process dies, and ignores SIGINT (Ctrl-C is the main
 process's to handle: it closes the pool).
+
+Pixels travel in shared memory (:mod:`.slots`) when the pool knows the batch size and the system has room:
+a worker writes a batch into its slot and sends only the rows and failures through its pipe; the parent
+yields a view of the slot, valid until it asks for the next batch. Otherwise (and for single-image retries)
+they are pickled through the pipe.
 """
 
 from __future__ import annotations
@@ -21,11 +26,14 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
+import numpy as np
 from PIL import Image
 
 from mae_deploy.errors import MaeDeployError
 from mae_deploy.extract.decode import Decoded, Decoder, merge_decoded
+from mae_deploy.extract.slots import SharedSlots, SlotWriter
 
 # A pipe to or from a worker that died fails with one of these.
 _PIPE_ERRORS = (EOFError, OSError)  # OSError covers BrokenPipeError and ConnectionResetError
@@ -40,11 +48,25 @@ class Task:
     last_in_shard: bool
 
 
+class DecodeStage(Protocol):
+    """What the local engine needs of a decode stage (:class:`DecodePool` or :class:`ThreadDecode`)."""
+
+    restarts: int
+    transport: str  # how pixels reach the consumer: "shared_memory", "pipe" or "thread"
+
+    def __iter__(self) -> Iterator[tuple[Task, Decoded]]: ...
+
+    def worker_pids(self) -> list[int]: ...
+
+    def close(self) -> None: ...
+
+
 def _worker_main(task_conn, result_conn, decoder_args: dict, max_pixels: int, parent_pid: int) -> None:
     """Worker process loop: (task id, items) -> (task id, Decoded) over its own pipes.
 
     Before a single-image task (a retry after a death) it sends ``(task id, None)``: the parent then knows
     the worker really started that image, so only an image that was being decoded is blamed for a death.
+    A task that names a shared-memory slot has its pixels written there (the result says ``in_slot``).
     Exits on None, when its task pipe closes, or when the parent is gone (polled every second).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -53,6 +75,8 @@ def _worker_main(task_conn, result_conn, decoder_args: dict, max_pixels: int, pa
     # Pillow's own bomb check (at 2x its limit, on open) must not be stricter than the job's limit.
     Image.MAX_IMAGE_PIXELS = max_pixels or None
     decoder = Decoder(**decoder_args)
+    shape, dtype = decoder.pixel_layout()
+    slots = SlotWriter()
     try:
         while True:
             if not task_conn.poll(1.0):
@@ -62,10 +86,15 @@ def _worker_main(task_conn, result_conn, decoder_args: dict, max_pixels: int, pa
             task = task_conn.recv()
             if task is None:
                 return
-            tid, items = task
+            tid, items, slot = task
             if isinstance(tid, tuple):
                 result_conn.send((tid, None))
-            result_conn.send((tid, decoder.decode_batch(items)))
+            if slot is None:
+                result_conn.send((tid, decoder.decode_batch(items)))
+                continue
+            res = decoder.decode_batch(items, out=slots.array(slot, (len(items), *shape), dtype))
+            res.pixels, res.in_slot = None, True
+            result_conn.send((tid, res))
     except _PIPE_ERRORS:  # the parent went away
         return
 
@@ -93,9 +122,9 @@ class _Worker:
         self.assigned: list = []
         self.started: object = None  # the single-image task it reported starting, if any
 
-    def send(self, tid, items) -> None:
+    def send(self, tid, items, slot: str | None = None) -> None:
         """Hand over a task; raises OSError when the worker is gone (the task is then not assigned)."""
-        self.task_conn.send((tid, items))
+        self.task_conn.send((tid, items, slot))
         self.assigned.append(tid)
 
     def close_pipes(self) -> None:
@@ -114,17 +143,31 @@ class DecodePool:
     - the first batch it held is decoded again one image per task (which image was it?);
     - a single-image task it reported starting fails with reason ``decoder_crashed``, and the job goes on;
     - every other task it held, and a task whose hand-over failed (a broken pipe), is simply queued again.
+
+    With ``batch_size`` (the most items a task has) each batch in flight gets a shared-memory slot, held
+    from hand-over until the consumer asks for the next batch; ``shared_memory=False`` (or no room for the
+    slots) sends pixels through the pipes instead. ``transport`` says which is in use.
     """
 
     MAX_RESTARTS = 100
 
     def __init__(self, tasks: Iterator[Task], decoder_args: dict, max_pixels: int, workers: int,
-                 max_in_flight: int, start_method: str = "spawn") -> None:
+                 max_in_flight: int, start_method: str = "spawn", batch_size: int | None = None,
+                 shared_memory: bool = True) -> None:
         self.tasks = tasks
         self.decoder_args = decoder_args
         self.max_pixels = max_pixels
         self.max_in_flight = max(1, max_in_flight)
         self.restarts = 0
+        self._shape, self._dtype = Decoder(**decoder_args).pixel_layout()
+        self._slot_items = batch_size or 0
+        self._slots = None
+        if shared_memory and batch_size and workers > 0:
+            image_bytes = int(np.prod(self._shape)) * np.dtype(self._dtype).itemsize
+            # Every batch in flight, plus the one the consumer holds.
+            self._slots = SharedSlots.create(self.max_in_flight + 1, batch_size * image_bytes)
+        self._slot_of: dict[int, int] = {}  # batch seq -> its slot, until the consumer is done with it
+        self.transport = "shared_memory" if self._slots is not None else "pipe"
         self._ctx = mp.get_context(start_method)
         self._pool = [_Worker(self._ctx, decoder_args, max_pixels) for _ in range(workers)]
         self._closed = False
@@ -151,6 +194,8 @@ class DecodePool:
             self._next_seq += 1
             self._assign()  # before yielding: workers decode the next batches while the caller runs inference
             yield task, res
+            if seq in self._slot_of:  # the consumer is done with this batch's pixels
+                self._slots.release(self._slot_of.pop(seq))
 
     # -- scheduling --------------------------------------------------------------------------------
 
@@ -167,8 +212,16 @@ class DecodePool:
             self._exhausted = True
             return None
         self._meta[self._submitted] = task
+        if self._slots is not None and len(task.items) <= self._slot_items:
+            self._slot_of[self._submitted] = self._slots.acquire()
         self._submitted += 1
         return self._submitted - 1, task.items
+
+    def _slot_name(self, tid) -> str | None:
+        """The shared-memory slot a whole-batch task writes to (single-image retries use the pipe)."""
+        if isinstance(tid, tuple) or tid not in self._slot_of:
+            return None
+        return self._slots.names[self._slot_of[tid]]
 
     def _assign(self) -> None:
         """Top every live worker up to two tasks (one decoding, one queued); replaced workers get theirs too."""
@@ -178,7 +231,7 @@ class DecodePool:
             for w in sorted(self._pool, key=lambda w: len(w.assigned)):
                 while len(w.assigned) < 2 and (work := self._next_work()) is not None:
                     try:
-                        w.send(*work)
+                        w.send(*work, self._slot_name(work[0]))
                     except OSError:
                         self._retry.insert(0, work)  # never reached the worker: not its fault, not the image's
                         self._replace(w)
@@ -207,6 +260,9 @@ class DecodePool:
             w.started = tid
             return
         w.assigned.remove(tid)
+        if res.in_slot:
+            res.pixels = (self._slots.array(self._slot_of[tid], (len(res.rows), *self._shape), self._dtype)
+                          if res.rows else None)
         if isinstance(tid, tuple):
             self._single_done(tid, res)
         else:
@@ -276,6 +332,8 @@ class DecodePool:
                 w.proc.join(timeout=1)
             w.close_pipes()
         self._pool = []
+        if self._slots is not None:
+            self._slots.close()
 
 
 class ThreadDecode:
@@ -283,6 +341,7 @@ class ThreadDecode:
     a crash in a decoder then takes the job down, whereas a dead worker process is replaced)."""
 
     restarts = 0
+    transport = "thread"
 
     def __init__(self, tasks: Iterator[Task], decoder_args: dict, max_in_flight: int) -> None:
         self.tasks = tasks

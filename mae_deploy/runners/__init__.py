@@ -10,7 +10,7 @@ import inspect
 import os
 
 from mae_deploy.errors import InputError
-from mae_deploy.names import BACKENDS
+from mae_deploy.names import BACKENDS, DIAGNOSTIC_BACKENDS
 from mae_deploy.runners.base import BaseRunner, Runner, RunnerInfo, check_threads
 
 __all__ = ["BACKENDS", "BaseRunner", "Runner", "RunnerInfo", "create_runner"]
@@ -29,6 +29,10 @@ def _runner_class(backend: str) -> type:
         from mae_deploy.runners.openvino import OpenVinoRunner
 
         return OpenVinoRunner
+    if backend == "null":
+        from mae_deploy.runners.null import NullRunner
+
+        return NullRunner
     from mae_deploy.runners.torch_runner import TorchRunner
 
     return TorchRunner
@@ -41,12 +45,13 @@ def create_runner(bundle, backend: str = "ort", device: str = "cpu", precision: 
     backend ``ort``: ONNX Runtime (device cpu, cuda[:N] or tensorrt[:N]); ``trt``: TensorRT's own API
     (device cuda[:N]); ``openvino``: OpenVINO on the CPU (fp32, bf16, int8 from a Q/DQ graph); ``torch``:
     the PyTorch reference (device cpu or cuda[:N]; ``checkpoint=`` overrides the bundle's reference weights).
+    ``null`` (a diagnostic, not in ``BACKENDS``): zeros at once, for measuring the pipeline around a model.
 
     ``threads`` is one option for every backend: ORT's intra-op threads, ``torch.set_num_threads``,
     OpenVINO's INFERENCE_NUM_THREADS; the trt backend has none and refuses it (InputError, exit 3).
     ``opts`` go to the backend's constructor (an unknown one is an InputError naming the backend).
     """
-    if backend not in BACKENDS:
+    if backend not in BACKENDS and backend not in DIAGNOSTIC_BACKENDS:
         raise InputError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     threads = check_threads(threads)
     if isinstance(bundle, (str, os.PathLike)):
