@@ -32,6 +32,7 @@ from mae_deploy.names import (
     DECODER_OUTPUTS,
     ENCODER_INPUTS,
     ENCODER_OUTPUTS,
+    POOLED_OUTPUTS,
 )
 from training.model import MaskedAutoencoderViT, VisionTransformer
 
@@ -90,7 +91,9 @@ def _dynamic_shapes(model: MaskedAutoencoderViT | VisionTransformer, part: str) 
 def _io_names(part: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     if part == CLASSIFIER:
         return CLASSIFIER_INPUTS, CLASSIFIER_OUTPUTS
-    return (ENCODER_INPUTS, ENCODER_OUTPUTS) if part == "encoder" else (DECODER_INPUTS, DECODER_OUTPUTS)
+    if part == "encoder":
+        return ENCODER_INPUTS, (*ENCODER_OUTPUTS, *POOLED_OUTPUTS.values())
+    return DECODER_INPUTS, DECODER_OUTPUTS
 
 
 def _normalise_dim(name: str, mapping: dict[str, str]) -> str:

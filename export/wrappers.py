@@ -19,14 +19,21 @@ from training.model import MaskedAutoencoderViT, VisionTransformer, interpolate_
 
 
 class EncoderGraph(nn.Module):
-    """pixel_values (N,C,H,W) float32, ids_keep (N,K) int64 -> latent (N,1+K,D) float32."""
+    """pixel_values (N,C,H,W) float32, ids_keep (N,K) int64 -> latent (N,1+K,D), pooled_cls (N,D),
+    pooled_mean (N,D), all float32.
+
+    The pooled outputs (``names.POOLED_OUTPUTS``) let a GPU runner fetch (N, D) features without copying the
+    whole latent to the host; they are ``mae_deploy.pooling.pool_latent``'s cls and mean.
+    """
 
     def __init__(self, model: MaskedAutoencoderViT | VisionTransformer) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, pixel_values: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_encoder(pixel_values, ids_keep)
+    def forward(self, pixel_values: torch.Tensor, ids_keep: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        latent = self.model.forward_encoder(pixel_values, ids_keep)
+        return latent, latent[:, 0], latent[:, 1:].mean(dim=1)
 
 
 class DecoderGraph(nn.Module):

@@ -1,12 +1,8 @@
 """Feature extraction: images -> encoder features, with every patch visible, batched.
 
-Pools:
-
-- ``cls``: the cls token of the encoder output (after the encoder's final LayerNorm);
-- ``mean``: the mean of the L patch tokens, cls excluded, as the official global pool does. The official
-  fine-tuned classifier applies a separate ``fc_norm`` after this mean; our latent is the pretrained
-  encoder's output, already after its ``norm``, and no ``fc_norm`` is applied;
-- ``tokens``: all tokens, (N, L+1, D), cls first.
+Pools (``mae_deploy.pooling``): ``cls`` (the cls token), ``mean`` (mean of the patch tokens) -> (N, D); ``tokens``
+-> (N, L+1, D). The runner pools where it runs (on the GPU for GPU runners), so only what was asked for
+comes back.
 """
 
 from __future__ import annotations
@@ -18,25 +14,14 @@ from itertools import islice
 import numpy as np
 from PIL import Image
 
+from mae_deploy.arrays import as_device_array, check_device_pixels
 from mae_deploy.bundle import Bundle
 from mae_deploy.errors import InputError
 from mae_deploy.masking import all_visible, check_pixel_values
+from mae_deploy.names import POOLS
 from mae_deploy.pipeline import Pipeline
 from mae_deploy.preprocess import ImageLike, Preprocessor
 from mae_deploy.runners import Runner
-
-POOLS = ("cls", "mean", "tokens")
-
-
-def pool_latent(latent: np.ndarray, pool: str) -> np.ndarray:
-    """(N, 1+L, D) encoder output -> (N, D) for cls/mean, or the tokens unchanged."""
-    if pool == "cls":
-        return latent[:, 0]
-    if pool == "mean":
-        return latent[:, 1:].mean(axis=1)
-    if pool == "tokens":
-        return latent
-    raise InputError(f"pool must be one of {list(POOLS)}, got {pool!r}")
 
 
 def _chunks(items: Iterable, n: int) -> Iterator[list]:
@@ -74,13 +59,22 @@ class FeatureExtractor(Pipeline):
     def dim(self) -> int:
         return self.bundle.embed_dim
 
-    def extract_pixels(self, pixel_values: np.ndarray) -> np.ndarray:
-        """Already preprocessed float32 (N, C, H, W) -> pooled features (one runner call)."""
+    def extract_pixels(self, pixel_values):
+        """Already preprocessed float32 (N, C, H, W) -> pooled features (one runner call).
+
+        ``pixel_values`` may be a numpy array or a tensor on a device (torch, CuPy: anything with DLPack);
+        the features come back the same way (numpy, or a tensor of that library on that device).
+        """
         self._check_open()
         b = self.bundle
-        x = check_pixel_values(pixel_values, b.in_chans, b.image_size)
-        ids_keep, _, _ = all_visible(x.shape[0], b.num_patches)
-        return pool_latent(self.runner.encode(x, ids_keep), self.pool)
+        dev = as_device_array(pixel_values)
+        if dev is None:
+            x = check_pixel_values(pixel_values, b.in_chans, b.image_size)
+        else:
+            check_device_pixels(dev, b.in_chans, b.image_size)
+            x = pixel_values
+        ids_keep, _, _ = all_visible(dev.shape[0] if dev is not None else x.shape[0], b.num_patches)
+        return self.runner.encode_pooled(x, ids_keep, self.pool)
 
     def extract(self, images: ImageLike | Iterable[ImageLike], progress: bool = False) -> np.ndarray:
         """One image or an iterable of them -> float32 (N, D), or (N, L+1, D) for ``pool="tokens"``.

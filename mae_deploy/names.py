@@ -24,6 +24,10 @@ PRECISIONS = ("fp32", "fp16", "int8")
 ENCODER, DECODER = "encoder", "decoder"
 ENCODER_INPUTS = ("pixel_values", "ids_keep")
 ENCODER_OUTPUTS = ("latent",)
+# The encoder's pooled outputs, (batch, D) each, beside the latent in bundles exported since they exist: a GPU
+# runner fetches only the one the caller pooled, so (N, D) crosses the bus instead of (N, 1+K, D). Older
+# bundles lack them; runners then pool the latent themselves.
+POOLED_OUTPUTS = {"cls": "pooled_cls", "mean": "pooled_mean"}
 DECODER_INPUTS = ("latent", "ids_restore")
 DECODER_OUTPUTS = ("pred",)
 # The classifier graph (fine-tuned / linear-probe checkpoints): every patch visible, logits out.
@@ -34,6 +38,8 @@ CLASSIFIER_OUTPUTS = ("logits",)
 # from). A graph precision, not a runtime --precision: runners asked for int8 pick it where it runs best.
 INT8_QDQ = "int8-qdq"
 GRAPH_PRECISIONS = (*PRECISIONS, INT8_QDQ)
+# What the torch backend runs the reference weights at (autocast; fp16 on CUDA only): no graph needed.
+TORCH_PRECISIONS = ("fp32", "bf16", "fp16")
 
 # Files a directory walk treats as images (a glob or a list file may name anything).
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})

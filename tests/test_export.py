@@ -94,10 +94,11 @@ def test_graph_signatures_and_symbolic_dim_names(cli_bundle):
     out, _ = cli_bundle
     enc = onnx.load(str(out / "encoder.onnx"))
     assert [i.name for i in enc.graph.input] == ["pixel_values", "ids_keep"]
-    assert [o.name for o in enc.graph.output] == ["latent"]
+    assert [o.name for o in enc.graph.output] == ["latent", "pooled_cls", "pooled_mean"]
     assert _dims(enc.graph.input[0]) == ["batch", 3, 32, 32]
     assert _dims(enc.graph.input[1]) == ["batch", "visible"]
     assert _dims(enc.graph.output[0]) == ["batch", "visible+1", 32]
+    assert _dims(enc.graph.output[1]) == _dims(enc.graph.output[2]) == ["batch", 32]  # pooled: (N, D)
     assert enc.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert enc.graph.input[1].type.tensor_type.elem_type == onnx.TensorProto.INT64
     dec = onnx.load(str(out / "decoder.onnx"))

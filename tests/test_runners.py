@@ -384,8 +384,8 @@ def test_ort_tensorrt_provider_splits_batches_above_its_profile(bundle, ort_runn
     r.trt = OrtTrtSetup.for_bundle(bundle, "fp32", max_batch=2, cache_root=tmp_path, detect=lambda: None)
     batches = []
     original = r._run_once
-    r._run_once = lambda part, feeds: batches.append(len(feeds["pixel_values" if part == "encoder" else "latent"])) \
-        or original(part, feeds)
+    r._run_once = lambda part, feeds, out=None: batches.append(
+        len(feeds["pixel_values" if part == "encoder" else "latent"])) or original(part, feeds, out)
     x = np.random.default_rng(0).standard_normal((5, 3, 32, 32)).astype(np.float32)
     ids_keep, ids_restore, _ = random_masking(5, 16, 0.75, rng=0)
     np.testing.assert_allclose(r.encode(x, ids_keep), ort_runner.encode(x, ids_keep), atol=1e-5)

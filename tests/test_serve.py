@@ -214,11 +214,11 @@ class _BuggyRunner(GatedRunner):
         super().__init__(runner)
         self.failed = True  # disarmed: the warm-up at load must pass
 
-    def encode(self, pixel_values, ids_keep):
+    def _wait(self, rows: int) -> None:
         if not self.failed:
             self.failed = True
             raise RuntimeError("simulated bug")
-        return super().encode(pixel_values, ids_keep)
+        super()._wait(rows)
 
 
 def test_a_bug_is_a_json_500_and_the_server_lives_on(tiny_bundle, caplog):  # noqa: F811

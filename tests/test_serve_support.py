@@ -51,11 +51,13 @@ def metric_values(text: str, name: str) -> dict[str, float]:
 
 
 def batches_over_one(metrics_text: str, part: str = "encoder") -> float:
-    """Runner calls of ``part`` that held more than one row (from the batch-size histogram)."""
+    """Runner calls of ``part`` that held more than one row (from the batch-size histogram); ``encoder`` counts
+    the pooled encoder calls (``encoder:cls``, ``encoder:mean``) too."""
     buckets = metric_values(metrics_text, "mae_serve_batch_size_bucket")
     count = metric_values(metrics_text, "mae_serve_batch_size_count")
-    total = count.get(f'{{part="{part}"}}', 0.0)
-    ones = buckets.get(f'{{le="1.0",part="{part}"}}', 0.0)
+    parts = {part, *(f"{part}:{pool}" for pool in ("cls", "mean"))} if part == "encoder" else {part}
+    total = sum(count.get(f'{{part="{p}"}}', 0.0) for p in parts)
+    ones = sum(buckets.get(f'{{le="1.0",part="{p}"}}', 0.0) for p in parts)
     return total - ones
 
 
@@ -89,13 +91,20 @@ class GatedRunner:
     def load(self):
         return self.runner.load()
 
-    def encode(self, pixel_values, ids_keep):
+    def _wait(self, rows: int) -> None:
         self.waiting += 1
-        self.held_rows += len(pixel_values)
+        self.held_rows += rows
         self.gate.wait(WAIT_S)
-        self.held_rows -= len(pixel_values)
+        self.held_rows -= rows
         self.waiting -= 1
+
+    def encode(self, pixel_values, ids_keep):
+        self._wait(len(pixel_values))
         return self.runner.encode(pixel_values, ids_keep)
+
+    def encode_pooled(self, pixel_values, ids_keep, pool):
+        self._wait(len(pixel_values))
+        return self.runner.encode_pooled(pixel_values, ids_keep, pool)
 
     def decode(self, latent, ids_restore):
         return self.runner.decode(latent, ids_restore)

@@ -181,7 +181,8 @@ def mae_repo(tiny_bundle, tmp_path_factory) -> Path:  # noqa: F811
 
 
 def test_every_config_parses_strictly_and_matches_its_graph(cls_repo, mae_repo):
-    for repo, expected in ((cls_repo, {"mae_encoder", "mae_classifier", "mae_preprocess", "mae_pool",
+    # The exported bundle's encoder has pooled outputs: its ensemble needs no mae_pool. tiny_bundle's does not.
+    for repo, expected in ((cls_repo, {"mae_encoder", "mae_classifier", "mae_preprocess",
                                        "mae_features", "mae_classify"}),
                            (mae_repo, {"mae_encoder", "mae_decoder", "mae_preprocess", "mae_pool", "mae_features"})):
         configs = repo_configs(repo)
@@ -268,6 +269,19 @@ def test_features_ensemble_equals_feature_extractor(cls_repo, classifier_bundle,
     paths = sample_images(tmp_path)
     out = run_ensemble(cls_repo, "mae_features", {"image": as_request_bytes(paths)})
     with FeatureExtractor(classifier_bundle, pool="mean") as fx:
+        np.testing.assert_allclose(out["features"], fx.extract(paths), rtol=0, atol=1e-6)
+
+
+def test_features_ensemble_reads_the_pooled_output_or_pools_an_older_latent(cls_repo, mae_repo, tiny_bundle,  # noqa: F811
+                                                                            pb_utils, tmp_path):
+    steps = load_config(cls_repo / "mae_features").ensemble_scheduling.step
+    assert [s.model_name for s in steps] == ["mae_preprocess", "mae_encoder"]
+    assert dict(steps[1].output_map) == {"pooled_mean": "features"}
+    steps = load_config(mae_repo / "mae_features").ensemble_scheduling.step
+    assert [s.model_name for s in steps] == ["mae_preprocess", "mae_encoder", "mae_pool"]
+    paths = sample_images(tmp_path)
+    out = run_ensemble(mae_repo, "mae_features", {"image": as_request_bytes(paths)})
+    with FeatureExtractor(tiny_bundle, pool="cls") as fx:
         np.testing.assert_allclose(out["features"], fx.extract(paths), rtol=0, atol=1e-6)
 
 

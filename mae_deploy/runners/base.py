@@ -6,11 +6,17 @@ Pipelines (features, reconstruction, batch extraction, benchmark, serving) are w
 Shapes (L = number of patches, K = visible tokens, D = encoder width):
 
 - ``encode(pixel_values float32 [N,C,H,W], ids_keep int64 [N,K]) -> latent float32 [N,K+1,D]``
+- ``encode_pooled(pixel_values, ids_keep, pool) -> float32 [N,D]`` (cls / mean; ``tokens``: the latent):
+  pooled where the runner runs, so a GPU runner copies back (N, D) instead of (N, K+1, D)
 - ``decode(latent float32 [N,K+1,D], ids_restore int64 [N,L]) -> pred float32 [N,L,p*p*C]``
+
+``pixel_values`` may also be a tensor the caller holds on a device (torch, CuPy: DLPack, see
+:mod:`mae_deploy.arrays`); the result then comes back as a tensor of that library on that device.
 
 :class:`BaseRunner` validates inputs (``mae_deploy.masking``), checks that the part exists, and gives
 ``load()``, ``has_decoder`` and the context manager; a backend implements ``_encode`` / ``_decode`` (and
-``_load`` when it creates sessions lazily).
+``_load`` when it creates sessions lazily), and may implement ``_encode_pooled`` (default: pool the latent on
+the host) and ``_encode_device`` (default: copy a device tensor to the host and back).
 """
 
 from __future__ import annotations
@@ -21,9 +27,11 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from mae_deploy.arrays import DeviceArray, as_device_array, check_device_pixels, host_array
 from mae_deploy.errors import BundleError, InputError
-from mae_deploy.masking import check_decode_inputs, check_encode_inputs
+from mae_deploy.masking import check_batch, check_decode_inputs, check_encode_inputs, check_ids_keep
 from mae_deploy.names import DECODER, DECODER_INPUTS, DECODER_OUTPUTS, ENCODER, ENCODER_INPUTS, ENCODER_OUTPUTS
+from mae_deploy.pooling import check_pool, pool_latent
 
 PARTS = (ENCODER, DECODER)
 # Each part's graph inputs and its one output, as every backend feeds and reads them.
@@ -47,6 +55,8 @@ class Runner(Protocol):
     info: RunnerInfo
 
     def encode(self, pixel_values: np.ndarray, ids_keep: np.ndarray) -> np.ndarray: ...
+
+    def encode_pooled(self, pixel_values: np.ndarray, ids_keep: np.ndarray, pool: str) -> np.ndarray: ...
 
     def decode(self, latent: np.ndarray, ids_restore: np.ndarray) -> np.ndarray: ...
 
@@ -101,6 +111,19 @@ class BaseRunner:
     def _load(self, part: str) -> None:
         return None
 
+    def _encode_pooled(self, pixel_values: np.ndarray, ids_keep: np.ndarray, pool: str) -> np.ndarray:
+        """cls / mean features (N, D); the default pools the latent on the host."""
+        return pool_latent(self._encode(pixel_values, ids_keep), pool)
+
+    def _encode_device(self, pixels: DeviceArray, ids_keep: np.ndarray, pool: str | None):
+        """A device tensor's latent (pool None) or features, as a tensor of its library on its device.
+
+        The default goes through the host; backends that can read device memory override it.
+        """
+        x = np.ascontiguousarray(pixels.to_numpy(), dtype=np.float32)
+        out = self._encode(x, ids_keep) if pool is None else self._encode_pooled(x, ids_keep, pool)
+        return pixels.like(out)
+
     def _missing_part(self, part: str) -> None:
         """Raise the error for a part this runner does not have (default: the bundle's own message)."""
         self.bundle.graph(part)
@@ -119,11 +142,27 @@ class BaseRunner:
         return self.has_part(DECODER)
 
     def encode(self, pixel_values: np.ndarray, ids_keep: np.ndarray) -> np.ndarray:
+        """latent (N, K+1, D): numpy for numpy input, a tensor on the input's device for a device tensor."""
+        return self._encode_checked(pixel_values, ids_keep, None)
+
+    def encode_pooled(self, pixel_values: np.ndarray, ids_keep: np.ndarray, pool: str) -> np.ndarray:
+        """Features (N, D) for ``pool`` cls / mean, pooled where the runner runs; the latent for ``tokens``."""
+        check_pool(pool)
+        return self._encode_checked(pixel_values, ids_keep, None if pool == "tokens" else pool)
+
+    def _encode_checked(self, pixel_values, ids_keep, pool: str | None):
         b = self.bundle
-        x, ids = check_encode_inputs(
-            pixel_values, ids_keep, in_chans=b.in_chans, image_size=b.image_size, num_patches=b.num_patches
-        )
-        return self._encode(x, ids)
+        dev = as_device_array(pixel_values)
+        if dev is None:
+            x, ids = check_encode_inputs(
+                pixel_values, ids_keep, in_chans=b.in_chans, image_size=b.image_size, num_patches=b.num_patches
+            )
+            return self._encode(x, ids) if pool is None else self._encode_pooled(x, ids, pool)
+        check_device_pixels(dev, b.in_chans, b.image_size)
+        ids = check_ids_keep(host_array(ids_keep), b.num_patches)  # small: validated on the host
+        if dev.shape[0] != ids.shape[0]:
+            check_batch(pixel_values=np.empty((dev.shape[0], 0)), ids_keep=ids)
+        return self._encode_device(dev, ids, pool)
 
     def decode(self, latent: np.ndarray, ids_restore: np.ndarray) -> np.ndarray:
         b = self.bundle

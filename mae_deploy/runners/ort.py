@@ -9,6 +9,11 @@ checked with ``session.get_providers()`` and reported in :attr:`OrtRunner.info`.
 Sessions are created lazily, one per part, on first use (feature extraction never loads the decoder);
 call :meth:`OrtRunner.load` to create them up front.
 
+What crosses the bus: ``encode_pooled`` fetches only the graph's pooled output (``pooled_cls`` /
+``pooled_mean``, (N, D)) when the bundle has it; a tensor already on the runner's device (torch / CuPy) is
+bound by address with IO binding, and the result is written into a tensor of the same library on that
+device, so nothing goes through the host. The same binding code runs on the CPU provider with CPU tensors.
+
 Not run on this project's machines (no GPU here): the CUDA and TensorRT providers, their IO binding and
 TensorRT's fp16 / engine cache / profile options. The CPU path, the provider checks, the IO-binding code
 path (bound to CPU memory), the TensorRT provider's options, graph choice and cache folders
@@ -22,6 +27,7 @@ import threading
 
 import numpy as np
 
+from mae_deploy.arrays import DL_CPU, DeviceArray
 from mae_deploy.bundle import Bundle
 from mae_deploy.errors import BundleError, DeviceUnavailable, InputError, MissingDependency
 from mae_deploy.masking import check_pixel_values
@@ -35,6 +41,7 @@ from mae_deploy.names import (
     ENCODER,
     ENCODER_INPUTS,
     ENCODER_OUTPUTS,
+    POOLED_OUTPUTS,
 )
 from mae_deploy.runners.base import BaseRunner, RunnerInfo, check_threads, run_in_chunks
 
@@ -223,9 +230,10 @@ class OrtRunner(BaseRunner):
         self.session(part)
 
     # -- running --------------------------------------------------------------------------------
-    def _run_once(self, part: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    def _run_once(self, part: str, feeds: dict[str, np.ndarray], out: str | None = None) -> np.ndarray:
+        """One session run of numpy feeds -> the output ``out`` (default: the part's main output) as numpy."""
         sess = self.session(part)
-        out = _OUTPUT[part]
+        out = out or _OUTPUT[part]
         if not self.io_binding:
             return np.asarray(sess.run([out], feeds)[0], dtype=np.float32)
         binding = sess.io_binding()
@@ -236,14 +244,49 @@ class OrtRunner(BaseRunner):
         sess.run_with_iobinding(binding)
         return np.asarray(binding.copy_outputs_to_cpu()[0], dtype=np.float32)
 
-    def _run(self, part: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    def _run(self, part: str, feeds: dict[str, np.ndarray], out: str | None = None) -> np.ndarray:
         if self.trt is None:
-            return self._run_once(part, feeds)
+            return self._run_once(part, feeds, out)
         # TensorRT's profile ends at its max batch: split bigger batches like the trt backend does.
-        return run_in_chunks(lambda f: self._run_once(part, f), feeds, self.trt.profile.max_batch)
+        return run_in_chunks(lambda f: self._run_once(part, f, out), feeds, self.trt.profile.max_batch)
+
+    def pooled_output(self, pool: str) -> str | None:
+        """The encoder graph's output for ``pool`` (cls / mean), or None when this bundle's graph lacks it."""
+        spec = self._specs.get(ENCODER)
+        name = POOLED_OUTPUTS.get(pool)
+        return name if spec is not None and name in spec.output_names else None
 
     def _encode(self, pixel_values: np.ndarray, ids_keep: np.ndarray) -> np.ndarray:
         return self._run(ENCODER, {"pixel_values": pixel_values, "ids_keep": ids_keep})
+
+    def _encode_pooled(self, pixel_values: np.ndarray, ids_keep: np.ndarray, pool: str) -> np.ndarray:
+        name = self.pooled_output(pool)
+        if name is None:  # a bundle exported before pooled outputs: pool the latent here
+            return super()._encode_pooled(pixel_values, ids_keep, pool)
+        return self._run(ENCODER, {"pixel_values": pixel_values, "ids_keep": ids_keep}, name)
+
+    def _encode_device(self, pixels: DeviceArray, ids_keep: np.ndarray, pool: str | None):
+        """Bind the caller's tensor by address and write the result into a tensor on the same device."""
+        kind = "cpu" if pixels.device_type == DL_CPU else "cuda"
+        same_place = (kind == self.kind == "cpu") or (
+            kind == "cuda" == self.kind and pixels.on_gpu and pixels.device_id == self.device_id)
+        out = _OUTPUT[ENCODER] if pool is None else self.pooled_output(pool)
+        if not same_place or out is None or self.trt is not None:
+            return super()._encode_device(pixels, ids_keep, pool)
+        n, k, d = pixels.shape[0], ids_keep.shape[1], self.bundle.embed_dim
+        shape = (n, k + 1, d) if pool is None else (n, d)
+        result = pixels.empty(shape)
+        if result is None:  # a DLPack producer we cannot allocate with: go through the host
+            return super()._encode_device(pixels, ids_keep, pool)
+        sess = self.session(ENCODER)
+        binding = sess.io_binding()
+        pixels.synchronize()  # ONNX Runtime reads the memory on its own stream
+        binding.bind_input("pixel_values", kind, self.device_id, np.float32, list(pixels.shape), pixels.data_ptr())
+        binding.bind_cpu_input("ids_keep", ids_keep)
+        target = DeviceArray(result, pixels.library, pixels.device_type, pixels.device_id)
+        binding.bind_output(out, kind, self.device_id, np.float32, list(shape), target.data_ptr())
+        sess.run_with_iobinding(binding)  # returns after the device work is done (ORT synchronises its stream)
+        return result
 
     def _decode(self, latent: np.ndarray, ids_restore: np.ndarray) -> np.ndarray:
         return self._run(DECODER, {"latent": latent, "ids_restore": ids_restore})

@@ -1,7 +1,8 @@
 """Prometheus metrics of one server (its own registry, so several apps can live in one process).
 
 Names: ``mae_serve_requests_total{endpoint,status}``, ``mae_serve_request_latency_seconds{endpoint}``,
-``mae_serve_batch_size{part}`` (rows per runner call), ``mae_serve_batch_latency_seconds{part}``,
+``mae_serve_batch_size{part}`` (rows per runner call; ``part`` is ``encoder``, ``encoder:cls`` / ``encoder:mean`` for
+features pooled by the runner, ``decoder``, ``classifier``), ``mae_serve_batch_latency_seconds{part}``,
 ``mae_serve_queue_depth`` (images waiting for the runner), ``mae_serve_images_total{endpoint}``.
 ``endpoint`` is the route template (``/v2/models/{name}/infer``), so labels stay few.
 

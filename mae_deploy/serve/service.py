@@ -12,6 +12,7 @@ on a decoding thread, through :class:`BatchedRunner`, a Runner whose calls go th
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import logging
 import threading
@@ -23,7 +24,6 @@ import numpy as np
 
 from mae_deploy.bundle import Bundle
 from mae_deploy.errors import InputError, MaeDeployError
-from mae_deploy.features import pool_latent
 from mae_deploy.masking import (
     all_visible,
     check_decode_inputs,
@@ -41,7 +41,9 @@ from mae_deploy.names import (
     ENCODER,
     ENCODER_INPUTS,
     ENCODER_OUTPUTS,
+    POOLED_OUTPUTS,
 )
+from mae_deploy.pooling import pool_latent
 from mae_deploy.preprocess import Preprocessor
 from mae_deploy.serve.batcher import BatcherClosed, MicroBatcher, QueueFull
 from mae_deploy.serve.config import ServeConfig
@@ -55,8 +57,15 @@ log = logging.getLogger("mae_deploy.serve")
 RECONSTRUCT_FORMATS = ("png", "npz")
 # A body this small is a thumbnail-sized image (a 224^2 JPEG is ~20 KB): decoding it inline takes a few ms.
 INLINE_MAX_BYTES = 64 * 1024
-_GRAPH_IO = {ENCODER: (ENCODER_INPUTS, ENCODER_OUTPUTS), DECODER: (DECODER_INPUTS, DECODER_OUTPUTS),
-             CLASSIFIER: (CLASSIFIER_INPUTS, CLASSIFIER_OUTPUTS)}
+# The encoder's pooled outputs are served for every bundle: from the graph where it has them, else pooled here.
+_GRAPH_IO = {ENCODER: (ENCODER_INPUTS, (*ENCODER_OUTPUTS, *POOLED_OUTPUTS.values())),
+             DECODER: (DECODER_INPUTS, DECODER_OUTPUTS), CLASSIFIER: (CLASSIFIER_INPUTS, CLASSIFIER_OUTPUTS)}
+_POOL_OF = {name: pool for pool, name in POOLED_OUTPUTS.items()}
+
+
+def pooled_part(pool: str) -> str:
+    """The batcher's part name for encoder calls pooled with ``pool`` (also the metrics' ``part`` label)."""
+    return f"{ENCODER}:{pool}"
 
 
 class BatchedRunner:
@@ -73,6 +82,10 @@ class BatchedRunner:
 
     def encode(self, pixel_values: np.ndarray, ids_keep: np.ndarray) -> np.ndarray:
         return self._batcher.run(ENCODER, (pixel_values, ids_keep), timeout=self._left())
+
+    def encode_pooled(self, pixel_values: np.ndarray, ids_keep: np.ndarray, pool: str) -> np.ndarray:
+        part = ENCODER if pool == "tokens" else pooled_part(pool)
+        return self._batcher.run(part, (pixel_values, ids_keep), timeout=self._left())
 
     def decode(self, latent: np.ndarray, ids_restore: np.ndarray) -> np.ndarray:
         return self._batcher.run(DECODER, (latent, ids_restore), timeout=self._left())
@@ -144,6 +157,10 @@ class ModelService:
 
     def _calls(self) -> dict:
         calls = {ENCODER: self.runner.encode}
+        # Pooled on the runner (on the GPU for GPU runners): (N, D) comes back, not the whole latent. One batch
+        # key per pool, so concurrent cls and mean requests do not share a runner call.
+        for pool in ("cls", "mean"):
+            calls[pooled_part(pool)] = functools.partial(self.runner.encode_pooled, pool=pool)
         if self.runner.has_decoder:
             calls[DECODER] = self.runner.decode
         if self._has_classifier():
@@ -248,8 +265,8 @@ class ModelService:
                 x = await self._preprocess(blobs, deadline)
             ids_keep, _, _ = all_visible(x.shape[0], self.bundle.num_patches)
             with timed("infer"):
-                latent = await self._batched(ENCODER, (x, ids_keep), deadline)
-        return np.ascontiguousarray(pool_latent(latent, pool), dtype=np.float32)
+                out = await self._batched(ENCODER if pool == "tokens" else pooled_part(pool), (x, ids_keep), deadline)
+        return np.ascontiguousarray(out, dtype=np.float32)
 
     async def classify(self, blobs: list[bytes], top_k: int, deadline: float) -> list[list[tuple[str, float]]]:
         """Image bytes -> per image the top_k (label, probability) pairs of the bundle's classifier."""
@@ -307,7 +324,9 @@ class ModelService:
     @property
     def graphs(self) -> list[str]:
         """The graph parts this server runs under /v2/models/{name}."""
-        return list(self._calls()) if self.runner is not None else sorted({g.part for g in self.bundle.graphs})
+        if self.runner is None:
+            return sorted({g.part for g in self.bundle.graphs})
+        return [p for p in self._calls() if p in _GRAPH_IO]  # not the pooled encoder calls: outputs, not models
 
     def graph_metadata(self, name: str) -> dict:
         if name not in {g.part for g in self.bundle.graphs}:
@@ -355,9 +374,25 @@ class ModelService:
         if n > self.config.max_images_per_request:
             raise ApiError(413, "payload_too_large", f"the request holds a batch of {n}; this server takes at most "
                            f"{self.config.max_images_per_request} per request")
+        wanted = request.outputs or self._graph_outputs(name)
         with self._admit(n), timed("infer"):
+            if name == ENCODER and all(o in _POOL_OF for o in wanted):
+                # Only pooled features asked for: the runner pools (on the GPU), the latent stays there.
+                return {o: await self._batched(pooled_part(_POOL_OF[o]), inputs, deadline) for o in wanted}
             out = await self._batched(name, inputs, deadline)
-        return {_GRAPH_IO[name][1][0]: out}
+        main = _GRAPH_IO[name][1][0]
+        results = {main: out}
+        for o in wanted:
+            if o in _POOL_OF:
+                results[o] = np.ascontiguousarray(pool_latent(out, _POOL_OF[o]), dtype=np.float32)
+        return results
+
+    def _graph_outputs(self, name: str) -> list[str]:
+        """What a v2 request that names no outputs gets: the graph's outputs as its metadata lists them."""
+        have = self.bundle.precisions(name)
+        if not have:
+            return [_GRAPH_IO[name][1][0]]
+        return [o for o in self.bundle.graph(name, self._graph_precision(name)).output_names if o in _GRAPH_IO[name][1]]
 
     # -- /v1/models -------------------------------------------------------------------------------------
     def model_card(self) -> dict:

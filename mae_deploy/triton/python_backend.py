@@ -7,7 +7,7 @@ Triton and ``mae-deploy`` run the very same preprocessing code: Triton's Python 
 - :class:`PreprocessModel`: ``image`` (TYPE_STRING, encoded JPEG/PNG/... bytes) -> ``pixel_values``
   (float32 [C, H, W]) exactly as :class:`~mae_deploy.preprocess.Preprocessor` makes it, and ``ids_keep``
   (int64 [L], every patch visible) for the encoder.
-- :class:`PoolModel`: ``latent`` [L+1, D] -> ``features`` [D] with :func:`~mae_deploy.features.pool_latent`.
+- :class:`PoolModel`: ``latent`` [L+1, D] -> ``features`` [D] with :func:`~mae_deploy.pooling.pool_latent`.
 
 Settings come from the model's ``parameters`` in config.pbtxt (written by :mod:`mae_deploy.triton.repository`).
 ``triton_python_backend_utils`` exists only inside Triton, so it is imported in ``initialize``. Unrun against a
@@ -86,7 +86,7 @@ class PoolModel:
     """Triton Python model: encoder latent -> pooled features (cls token or mean of the patch tokens)."""
 
     def initialize(self, args: dict) -> None:
-        from mae_deploy.features import pool_latent
+        from mae_deploy.pooling import pool_latent
 
         self.pb = _pb_utils()
         self.pool = model_parameters(args)["pool"]

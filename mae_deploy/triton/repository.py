@@ -3,11 +3,12 @@
 Layout (the models the bundle's graphs allow, or those asked for with ``models=``)::
 
     REPO/
-      mae_encoder/     config.pbtxt, 1/model.onnx          pixel_values, ids_keep -> latent
+      mae_encoder/     config.pbtxt, 1/model.onnx          pixel_values, ids_keep -> latent, pooled_cls, pooled_mean
       mae_decoder/     config.pbtxt, 1/model.onnx          latent, ids_restore -> pred
       mae_classifier/  config.pbtxt, 1/model.onnx, labels.txt   pixel_values -> logits
       mae_preprocess/  config.pbtxt, 1/model.py            image bytes -> pixel_values, ids_keep (Python backend)
-      mae_pool/        config.pbtxt, 1/model.py            latent -> features (Python backend, pool fixed here)
+      mae_pool/        config.pbtxt, 1/model.py            latent -> features (Python backend, pool fixed here;
+                                                           only for bundles whose encoder has no pooled outputs)
       mae_features/    config.pbtxt, 1/                    ensemble: image bytes -> features
       mae_classify/    config.pbtxt, 1/, labels.txt        ensemble: image bytes -> logits
       mae_deploy_triton.json                               what was generated, from which bundle, with which options
@@ -32,7 +33,7 @@ from mae_deploy import __version__
 from mae_deploy.bundle import Bundle, GraphSpec
 from mae_deploy.errors import BundleError, InputError
 from mae_deploy.fileio import atomic_write_json, atomic_write_text, check_replaceable_dir
-from mae_deploy.names import CLASSIFIER, DECODER, ENCODER, INT8_QDQ
+from mae_deploy.names import CLASSIFIER, DECODER, ENCODER, INT8_QDQ, POOLED_OUTPUTS
 from mae_deploy.triton import configs as c
 from mae_deploy.triton.pbtxt import Enum, to_pbtxt
 
@@ -234,21 +235,29 @@ def _preprocess_model(tmp: Path, bundle: Bundle, graphs: dict[str, GraphSpec], s
 
 
 def _features_models(tmp: Path, bundle: Bundle, encoder: GraphSpec, sched: c.Scheduling, pool: str) -> None:
-    """mae_pool and the mae_features ensemble: image bytes -> preprocess -> encoder -> pool."""
-    latent_cfg = c.tensor_config(next(t for t in encoder.outputs if t.name == "latent"), encoder.file)
+    """The mae_features ensemble: image bytes -> preprocess -> encoder -> features.
+
+    An encoder graph with pooled outputs gives the features itself (only (N, D) leaves the GPU); an older
+    bundle's latent goes through mae_pool (Python backend).
+    """
     feats_cfg = {"name": c.FEATURES_TENSOR, "data_type": Enum("TYPE_FP32"), "dims": [bundle.embed_dim]}
-    _write_config(tmp / c.POOL_MODEL, c.python_model_config(
-        c.POOL_MODEL, [latent_cfg], [feats_cfg], sched, {"pool": pool}))
-    _python_model(tmp / c.POOL_MODEL, c.POOL_MODEL, "PoolModel", f"encoder latent -> {pool}-pooled features")
+    steps = [{"model_name": c.PREPROCESS_MODEL, "input_map": {c.IMAGE_TENSOR: c.IMAGE_TENSOR},
+              "output_map": {"pixel_values": "pixel_values", "ids_keep": "ids_keep"}}]
+    encoder_inputs = {"pixel_values": "pixel_values", "ids_keep": "ids_keep"}
+    pooled = POOLED_OUTPUTS[pool]
+    if pooled in encoder.output_names:
+        steps.append({"model_name": c.ENCODER_MODEL, "input_map": encoder_inputs,
+                      "output_map": {pooled: c.FEATURES_TENSOR}})
+    else:
+        latent_cfg = c.tensor_config(next(t for t in encoder.outputs if t.name == "latent"), encoder.file)
+        _write_config(tmp / c.POOL_MODEL, c.python_model_config(
+            c.POOL_MODEL, [latent_cfg], [feats_cfg], sched, {"pool": pool}))
+        _python_model(tmp / c.POOL_MODEL, c.POOL_MODEL, "PoolModel", f"encoder latent -> {pool}-pooled features")
+        steps += [{"model_name": c.ENCODER_MODEL, "input_map": encoder_inputs, "output_map": {"latent": "latent"}},
+                  {"model_name": c.POOL_MODEL, "input_map": {"latent": "latent"},
+                   "output_map": {c.FEATURES_TENSOR: c.FEATURES_TENSOR}}]
     _write_config(tmp / c.FEATURES_ENSEMBLE, c.ensemble_config(
-        c.FEATURES_ENSEMBLE, [_string_tensor(c.IMAGE_TENSOR)], [feats_cfg], [
-            {"model_name": c.PREPROCESS_MODEL, "input_map": {c.IMAGE_TENSOR: c.IMAGE_TENSOR},
-             "output_map": {"pixel_values": "pixel_values", "ids_keep": "ids_keep"}},
-            {"model_name": c.ENCODER_MODEL, "input_map": {"pixel_values": "pixel_values", "ids_keep": "ids_keep"},
-             "output_map": {"latent": "latent"}},
-            {"model_name": c.POOL_MODEL, "input_map": {"latent": "latent"},
-             "output_map": {c.FEATURES_TENSOR: c.FEATURES_TENSOR}},
-        ], sched))
+        c.FEATURES_ENSEMBLE, [_string_tensor(c.IMAGE_TENSOR)], [feats_cfg], steps, sched))
 
 
 def _classify_ensemble(tmp: Path, classifier: GraphSpec, sched: c.Scheduling, label_text: str) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from mae_deploy.errors import InputError
+from mae_deploy.names import POOLED_OUTPUTS
 from mae_deploy.runners.base import BaseRunner, RunnerInfo, run_in_chunks
 from mae_deploy.runners.trt.api import PARTS, import_cudart, import_tensorrt, select_graph, trt_api_generation
 from mae_deploy.runners.trt.build import DEFAULT_WORKSPACE_GB, EngineBuildError, get_or_build_engine
@@ -132,14 +133,21 @@ class TrtRunner(BaseRunner):
         self.session(part)
 
     # -- running --------------------------------------------------------------------------------
-    def _run(self, part: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    def _run(self, part: str, feeds: dict[str, np.ndarray], out: str | None = None) -> np.ndarray:
         sess = self.session(part)
         with self._locks[part]:  # one context and stream per part: calls are serialised
-            return run_in_chunks(sess.run, feeds, self.profile.max_batch)
+            return run_in_chunks(lambda f: sess.run(f, out), feeds, self.profile.max_batch)
 
     def _encode(self, pixel_values: np.ndarray, ids_keep: np.ndarray) -> np.ndarray:
         self.profile.check_call("encoder", pixel_values.shape[0], ids_keep.shape[1])
         return self._run("encoder", {"pixel_values": pixel_values, "ids_keep": ids_keep})
+
+    def _encode_pooled(self, pixel_values: np.ndarray, ids_keep: np.ndarray, pool: str) -> np.ndarray:
+        name = POOLED_OUTPUTS[pool]
+        if name not in self.session("encoder").outputs:  # an engine of a bundle without pooled outputs
+            return super()._encode_pooled(pixel_values, ids_keep, pool)
+        self.profile.check_call("encoder", pixel_values.shape[0], ids_keep.shape[1])
+        return self._run("encoder", {"pixel_values": pixel_values, "ids_keep": ids_keep}, name)
 
     def _decode(self, latent: np.ndarray, ids_restore: np.ndarray) -> np.ndarray:
         self.profile.check_call("decoder", latent.shape[0], latent.shape[1] - 1)

@@ -68,8 +68,9 @@ class EngineSession:
             self.close()
             raise
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
-        """Copy ``feeds`` in, execute, copy the output back (all on the session's stream)."""
+    def run(self, feeds: Mapping[str, np.ndarray], out_name: str | None = None) -> np.ndarray:
+        """Copy ``feeds`` in, execute, copy one output back (default: the part's main one), all on the session's
+        stream. Only that output crosses to the host (e.g. ``pooled_cls``, (N, D), instead of the latent)."""
         cudart, ctx = self.cudart, self.context
         set_device(cudart, self.device_id)  # the calling thread may be another one
         h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
@@ -85,7 +86,7 @@ class EngineSession:
             keep.append(arr)
             _cuda(cudart.cudaMemcpyAsync(self.buffers[n], arr.ctypes.data, arr.nbytes, h2d, self.stream),
                   f"cudaMemcpyAsync({n} to device)")
-        out_name = OUTPUT[self.part]
+        out_name = out_name or OUTPUT[self.part]
         shape = tuple(int(d) for d in ctx.get_tensor_shape(out_name))
         out = np.empty(shape, dtype=self.dtypes[out_name])
         if out.nbytes > self.capacity[out_name]:
