@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from mae_deploy.errors import InputError, PartialFailure, VerificationError
-from mae_deploy.names import BACKENDS, GRAPH_PRECISIONS
+from mae_deploy.names import BACKENDS, GRAPH_PRECISIONS, TORCH_PRECISIONS
 
 
 def _runner_opts(backend: str, threads: int | None) -> dict:
@@ -98,9 +98,12 @@ def eval_cmd(bundle_dir, image_folder, precisions, backend, device, reference, b
         if p:
             check_writable(p, what="output")
     wanted = [p.strip() for p in precisions.split(",") if p.strip()] if precisions else None
+    # The torch backend autocasts the reference weights (fp32, bf16, fp16 on CUDA); other backends run graphs.
+    allowed = TORCH_PRECISIONS if backend == "torch" else GRAPH_PRECISIONS
     for p in wanted or ():
-        if p not in GRAPH_PRECISIONS:
-            raise InputError(f"--precisions: unknown precision {p!r}; choose from {', '.join(GRAPH_PRECISIONS)}")
+        if p not in allowed:
+            raise InputError(f"--precisions: unknown precision {p!r} for --backend {backend}; choose from "
+                             f"{', '.join(allowed)}")
     report = evaluate(bundle_dir, image_folder, wanted, backend=backend, device=device, reference=reference,
                       batch_size=batch_size, progress=not no_progress, runner_opts=_runner_opts(backend, threads))
     click.echo(report.table())

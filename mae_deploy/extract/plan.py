@@ -140,11 +140,18 @@ def make_plan(bundle: Bundle, src: Source, part: range, out: Path, *, pool: str,
 
 
 def bundle_fingerprint(bundle: Bundle, precision: str) -> str:
-    """sha256 over what decides the features: the encoder graph files' hashes, architecture, preprocessing."""
-    g = bundle.graph("encoder", precision)
+    """sha256 over what decides the features: the encoder graph files' hashes (or, for a precision the bundle
+    has no graph of, e.g. the torch backend's bf16 autocast, the reference weights' and the precision),
+    architecture, preprocessing."""
     files = bundle.manifest.get("files", {})
+    if precision in bundle.precisions("encoder"):
+        g = bundle.graph("encoder", precision)
+        weights = {rel: files.get(rel) for rel in (g.file, *g.external_data)}
+    else:  # the torch backend runs the reference weights at any precision; other backends refuse it later
+        weights = {rel: sha for rel, sha in files.items() if rel.startswith("reference/")}
+        weights["precision"] = precision
     payload = {
-        "graph": {rel: files.get(rel) for rel in (g.file, *g.external_data)},
+        "graph": weights,
         "architecture": bundle.architecture,
         "preprocessing": bundle.preprocessing,
     }
