@@ -56,14 +56,22 @@ from mae_deploy.names import BACKENDS, POOLS
               help="--engine ray: GPUs per encoder actor (1 for --device cuda when not given).")
 @click.option("--cpus-per-actor", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="--engine ray: CPUs per encoder actor (also its inference threads on --device cpu).")
+@click.option("--image-column", default=None,
+              help="Parquet SOURCE: the column of image bytes [default: the first image struct {bytes, path} or "
+                   "binary column].")
+@click.option("--id-column", default=None,
+              help="Parquet SOURCE: the column whose value is a row's path in the index [default: FILE#ROW].")
 def extract(source, bundle_dir, out_dir, backend, device, precision, batch_size, workers, threads, pool, dtype,
             shard_size, num_shards, shard_index, strict, min_side, max_pixels, no_progress, engine, ray_address,
-            actors, gpus_per_actor, cpus_per_actor, exact_resize) -> None:
+            actors, gpus_per_actor, cpus_per_actor, exact_resize, image_column, id_column) -> None:
     """Extract encoder features of every image in SOURCE into sharded .npy files.
 
     \b
     SOURCE is a directory (searched recursively for jpg jpeg png bmp gif tif tiff webp ppm pgm, any case),
-    a glob ('imgs/**/*.jpg', quoted) or a text file with one path per line. Every input gets a stable row.
+    a glob ('imgs/**/*.jpg', quoted) or a text file with one path per line; WebDataset .tar shards (one,
+    a brace list 'shards-{000000..000127}.tar', a glob, a directory or a list of them: row path
+    SHARD#KEY.EXT); Parquet files with an image column (one, a directory, a glob: row path FILE#ROW or
+    --id-column); or any of these behind s3://, gs://, http(s)://. Every input gets a stable row.
     \b
     OUT gets shard-00000.npy (N x D, or N x (L+1) x D for --pool tokens) with shard-00000.index.jsonl
     ({"row", "path"} per feature row), manifest.json and errors.jsonl ({"row", "path", "reason", "message"}).
@@ -74,15 +82,17 @@ def extract(source, bundle_dir, out_dir, backend, device, precision, batch_size,
     Exit codes: 0 all inputs succeeded; 4 the job finished but some inputs failed (see errors.jsonl);
     3 bad options, empty source, OUT unwritable, OUT holds another job or is in use by a running one, or
     --strict stopped at a failure. A rerun also checks every finished shard's sha256 and recomputes damaged ones.
-    6 --engine ray without Ray installed; 7 a --ray-address that cannot be reached.
+    6 --engine ray without Ray installed; 7 a --ray-address, source URL or bucket that cannot be reached.
     \b
     --engine ray writes the same OUT; on a cluster, SOURCE, the bundle and OUT must be on storage that
     every node mounts at the same path.
     """
     from mae_deploy.extract import extract_features
+    from mae_deploy.sources import list_source
 
+    src = list_source(source, image_column=image_column, id_column=id_column)
     summary = extract_features(
-        source, bundle_dir, out_dir, backend=backend, device=device, precision=precision, batch_size=batch_size,
+        src, bundle_dir, out_dir, backend=backend, device=device, precision=precision, batch_size=batch_size,
         workers=workers, threads=threads, pool=pool, dtype=dtype, shard_size=shard_size, num_shards=num_shards,
         shard_index=shard_index, strict=strict, min_side=min_side, max_pixels=max_pixels,
         progress=not no_progress, engine=engine, ray_address=ray_address, actors=actors,

@@ -69,10 +69,12 @@ class Features:
         return s, int(i - self.offsets[s])
 
     def index_of(self, path: str | os.PathLike) -> int:
-        """Position of ``path`` (as written in the index: absolute). KeyError when it has no features."""
+        """Position of ``path`` as the index writes it (a local file: absolute or relative to the current
+        directory; a URL, ``SHARD#KEY.EXT``, ``FILE#ROW`` or an id: as it is). KeyError when it has no features."""
         if self._by_path is None:
             self._by_path = {p: i for i, p in enumerate(self.paths)}
-        return self._by_path[os.path.abspath(os.fspath(path))]
+        p = os.fspath(path)
+        return self._by_path[p] if p in self._by_path else self._by_path[os.path.abspath(p)]
 
     def __getitem__(self, key):
         if isinstance(key, (int, np.integer)):
