@@ -8,15 +8,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
 
 from mae_deploy.cli import main as cli
-from training import finetune, linprobe, pretrain
+from mae_deploy.errors import InputError
+from training import finetune, gpu_data, linprobe, pretrain
 from training.checkpoints import load_model, save_native, save_official
-from training.data import MixupCutmix, parse_rand_augment, pretrain_transform, write_digits_imagefolder
+from training.data import (
+    MixupCutmix,
+    channel_stats,
+    image_folder,
+    parse_rand_augment,
+    pretrain_transform,
+    write_digits_imagefolder,
+)
 from training.engine import NonFiniteLossError, build_classifier
 from training.model import MaskedAutoencoderViT, VisionTransformer, create_model
 from training.optim import (
@@ -218,6 +227,64 @@ def test_two_process_ddp_on_gloo(digits, tmp_path):
     assert [r["epoch"] for r in _metrics(out)] == [0, 1]  # one writer
     assert "6 steps/epoch" in r.stdout  # 100 images / (2 processes x 8), last partial batch dropped
     load_model(out / "model")
+
+
+# --------------------------------------------------------------------------------------------------
+# --gpu_decode: decoding and augmentation on the training device (run here on CPU tensors)
+# --------------------------------------------------------------------------------------------------
+
+
+def _photos(root: Path, n: int = 6) -> Path:
+    """JPEGs of assorted sizes with smooth gradients and noise (photo-like, not flat)."""
+    rng = np.random.default_rng(0)
+    (root / "c0").mkdir(parents=True)
+    for i in range(n):
+        h, w = int(rng.integers(60, 300)), int(rng.integers(60, 300))
+        y, x = np.mgrid[0:h, 0:w]
+        img = np.stack([x * 255 / w, y * 255 / h, (x + y) % 64 * 4], -1) + rng.normal(0, 10, (h, w, 3))
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / "c0" / f"{i}.jpg", quality=90)
+    return root
+
+
+@pytest.mark.parametrize("kind, in_chans, size", [("digits", 1, 32), ("jpeg", 3, 64), ("jpeg", 1, 48)])
+def test_device_augmentation_is_the_cpu_transform(digits, tmp_path, kind, in_chans, size):
+    root = digits / "val" if kind == "digits" else _photos(tmp_path / "photos")
+    reference = image_folder(root, pretrain_transform(size, in_chans), in_chans, log=None)
+    encoded = gpu_data.EncodedImageFolder(root, in_chans, log=None)
+    assert encoded.samples == reference.samples and encoded.classes == reference.classes
+    torch.manual_seed(5)
+    expected = torch.stack([reference[i][0] for i in range(len(reference))])
+    torch.manual_seed(5)
+    data, labels, paths = gpu_data.collate_encoded([encoded[i] for i in range(len(encoded))])
+    got = gpu_data.DeviceAugment(size, in_chans, "cpu")(data, paths)
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    assert labels.tolist() == [t for _, t in reference.samples]
+    # Same crop boxes and flips (one wrong box would differ by tens of levels); pixels within 2 of 255
+    # levels (Pillow's and torchvision's bicubic round differently; JPEG colour/grey conversion).
+    std = torch.tensor(channel_stats(in_chans)[1]).view(1, -1, 1, 1)
+    levels = ((got - expected) * std * 255).abs()
+    assert levels.max() <= 2.01 and levels.mean() < 0.1, (levels.max(), levels.mean())
+
+
+def test_device_decode_names_a_file_it_cannot_decode(tmp_path):
+    good = _photos(tmp_path / "p", n=1) / "c0" / "0.jpg"
+    bad = torch.frombuffer(bytearray(b"\xff\xd8\xff\xe0" + b"\x00" * 64), dtype=torch.uint8)
+    augment = gpu_data.DeviceAugment(32, 3, "cpu")
+    data = [torch.frombuffer(bytearray(good.read_bytes()), dtype=torch.uint8), bad]
+    with pytest.raises(InputError, match=r"cannot decode image /x/broken\.jpg .*--resume auto"):
+        augment(data, [str(good), "/x/broken.jpg"])
+    assert augment(data[:1], [str(good)]).shape == (1, 3, 32, 32)
+
+
+def test_gpu_decode_pretraining_follows_the_cpu_path(digits, tmp_path, capsys):
+    cpu, dev = tmp_path / "cpu", tmp_path / "dev"
+    pretrain.main(_pretrain_args(digits, cpu, "--epochs", "2"))
+    pretrain.main(_pretrain_args(digits, dev, "--epochs", "2", "--gpu_decode"))
+    assert "decoded and augmented on cpu (--gpu_decode)" in capsys.readouterr().out
+    # Same seed, same draws: the same crops, flips and masks; pixels within 2/255.
+    for a, b in zip(_metrics(cpu), _metrics(dev), strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-2)
+    load_model(dev / "model")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -79,6 +79,9 @@ def pretrain_parser() -> argparse.ArgumentParser:
     m.set_defaults(norm_pix_loss=False)
     m.add_argument("--mask_token_encoder", action="store_true",
                    help="baseline: the encoder sees all tokens, removed ones as mask tokens (Table 1c)")
+    p.add_argument("--gpu_decode", action="store_true",
+                   help="workers only read files; the training process decodes each batch on --device (JPEG: "
+                        "nvJPEG on a GPU) and crops, flips and normalises there (the same augmentation)")
     o = p.add_argument_group("optimizer")
     o.add_argument("--weight_decay", type=float, default=0.05)
     o.add_argument("--lr", type=float, default=None, metavar="LR", help="absolute lr (default: blr x batch / 256)")

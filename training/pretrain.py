@@ -69,13 +69,23 @@ def main(args: argparse.Namespace) -> None:
 def train(args: argparse.Namespace, info) -> None:
     say, device, precision, out = engine.start_run(args, info)
 
-    # Data: the official augmentation; the sampler's order depends only on (seed, epoch).
-    dataset = data.image_folder(data.split_dir(args.data_path, "train"),
-                                data.pretrain_transform(args.input_size, args.in_chans), args.in_chans, log=say)
-    sampler = train_sampler(dataset, info, args.seed)
+    # Data: the official augmentation, in the workers or (--gpu_decode) on the device; the sampler's order
+    # depends only on (seed, epoch).
+    train_dir = data.split_dir(args.data_path, "train")
     pin = args.pin_mem and device.type == "cuda"
-    loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, drop_last=True,
-                                         num_workers=args.num_workers, pin_memory=pin)
+    if args.gpu_decode:
+        from training import gpu_data
+
+        dataset = gpu_data.EncodedImageFolder(train_dir, args.in_chans, log=say)
+        sampler = train_sampler(dataset, info, args.seed)
+        loader = gpu_data.device_decoded_loader(dataset, sampler, args.batch_size, args.num_workers, pin,
+                                                args.input_size, args.in_chans, device)
+    else:
+        dataset = data.image_folder(train_dir, data.pretrain_transform(args.input_size, args.in_chans), args.in_chans,
+                                    log=say)
+        sampler = train_sampler(dataset, info, args.seed)
+        loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, drop_last=True,
+                                             num_workers=args.num_workers, pin_memory=pin)
 
     # Model and optimizer.
     name = engine.registry_name(args.model)
@@ -105,7 +115,8 @@ def train(args: argparse.Namespace, info) -> None:
         f"{n_params / 1e6:.2f}M parameters, {len(dataset)} images, {len(loader)} steps/epoch, "
         f"{info.world_size} process(es) on {device}, {precision}{compile_note(ddp)}")
     say(f"lr {args.lr:.3e} (blr {args.blr:.3e} x effective batch {eff_batch} / 256), "
-        f"epochs {args.epochs}, warm-up {args.warmup_epochs}")
+        f"epochs {args.epochs}, warm-up {args.warmup_epochs}; images decoded and augmented "
+        + (f"on {device} (--gpu_decode)" if args.gpu_decode else f"by {args.num_workers} CPU worker(s)"))
 
     def set_lr(epoch: float) -> float:
         return optim.adjust_learning_rate(optimizer, epoch, args.lr, args.min_lr, args.epochs, args.warmup_epochs)
