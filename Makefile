@@ -30,3 +30,24 @@ bench: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The export tests again on the oldest versions pyproject declares (constraints-compat.txt), in a second venv
+# installed the same way; CI runs it after `make test`. Not the whole suite: the export stack is what the
+# old versions change, and the job stays around a minute. test_export_classifier.py imports torchvision,
+# which does not load beside the CPU torch 2.13 (see constraints-compat.txt).
+COMPAT_VENV  := .venv-compat
+COMPAT_PY    := $(COMPAT_VENV)/bin/python
+COMPAT_STAMP := $(COMPAT_VENV)/.installed
+COMPAT_TESTS := tests/test_export.py tests/test_qdq.py tests/test_fp16_compat.py
+
+.PHONY: compat
+
+$(COMPAT_STAMP): pyproject.toml constraints-compat.txt
+	test -x $(COMPAT_PY) || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_PY) -m pip install -q --upgrade pip
+	$(COMPAT_PY) -m pip install -q -c constraints-compat.txt -e '.[cpu,export]' pytest pytest-xdist
+	touch $(COMPAT_STAMP)
+
+compat: $(COMPAT_STAMP)
+	$(COMPAT_PY) -m pip list 2>/dev/null | grep -E '^(torch|onnx|onnxscript|onnx-ir|onnxruntime) '
+	env -u PYTHONDONTWRITEBYTECODE $(COMPAT_PY) -m pytest -q -n 2 --dist loadfile $(COMPAT_TESTS)
