@@ -139,3 +139,17 @@ def test_s3_sources_list_and_read_like_local_ones(s3_data, source_data):
     assert _read_all(pickle.loads(pickle.dumps(remote))) == _read_all(local)
     pq_remote = list_source(s3_data["parquet"])  # a prefix holding Parquet files
     assert pq_remote.kind == "parquet" and _read_all(pq_remote) == _read_all(list_source(source_data["parquet"]))
+
+
+def test_an_imagefolder_packed_as_shards_and_parquet_reads_back_in_its_order(source_data, tmp_path):
+    from mae_deploy.sources.pack import write_parquet, write_shards
+
+    root = tmp_path / "folder"
+    for i, (key, ext, data) in enumerate(source_data["images"][:7]):
+        (root / ("cat", "dog")[i % 2]).mkdir(parents=True, exist_ok=True)
+        (root / ("cat", "dog")[i % 2] / f"{key}.{ext}").write_bytes(data)
+    assert len(write_shards(root, tmp_path / "wds", per_shard=3)) == 3
+    write_parquet(root, tmp_path / "pq", per_file=4, row_group=2)
+    folder, shards, parquet = (list_source(p) for p in (root, tmp_path / "wds", tmp_path / "pq"))
+    assert _read_all(folder) == _read_all(shards) == _read_all(parquet)
+    assert shards.paths[0].endswith("shard-000000.tar#cat/s00000.jpg")

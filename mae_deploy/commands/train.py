@@ -66,17 +66,32 @@ def data() -> None:
               type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Fraction of each digit held out in val/.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the train/val split.")
-def digits(directory: Path, size: int, val_fraction: float, seed: int) -> None:
-    """Write scikit-learn's 1797 handwritten digits to DIRECTORY/{train,val}/<digit>/*.png.
+@click.option("--format", "fmt", type=click.Choice(["folder", "webdataset", "parquet"]), default="folder",
+              show_default=True, help="folder: <digit>/*.png; webdataset: .tar shards; parquet: an image column.")
+def digits(directory: Path, size: int, val_fraction: float, seed: int, fmt: str) -> None:
+    """Write scikit-learn's 1797 handwritten digits to DIRECTORY/{train,val}/.
 
     Real 8x8 scans (UCI optical digits, shipped inside scikit-learn: no download) upscaled to SIZE x SIZE
-    greyscale PNGs, stratified split. Re-running completes an interrupted write and is otherwise a no-op.
+    greyscale PNGs, stratified split. --format folder (the default) writes <digit>/*.png; webdataset writes
+    shard-000000.tar (KEY.png, KEY.cls, KEY.txt per sample); parquet writes part-00000.parquet (columns
+    image {bytes, path}, label, class_name). Any of them is an `extract` SOURCE. Re-running completes an
+    interrupted write and is otherwise a no-op.
     """
+    import shutil
+
     from training.data import write_digits_imagefolder
 
-    rec = write_digits_imagefolder(directory, size=size, val_fraction=val_fraction, seed=seed, progress=True)
+    folder = directory if fmt == "folder" else directory / ".imagefolder"  # packed, then removed
+    rec = write_digits_imagefolder(folder, size=size, val_fraction=val_fraction, seed=seed, progress=True)
+    if fmt != "folder":
+        from mae_deploy.sources.pack import write_parquet, write_shards
+
+        pack = write_shards if fmt == "webdataset" else write_parquet
+        for split in ("train", "val"):
+            pack(folder / split, directory / split)
+        shutil.rmtree(folder)
     click.echo(f"{directory}: {rec['train']} train + {rec['val']} val images, 10 classes, "
-               f"{size}x{size} greyscale PNG")
+               f"{size}x{size} greyscale PNG, as {fmt}")
 
 
 COMMANDS = [pretrain, finetune, linprobe, data]
