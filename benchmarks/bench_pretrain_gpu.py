@@ -22,6 +22,7 @@ with kernel launches per step; ``--json`` / ``--markdown`` write the results.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -270,6 +271,68 @@ def run_config(key: str, decoder_depth: int, args: argparse.Namespace, device: t
 
 
 # --------------------------------------------------------------------------------------------------
+# Data that keeps up (--loader-images)
+# --------------------------------------------------------------------------------------------------
+
+
+def write_photos(root: Path, count: int, seed: int = 0) -> Path:
+    """``count`` ImageNet-like JPEGs (500x375 or 375x500, quality 90, smooth gradients + noise)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (root / "c0").mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        h, w = (375, 500) if i % 2 else (500, 375)
+        y, x = np.mgrid[0:h, 0:w]
+        phase = rng.uniform(0, 6.3, 3)
+        img = np.stack([127 + 100 * np.sin(x / (30 + 20 * k) + y / 50 + phase[k]) for k in range(3)], -1)
+        img += rng.normal(0, 12, (h, w, 3))
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / "c0" / f"{i:05d}.jpg", quality=90)
+    return root
+
+
+def loader_rate(loader, device: torch.device, warmup_batches: int = 2) -> float:
+    """Images/s of a loader once its workers run (the first batches start them and are not counted)."""
+    it = iter(loader)
+    for _ in range(warmup_batches):
+        next(it)
+    sync(device)
+    t0, n = time.perf_counter(), 0
+    for imgs, _ in it:
+        n += imgs.shape[0]
+    sync(device)
+    return n / (time.perf_counter() - t0)
+
+
+def loader_rates(args: argparse.Namespace, device: torch.device, batch: int) -> dict:
+    """The official augmentation's images/s: in CPU workers (as today) and decoded on ``device``."""
+    import tempfile
+
+    from torch.utils.data import DataLoader, RandomSampler
+
+    from training import data, gpu_data
+
+    workers = args.loader_workers if args.loader_workers is not None else len(os.sched_getaffinity(0))
+    total = args.loader_images
+    with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
+        root = write_photos(Path(tmp), min(total, 512))
+        size = 224 if device.type == "cuda" else args.loader_size
+        cpu_set = data.image_folder(root, data.pretrain_transform(size), 3, log=None)
+        pin = device.type == "cuda"
+
+        def sampler(ds):
+            return RandomSampler(ds, replacement=True, num_samples=total, generator=torch.Generator().manual_seed(0))
+
+        cpu = DataLoader(cpu_set, batch_size=batch, sampler=sampler(cpu_set), num_workers=workers, drop_last=True,
+                         pin_memory=pin, persistent_workers=False)
+        enc = gpu_data.EncodedImageFolder(root, 3, log=None)
+        dev = gpu_data.device_decoded_loader(enc, sampler(enc), batch, workers, pin, size, 3, device)
+        rates = {"cpu_workers": loader_rate(cpu, device), "device_decode": loader_rate(dev, device)}
+    return {"workers": workers, "images": total, "size": size, "batch": batch, "images_per_s": rates}
+
+
+# --------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------
 
@@ -307,6 +370,16 @@ def render_markdown(report: dict) -> str:
                      f"{_f(c['paper_table2'], '.1f')}{'x' if c['paper_table2'] else ''} |")
     for s in report["skipped"]:
         lines.append(f"\nskipped (over --budget-s {report['budget_s']:.0f}): {s}")
+    loader = report.get("loader")
+    if loader:
+        rates = loader["images_per_s"]
+        fastest = max((r["images_per_s"] for c in report["configs"] for r in c["rows"] if r["kind"] == "MAE"),
+                      default=None)
+        need = f"; the fastest MAE step above takes {fastest:,.0f} img/s" if fastest else ""
+        lines += ["", f"Data: RandomResizedCrop(0.2-1) + flip + normalise of 500x375 JPEGs to {loader['size']} px, "
+                  f"batch {loader['batch']}: {rates['cpu_workers']:,.0f} img/s in {loader['workers']} CPU workers "
+                  f"(PIL, as today), {rates['device_decode']:,.0f} img/s decoded on the device "
+                  f"(--gpu_decode, the workers only read files){need}."]
     profiled = [(c, r) for c in report["configs"] for r in c["rows"] if r["profile"]]
     if profiled:
         lines += ["", "Where the step's time goes (profiler, self time by kind of kernel; tables in "
@@ -344,6 +417,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="start no configuration that would end past this many seconds from the start")
     ap.add_argument("--profile", default=None, metavar="DIR", help="write profiler kernel tables here")
     ap.add_argument("--profile-steps", type=int, default=3)
+    ap.add_argument("--loader-images", type=int, default=0,
+                    help="also measure the data path over this many images (0 = no; e.g. 4096)")
+    ap.add_argument("--loader-workers", type=int, default=None, help="DataLoader workers (default: all CPUs)")
+    ap.add_argument("--loader-size", type=int, default=224, help="crop size off the GPU (on a GPU: 224)")
     ap.add_argument("--json", default=None, help="write the results as JSON here")
     ap.add_argument("--markdown", default=None, help="write the Markdown table here")
     return ap.parse_args(argv)
@@ -379,6 +456,9 @@ def main(argv: list[str] | None = None) -> dict:
             last_s = time.perf_counter() - t0
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    loader = None
+    if args.loader_images:
+        loader = loader_rates(args, device, args.batch or MODELS[args.models[0]][2])
     info = machine_info(["torch", "torchvision"])
     report = {
         "when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
@@ -388,7 +468,7 @@ def main(argv: list[str] | None = None) -> dict:
         "launch_unit": "kernel launches" if device.type == "cuda" else "aten ops",
         "machine": {"device_name": device_name, "cpu_model": info["cpu_model"], "threads": info["threads"],
                     "gpus": info["gpus"], "libraries": info["libraries"]},
-        "configs": configs, "total_s": time.perf_counter() - t_start,
+        "configs": configs, "loader": loader, "total_s": time.perf_counter() - t_start,
     }
     text = render_markdown(report)
     print("\n" + text)

@@ -134,6 +134,7 @@ def test_pretrain_benchmark_smoke_run_on_cpu(tmp_path):
     report = bench.main(["--device", "cpu", "--models", "tiny", "--decoder-depths", "2", "1", "--modes", "eager",
                          "--rounds", "1", "--steps", "1", "--warmup", "0", "--budget-s", "0",
                          "--profile", str(tmp_path / "prof"), "--json", str(tmp_path / "r.json"),
+                         "--loader-images", "24", "--loader-workers", "0", "--loader-size", "32",
                          "--markdown", str(tmp_path / "r.md")])
     assert json.loads((tmp_path / "r.json").read_text())["configs"][0]["decoder_depth"] == 2
     (config,) = report["configs"]  # --budget-s 0: the first configuration runs, the next is skipped
@@ -147,5 +148,8 @@ def test_pretrain_benchmark_smoke_run_on_cpu(tmp_path):
     for r in rows.values():
         assert sum(r["profile"]["share"].values()) == pytest.approx(1.0) and r["profile"]["launches_per_step"] > 0
     assert sorted(p.name for p in (tmp_path / "prof" / "tiny_dec2").iterdir()) == ["MAE_eager.txt", "mtok_eager.txt"]
+    loader = report["loader"]
+    assert loader["images"] == 24 and min(loader["images_per_s"].values()) > 0
     text = (tmp_path / "r.md").read_text()
     assert "| tiny (test), dec 2, 8 | MAE eager |" in text and "paper Table 2" in text and "skipped" in text
+    assert "decoded on the device (--gpu_decode" in text
