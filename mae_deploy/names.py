@@ -14,6 +14,10 @@ BACKENDS = ("ort", "trt", "torch", "openvino")
 # ("null" returns zeros at once, for measuring the extraction pipeline without a model).
 DIAGNOSTIC_BACKENDS = ("null",)
 
+# Image decoders of extraction, classification and serving: Pillow on the host (the exact reference), or
+# torch on the runner's device (nvJPEG on CUDA).
+DECODERS = ("pil", "torch")
+
 # Feature pooling: cls token, mean of the patch tokens, or every token.
 POOLS = ("cls", "mean", "tokens")
 

@@ -6,6 +6,7 @@ pixels travel, slots released and unlinked, the pipe fall-back when shared memor
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -105,10 +106,20 @@ def test_batch_normalisation_is_bit_identical_to_the_per_image_one(mode):
     assert got.dtype == np.float32 and got.flags.c_contiguous and np.array_equal(got, expected)
 
 
-def test_every_transfer_and_transport_writes_the_same_output(images, bundle, clean, tmp_path):
-    """float32 through shared memory (workers normalise) is the reference run's output byte for byte."""
+def test_every_transfer_and_transport_writes_the_same_output(images, bundle, clean, tmp_path, monkeypatch):
+    """uint8 (normalised by the parent) writes the default float32 run's output (workers normalise) byte for
+    byte, and so do pipes."""
+    import functools
+
+    import mae_deploy.extract.local as local
+
     root, _ = images
     ref_dir, _ = clean
-    s = extract_features(root, bundle, tmp_path / "f32", progress=False, transfer="float32", **RUN)
+    s = extract_features(root, bundle, tmp_path / "u8", progress=False, transfer="uint8", **RUN)
     assert s.timings["first_batch_s"] > 0
-    assert result_files(tmp_path / "f32") == result_files(ref_dir)
+    assert result_files(tmp_path / "u8") == result_files(ref_dir)
+    monkeypatch.setattr(local, "DecodePool", functools.partial(DecodePool, shared_memory=False))
+    extract_features(root, bundle, tmp_path / "pipe", progress=False, **RUN)
+    assert result_files(tmp_path / "pipe") == result_files(ref_dir)
+    manifest = json.loads((tmp_path / "pipe" / "manifest.json").read_text())
+    assert manifest["runs"][-1]["transport"] == "pipe" and manifest["runs"][-1]["transfer"] == "float32"

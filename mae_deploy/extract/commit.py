@@ -57,6 +57,7 @@ from mae_deploy.fileio import atomic_write, fsync_dir, write_temp
 # Settings that decide the bytes of the output: resuming with any of them changed is refused.
 BINDING_SETTINGS = (
     "pool", "dtype", "shard_size", "min_side", "max_pixels", "num_shards", "shard_index", "exact_resize",
+    "decoder",
 )
 
 

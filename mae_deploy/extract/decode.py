@@ -6,9 +6,10 @@ One definition of decoding and preprocessing for every engine: the runtime's
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -45,6 +46,25 @@ class Decoded:
     failures: list[tuple[int, str, str]]  # (row, reason, message)
     decode_s: float = 0.0
     in_slot: bool = False  # pixels were written to the batch's shared-memory slot (pixels is None in transit)
+    encoded: list[tuple[int, bytes]] = field(default_factory=list)  # (row, JPEG bytes) for the device decoder
+
+
+def device_decodable(data: bytes, max_pixels: int, min_side: int) -> bool:
+    """Whether ``--decoder torch`` takes these bytes: a whole RGB or greyscale JPEG within the job's limits.
+
+    Everything else (other formats, CMYK, a missing end marker, too small, too many pixels, unreadable
+    headers) takes the PIL path, which decodes it or fails it with the usual errors.jsonl reason. Only the
+    header is parsed here (tens of microseconds).
+    """
+    if not data.startswith(b"\xff\xd8") or b"\xff\xd9" not in data[-32:]:  # truncated files end elsewhere
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            return (im.format == "JPEG" and im.mode in ("RGB", "L") and min(w, h) >= min_side
+                    and (not max_pixels or w * h <= max_pixels))
+    except Exception:  # the PIL path will say what is wrong with it
+        return False
 
 
 class Decoder:
@@ -52,14 +72,16 @@ class Decoder:
     (one definition of the preprocessing). ``reader`` None reads plain files."""
 
     def __init__(self, preprocessing: dict, in_chans: int, min_side: int, max_pixels: int, transfer: str,
-                 exact_resize: bool = False, reader: RowReader | None = None) -> None:
+                 exact_resize: bool = False, reader: RowReader | None = None, device_jpeg: bool = False) -> None:
         from mae_deploy.preprocess import Preprocessor
         from mae_deploy.sources.files import FileReader
 
         self.pre = Preprocessor.from_config(preprocessing, in_chans=in_chans, max_pixels=max_pixels, min_side=1,
                                             exact_resize=exact_resize)
         self.min_side = min_side
+        self.max_pixels = max_pixels
         self.transfer = transfer
+        self.device_jpeg = device_jpeg  # --decoder torch: JPEGs go back encoded, for the runner's device
         self.reader = reader if reader is not None else FileReader()
 
     def read(self, row: int, path: str) -> bytes:
@@ -67,9 +89,12 @@ class Decoder:
         return self.reader.read(row, path)
 
     def decode_one(self, row: int, path: str) -> np.ndarray:
+        return self.decode_bytes(self.read(row, path), path)
+
+    def decode_bytes(self, data: bytes, path: str) -> np.ndarray:
+        """A row's bytes -> its model-sized image (uint8 HWC or normalised float32 CHW, as ``transfer`` says)."""
         from mae_deploy.preprocess import check_min_side
 
-        data = self.read(row, path)
         try:
             im = self.pre.load_image(NamedBytes(data, path))
         except Exception as e:  # any decoder error is this input's failure, never the job's
@@ -92,10 +117,17 @@ class Decoder:
         """Decode ``items``; with ``out`` (room for every item) the good images go there, in order, and the
         result's pixels are ``out[:n]``: a worker writes straight into shared memory, with no stacking copy."""
         t0 = time.perf_counter()
-        rows, images, failures = [], [], []
+        rows, images, failures, encoded = [], [], [], []
         for row, path in items:
             try:
-                image = self.decode_one(row, path)
+                if self.device_jpeg:
+                    data = self.read(row, path)
+                    if device_decodable(data, self.max_pixels, self.min_side):
+                        encoded.append((row, data))
+                        continue
+                    image = self.decode_bytes(data, path)
+                else:
+                    image = self.decode_one(row, path)
                 if out is None:
                     images.append(image)
                 else:
@@ -106,9 +138,10 @@ class Decoder:
             except Exception as e:
                 failures.append((row, classify_failure(e), str(e)))
         if out is not None:
-            return Decoded(rows, out[:len(rows)] if rows else None, failures, time.perf_counter() - t0)
-        pixels = np.stack(images) if images else None
-        return Decoded(rows, pixels, failures, time.perf_counter() - t0)
+            pixels = out[:len(rows)] if rows else None
+        else:
+            pixels = np.stack(images) if images else None
+        return Decoded(rows, pixels, failures, time.perf_counter() - t0, encoded=encoded)
 
 
 def normalize_batch(pre, pixels: np.ndarray) -> np.ndarray:
@@ -133,4 +166,5 @@ def merge_decoded(parts: dict[int, Decoded], n_items: int) -> Decoded:
         pixels=np.concatenate(pixels) if pixels else None,
         failures=[f for d in ordered for f in d.failures],
         decode_s=sum(d.decode_s for d in ordered),
+        encoded=[e for d in ordered for e in d.encoded],
     )

@@ -16,6 +16,7 @@ from collections import Counter
 import numpy as np
 
 from mae_deploy.bundle import Bundle
+from mae_deploy.decode_torch import default_decoder
 from mae_deploy.errors import InputError
 from mae_deploy.extract.commit import (
     ResumeState,
@@ -30,6 +31,7 @@ from mae_deploy.extract.layout import MANIFEST_NAME
 from mae_deploy.extract.lock import OutputLock
 from mae_deploy.extract.plan import ExtractSummary, JobPlan, check_options, make_plan, now, versions
 from mae_deploy.fileio import atomic_write_json, check_writable
+from mae_deploy.names import DECODERS
 from mae_deploy.sources import Source, list_source, split_rows
 
 # While a job runs, the manifest's shard checksums are brought up to date at most this often.
@@ -206,7 +208,7 @@ def extract_features(
     min_side: int = 16,
     max_pixels: int | None = None,
     progress: bool = True,
-    transfer: str = "uint8",
+    transfer: str = "float32",
     start_method: str = "spawn",
     runner_opts: dict | None = None,
     engine: str = "local",
@@ -215,13 +217,15 @@ def extract_features(
     gpus_per_actor: float = 0.0,
     cpus_per_actor: float = 1.0,
     exact_resize: bool = False,
+    decoder: str | None = None,
 ) -> ExtractSummary:
     """Extract features of every image of ``source`` (part ``shard_index`` of ``num_shards``) into ``out_dir``.
 
     Resumes when ``out_dir`` already holds the same job; see :mod:`mae_deploy.extract` for the layout,
     failure reasons and guarantees. ``workers`` decode processes (None: :func:`default_workers`; 0: a
-    thread); ``transfer`` is how decoded images travel back from workers (uint8 HWC, normalised in the main
-    process, is 4x smaller than float32 CHW). ``shard_size`` None: 10,000 inputs (less for ``pool="tokens"``
+    thread); ``transfer`` is how decoded images travel back from workers: float32 CHW, normalised by the
+    workers (the default: the main process only hands shared memory to the runner), or uint8 HWC (4x
+    smaller, normalised in the main process). ``shard_size`` None: 10,000 inputs (less for ``pool="tokens"``
     so a shard stays under 256 MiB), or the existing job's value when resuming. ``max_pixels`` None: Pillow's
     ``Image.MAX_IMAGE_PIXELS``; 0 disables the bomb check. ``threads``: inference threads, mapped by each
     backend (``create_runner(threads=...)``); ``runner_opts`` go to the runner as they are.
@@ -233,12 +237,22 @@ def extract_features(
     ``exact_resize=True`` decodes every image at full size before resizing (see
     :class:`~mae_deploy.preprocess.Preprocessor`); the default downscales large JPEGs while decoding. It is
     recorded in the manifest, and resuming with the other setting is refused.
+
+    ``decoder`` "torch" decodes JPEGs in batches on the runner's device (torchvision; nvJPEG on CUDA) with
+    resize, crop and normalisation there, other files through PIL (same failure reasons); "pil" decodes
+    everything with Pillow in the workers (the exact reference). None: torch on CUDA, pil on the CPU
+    (:func:`~mae_deploy.decode_torch.default_decoder`). Recorded in the manifest; it binds a resume.
     """
     t_start = time.perf_counter()
     started = now()
     workers, max_pixels = check_options(pool=pool, dtype=dtype, transfer=transfer, batch_size=batch_size,
                                         min_side=min_side, workers=workers, shard_size=shard_size,
                                         max_pixels=max_pixels, engine=engine)
+    decoder = decoder or default_decoder(device)
+    if decoder not in DECODERS:
+        raise InputError(f"decoder must be one of {list(DECODERS)}, got {decoder!r}")
+    if engine == "ray" and decoder == "torch":
+        raise InputError("--decoder torch runs with --engine local; Ray's decode tasks use --decoder pil")
     if engine == "ray":
         from mae_deploy.extract.ray_engine import check_ray_options
 
@@ -253,7 +267,7 @@ def extract_features(
     with OutputLock(out):
         plan = make_plan(bundle, src, part, out, pool=pool, dtype=dtype, shard_size=shard_size,
                          num_shards=num_shards, shard_index=shard_index, min_side=min_side, max_pixels=max_pixels,
-                         precision=precision, exact_resize=exact_resize)
+                         precision=precision, exact_resize=exact_resize, decoder=decoder)
         state = prepare_output(out, plan.manifest, len(plan.shard_rows))
         job = _Job(plan, state, t_start, started)
         job.start_manifest(engine)

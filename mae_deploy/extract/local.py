@@ -39,6 +39,7 @@ class LocalEngine:
 
     def __init__(self, plan: JobPlan, tasks: Iterator[Task], *, backend: str, device: str, batch_size: int,
                  workers: int, transfer: str, start_method: str, runner_opts: dict) -> None:
+        """``plan.decoder`` "torch": workers send JPEGs encoded, decoded here on the runner's device."""
         from mae_deploy.features import FeatureExtractor
         from mae_deploy.preprocess import Preprocessor
 
@@ -49,11 +50,16 @@ class LocalEngine:
                         "first_batch_s": 0.0}
         self.pre = Preprocessor.from_bundle(plan.bundle, exact_resize=plan.exact_resize)
         args = plan.decoder_args(transfer)
+        self.device_batcher = None
+        if plan.decoder == "torch":
+            from mae_deploy.extract.device_decode import DeviceBatcher
+
+            self.device_batcher = DeviceBatcher(args, device)
         # Workers start first: their start-up (imports) overlaps with creating the inference session.
         self.stage: DecodeStage = (DecodePool(tasks, args, plan.max_pixels, workers, 2 * workers + 2, start_method,
                                  batch_size=batch_size) if workers > 0 else ThreadDecode(tasks, args, 2))
         self.settings = {"backend": backend, "device": device, "batch_size": batch_size, "workers": workers,
-                         "transfer": transfer, "transport": self.stage.transport}
+                         "transfer": transfer, "transport": self.stage.transport, "decoder": plan.decoder}
         try:
             self.fx = FeatureExtractor(plan.bundle, backend=backend, device=device, precision=plan.precision,
                                        pool=plan.pool, batch_size=batch_size, preprocessor=self.pre, **runner_opts)
@@ -68,6 +74,10 @@ class LocalEngine:
             if not self.timings["first_batch_s"]:
                 self.timings["first_batch_s"] = time.perf_counter() - t_first
             self.timings["decode_worker_s"] += dec.decode_s
+            if self.device_batcher is not None:
+                yield task, self._on_device(task, dec)
+                t_wait = time.perf_counter()
+                continue
             feats = None
             if dec.pixels is not None:
                 t0 = time.perf_counter()
@@ -80,6 +90,20 @@ class LocalEngine:
                 self.timings["inference_s"] += time.perf_counter() - t1
             yield task, BatchResult(dec.rows, feats, dec.failures)
             t_wait = time.perf_counter()
+
+    def _on_device(self, task: Task, dec) -> BatchResult:
+        """--decoder torch: JPEGs decoded, resized and normalised on the device, then the runner."""
+        t0 = time.perf_counter()
+        rows, x, failures = self.device_batcher.assemble(task.items, dec, self.transfer)
+        t1 = time.perf_counter()
+        feats = None
+        if x is not None:
+            # A CPU tensor goes in as numpy; a GPU one stays there (runners take DLPack tensors).
+            out = self.fx.extract_pixels(x.numpy() if x.device.type == "cpu" else x)
+            feats = (out if isinstance(out, np.ndarray) else out.float().cpu().numpy()).astype(self.dtype, copy=False)
+        self.timings["normalize_s"] += t1 - t0  # the device decode, resize and normalisation
+        self.timings["inference_s"] += time.perf_counter() - t1
+        return BatchResult(rows, feats, failures)
 
     def run_info(self) -> dict:
         from mae_deploy.extract.job import runner_info

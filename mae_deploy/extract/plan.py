@@ -87,12 +87,13 @@ class JobPlan:
     max_pixels: int
     precision: str
     exact_resize: bool = False
+    decoder: str = "pil"  # names.DECODERS: "torch" decodes JPEGs on the runner's device
 
     def decoder_args(self, transfer: str) -> dict:
         b = self.bundle
         return {"preprocessing": b.preprocessing, "in_chans": b.in_chans, "min_side": self.min_side,
                 "max_pixels": self.max_pixels, "transfer": transfer, "exact_resize": self.exact_resize,
-                "reader": self.src.reader}
+                "reader": self.src.reader, "device_jpeg": self.decoder == "torch"}
 
     def tasks(self, shards: Sequence[int], batch_size: int) -> Iterator[Task]:
         """Batches of the given shards, in order; a batch never straddles two shards."""
@@ -106,7 +107,7 @@ class JobPlan:
 
 def make_plan(bundle: Bundle, src: Source, part: range, out: Path, *, pool: str, dtype: str,
               shard_size: int | None, num_shards: int, shard_index: int, min_side: int, max_pixels: int,
-              precision: str, exact_resize: bool = False) -> JobPlan:
+              precision: str, exact_resize: bool = False, decoder: str = "pil") -> JobPlan:
     """The plan of a job into ``out`` (read under its lock: an existing job's shard size is reused)."""
     L, D = bundle.num_patches, bundle.embed_dim
     feature_shape = (L + 1, D) if pool == "tokens" else (D,)
@@ -130,13 +131,13 @@ def make_plan(bundle: Bundle, src: Source, part: range, out: Path, *, pool: str,
                    "rows": [part.start, part.stop]},
         "settings": {"pool": pool, "dtype": dtype, "shard_size": shard_size, "min_side": min_side,
                      "max_pixels": max_pixels, "num_shards": num_shards, "shard_index": shard_index,
-                     "exact_resize": bool(exact_resize)},
+                     "exact_resize": bool(exact_resize), "decoder": decoder},
         "feature_shape": list(feature_shape),
         "layout": {"features": "shard-{k:05d}.npy", "index": "shard-{k:05d}.index.jsonl", "errors": ERRORS_NAME,
                    "sharding": "contiguous row ranges of shard_size inputs; parts are contiguous row ranges"},
     }
     return JobPlan(bundle, src, part, out, shard_rows, feature_shape, manifest, pool, dtype, min_side, max_pixels,
-                   precision, bool(exact_resize))
+                   precision, bool(exact_resize), decoder)
 
 
 def bundle_fingerprint(bundle: Bundle, precision: str) -> str:
