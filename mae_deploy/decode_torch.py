@@ -27,7 +27,7 @@ from mae_deploy.preprocess import Preprocessor
 
 def default_decoder(device: str) -> str:
     """``torch`` where the runner is on a GPU, ``pil`` on the CPU (Pillow with draft decoding is faster there)."""
-    return "torch" if str(device).startswith("cuda") else "pil"
+    return "torch" if str(device).startswith(("cuda", "tensorrt")) else "pil"
 
 
 class TorchJpegDecoder:

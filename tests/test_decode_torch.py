@@ -139,8 +139,22 @@ def test_the_decoder_binds_a_resume_and_defaults_by_device(images, bundle, tmp_p
     extract_features(one, bundle, tmp_path / "out", progress=False, workers=0, decoder="torch")
     with pytest.raises(InputError, match="decoder: was 'torch', now 'pil'"):
         extract_features(one, bundle, tmp_path / "out", progress=False, workers=0)  # cpu: pil by default
-    assert (default_decoder("cuda:1"), default_decoder("cpu")) == ("torch", "pil")
+    assert [default_decoder(d) for d in ("cuda:1", "tensorrt", "cpu")] == ["torch", "torch", "pil"]
     with pytest.raises(InputError, match="--engine local"):
         extract_features(one, bundle, tmp_path / "ray", progress=False, engine="ray", decoder="torch")
     with pytest.raises(InputError, match="decoder must be one of"):
         extract_features(one, bundle, tmp_path / "bad", progress=False, decoder="nvjpeg")
+
+
+def test_the_cli_takes_decoder(images, bundle, tmp_path):
+    from click.testing import CliRunner
+
+    from mae_deploy.cli import main
+
+    root, made = images
+    one = tmp_path / "one.txt"
+    one.write_text(str(root / made["good"][0]) + "\n")
+    r = CliRunner().invoke(main, ["extract", str(one), "--bundle", str(bundle), "--out", str(tmp_path / "out"),
+                                  "--decoder", "torch", "--workers", "0", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["settings"]["decoder"] == "torch"

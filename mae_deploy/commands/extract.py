@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from mae_deploy.errors import PartialFailure
-from mae_deploy.names import BACKENDS, POOLS
+from mae_deploy.names import BACKENDS, DECODERS, POOLS
 
 
 @click.command()
@@ -42,6 +42,10 @@ from mae_deploy.names import BACKENDS, POOLS
               help="Decode and resize every image at full size; by default images at least twice the model's "
                    "input are JPEG-draft-decoded and box-reduced first (feature cosine 0.999999, see "
                    "benchmarks/RESULTS.md). Recorded in the manifest.")
+@click.option("--decoder", type=click.Choice(DECODERS), default=None,
+              help="pil: Pillow in the decode workers (the exact reference); torch: JPEG batches decoded, resized and "
+                   "normalised on the runner's device (nvJPEG on CUDA), other files through PIL [default: torch on "
+                   "cuda/tensorrt devices, pil on the CPU]. Recorded in the manifest.")
 @click.option("--max-pixels", type=click.IntRange(min=0), default=None,
               help="Larger images fail as decompression_bomb [default: Pillow's limit, 89,478,485]; 0: no limit.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (the summary is still printed).")
@@ -63,7 +67,7 @@ from mae_deploy.names import BACKENDS, POOLS
               help="Parquet SOURCE: the column whose value is a row's path in the index [default: FILE#ROW].")
 def extract(source, bundle_dir, out_dir, backend, device, precision, batch_size, workers, threads, pool, dtype,
             shard_size, num_shards, shard_index, strict, min_side, max_pixels, no_progress, engine, ray_address,
-            actors, gpus_per_actor, cpus_per_actor, exact_resize, image_column, id_column) -> None:
+            actors, gpus_per_actor, cpus_per_actor, exact_resize, decoder, image_column, id_column) -> None:
     """Extract encoder features of every image in SOURCE into sharded .npy files.
 
     \b
@@ -97,6 +101,7 @@ def extract(source, bundle_dir, out_dir, backend, device, precision, batch_size,
         shard_index=shard_index, strict=strict, min_side=min_side, max_pixels=max_pixels,
         progress=not no_progress, engine=engine, ray_address=ray_address, actors=actors,
         gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, exact_resize=exact_resize,
+        decoder=decoder,
     )
     click.echo(str(summary))
     if not summary.ok:
