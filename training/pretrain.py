@@ -116,7 +116,8 @@ def train(args: argparse.Namespace, info) -> None:
         f"{info.world_size} process(es) on {device}, {precision}{compile_note(ddp)}")
     say(f"lr {args.lr:.3e} (blr {args.blr:.3e} x effective batch {eff_batch} / 256), "
         f"epochs {args.epochs}, warm-up {args.warmup_epochs}; images decoded and augmented "
-        + (f"on {device} (--gpu_decode)" if args.gpu_decode else f"by {args.num_workers} CPU worker(s)"))
+        + (f"on {device} (--gpu_decode)" if args.gpu_decode
+           else f"by {args.num_workers} CPU worker(s)" if args.num_workers else "in this process"))
 
     def set_lr(epoch: float) -> float:
         return optim.adjust_learning_rate(optimizer, epoch, args.lr, args.min_lr, args.epochs, args.warmup_epochs)
