@@ -120,6 +120,8 @@ def start_run(args, info: DistInfo) -> tuple[Callable[..., None], torch.device, 
     """
     say = print if info.is_main else (lambda *_a, **_k: None)
     precision = resolve_precision(args.precision, info.device)
+    if info.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the official scripts: the fastest patch-embed conv per shape
     seed_everything(args.seed + info.rank)
     out = Path(args.output_dir) if args.output_dir else None
     if out is not None and info.is_main:
