@@ -7,7 +7,14 @@
    so the ratio errs against the pipeline.
 2. Memory, tiny model (mae_vit_test): peak RSS of the whole job (main process + decode workers, sampled every
    20 ms) for 1k and 10k images.
-3. ``--ray`` (issue #13): the Ray Data engine against the local engine on the same JPEGs and machine, in one
+3. ``--runner null|ort|torch`` (issue #21): where the pipeline's ceiling is. With the null runner (zeros at
+   once, a diagnostic) it measures the decode workers' capacity alone (``decode_capacity_img_s``: the same
+   workers decoding with nothing downstream) against the whole pipeline (``pipeline_img_s``), with the time
+   per stage, and the parent's own ceiling: pre-decoded images (workers hand over a cached image) into the
+   null runner, per transport (shared memory / pipes) and transfer (uint8 / float32), in images per second
+   of the parent's CPU time. With a real runner it also measures the encoder's own rate at the same batch and
+   precision (``model_only_img_s``). ``--json FILE`` writes these numbers.
+4. ``--ray`` (issue #13): the Ray Data engine against the local engine on the same JPEGs and machine, in one
    run: local (default workers), Ray with 1 encoder actor (inference threads = cores, like local) and with 2
    actors (1 thread each), on a local Ray started once by this script (its start-up is not timed). Then the
    peak RSS of the Ray driver process alone (the CLI, joining that Ray) for 1k and 10k small images.
@@ -15,6 +22,9 @@
     python benchmarks/bench_extract.py                 # both parts, appends to benchmarks/RESULTS.md
     python benchmarks/bench_extract.py --images 200 --no-append   # a quicker look
     python benchmarks/bench_extract.py --ray --skip-throughput --skip-memory --images 160   # Ray vs local only
+    python benchmarks/bench_extract.py --runner null --images 2000 --json pipeline.json     # the pipeline alone
+    python benchmarks/bench_extract.py --runner torch --device cuda --precision fp16 --decoder torch \
+        --images 8192 --batch-size 128 --workers 15 --json gpu.json                          # on a GPU machine
 
 Needs the dev extras (torch for the export) and psutil. Runs on a CPU; a busy CPU lowers every number, so the
 load average is recorded with the results.
@@ -41,6 +51,7 @@ from mae_deploy.bench import cpu_model_and_flags  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Batch extraction (issue #5)"
+SECTION_PIPELINE = "## Extraction pipeline capacity (issue #21)"
 
 
 def cpu_model() -> str:
@@ -148,19 +159,248 @@ def small_job_rss(cache: Path, n: int, prefix: str, *extra: str) -> dict:
                             "--out", str(out), "--no-progress", "--shard-size", "1000", *extra])
 
 
+# -- issue #21: the pipeline's own capacity ------------------------------------------------------------------
+
+
+def _warm(_: int) -> int:
+    import mae_deploy.extract.decode  # noqa: F401  (imports paid before the clock starts)
+
+    return os.getpid()
+
+
+def _decode_chunk(items: list, decoder_args: dict) -> int:
+    from mae_deploy.extract.decode import Decoder
+
+    dec = Decoder(**decoder_args)
+    shape, dtype = dec.pixel_layout()
+    out = np.empty((len(items), *shape), dtype)  # as a worker writing into its slot: no stacking copy
+    return len(dec.decode_batch(items, out=out).rows)
+
+
+def decode_capacity(paths: list[str], decoder_args: dict, workers: int, batch_size: int) -> float:
+    """img/s of ``workers`` processes decoding batches with nothing downstream (no transfer, no consumer)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from itertools import repeat
+
+    chunks = [list(enumerate(paths[i:i + batch_size], i)) for i in range(0, len(paths), batch_size)]
+    with ProcessPoolExecutor(max(1, workers), mp_context=mp.get_context("spawn")) as ex:
+        list(ex.map(_warm, range(max(1, workers))))
+        t0 = time.perf_counter()
+        n = sum(ex.map(_decode_chunk, chunks, repeat(decoder_args)))
+        return n / (time.perf_counter() - t0)
+
+
+def run_job(lst: Path, bundle: Path, cache: Path, **kw) -> dict:
+    """One extract_features job; wall and steady img/s, stage times per image (ms).
+
+    Steady: the images after the first batch over the time after it (the workers' start-up, a second or so
+    on a busy 2-core machine, is not the pipeline's throughput).
+    """
+    from mae_deploy.extract import extract_features
+
+    out = Path(tempfile.mkdtemp(prefix="pipe-", dir=cache))
+    s = extract_features(lst, bundle, out, progress=False, **kw)
+    t = s.timings
+    first = min(kw.get("batch_size", 32), s.processed - 1)
+    steady = (s.processed - first) / (s.wall_s - t["startup_s"] - t["first_batch_s"])
+    per_img = {k.removesuffix("_s") + "_ms_per_img": 1e3 * v / max(1, s.processed) for k, v in t.items()
+               if k.endswith("_s") and k not in ("startup_s", "first_batch_s")}
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    return {"images": s.processed, "failed": s.failed, "wall_s": s.wall_s, "img_s": s.images_per_s,
+            "steady_img_s": steady, "startup_s": t["startup_s"], "first_batch_s": t["first_batch_s"], **per_img}
+
+
+def parent_ceiling(lst: Path, bundle: Path, cache: Path, *, workers: int, batch_size: int, transfer: str,
+                   shared_memory: bool) -> dict:
+    """Pre-decoded images into the null runner: what the parent alone can take in.
+
+    The workers (forked, so they inherit the patch) hand over one cached model image per row instead of
+    decoding; the parent's CPU time (all its threads, not the workers') per image is the number that holds
+    whatever the core count: images per parent-CPU-second.
+    """
+    import functools
+    import resource
+
+    import mae_deploy.extract.decode as decode
+    import mae_deploy.extract.local as local
+    from mae_deploy.bundle import Bundle
+    from mae_deploy.extract.workers import DecodePool
+
+    b = Bundle.load(bundle)
+    args = {"preprocessing": b.preprocessing, "in_chans": b.in_chans, "min_side": 16, "max_pixels": 0,
+            "transfer": transfer}
+    cached = decode.Decoder(**args)
+    shape, dtype = cached.pixel_layout()
+    image = np.random.default_rng(0).integers(0, 255, shape).astype(dtype)
+    original_decode, original_pool = decode.Decoder.decode_one, local.DecodePool
+    decode.Decoder.decode_one = lambda self, row, path: image
+    local.DecodePool = functools.partial(DecodePool, shared_memory=shared_memory)
+    try:
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        r = run_job(lst, bundle, cache, backend="null", workers=workers, batch_size=batch_size, transfer=transfer,
+                    start_method="fork")
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+    finally:
+        decode.Decoder.decode_one, local.DecodePool = original_decode, original_pool
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return {"transport": "shared_memory" if shared_memory else "pipe", "transfer": transfer,
+            "parent_cpu_s": cpu, "img_per_parent_cpu_s": r["images"] / cpu, **r}
+
+
+def null_bundle(cache: Path) -> Path:
+    """A tiny encoder at 224x224 / patch 16: the null runner needs only the bundle's shapes."""
+    dst = cache / "null_224"
+    if (dst / "mae.json").is_file():
+        return dst
+    import torch
+
+    from export.bundle_writer import export_bundle
+    from training.model import create_model
+
+    torch.manual_seed(0)
+    export_bundle(create_model("mae_vit_test", img_size=224, patch_size=16).eval(), dst, parts=["encoder"],
+                  verify=False, progress=None)
+    return dst
+
+
+def pipeline_bench(args, cache: Path, size: tuple[int, int]) -> dict:
+    """Decode capacity vs the pipeline (per stage), the parent's ceiling, and (real runners) the encoder alone."""
+    w, h = size
+    paths = make_jpegs(cache / f"jpeg_{w}x{h}", args.images, size)[: args.images]
+    lst = cache / f"pipe_{w}x{h}_{args.images}.txt"
+    lst.write_text("\n".join(paths) + "\n")
+    bundle = null_bundle(cache) if args.runner == "null" else export(args.model, cache / args.model)
+    workers = int(args.workers.split(",")[-1]) if args.workers else None
+    from mae_deploy.bundle import Bundle
+    from mae_deploy.extract.plan import default_workers
+
+    workers = default_workers() if workers is None else workers
+    b = Bundle.load(bundle)
+    transfer = args.transfer
+    decoder_args = {"preprocessing": b.preprocessing, "in_chans": b.in_chans, "min_side": 16,
+                    "max_pixels": 89_478_485, "transfer": transfer}
+    res: dict = {"runner": args.runner, "device": args.device, "precision": args.precision,
+                 "decoder": args.decoder, "model": "null (tiny 224x224 bundle)" if args.runner == "null" else
+                 args.model, "images": len(paths), "size": f"{w}x{h}", "batch_size": args.batch_size,
+                 "workers": workers, "transfer": transfer}
+    job = {"backend": args.runner, "device": args.device, "precision": args.precision, "workers": workers,
+           "batch_size": args.batch_size, "transfer": transfer}
+    if args.decoder != "pil":
+        job["decoder"] = args.decoder
+    if args.runner != "null":
+        res["model_only_img_s"] = model_only_rate(bundle, args)
+        print(f"model only: {res['model_only_img_s']:.1f} img/s", flush=True)
+    if args.decoder == "pil":
+        before = decode_capacity(paths, decoder_args, workers, args.batch_size)
+    run_job(lst, bundle, cache, **job)  # warm-up: page cache, lazy imports, kernels
+    res["pipeline"] = run_job(lst, bundle, cache, **job)
+    res["pipeline_img_s"] = res["pipeline"]["steady_img_s"]
+    print(f"pipeline: {json.dumps(_rounded(res['pipeline']))}", flush=True)
+    if args.decoder == "pil":
+        # Before and after the pipeline (the machine may be shared); the better one, so the ratio errs against
+        # the pipeline.
+        res["decode_capacity_runs"] = [before, decode_capacity(paths, decoder_args, workers, args.batch_size)]
+        res["decode_capacity_img_s"] = max(res["decode_capacity_runs"])
+        res["pipeline_vs_decode"] = res["pipeline_img_s"] / res["decode_capacity_img_s"]
+        print(f"decode capacity ({workers} workers): {res['decode_capacity_img_s']:.1f} img/s; pipeline / decode "
+              f"= {res['pipeline_vs_decode']:.3f}", flush=True)
+    if "model_only_img_s" in res:
+        res["pipeline_vs_model"] = res["pipeline_img_s"] / res["model_only_img_s"]
+        print(f"pipeline / model only = {res['pipeline_vs_model']:.3f}", flush=True)
+    if args.runner == "null" and not args.skip_ceiling:
+        nb = null_bundle(cache)
+        big = cache / f"pipe_ceiling_{args.ceiling_images}.txt"
+        big.write_text("\n".join(paths[i % len(paths)] for i in range(args.ceiling_images)) + "\n")
+        res["parent_ceiling"] = []
+        for shared_memory in (True, False):
+            for tr in ("float32", "uint8"):
+                r = parent_ceiling(big, nb, cache, workers=workers, batch_size=args.batch_size, transfer=tr,
+                                   shared_memory=shared_memory)
+                res["parent_ceiling"].append(r)
+                print(f"parent ceiling {r['transport']}/{tr}: {r['img_per_parent_cpu_s']:.0f} img per parent CPU-s, "
+                      f"{r['steady_img_s']:.0f} img/s wall", flush=True)
+    return res
+
+
+def model_only_rate(bundle: Path, args) -> float:
+    """img/s of FeatureExtractor.extract_pixels on one preprocessed batch (host float32), after warm-up."""
+    from mae_deploy.features import FeatureExtractor
+
+    with FeatureExtractor(bundle, backend=args.runner, device=args.device, precision=args.precision,
+                          batch_size=args.batch_size) as fx:
+        b = fx.bundle
+        x = np.random.default_rng(0).standard_normal((args.batch_size, b.in_chans, b.image_size, b.image_size))
+        x = x.astype(np.float32)
+        for _ in range(3):
+            fx.extract_pixels(x)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < args.model_seconds:
+            fx.extract_pixels(x)
+            n += args.batch_size
+        return n / (time.perf_counter() - t0)
+
+
+def _rounded(d: dict) -> dict:
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in d.items()}
+
+
+def pipeline_lines(r: dict, x: dict) -> list[str]:
+    """RESULTS.md lines of one --runner run."""
+    lines = [f"\nPipeline capacity (issue #21), `--runner {x['runner']}` ({x['model']}), device {x['device']}, "
+             f"{x['precision']}, decoder {x['decoder']}, transfer {x['transfer']}: {x['images']} JPEGs of {x['size']}, "
+             f"batch {x['batch_size']}, {x['workers']} decode workers.\n"]
+    p = x["pipeline"]
+    stages = ", ".join(f"{k.removesuffix('_ms_per_img')} {v:.3f}" for k, v in p.items() if k.endswith("_ms_per_img"))
+    lines.append(f"- pipeline (steady, after start-up): **{x['pipeline_img_s']:.1f} img/s** (wall incl. start-up "
+                 f"{p['img_s']:.1f}); per image, ms: {stages}")
+    if "decode_capacity_img_s" in x:
+        lines.append(f"- decode capacity (the same {x['workers']} workers decoding, nothing downstream): "
+                     f"{x['decode_capacity_img_s']:.1f} img/s; **pipeline / decode = {x['pipeline_vs_decode']:.3f}** "
+                     "(target >= 0.9)")
+    if "model_only_img_s" in x:
+        lines.append(f"- encoder alone (extract_pixels, host float32 batch): {x['model_only_img_s']:.1f} img/s; "
+                     f"**pipeline / encoder = {x['pipeline_vs_model']:.3f}**")
+    if x.get("parent_ceiling"):
+        lines += ["", "Parent ceiling: pre-decoded images (forked workers hand over a cached model image) into the "
+                  "null runner; the parent's CPU time (all its threads, not the workers') per image:", "",
+                  "| transport | transfer | img per parent CPU-second | wall img/s | parent CPU s | images |",
+                  "|---|---|---|---|---|---|"]
+        for c in x["parent_ceiling"]:
+            lines.append(f"| {c['transport']} | {c['transfer']} | {c['img_per_parent_cpu_s']:.0f} | "
+                         f"{c['steady_img_s']:.0f} | {c['parent_cpu_s']:.2f} | {c['images']} |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=400, help="JPEGs for the ViT-B throughput runs")
     ap.add_argument("--size", default="500x375", help="JPEG size WxH (ImageNet's typical is ~500x375)")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--workers", default="0,1,2", help="decode worker counts to compare")
+    ap.add_argument("--workers", default=None,
+                    help="decode worker counts to compare [0,1,2]; --runner: one count [cores - 1, at most 8]")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "mae-deploy-bench-extract")
     ap.add_argument("--no-append", action="store_true", help="print results only")
     ap.add_argument("--ray", action="store_true", help="also compare --engine ray with --engine local")
     ap.add_argument("--ray-model", default="mae_vit_base_patch16", help="model for the Ray comparison")
+    ap.add_argument("--runner", choices=["null", "ort", "torch", "trt"], default=None,
+                    help="issue #21: pipeline capacity with this runner (null: a diagnostic returning zeros)")
+    ap.add_argument("--model", default="mae_vit_base_patch16", help="--runner other than null: the model")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--decoder", default="pil", help="--runner: pil or torch")
+    ap.add_argument("--transfer", default="float32", choices=["uint8", "float32"])
+    ap.add_argument("--model-seconds", type=float, default=10.0, help="--runner: seconds of encoder-alone timing")
+    ap.add_argument("--ceiling-images", type=int, default=20_000, help="--runner null: rows of the parent ceiling")
+    ap.add_argument("--skip-ceiling", action="store_true", help="--runner null: skip the parent ceiling")
+    ap.add_argument("--json", type=Path, default=None, help="write the results as JSON to this file")
     args = ap.parse_args()
+    if args.runner:  # the issue #5 parts are their own runs
+        args.skip_throughput = args.skip_memory = True
     cache = args.cache
     cache.mkdir(parents=True, exist_ok=True)
     w, h = map(int, args.size.split("x"))
@@ -176,7 +416,7 @@ def main() -> None:
         before = model_only(bundle, args.batch_size, 20, {})
         print(f"model-only: {before:.2f} img/s", flush=True)
         runs = []
-        for workers in map(int, args.workers.split(",")):
+        for workers in map(int, (args.workers or "0,1,2").split(",")):
             out = Path(tempfile.mkdtemp(prefix="e2e-", dir=cache))
             r = end_to_end(lst, bundle, out, batch_size=args.batch_size, workers=workers)
             r["workers"] = workers
@@ -196,8 +436,19 @@ def main() -> None:
         results["memory"] = mem
     if args.ray:
         results["ray"] = ray_vs_local(args, cache, (w, h))
+    if args.runner:
+        pipe = pipeline_bench(args, cache, (w, h))
+        results["pipeline"] = pipe
+        for k in ("decode_capacity_img_s", "pipeline_img_s", "model_only_img_s"):
+            if k in pipe:
+                results[k] = pipe[k]
     results["loadavg_after"] = os.getloadavg()[0]
     print(json.dumps(results, indent=1, default=float))
+    if args.json:
+        from mae_deploy.fileio import atomic_write_json
+
+        atomic_write_json(args.json, results)
+        print(f"wrote {args.json}")
     if not args.no_append:
         append_results(results)
 
@@ -267,13 +518,16 @@ def append_results(r: dict) -> None:
                      f"{b['peak_main_mib'] / a['peak_main_mib'] - 1:+.1%}.")
     if "ray" in r:
         lines += ray_lines(r["ray"])
+    if "pipeline" in r:
+        lines += pipeline_lines(r, r["pipeline"])
     text = "\n".join(lines) + "\n"
     existing = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if SECTION not in existing:
-        existing = existing.rstrip("\n") + f"\n\n{SECTION}\n\nWritten by benchmarks/bench_extract.py.\n"
+    section = SECTION_PIPELINE if "pipeline" in r else SECTION
+    if section not in existing:
+        existing = existing.rstrip("\n") + f"\n\n{section}\n\nWritten by benchmarks/bench_extract.py.\n"
     # Insert at the end of our section (before the next "## " heading), so other sections stay intact.
-    start = existing.index(SECTION)
-    nxt = existing.find("\n## ", start + len(SECTION))
+    start = existing.index(section)
+    nxt = existing.find("\n## ", start + len(section))
     end = len(existing) if nxt == -1 else nxt + 1
     RESULTS.write_text(existing[:end].rstrip("\n") + "\n" + text + ("\n" + existing[end:] if nxt != -1 else ""))
     print(f"appended to {RESULTS}")
