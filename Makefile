@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean-venv
+.PHONY: demo test lint bench gpu-check clean-venv
 
 $(STAMP): pyproject.toml constraints-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
+
+# On a CUDA machine (no network): tests/gpu, then the GPU benchmarks; one table -> benchmarks/RESULTS.md.
+# Uses the Python on PATH (a GPU image's own CUDA torch), not .venv: pip install --no-deps -e . there first.
+gpu-check:
+	scripts/gpu_check.sh
 
 clean-venv:
 	rm -rf $(VENV)

@@ -15,7 +15,7 @@ batch 64); the fastest row is compared with timm (goal >= 1.3x). Rows are measur
 interleaved rounds, so drift hits them alike.
 
     python benchmarks/bench_gpu.py --json gpu.json                         # on a CUDA machine
-    python benchmarks/bench_gpu.py --json gpu.json --append --extract-json extract.json --pretrain-json p.json
+    python benchmarks/bench_gpu.py --from-json gpu.json --append --extract-json extract.json --pretrain-json p.json
                                             # one table with the GPU name and versions -> benchmarks/RESULTS.md
     python benchmarks/bench_gpu.py --device cpu --model mae_vit_test --batch-sizes 2 --iters 2   # smoke run
 
@@ -240,9 +240,11 @@ def markdown(res: dict, extract: dict | None = None, pretrain: dict | None = Non
     return "\n".join(lines) + "\n"
 
 
-def append_section(body: str, results: Path = RESULTS) -> None:
+def append_section(body: str, results: Path | None = None) -> None:
     """Append a run's table under the GPU-check section of RESULTS.md (the section is created if absent)."""
     from mae_deploy.fileio import atomic_write_text
+
+    results = results or RESULTS
 
     text = results.read_text() if results.exists() else "# Benchmark results\n"
     if SECTION not in text:
@@ -267,23 +269,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
     p.add_argument("--no-peers", dest="peers", action="store_false", help="skip the timm row")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--from-json", default=None, help="measure nothing: make the table from this earlier --json")
     p.add_argument("--append", action="store_true", help="append the table to benchmarks/RESULTS.md")
     p.add_argument("--extract-json", default=None, help="bench_extract.py's JSON, for the same table")
     p.add_argument("--pretrain-json", default=None, help="bench_pretrain_gpu.py's JSON, for the same table")
     args = p.parse_args(argv)
-    if args.device.startswith("cuda"):
-        import torch
+    if args.from_json:
+        res = json.loads(Path(args.from_json).read_text())
+    else:
+        if args.device.startswith("cuda"):
+            import torch
 
-        if not torch.cuda.is_available():
-            print("no CUDA device: torch.cuda.is_available() is False (use --device cpu for a smoke run)",
-                  file=sys.stderr)
-            return 2
-    res = measure(args)
+            if not torch.cuda.is_available():
+                print("no CUDA device: torch.cuda.is_available() is False (use --device cpu for a smoke run)",
+                      file=sys.stderr)
+                return 7
+        res = measure(args)
     extract = json.loads(Path(args.extract_json).read_text()) if args.extract_json else None
     pretrain = json.loads(Path(args.pretrain_json).read_text()) if args.pretrain_json else None
     table = markdown(res, _extract_summary(extract), pretrain)
     print(table)
-    if args.json:
+    if args.json and not args.from_json:
         from mae_deploy.fileio import atomic_write_json
 
         atomic_write_json(args.json, res)

@@ -30,6 +30,30 @@ def test_smoke_run_measures_device_only_and_runner_rows(tmp_path):
         if r["kind"] == "runner":  # each runner row is judged against the same path's device-only row
             assert r["share"] > 0
     assert res["verdicts"]["fastest"]["img_s"] == max(r["img_s"] for r in res["rows"])
+    # --from-json makes the table again without measuring (what scripts/gpu_check.sh does last).
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n")
+    bench_gpu.RESULTS, saved = results, bench_gpu.RESULTS
+    try:
+        assert bench_gpu.main(["--from-json", str(out), "--append"]) == 0
+    finally:
+        bench_gpu.RESULTS = saved
+    assert "| ort cpu | fp32 | 3 | runner |" in results.read_text()
+
+
+def test_gpu_check_says_what_is_missing_without_cuda():
+    import subprocess
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: scripts/gpu_check.sh would run for real")
+    r = subprocess.run([str(ROOT / "scripts" / "gpu_check.sh"), "--no-append"], capture_output=True, text=True,
+                       env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "OUT": "/tmp/gpu-check-test"},
+                       timeout=120)
+    assert r.returncode == 7 and "no CUDA device" in r.stderr
+    r = subprocess.run([str(ROOT / "scripts" / "gpu_check.sh"), "--bogus"], capture_output=True, text=True)
+    assert r.returncode == 3 and "unknown option --bogus" in r.stderr
 
 
 def test_the_table_lands_in_its_own_section(tmp_path):

@@ -12,13 +12,13 @@ The peak is the best call: the probe measures the limit, not a typical call.
     openvino  the same ONNX probes read by OpenVINO: fp32 (inference precision f32), bf16 (precision
               hint bf16), int8 (the Q/DQ MatMul, which OpenVINO runs in int8)
     torch     torch.matmul in fp32 or bf16 (fp16 on CUDA); the torch backend has no int8
-    trt       no probe (a TensorRT engine per probe would cost more than the rows); unrun here
+    trt       no probe (a TensorRT engine per probe would cost more than the rows)
 
 Probes are cached per run, one per (backend, precision, device), and run twice: before the rows of
 their runner and after them (``PeakProbes.confirm``); the faster counts, so a burst of load from another
 process during one probe does not make rows look closer to the limit than they are. A probe that cannot run (no onnx
 package to build the probe graph, an engine without that kernel) gives a peak of null and the reason.
-CUDA probes (ORT's CUDA provider, torch on cuda) are unrun here: this project's machines have no GPU.
+CUDA probes: ORT's CUDA provider and torch on cuda (what has run where: docs/verification.md).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def _ort_call(precision: str, device: str, threads: int, n: int) -> tuple[Callab
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3
-    providers = ["CPUExecutionProvider"] if device == "cpu" else ["CUDAExecutionProvider"]  # CUDA: unrun here
+    providers = ["CPUExecutionProvider"] if device == "cpu" else ["CUDAExecutionProvider"]
     sess = ort.InferenceSession(data, opts, providers=providers)
     return (lambda: sess.run(None, {"A": a})), op
 
@@ -124,7 +124,7 @@ def _torch_call(precision: str, device: str, threads: int, n: int) -> tuple[Call
     def call():
         with torch.inference_mode():
             y = a @ b
-        if device != "cpu":  # unrun here (no GPU): wait for the kernel, as the runners' copy back does
+        if device != "cpu":  # wait for the kernel, as the runners' copy back does
             torch.cuda.synchronize(device)
         return y
 

@@ -17,8 +17,8 @@ How the clock works:
   latency, and its share of the MatMul peak the same backend reaches at that precision in this run
   (``peak.PeakProbes``).
 
-Not run on this project's machines (no GPU): the CUDA paths (CUDA events, device memory, the torch
-reference's device handling on a GPU host) and every TensorRT row.
+GPU paths: CUDA events, device memory, the torch reference on a GPU host, TensorRT rows (what has run
+where: docs/verification.md).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def bench_row(row: dict, runner, work: Workloads, ref: Reference, config: BenchC
     b, k, part = row["batch"], row["visible"], row["part"]
     call, expected = _call_for(runner, part, work, ref, b, k)
     torch_cuda = row["backend"] == "torch" and row["device"].startswith("cuda")
-    if torch_cuda:  # not run here (no GPU)
+    if torch_cuda:
         runner.torch.cuda.reset_peak_memory_stats(runner.device)
     rss.reset()
     # The first call's output is the one checked against the reference. It is always excluded from the
@@ -119,7 +119,7 @@ def bench_row(row: dict, runner, work: Workloads, ref: Reference, config: BenchC
         throughput_ips=b * 1000.0 / stats["mean"], peak_rss_mb=round(rss.peak_mb(), 1), rss_scope=rss.scope,
         timing=_TIMING, compute=compute(part_flops(arch, part, b, k), stats["p50"], probe, row["precision"]),
     )
-    if torch_cuda:  # not run here (no GPU)
+    if torch_cuda:
         keep, restore = work.ids(b, k)
         latent = ref.latent.get((b, k))
         row["peak_device_mem_mb"] = runner.torch.cuda.max_memory_allocated(runner.device) / 2**20

@@ -14,10 +14,7 @@ What crosses the bus: ``encode_pooled`` fetches only the graph's pooled output (
 bound by address with IO binding, and the result is written into a tensor of the same library on that
 device, so nothing goes through the host. The same binding code runs on the CPU provider with CPU tensors.
 
-Not run on this project's machines (no GPU here): the CUDA and TensorRT providers, their IO binding and
-TensorRT's fp16 / engine cache / profile options. The CPU path, the provider checks, the IO-binding code
-path (bound to CPU memory), the TensorRT provider's options, graph choice and cache folders
-(``runners/trt/ort_ep.py``) and its batch chunking (on the CPU provider) are tested.
+Which of these paths have run on which hardware: docs/verification.md.
 """
 
 from __future__ import annotations

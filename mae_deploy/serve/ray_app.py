@@ -5,7 +5,7 @@ Each replica builds a :class:`ModelService` (runner, warm-up, micro-batcher) in 
 Serve's proxy spreads requests over replicas; every response names its replica in ``X-Replica``. Ray is
 imported only here.
 
-GPUs (``gpus_per_replica``) are passed to Ray as the replica's resource request; unrun here (no GPU).
+GPUs (``gpus_per_replica``) are passed to Ray as the replica's resource request.
 """
 
 from __future__ import annotations

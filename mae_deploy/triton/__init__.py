@@ -5,7 +5,7 @@
 - :mod:`~mae_deploy.triton.pbtxt`: the protobuf text-format writer;
 - :mod:`~mae_deploy.triton.python_backend`: the preprocessing and pooling models the generated model.py import.
 
-Schema-checked (tritonclient's ``model_config_pb2`` in the tests) and unrun against a live Triton.
+Schema-checked with tritonclient's ``model_config_pb2`` in the tests (a live Triton: docs/verification.md).
 """
 
 from __future__ import annotations

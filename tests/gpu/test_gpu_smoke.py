@@ -2,9 +2,8 @@
 (fp32, bf16 autocast) against the PyTorch fp32 CPU result, plus a ViT-B/16 throughput record.
 
 Runs only where CUDA (and, for the trt tests, TensorRT + cuda-python) exist; elsewhere every test skips and
-says what is missing. No machine of this project has a GPU, so these tests have never run here: they are
-the only runtime check of the mae_deploy/runners/trt/ package and of ONNX Runtime's TensorRT provider. See
-tests/gpu/README.md.
+says what is missing. They are the runtime check of the mae_deploy/runners/trt/ package and of ONNX Runtime's
+TensorRT provider. See tests/gpu/README.md; what has run where: docs/verification.md.
 
 Tolerances (outputs are LayerNorm-scaled, O(1)):
 - fp32 engines: max |diff| <= 2e-3 (TensorRT's TF32 is off in our fp32 engines).

@@ -1,8 +1,8 @@
 """TensorRT backend: the bundle's ONNX graphs built into engines with TensorRT's own Python API (10.x, 11.x).
 
-NOT RUN ON THIS PROJECT'S MACHINES. Written from the TensorRT 10.x / 11.x Python API documentation and the
-cuda-python runtime bindings' documentation; no machine of this project has a GPU or TensorRT.
-tests/gpu/test_gpu_smoke.py is its only runtime check; tests/test_trt_logic.py checks the pure logic, the
+Written from the TensorRT 10.x / 11.x Python API documentation and the cuda-python runtime bindings'
+documentation (what has run where: docs/verification.md). tests/gpu/test_gpu_smoke.py is its runtime
+check on a GPU; tests/test_trt_logic.py checks the pure logic, the
 builder configuration against a recording fake ``tensorrt`` and the runner's execute path against a fake
 TensorRT/CUDA pair that simulates the documented contracts on the host.
 

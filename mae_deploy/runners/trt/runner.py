@@ -1,8 +1,8 @@
 """TrtRunner: a bundle's encoder/decoder as TensorRT engines on one CUDA GPU (TensorRT 10.x and 11.x).
 
-NOT RUN ON THIS PROJECT'S MACHINES: written from the TensorRT 10.x / 11.x Python API and cuda-python
-documentation; no machine of this project has a GPU or TensorRT. tests/gpu/test_gpu_smoke.py is its only
-runtime check; tests/test_trt_logic.py drives it on the CPU through fakes of tensorrt and cuda-python.
+Written from the TensorRT 10.x / 11.x Python API and cuda-python documentation (what has run where:
+docs/verification.md). tests/gpu/test_gpu_smoke.py is its runtime check on a GPU; tests/test_trt_logic.py
+drives it on the CPU through fakes of tensorrt and cuda-python.
 
 Threading: engines and sessions are made once per part under that part's lock; calls on a part are
 serialised by the same lock (one execution context and stream per part); ``cudaSetDevice`` is called at
