@@ -58,7 +58,7 @@ def cpu_model() -> str:
     return cpu_model_and_flags()[0]
 
 
-def export(name: str, dst: Path) -> Path:
+def export(name: str, dst: Path, reference_weights: bool = False) -> Path:
     if (dst / "mae.json").is_file():
         return dst
     import torch
@@ -67,7 +67,8 @@ def export(name: str, dst: Path) -> Path:
     from training.model import create_model
 
     torch.manual_seed(0)
-    export_bundle(create_model(name).eval(), dst, parts=["encoder"], verify=False, progress=None)
+    export_bundle(create_model(name).eval(), dst, parts=["encoder"], verify=False, progress=None,
+                  reference_weights=reference_weights)
     return dst
 
 
@@ -272,7 +273,8 @@ def pipeline_bench(args, cache: Path, size: tuple[int, int]) -> dict:
     paths = make_jpegs(cache / f"jpeg_{w}x{h}", args.images, size)[: args.images]
     lst = cache / f"pipe_{w}x{h}_{args.images}.txt"
     lst.write_text("\n".join(paths) + "\n")
-    bundle = null_bundle(cache) if args.runner == "null" else export(args.model, cache / args.model)
+    # reference weights: the torch runner runs them
+    bundle = null_bundle(cache) if args.runner == "null" else export(args.model, cache / f"{args.model}_ref", True)
     workers = int(args.workers.split(",")[-1]) if args.workers else None
     from mae_deploy.bundle import Bundle
     from mae_deploy.extract.plan import default_workers
