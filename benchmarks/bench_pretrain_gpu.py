@@ -480,4 +480,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from mae_deploy.errors import MaeDeployError
+
+    try:
+        main()
+    except MaeDeployError as e:  # e.g. --device cuda without a GPU: exit 7 with the reason
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
