@@ -88,3 +88,25 @@ def test_serve_loads_torch_bf16(bundle):
         assert service.graph_metadata("encoder")["outputs"][0]["name"] == "latent"
     finally:
         service.close()
+
+
+def test_compile_is_an_option_of_extract_bench_and_serve(images, bundle, tmp_path):
+    r = _extract(images, bundle, tmp_path / "c", "--backend", "torch", "--compile")
+    assert r.exit_code == 0, r.output
+    np.testing.assert_allclose(np.asarray(open_features(tmp_path / "c")), np.asarray(_eager(images, bundle, tmp_path)),
+                               rtol=1e-4, atol=1e-4)
+    r = _extract(images, bundle, tmp_path / "o", "--backend", "ort", "--compile")
+    assert r.exit_code == 3 and "--compile compiles the PyTorch model" in r.output
+    r = CliRunner().invoke(main, ["bench", str(bundle), "--backends", "torch", "--compile", "--iters", "1",
+                                  "--warmup", "0", "--no-peak", "--no-reference", "--out", str(tmp_path / "b.json")])
+    assert r.exit_code == 0, r.output
+    runner = json.loads((tmp_path / "b.json").read_text())["runners"][0]
+    assert runner["details"]["compiled"] is True
+    for cmd in ("bench", "serve"):
+        r = CliRunner().invoke(main, [cmd, "--help"])
+        assert "--compile" in r.output
+
+
+def _eager(images, bundle, tmp_path):
+    assert _extract(images, bundle, tmp_path / "e", "--backend", "torch").exit_code == 0
+    return open_features(tmp_path / "e")

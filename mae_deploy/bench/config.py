@@ -77,6 +77,7 @@ class BenchConfig:
     reference: bool = True  # compare outputs with the reference (costs one reference run per workload)
     seed: int = 0
     peak: bool = True  # probe each backend's MatMul peak and report the share of it each row reaches
+    compile: bool = False  # the torch backend through torch.compile (the reference stays eager)
 
     def validate(self) -> None:
         """Check everything that does not need the bundle; InputError names the bad value."""

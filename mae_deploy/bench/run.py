@@ -194,7 +194,8 @@ def run_benchmark(bundle, config: BenchConfig, progress: bool = True) -> dict:
             entry.update(backend=backend, precision=precision, device=config.device)
             runners.append(entry)
             runner, build_s, reason = build_runner(bundle, backend, precision, config.device, threads,
-                                                   config.checkpoint, config.parts, max(config.batch_sizes))
+                                                   config.checkpoint, config.parts, max(config.batch_sizes),
+                                                   compile_model=config.compile)
             if runner is None:
                 entry.update(status="skipped", reason=reason)
                 for part in config.parts:

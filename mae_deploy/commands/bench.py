@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from mae_deploy.bench import BACKENDS, PARTS, PRECISIONS
+from mae_deploy.commands.options import compile_option, compile_runner_opts
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -76,10 +77,11 @@ def _floats(ctx, param, value):
               help="PNG: latency vs batch and encoder latency vs visible tokens (needs mae-deploy[plot]).")
 @click.option("--compare", "compare_path", default=None, type=click.Path(path_type=Path),
               help="An earlier results JSON: print per-row latency and throughput ratios against it.")
+@compile_option
 @click.option("--quiet", is_flag=True, help="No progress bar and no table (files are still written).")
 def bench(bundle: Path, backends, precisions, device, parts, batch_sizes, visible, mask_ratios, warmup, iters,
           duration, threads, checkpoint, reference, seed, peak, out_json, out_csv, out_md, out_png, compare_path,
-          quiet) -> None:
+          compile_model, quiet) -> None:
     """Measure latency for every backend x precision x part x batch size x visible-token count.
 
     \b
@@ -119,6 +121,7 @@ def bench(bundle: Path, backends, precisions, device, parts, batch_sizes, visibl
         backends=backends, precisions=precisions, device=device, parts=parts, batch_sizes=batch_sizes,
         visible=visible, mask_ratios=mask_ratios, warmup=warmup, iters=iters, duration=duration, threads=threads,
         checkpoint=checkpoint, reference=reference, seed=seed, peak=peak,
+        compile=bool(compile_runner_opts(backends, compile_model)),
     )
     config.validate()
     # Fail before the (possibly long) run, not after it.

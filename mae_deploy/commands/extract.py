@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from mae_deploy.commands.options import compile_option, compile_runner_opts
 from mae_deploy.errors import PartialFailure
 from mae_deploy.names import BACKENDS, DECODERS, POOLS
 
@@ -48,6 +49,7 @@ from mae_deploy.names import BACKENDS, DECODERS, POOLS
                    "cuda/tensorrt devices, pil on the CPU]. Recorded in the manifest.")
 @click.option("--max-pixels", type=click.IntRange(min=0), default=None,
               help="Larger images fail as decompression_bomb [default: Pillow's limit, 89,478,485]; 0: no limit.")
+@compile_option
 @click.option("--no-progress", is_flag=True, help="No progress bar (the summary is still printed).")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: decode processes + one runner here; ray: Ray Data (decode tasks, encoder actor pool).")
@@ -67,7 +69,8 @@ from mae_deploy.names import BACKENDS, DECODERS, POOLS
               help="Parquet SOURCE: the column whose value is a row's path in the index [default: FILE#ROW].")
 def extract(source, bundle_dir, out_dir, backend, device, precision, batch_size, workers, threads, pool, dtype,
             shard_size, num_shards, shard_index, strict, min_side, max_pixels, no_progress, engine, ray_address,
-            actors, gpus_per_actor, cpus_per_actor, exact_resize, decoder, image_column, id_column) -> None:
+            actors, gpus_per_actor, cpus_per_actor, exact_resize, decoder, image_column, id_column,
+            compile_model) -> None:
     """Extract encoder features of every image in SOURCE into sharded .npy files.
 
     \b
@@ -101,7 +104,7 @@ def extract(source, bundle_dir, out_dir, backend, device, precision, batch_size,
         shard_index=shard_index, strict=strict, min_side=min_side, max_pixels=max_pixels,
         progress=not no_progress, engine=engine, ray_address=ray_address, actors=actors,
         gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, exact_resize=exact_resize,
-        decoder=decoder,
+        decoder=decoder, runner_opts=compile_runner_opts(backend, compile_model),
     )
     click.echo(str(summary))
     if not summary.ok:

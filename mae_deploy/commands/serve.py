@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from mae_deploy.commands.options import compile_option, compile_runner_opts
 from mae_deploy.names import BACKENDS
 
 
@@ -14,7 +15,8 @@ from mae_deploy.names import BACKENDS
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda[:N] or tensorrt[:N] (ort).")
-@click.option("--precision", default="fp32", show_default=True, help="Graph variant: fp32, int8, fp16.")
+@click.option("--precision", default="fp32", show_default=True,
+              help="Graph variant: fp32, int8, fp16 (ort, openvino, trt); fp32, bf16, fp16 autocast (torch).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Runner CPU threads [default: library's].")
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Most images in one runner call.")
@@ -37,9 +39,10 @@ from mae_deploy.names import BACKENDS
 @click.option("--ray-address", default=None, help="Ray cluster to join ('auto': the running one) [default: local].")
 @click.option("--gpus-per-replica", type=click.FloatRange(min=0), default=0.0, show_default=True)
 @click.option("--cpus-per-replica", type=click.FloatRange(min=0), default=1.0, show_default=True)
+@compile_option
 def serve(bundle, host, port, backend, device, precision, threads, max_batch_size, max_delay_ms, max_queue,
           max_body_mb, max_images_per_request, timeout_s, api_key_env, log_format, no_verify, use_ray, replicas,
-          ray_address, gpus_per_replica, cpus_per_replica) -> None:
+          ray_address, gpus_per_replica, cpus_per_replica, compile_model) -> None:
     """Serve BUNDLE over HTTP: features, reconstructions and KServe v2 inference, micro-batched.
 
     \b
@@ -59,7 +62,7 @@ def serve(bundle, host, port, backend, device, precision, threads, max_batch_siz
         bundle=bundle, backend=backend, device=device, precision=precision, threads=threads,
         max_batch_size=max_batch_size, max_delay_ms=max_delay_ms, max_queue=max_queue, max_body_mb=max_body_mb,
         max_images_per_request=max_images_per_request, timeout_s=timeout_s, api_key_env=api_key_env,
-        log_format=log_format, verify_bundle=not no_verify,
+        log_format=log_format, verify_bundle=not no_verify, runner_opts=compile_runner_opts(backend, compile_model),
     )
     if use_ray:
         from mae_deploy.serve.ray_app import run_on_ray

@@ -92,9 +92,9 @@ class TorchRunner(BaseRunner):
         if self.compiled:
             # CUDA graphs replay fixed shapes with no launch overhead: MAE's short sequences need that.
             mode = "reduce-overhead" if self._device.type == "cuda" else None
-            self._forward_encoder = torch.compile(self.model.forward_encoder, mode=mode, dynamic=False)
+            self._forward_encoder = torch.compile(self.model.forward_encoder, mode=mode)
             if self._forward_decoder is not None:
-                self._forward_decoder = torch.compile(self.model.forward_decoder, mode=mode, dynamic=False)
+                self._forward_decoder = torch.compile(self.model.forward_decoder, mode=mode)
         self._pinned: dict[str, object] = {}  # name -> reusable pinned host buffer (CUDA only)
 
     def _missing_part(self, part: str) -> None:
