@@ -35,6 +35,7 @@ SCRIPTS: dict[str, tuple[list[str], list[str]]] = {
     "peers.py": (["--batch-sizes", "1", "--iters", "2", "--rounds", "1", "--warmup", "1"], ["--write"]),
     "bench_openvino.py": (["--rounds", "2", "--warmup", "1"], []),
     "bench_decode.py": (["--rounds", "1", "--repeat", "1", "--no-accuracy"], []),
+    "bench_sources.py": (["--images", "200", "--rounds", "1"], []),
     "bench_serve.py": (["--images", "8", "--requests", "8", "--precisions", "fp32", "--no-append"], []),
     "bench_export_memory.py": (["--model", "mae_vit_tiny_patch4", "--precision", "fp32,int8"], []),
 }
