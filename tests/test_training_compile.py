@@ -52,6 +52,7 @@ def _epochs(out: Path) -> list[int]:
     return [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # one cold inductor compile on the CPU (~40 s on 2 cores): scheduled among the long files
 def test_compiled_pretraining_follows_eager_and_writes_eager_checkpoints(demo_digits, tmp_path, monkeypatch, capsys):
     eager_out, compiled_out = tmp_path / "eager", tmp_path / "compiled"
     eager = _pretrain(demo_digits, eager_out, 2, monkeypatch=monkeypatch)
