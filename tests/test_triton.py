@@ -449,3 +449,11 @@ def test_string_parameters_survive_the_text_format(classifier_bundle, tmp_path):
     pre = json.loads(cfg.parameters["preprocessing"].string_value)
     assert pre == Bundle.load(classifier_bundle).preprocessing
 
+
+
+def test_a_duplicated_label_is_exit_3_naming_it(classifier_bundle, tmp_path):  # noqa: F811
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\ndog\nbird\ndog\nfrog\n")
+    r = _cli(classifier_bundle, "--out", tmp_path / "r", "--labels", labels)
+    assert r.exit_code == 3, r.output
+    assert "'dog' twice (lines 2 and 4)" in r.output and not (tmp_path / "r").exists()

@@ -88,6 +88,13 @@ def read_labels(path: str | os.PathLike) -> list[str]:
     labels = [line.strip() for line in text.rstrip("\n").splitlines()]
     if not labels or any(not lab for lab in labels):
         raise InputError(f"the labels file {p} must hold one non-empty class name per line")
+    first: dict[str, int] = {}
+    for i, lab in enumerate(labels, start=1):
+        # Triton reports a class by its name: two classes of one name could not be told apart.
+        if lab in first:
+            raise InputError(f"the labels file {p} names {lab!r} twice (lines {first[lab]} and {i}); class names "
+                             "must be unique: fix the file")
+        first[lab] = i
     return labels
 
 
