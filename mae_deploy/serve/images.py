@@ -13,13 +13,13 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 
 from PIL import Image
 
 from mae_deploy.errors import InputError
 from mae_deploy.preprocess import Preprocessor
 from mae_deploy.serve.errors import ApiError, bad_input, payload_too_large
+from mae_deploy.serve.json_body import parse_json
 
 RAW_TYPES = ("application/octet-stream",)
 ACCEPTED = "image/*, application/octet-stream, multipart/form-data or application/json"
@@ -39,10 +39,7 @@ def check_count(n: int, limit: int) -> None:
 
 def images_from_json(body: bytes, limit: int) -> list[bytes]:
     """``{"images": ["<base64>", ...]}`` -> raw image bytes."""
-    try:
-        doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ApiError(400, "bad_json", f"the body is not valid JSON: {e}") from e
+    doc = parse_json(body, "bad_json")
     items = doc.get("images") if isinstance(doc, dict) else None
     if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
         raise ApiError(400, "bad_json", 'expected a JSON object {"images": ["<base64 image>", ...]}')
