@@ -299,11 +299,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _extract_summary(extract: dict | None) -> dict | None:
-    """The numbers of bench_extract.py's JSON that the table shows (its own keys, unchanged)."""
+    """The numbers of bench_extract.py's JSON that the table shows (its own keys), with the issue's goals:
+    end to end >= 85 % of the encoder alone at the same batch and precision, and >= 5,000 img/s."""
     if not extract:
         return None
-    keys = [k for k in extract if k.endswith("_img_s") or k.endswith("_ratio") or k in ("decoder", "precision")]
-    return {k: extract[k] for k in keys} or None
+    run = extract.get("pipeline") if isinstance(extract.get("pipeline"), dict) else {}
+    out = {k: run[k] for k in ("decoder", "precision", "batch_size", "workers") if k in run}
+    for k in ("model_only_img_s", "pipeline_img_s", "decode_capacity_img_s"):
+        if extract.get(k) is not None:
+            out[k] = extract[k]
+    ratio = run.get("pipeline_vs_model")
+    if ratio is not None:
+        out["pipeline_vs_model"] = f"{ratio:.2f} (goal 0.85)"
+    return out or None
 
 
 if __name__ == "__main__":

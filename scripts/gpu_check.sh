@@ -60,7 +60,7 @@ WORKERS=$(( $(nproc) - 1 ))
 step tests-gpu 240 env -u PYTHONDONTWRITEBYTECODE $PY -m pytest tests/gpu -m gpu -q -rs -p no:cacheprovider
 step inference 150 $PY benchmarks/bench_gpu.py --json "$OUT/inference.json"
 step extract 150 $PY benchmarks/bench_extract.py --runner torch --device cuda --precision fp16 --decoder torch \
-  --images 8192 --batch-size 128 --workers "$WORKERS" --no-append --json "$OUT/extract.json"
+  --images 4096 --batch-size 128 --workers "$WORKERS" --model-seconds 10 --no-append --json "$OUT/extract.json"
 PRETRAIN_JSON=()
 if [ "$PRETRAIN" = 1 ]; then
   step pretrain 260 $PY benchmarks/bench_pretrain_gpu.py --budget-s 200 --json "$OUT/pretrain.json" \

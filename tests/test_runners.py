@@ -144,6 +144,20 @@ def test_silent_fallback_is_detected():
     check_providers("cuda", "CUDAExecutionProvider", ["CUDAExecutionProvider", "CPUExecutionProvider"], session=True)
 
 
+def test_a_fallback_names_the_cuda_libraries_that_cannot_load():
+    from mae_deploy.runners.ort import cuda_libraries, unloadable_libraries
+
+    assert cuda_libraries("13") == ["libcudart.so.13", "libcublas.so.13", "libcublasLt.so.13", "libcufft.so.12",
+                                    "libcudnn.so.9"]
+    assert cuda_libraries("12")[3] == "libcufft.so.11"
+    assert unloadable_libraries(["libc.so.6", "libmae-deploy-nonexistent.so.1"]) == ["libmae-deploy-nonexistent.so.1"]
+    with pytest.raises(DeviceUnavailable, match="cannot be loaded: libcudnn.so.9; .*LD_LIBRARY_PATH"):
+        check_providers("cuda", "CUDAExecutionProvider", ["CPUExecutionProvider"], session=True,
+                        missing_libraries=["libcudnn.so.9"])
+    with pytest.raises(DeviceUnavailable, match="log says which"):
+        check_providers("cuda", "CUDAExecutionProvider", ["CPUExecutionProvider"], session=True, missing_libraries=[])
+
+
 def test_tensorrt_ep_profile_covers_batch_and_visible_tokens(tmp_path):
     # What OrtRunner hands ONNX Runtime's TensorRT EP (built by the trt module, one definition).
     profile = derive_profile(196, 224, 3, max_batch=64, opt_batch=8, opt_visible=49, embed_dim=768)

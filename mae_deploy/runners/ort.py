@@ -72,8 +72,44 @@ def parse_device(device: str) -> tuple[str, int]:
     return kind, int(idx or 0)
 
 
-def check_providers(device: str, requested: str, available_or_actual: list[str], session: bool) -> None:
-    """DeviceUnavailable unless ``requested`` is among the providers (available ones, or a session's own)."""
+def cuda_libraries(cuda_major: str | None) -> list[str]:
+    """The shared libraries ONNX Runtime's CUDA provider loads, for the CUDA major it was built with
+    (onnxruntime-gpu 1.31 on PyPI: 13; older releases and NVIDIA's CUDA 12 feed: 12); cuDNN 9 for both."""
+    major = cuda_major or "13"
+    # cuFFT's soname runs one behind the CUDA major (CUDA 12: libcufft.so.11).
+    return [f"libcudart.so.{major}", f"libcublas.so.{major}", f"libcublasLt.so.{major}",
+            f"libcufft.so.{int(major) - 1}", "libcudnn.so.9"]
+
+
+def unloadable_libraries(names: list[str]) -> list[str]:
+    """Those of ``names`` the dynamic loader cannot open here (what a silent CPU fall-back comes from)."""
+    import ctypes
+
+    missing = []
+    for name in names:
+        try:
+            ctypes.CDLL(name)
+        except OSError:
+            missing.append(name)
+    return missing
+
+
+def _ort_cuda_major() -> str | None:
+    try:
+        from onnxruntime.capi import build_and_package_info as info
+    except ImportError:
+        return None
+    version = getattr(info, "cuda_version", None) or ""
+    return version.split(".")[0] or None
+
+
+def check_providers(device: str, requested: str, available_or_actual: list[str], session: bool,
+                    missing_libraries: list[str] | None = None) -> None:
+    """DeviceUnavailable unless ``requested`` is among the providers (available ones, or a session's own).
+
+    After a session fell back to the CPU, the message names the CUDA / cuDNN libraries that cannot be loaded
+    (``missing_libraries``; probed here when None).
+    """
     if requested in available_or_actual:
         return
     have = ", ".join(available_or_actual) or "none"
@@ -82,10 +118,17 @@ def check_providers(device: str, requested: str, available_or_actual: list[str],
             f"ONNX Runtime here has no {requested} (available: {have}), so --device {device} cannot run; "
             "install the GPU build (pip uninstall onnxruntime; pip install 'mae-deploy[gpu]') or use --device cpu"
         )
+    if missing_libraries is None:
+        missing_libraries = unloadable_libraries(cuda_libraries(_ort_cuda_major()))
+    if missing_libraries:
+        why = (f"these libraries cannot be loaded: {', '.join(missing_libraries)}; install them (e.g. pip install "
+               "the matching nvidia-*-cu13 / -cu12 packages) or put their folders on LD_LIBRARY_PATH (the "
+               "nvidia/*/lib folders of a CUDA torch's environment hold them)")
+    else:
+        why = "the CUDA/cuDNN or TensorRT libraries could not be loaded; ONNX Runtime's log says which"
     raise DeviceUnavailable(
-        f"--device {device} asked for {requested}, but ONNX Runtime fell back to {have} (the CUDA/cuDNN or "
-        "TensorRT libraries could not be loaded; ONNX Runtime's log says which); fix the GPU install or use "
-        "--device cpu"
+        f"--device {device} asked for {requested}, but ONNX Runtime fell back to {have} ({why}); fix the GPU "
+        "install or use --device cpu"
     )
 
 
@@ -202,6 +245,11 @@ class OrtRunner(BaseRunner):
         return self._sessions[part]
 
     def _create_session(self, part: str, path):
+        if self.kind != "cpu" and hasattr(self.ort, "preload_dlls"):
+            try:  # CUDA / cuDNN from the nvidia-* pip packages (e.g. a CUDA torch's), without LD_LIBRARY_PATH
+                self.ort.preload_dlls()
+            except Exception:  # a best effort: the provider check below says what is missing
+                pass
         try:
             sess = self.ort.InferenceSession(
                 str(path), sess_options=self._session_options(), providers=self._providers(part)
