@@ -116,3 +116,43 @@ def test_tokens_pooling_on_ray_equals_local(ray_local, images, bundle, tmp_path)
     a, b = open_features(tmp_path / "ray"), open_features(tmp_path / "local")
     assert a.paths == b.paths and a.dtype == np.float16
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_file_name_that_is_not_utf8_gives_the_same_result_on_both_engines(ray_local, images, bundle, tmp_path):
+    import shutil
+
+    root, _ = images
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(root / "odd" / "exif_rot_twin.png", src / "plain.png")
+    shutil.copy(root / "odd" / "exif_rot_twin.png", os.fsdecode(bytes(src) + b"/bad\xff.png"))
+    (src / os.fsdecode(b"broken\xfe.png")).write_bytes(b"\x89PNG not really")  # its failure names it too
+    local = extract_features(src, bundle, tmp_path / "local", progress=False, workers=0, batch_size=4)
+    ray = extract_features(src, bundle, tmp_path / "ray", progress=False, engine="ray", batch_size=4)
+    assert (ray.features, ray.failed) == (local.features, local.failed) == (2, 1)
+    a, b = open_features(tmp_path / "ray"), open_features(tmp_path / "local")
+    assert a.paths == b.paths and any(p.endswith(os.fsdecode(b"bad\xff.png")) for p in a.paths)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert (tmp_path / "ray" / ERRORS_NAME).read_bytes() == (tmp_path / "local" / ERRORS_NAME).read_bytes()
+
+
+def test_an_unreachable_ray_address_from_the_environment_is_exit_7_naming_it(images, bundle, tmp_path):
+    root, _ = images
+    r = subprocess.run([sys.executable, "-m", "mae_deploy.cli", "extract", str(root / "odd"), "--bundle", str(bundle),
+                        "--out", str(tmp_path / "out"), "--engine", "ray", "--no-progress"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"})
+    assert r.returncode == 7, r.stderr
+    assert "127.0.0.1:1" in r.stderr and "RAY_ADDRESS" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("option", ["--gpus-per-actor", "--cpus-per-actor"])
+def test_a_resource_that_is_not_a_number_is_exit_3(images, bundle, tmp_path, option):
+    from click.testing import CliRunner
+
+    from mae_deploy.cli import main
+
+    root, _ = images
+    r = CliRunner().invoke(main, ["extract", str(root / "odd"), "--bundle", str(bundle), "--out",
+                                  str(tmp_path / "out"), "--engine", "ray", option, "nan", "--no-progress"])
+    assert r.exit_code == 3, r.output
+    assert f"{option} must be a finite number" in r.output and not (tmp_path / "out").exists()

@@ -26,6 +26,8 @@ the same code with other resource numbers.
 
 from __future__ import annotations
 
+import math
+import os
 import time
 from collections.abc import Iterator
 
@@ -58,6 +60,9 @@ def import_ray():
 def check_ray_options(*, actors: int, gpus_per_actor: float, cpus_per_actor: float) -> None:
     if actors < 1:
         raise InputError(f"--actors must be at least 1, got {actors}")
+    for name, value in (("--gpus-per-actor", gpus_per_actor), ("--cpus-per-actor", cpus_per_actor)):
+        if not math.isfinite(value):  # nan passes every comparison below and breaks Ray's resource maths
+            raise InputError(f"{name} must be a finite number of 0 or more, got {value}")
     if gpus_per_actor < 0 or cpus_per_actor < 0:
         raise InputError(f"--gpus-per-actor and --cpus-per-actor must be 0 or more, got {gpus_per_actor}, "
                          f"{cpus_per_actor}")
@@ -76,18 +81,19 @@ def decode_rows(batch: dict, decoder_args: dict, pixel_shape: tuple[int, ...]) -
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     Image.MAX_IMAGE_PIXELS = decoder_args["max_pixels"] or None  # as in a local decode worker
     rows = np.asarray(batch["row"], dtype=np.int64)
-    items = list(zip(rows.tolist(), [str(p) for p in batch["path"]], strict=True))
+    items = list(zip(rows.tolist(), [os.fsdecode(p) for p in batch["path"]], strict=True))
     dec = Decoder(**decoder_args).decode_batch(items)
     position = {r: i for i, r in enumerate(rows.tolist())}
     ok = np.zeros(len(rows), dtype=bool)
     pixels = np.zeros((len(rows), *pixel_shape), dtype=np.uint8)
     reason = np.full(len(rows), "", dtype=object)
-    message = np.full(len(rows), "", dtype=object)
+    message = np.full(len(rows), b"", dtype=object)
     for r, im in zip(dec.rows, dec.pixels if dec.pixels is not None else [], strict=True):
         ok[position[r]] = True
         pixels[position[r]] = im
     for r, why, text in dec.failures:
-        reason[position[r]], message[position[r]] = why, text
+        # Bytes, as the paths: a message naming a non-UTF-8 file name cannot be an Arrow string.
+        reason[position[r]], message[position[r]] = why, os.fsencode(text)
     return {"row": rows, "ok": ok, "pixels": pixels, "reason": reason, "message": message}
 
 
@@ -178,7 +184,10 @@ class RayEngine:
             rows = self.plan.shard_rows[k]
             for a in range(rows.start, rows.stop, step):
                 b = min(a + step, rows.stop)
-                yield pa.table({"row": pa.array(np.arange(a, b, dtype=np.int64)), "path": pa.array(paths[a:b])})
+                # Paths travel as bytes (os.fsencode): a file name that is not valid UTF-8 (held with
+                # surrogate escapes) cannot be an Arrow string, yet the local engine reads it.
+                yield pa.table({"row": pa.array(np.arange(a, b, dtype=np.int64)),
+                                "path": pa.array([os.fsencode(p) for p in paths[a:b]], type=pa.binary())})
 
     def _dataset(self, backend: str, device: str, runner_opts: dict, actors: int, gpus_per_actor: float,
                  cpus_per_actor: float):
@@ -231,7 +240,7 @@ class RayEngine:
                     good.append(row)
                     feats.append(feat)
                 else:
-                    failures.append((row, str(reason), str(message)))
+                    failures.append((row, str(reason), os.fsdecode(message)))
             yield task, BatchResult(good, np.stack(feats) if feats else None, failures)
 
     def run_info(self) -> dict:
