@@ -370,6 +370,8 @@ def render_markdown(report: dict) -> str:
                      f"{_f(c['paper_table2'], '.1f')}{'x' if c['paper_table2'] else ''} |")
     for s in report["skipped"]:
         lines.append(f"\nskipped (over --budget-s {report['budget_s']:.0f}): {s}")
+    if not report.get("complete", True):
+        lines.append(f"\nincomplete: written {report['total_s']:.0f} s into a run that did not finish")
     loader = report.get("loader")
     if loader:
         rates = loader["images_per_s"]
@@ -444,38 +446,46 @@ def main(argv: list[str] | None = None) -> dict:
         device_name = f"CPU ({torch.get_num_threads()} threads)"
     peak = matmul_peak_tflops(device, dtype, n)
     print(f"matmul probe {n}^3 {dtype}: {peak:.1f} TFLOP/s on {device_name}", flush=True)
-    configs, skipped, last_s = [], [], 0.0
-    for key in args.models:
-        for depth in args.decoder_depths:
-            elapsed = time.perf_counter() - t_start
-            if args.budget_s is not None and configs and elapsed + last_s > args.budget_s:
-                skipped.append(f"{MODELS[key][1]} decoder {depth} (would end near {elapsed + last_s:.0f} s)")
-                continue
-            t0 = time.perf_counter()
-            configs.append(run_config(key, depth, args, device, precision))
-            last_s = time.perf_counter() - t0
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    loader = None
-    if args.loader_images:
-        loader = loader_rates(args, device, args.batch or MODELS[args.models[0]][2])
     info = machine_info(["torch", "torchvision"])
     report = {
         "when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
         "precision": precision, "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
         "peak_tflops": peak, "peak_probe": f"{n}^3 {str(dtype).removeprefix('torch.')} matmul",
-        "budget_s": args.budget_s, "skipped": skipped, "profile_dir": args.profile,
+        "budget_s": args.budget_s, "skipped": [], "profile_dir": args.profile,
         "launch_unit": "kernel launches" if device.type == "cuda" else "aten ops",
         "machine": {"device_name": device_name, "cpu_model": info["cpu_model"], "threads": info["threads"],
                     "gpus": info["gpus"], "libraries": info["libraries"]},
-        "configs": configs, "loader": loader, "total_s": time.perf_counter() - t_start,
+        "configs": [], "loader": None, "total_s": 0.0,
     }
-    text = render_markdown(report)
-    print("\n" + text)
-    if args.json:
-        atomic_write_json(args.json, report)
-    if args.markdown:
-        atomic_write_text(args.markdown, text)
+
+    def write(final: bool) -> str:
+        """Write what is measured so far: a run cut short by an outer timeout still leaves its results."""
+        report["total_s"] = time.perf_counter() - t_start
+        report["complete"] = final
+        text = render_markdown(report)
+        if args.json:
+            atomic_write_json(args.json, report)
+        if args.markdown:
+            atomic_write_text(args.markdown, text)
+        return text
+
+    if args.loader_images:  # first: short, and independent of the models
+        report["loader"] = loader_rates(args, device, args.batch or MODELS[args.models[0]][2])
+        write(final=False)
+    last_s = 0.0
+    for key in args.models:
+        for depth in args.decoder_depths:
+            elapsed = time.perf_counter() - t_start
+            if args.budget_s is not None and report["configs"] and elapsed + last_s > args.budget_s:
+                report["skipped"].append(f"{MODELS[key][1]} decoder {depth} (would end near {elapsed + last_s:.0f} s)")
+                continue
+            t0 = time.perf_counter()
+            report["configs"].append(run_config(key, depth, args, device, precision))
+            last_s = time.perf_counter() - t0
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            write(final=False)
+    print("\n" + write(final=True))
     return report
 
 
