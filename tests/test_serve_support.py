@@ -120,6 +120,7 @@ class LiveServer:
         import uvicorn
 
         from mae_deploy.serve.app import create_app
+        from mae_deploy.serve.connections import uvicorn_config
         from mae_deploy.serve.service import ModelService
 
         self.service = ModelService(config, runner=runner)
@@ -128,7 +129,9 @@ class LiveServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="on"))
+        # the production server's uvicorn settings (idle connections bounded by --timeout-s)
+        self.server = uvicorn.Server(uvicorn_config(self.app, config.timeout_s, log_config=None, access_log=False,
+                                                    lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> LiveServer:

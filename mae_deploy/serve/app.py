@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import hmac
 import logging
 import os
@@ -26,6 +27,7 @@ from mae_deploy.serve.service import ModelService
 log = logging.getLogger("mae_deploy.serve")
 REQUEST_ID = "X-Request-ID"
 REPLICA = "X-Replica"
+CLIENT_CLOSED = 499  # nginx's status for a client that went away before the answer: counted, never sent
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 # Probes and docs answer without a key (a load balancer's health check carries none; docs hold no data).
@@ -43,11 +45,14 @@ def error_response(e: ApiError, path: str, request_id: str | None = None):
 
 
 class BodyLimit:
-    """ASGI middleware: a body over ``limit`` bytes is refused with 413, by Content-Length or while streaming."""
+    """ASGI middleware: the body must stay within ``limit`` bytes (413, by Content-Length or while streaming)
+    and arrive within ``timeout_s`` of the request's start (408, and the connection is closed: a client that
+    declares 100 bytes, sends 2 and goes silent must not hold a connection for as long as it likes)."""
 
-    def __init__(self, app, limit: int) -> None:
+    def __init__(self, app, limit: int, timeout_s: float) -> None:
         self.app = app
         self.limit = limit
+        self.timeout_s = timeout_s
 
     def _too_large(self, size: int | str) -> ApiError:
         return payload_too_large(f"the body has {size} bytes, above this server's --max-body-mb of "
@@ -60,22 +65,41 @@ class BodyLimit:
         if length is not None and length.isdigit() and int(length) > self.limit:
             response = error_response(self._too_large(int(length)), scope["path"])
             return await response(scope, receive, send)
-        await self.app(scope, _CountingReceive(receive, self.limit, self._too_large), send)
+        start = scope.get("state", {}).get("start", time.monotonic())
+        slow = functools.partial(_body_timeout, self.timeout_s, length.decode() if length else None)
+        await self.app(scope, _BodyReceive(receive, self.limit, self._too_large, start + self.timeout_s, slow), send)
 
 
-class _CountingReceive:
-    """An ASGI receive that counts body bytes and raises 413 once they pass the limit (chunked uploads)."""
+def _body_timeout(timeout_s: float, declared: str | None, received: int) -> ApiError:
+    of = f" of the {declared} declared" if declared else ""
+    return ApiError(408, "request_timeout", f"the request body did not arrive within the server's --timeout-s of "
+                    f"{timeout_s:g} s ({received} bytes{of} came); send the whole body at once",
+                    {"Connection": "close"})  # the rest of the body may still come: never read it as a request
 
-    def __init__(self, receive, limit: int, error: Callable[[str], ApiError]) -> None:
-        self.receive, self.limit, self.error = receive, limit, error
+
+class _BodyReceive:
+    """An ASGI receive that counts body bytes (413 once past the limit, for chunked uploads) and waits for them
+    only until the request's deadline (408)."""
+
+    def __init__(self, receive, limit: int, too_large: Callable[[str], ApiError], deadline: float,
+                 too_slow: Callable[[int], ApiError]) -> None:
+        self.receive, self.limit, self.too_large = receive, limit, too_large
+        self.deadline, self.too_slow = deadline, too_slow
         self.seen = 0
+        self.complete = False  # the whole body is in: later receives wait for a disconnect, with no deadline
 
     async def __call__(self):
-        message = await self.receive()
+        if self.complete:
+            return await self.receive()
+        try:
+            message = await asyncio.wait_for(self.receive(), max(0.0, self.deadline - time.monotonic()))
+        except (asyncio.TimeoutError, TimeoutError):
+            raise self.too_slow(self.seen) from None
         if message["type"] == "http.request":
             self.seen += len(message.get("body", b""))
             if self.seen > self.limit:
-                raise self.error(f"more than {self.limit}")
+                raise self.too_large(f"more than {self.limit}")
+            self.complete = not message.get("more_body", False)
         return message
 
 
@@ -112,6 +136,7 @@ class RequestFrame:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         from starlette.datastructures import Headers, MutableHeaders
+        from starlette.requests import ClientDisconnect
 
         start = time.monotonic()
         headers = Headers(scope=scope)
@@ -144,6 +169,8 @@ class RequestFrame:
             else:
                 try:
                     await self.app(scope, receive, framed_send)
+                except ClientDisconnect:  # the client hung up mid-body: nobody to answer, nothing of ours wrong
+                    sent["status"] = CLIENT_CLOSED
                 except Exception as e:  # a bug: answer JSON, log the traceback, keep serving
                     log.exception("internal error on %s", path)
                     if sent["started"]:  # the status line is out: nothing else can be said to this client
@@ -153,7 +180,8 @@ class RequestFrame:
             seconds = time.monotonic() - start
             status = sent["status"]
             self.service.metrics.request_done(_route_label(scope), status, seconds)
-            log.info("%s %s -> %d in %.1f ms", scope["method"], path, status, seconds * 1000,
+            what = " (the client closed the connection)" if status == CLIENT_CLOSED else ""
+            log.info("%s %s -> %d in %.1f ms%s", scope["method"], path, status, seconds * 1000, what,
                      extra={"status": status, "path": path, "ms": round(seconds * 1000, 2)})
         finally:
             request_id_var.reset(token)
@@ -215,7 +243,7 @@ def create_app(service: ModelService, replica: str | None = None,
         parts = [f"{'.'.join(str(x) for x in err.get('loc', ()))}: {err.get('msg')}" for err in e.errors()]
         return error_response(ApiError(400, "bad_request", "; ".join(parts)), request.url.path)
 
-    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes, timeout_s=config.timeout_s)
 
     app.add_middleware(RequestFrame, service=service, replica=replica, request_id=request_id)  # outermost
 

@@ -90,6 +90,7 @@ def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8080, r
     uvicorn = require("uvicorn")
     require_app_deps()
     from mae_deploy.serve.app import create_app
+    from mae_deploy.serve.connections import uvicorn_config
     from mae_deploy.serve.service import ModelService
 
     configure_logging(config.log_format)
@@ -113,8 +114,8 @@ def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8080, r
         server.should_exit = True
 
     app = create_app(service, on_load_failed=on_load_failed)
-    uconfig = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="on",
-                             timeout_graceful_shutdown=config.timeout_s + 5)
+    uconfig = uvicorn_config(app, config.timeout_s, host=host, port=port, log_config=None, access_log=False,
+                             lifespan="on", timeout_graceful_shutdown=config.timeout_s + 5)
     server = _Server(uconfig)
     previous = signal.signal(signal.SIGTERM, _ignore_sigterm)
     try:
