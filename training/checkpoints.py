@@ -124,7 +124,14 @@ def _torch_load(path: Path) -> object:
     try:
         # argparse.Namespace holds the training args in official training checkpoints: plain data.
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                # Tensors backed by the file's pages (copy-on-write), not a heap copy: load_model hands them
+                # to the model itself, so a ViT-H .pth costs one copy of its weights, not two.
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):  # only the legacy (pre-zip) format refuses mmap: read it whole
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # "Unsupported global" = the pickle asks for code; any other unpickler error = damaged bytes.
         if "Unsupported global" in str(e):
@@ -520,8 +527,27 @@ def build_model(ckpt: LoadedCheckpoint) -> MaskedAutoencoderViT | VisionTransfor
     return MaskedAutoencoderViT(cfg)
 
 
+def _model_without_weights(ckpt: LoadedCheckpoint) -> MaskedAutoencoderViT | VisionTransformer:
+    """:func:`build_model` with every parameter on the meta device (shapes, no storage).
+
+    Each parameter is moved to meta as its module registers it, so at most one layer's worth of memory is
+    ever allocated. (A ``torch.device("meta")`` context cannot build the model: its constructor reads a
+    linspace back with ``tolist()``.)
+    """
+    from torch.nn.modules.module import register_module_parameter_registration_hook
+
+    def on_meta(module, name, param):
+        return None if param is None else torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    handle = register_module_parameter_registration_hook(on_meta)
+    try:
+        return build_model(ckpt)
+    finally:
+        handle.remove()
+
+
 def _check_keys(ckpt: LoadedCheckpoint) -> None:
-    expected = build_model(ckpt).state_dict()
+    expected = _model_without_weights(ckpt).state_dict()  # names and shapes only
     if not ckpt.parts:
         ckpt.parts = _parts(ckpt.state_dict)
     missing = [k for k in expected if k not in ckpt.state_dict]
@@ -552,8 +578,11 @@ def load_model(path: str | os.PathLike, **hints) -> tuple[MaskedAutoencoderViT |
     """Model with the checkpoint's weights, in eval mode."""
     ckpt = load_checkpoint(path, **hints)
     ckpt.require_finite()
-    model = build_model(ckpt)
-    model.load_state_dict({k: v.float() for k, v in ckpt.state_dict.items()}, strict=True)
+    # The model takes the loaded tensors themselves (assign=True) into parameters made without storage
+    # (meta): the returned checkpoint and the model share one copy of the weights (float32 ones are not
+    # copied by .float()), where a built model plus load_state_dict's copy held two for as long as both lived.
+    model = _model_without_weights(ckpt)
+    model.load_state_dict({k: v.float() for k, v in ckpt.state_dict.items()}, strict=True, assign=True)
     return model.eval(), ckpt
 
 
