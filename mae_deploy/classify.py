@@ -9,7 +9,7 @@ backend the reference model (the bundle's ``reference/`` weights).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -21,6 +21,7 @@ from mae_deploy.masking import check_pixel_values
 from mae_deploy.pipeline import Pipeline
 from mae_deploy.preprocess import ImageLike, Preprocessor
 from mae_deploy.runners import Runner
+from mae_deploy.sources import Source
 
 Prediction = list[tuple[str, float]]  # (label, probability), most probable first
 
@@ -118,23 +119,44 @@ class Classifier(Pipeline):
     __call__ = classify
 
 
-def classify_files(classifier: Classifier, paths: list[str], top_k: int = 5) -> list[dict]:
-    """Per path, in order: ``{"path", "predictions": [{"label", "probability"}, ...]}``, or ``{"path", "error"}``
-    for an image that cannot be read (it does not stop the others)."""
+def _as_sources(inputs: Source | Sequence[Source] | Sequence[str | os.PathLike]) -> list[Source]:
+    if isinstance(inputs, Source):
+        return [inputs]
+    items = list(inputs)
+    if all(isinstance(i, Source) for i in items):
+        return items
+    if any(isinstance(i, Source) for i in items):
+        raise InputError("give classify_files Sources or image paths, not a mix of both")
+    return [Source(spec="paths", kind="list", paths=tuple(os.fspath(p) for p in items))]
+
+
+def classify_files(classifier: Classifier, inputs: Source | Sequence[Source] | Sequence[str | os.PathLike],
+                   top_k: int = 5, decoder: str | None = None) -> list[dict]:
+    """Per row of ``inputs``, in order: ``{"path", "predictions": [{"label", "probability"}, ...]}``, or
+    ``{"path", "error", "reason"}`` for an image that cannot be read (it does not stop the others).
+
+    ``inputs``: Sources (:func:`~mae_deploy.sources.list_source`: folders, shards, Parquet, URLs) or image file
+    paths. ``decoder``: ``pil`` or ``torch`` (see :mod:`mae_deploy.input_batches`); default torch when the
+    runner is on a GPU, pil on the CPU.
+    """
+    from mae_deploy.decode_torch import default_decoder
+    from mae_deploy.input_batches import InputBatches
+
+    device = classifier.runner.info.device
+    decoder = decoder or default_decoder(device)
     records: list[dict] = []
-    for chunk in _chunks(paths, classifier.batch_size):
-        arrays, ok = [], []
-        for path in chunk:
-            try:
-                arrays.append(classifier.preprocessor(path)[0])
-                ok.append(len(records))
-                records.append({"path": path})
-            except InputError as e:
-                records.append({"path": path, "error": str(e)})
-        if arrays:
-            preds = classifier.predictions(classifier.logits_pixels(np.stack(arrays)), top_k)
-            for i, pred in zip(ok, preds, strict=True):
-                records[i]["predictions"] = [{"label": lab, "probability": p} for lab, p in pred]
+    for src in _as_sources(inputs):
+        batches = InputBatches(src, classifier.preprocessor, decoder, device)
+        for batch in batches.batches(classifier.batch_size):
+            found: dict[int, dict] = {}
+            for row, reason, message in batch.failures:
+                found[row] = {"path": src.paths[row], "error": message, "reason": reason}
+            if batch.pixels is not None:
+                preds = classifier.predictions(classifier.logits_pixels(batch.pixels), top_k)
+                for row, pred in zip(batch.rows, preds, strict=True):
+                    found[row] = {"path": src.paths[row],
+                                  "predictions": [{"label": lab, "probability": p} for lab, p in pred]}
+            records += [found[row] for row in sorted(found)]
     return records
 
 

@@ -20,10 +20,10 @@ import numpy as np
 from mae_deploy.bundle import Bundle
 from mae_deploy.classify import Classifier, top_k_indices
 from mae_deploy.errors import BundleError, InputError, MissingDependency
-from mae_deploy.features import _chunks
+from mae_deploy.input_batches import InputBatches
 from mae_deploy.names import CLASSIFIER
 from mae_deploy.preprocess import Preprocessor
-from mae_deploy.sources import list_source
+from mae_deploy.sources import Source, list_source
 
 REFERENCE = "torch"  # the label of the PyTorch reference row
 
@@ -36,6 +36,11 @@ class LabelledImages:
     classes: list[str]  # folder names found (sorted)
     paths: list[str]
     targets: list[int]
+
+    @property
+    def source(self) -> Source:
+        """The images as a SOURCE (row i is ``paths[i]``), for the readers and decoders every command shares."""
+        return Source(spec=str(self.root), kind="list", paths=tuple(self.paths))
 
 
 def list_image_folder(root: str | os.PathLike, class_names: list[str]) -> LabelledImages:
@@ -85,7 +90,8 @@ class EvalReport:
     image_folder: str
     class_names: list[str]
     images: int  # images scored
-    failed: list[dict] = field(default_factory=list)  # {"path", "message"}
+    decoder: str = "pil"  # what decoded the images: pil, or torch on the runner's device
+    failed: list[dict] = field(default_factory=list)  # {"path", "reason", "message"}
     scores: list[ModelScore] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -98,7 +104,7 @@ class EvalReport:
     def as_dict(self) -> dict:
         return {
             "bundle": self.bundle, "image_folder": self.image_folder, "class_names": self.class_names,
-            "images": self.images, "failed": self.failed, "notes": self.notes,
+            "images": self.images, "decoder": self.decoder, "failed": self.failed, "notes": self.notes,
             "results": [vars(s) for s in self.scores],
         }
 
@@ -162,21 +168,26 @@ def evaluate(
     batch_size: int = 64,
     progress: bool = False,
     runner_opts: dict | None = None,
+    decoder: str | None = None,
 ) -> EvalReport:
     """Score the bundle's classifier at each precision (default: every one it has) on ``image_folder``.
 
     ``reference``: None adds the PyTorch model when the bundle has reference weights and torch is installed;
-    True requires it; False leaves it out.
+    True requires it; False leaves it out. ``decoder``: ``pil`` or ``torch`` (on ``device``; see
+    :mod:`mae_deploy.input_batches`), default torch on a GPU device, pil on the CPU. Images that cannot be
+    read are listed in ``failed`` and left out of every score.
     """
+    from mae_deploy.decode_torch import default_decoder
+
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     bundle.classifier_graph()  # raises, saying how to get one, when the bundle has no classifier
     names = bundle.class_names or []
     data = list_image_folder(image_folder, names)
-    report = EvalReport(str(bundle.path), str(data.root), names, images=0)
+    report = EvalReport(str(bundle.path), str(data.root), names, images=0, decoder=decoder or default_decoder(device))
     precisions = precisions or bundle.precisions(CLASSIFIER)
     models = _models(bundle, list(dict.fromkeys(precisions)), backend, device, reference, batch_size,
                      report.notes, runner_opts or {})
-    pre = Preprocessor.from_bundle(bundle)
+    batches = InputBatches(data.source, Preprocessor.from_bundle(bundle), report.decoder, device)
     logits: dict[str, list[np.ndarray]] = {m[0]: [] for m in models}
     kept: list[int] = []
     bar = None
@@ -185,21 +196,15 @@ def evaluate(
 
         bar = tqdm(total=len(data.paths), unit="img", desc="eval")
     try:
-        for chunk in _chunks(range(len(data.paths)), batch_size):
-            arrays, rows = [], []
-            for i in chunk:
-                try:
-                    arrays.append(pre(data.paths[i])[0])
-                    rows.append(i)
-                except InputError as e:
-                    report.failed.append({"path": data.paths[i], "message": str(e)})
-            if arrays:
-                x = np.stack(arrays)
+        for batch in batches.batches(batch_size):
+            report.failed += [{"path": data.paths[i], "reason": why, "message": text}
+                              for i, why, text in batch.failures]
+            if batch.pixels is not None:
                 for name, _, _, clf in models:
-                    logits[name].append(clf.logits_pixels(x))
-                kept += rows
+                    logits[name].append(clf.logits_pixels(batch.pixels))
+                kept += batch.rows
             if bar is not None:
-                bar.update(len(chunk))
+                bar.update(len(batch.rows) + len(batch.failures))
     finally:
         if bar is not None:
             bar.close()

@@ -240,3 +240,127 @@ def test_eval_bad_input_exits_3(digits, digits_bundle, tiny_bundle, tmp_path):  
     r = CliRunner().invoke(main, ["eval", str(digits_bundle), str(digits / "val"), "--precisions", "fp16",
                                   "--no-progress"])
     assert r.exit_code == 3 and "fp16" in r.output
+
+
+# -- sources and decoders (issues #21 and #23): classify reads every SOURCE extract reads ----------------
+
+
+def _top1(records: list[dict]) -> list[str]:
+    return [r["predictions"][0]["label"] for r in records]
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_classify_reads_shards_parquet_and_urls_as_the_folder(digits, digits_bundle, tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    from mae_deploy.sources.pack import write_parquet, write_shards
+
+    val = digits / "val"
+    write_shards(val, tmp_path / "shards", per_shard=25)
+    write_parquet(val, tmp_path / "pq", per_file=40)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(val))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/3/"
+    try:
+        got = {}
+        for name, spec in [("folder", val), ("shards", tmp_path / "shards"), ("parquet", tmp_path / "pq"),
+                           ("url", url + sorted(p.name for p in (val / "3").iterdir())[0])]:
+            out = tmp_path / f"{name}.jsonl"
+            r = CliRunner().invoke(main, ["classify", str(spec), "--bundle", str(digits_bundle), "--out", str(out),
+                                          "--top-k", "1", "--decoder", "pil"])
+            assert r.exit_code == 0, (name, r.output)
+            got[name] = _jsonl(out)
+    finally:
+        server.shutdown()
+    assert len(got["folder"]) == len(got["shards"]) == len(got["parquet"]) == 60
+    assert _top1(got["shards"]) == _top1(got["parquet"]) == _top1(got["folder"])  # the same images, in order
+    assert got["shards"][0]["path"].endswith(".tar#0/" + Path(got["folder"][0]["path"]).stem + ".png")
+    assert _top1(got["url"]) == [_top1(got["folder"])[[Path(r["path"]).parent.name for r in got["folder"]].index("3")]]
+    assert got["url"][0]["path"].startswith("http://")
+
+
+def test_classify_lists_a_broken_shard_member_and_exits_4(digits_bundle, tmp_path):
+    import io
+    import tarfile
+
+    good = io.BytesIO()
+    Image.fromarray(np.full((32, 32), 200, np.uint8)).save(good, format="PNG")
+    with tarfile.open(tmp_path / "s.tar", "w") as tf:
+        for name, data in [("a.png", good.getvalue()), ("b.png", b"\x89PNG not really"), ("c.txt", b"no image")]:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    out = tmp_path / "p.jsonl"
+    r = CliRunner().invoke(main, ["classify", str(tmp_path / "s.tar"), "--bundle", str(digits_bundle), "--out",
+                                  str(out)])
+    assert r.exit_code == 4, r.output
+    records = _jsonl(out)
+    assert [Path(x["path"]).name for x in records] == ["s.tar#a.png", "s.tar#b.png", "s.tar#c"]
+    assert "predictions" in records[0]
+    assert [x.get("reason") for x in records[1:]] == ["not_an_image", "missing_image"]
+    assert "2 of 3 images" in r.output
+
+
+@pytest.fixture(scope="module")
+def digits_jpeg(digits, tmp_path_factory) -> Path:
+    """The digits' val/ as JPEGs (what --decoder torch decodes on the device), plus one PNG and one broken JPEG."""
+    root = tmp_path_factory.mktemp("digits_jpeg") / "val"
+    for p in sorted((digits / "val").glob("*/*.png")):
+        (root / p.parent.name).mkdir(parents=True, exist_ok=True)
+        Image.open(p).save(root / p.parent.name / f"{p.stem}.jpg", quality=95)
+    (root / "0" / "as_png.png").write_bytes(next((digits / "val" / "0").glob("*.png")).read_bytes())
+    (root / "1" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken \xff\xd9")
+    return root
+
+
+def test_torch_decoder_gives_the_pil_top1_on_jpegs(digits_jpeg, digits_bundle, monkeypatch):
+    from mae_deploy.classify import classify_files
+    from mae_deploy.decode_torch import TorchJpegDecoder
+    from mae_deploy.sources import list_source
+
+    decoded = []
+    real = TorchJpegDecoder.decode
+    monkeypatch.setattr(TorchJpegDecoder, "decode", lambda self, blobs: decoded.append(len(blobs)) or real(self, blobs))
+    src = list_source(digits_jpeg)
+    with Classifier(digits_bundle, batch_size=16) as clf:
+        pil = classify_files(clf, src, top_k=10, decoder="pil")
+        assert decoded == []
+        torch_ = classify_files(clf, src, top_k=10, decoder="torch")
+    assert sum(decoded) == 60  # every JPEG went to the device decoder; the PNG and the broken file did not
+    assert [r["path"] for r in torch_] == [r["path"] for r in pil] == list(src.paths)
+    assert [r.get("reason") for r in torch_] == [r.get("reason") for r in pil]
+    assert sum("error" in r for r in pil) == 1
+    ok = [i for i, r in enumerate(pil) if "predictions" in r]
+    assert _top1([torch_[i] for i in ok]) == _top1([pil[i] for i in ok])
+    probs = [{p["label"]: p["probability"] for p in records[i]["predictions"]} for records in (pil, torch_)
+             for i in ok]
+    a = np.array([[d[str(c)] for c in range(10)] for d in probs[:len(ok)]])
+    b = np.array([[d[str(c)] for c in range(10)] for d in probs[len(ok):]])
+    np.testing.assert_allclose(b, a, atol=0.02)  # rounding of the resize, not another image
+
+
+def test_classify_and_eval_cli_take_decoder_torch(digits_jpeg, digits_bundle, tmp_path):
+    outs = {}
+    for dec in ("pil", "torch"):
+        outs[dec] = tmp_path / f"{dec}.jsonl"
+        r = CliRunner().invoke(main, ["classify", str(digits_jpeg), "--bundle", str(digits_bundle), "--out",
+                                      str(outs[dec]), "--decoder", dec, "--top-k", "1"])
+        assert r.exit_code == 4 and "broken.jpg" in r.output, r.output
+    assert _top1([r for r in _jsonl(outs["torch"]) if "error" not in r]) == \
+        _top1([r for r in _jsonl(outs["pil"]) if "error" not in r])
+    scores = {}
+    for dec in ("pil", "torch"):
+        out = tmp_path / f"eval-{dec}.json"
+        r = CliRunner().invoke(main, ["eval", str(digits_bundle), str(digits_jpeg), "--precisions", "fp32",
+                                      "--no-reference", "--decoder", dec, "--out", str(out), "--no-progress"])
+        assert r.exit_code == 4 and "1 of 62 images could not be read" in r.output, r.output
+        doc = json.loads(out.read_text())
+        assert doc["images"] == 61 and doc["decoder"] == dec
+        scores[dec] = doc["results"][0]
+    assert scores["torch"]["top1"] == pytest.approx(scores["pil"]["top1"], abs=100 / 61 + 1e-9)

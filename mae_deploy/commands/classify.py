@@ -5,7 +5,12 @@ from __future__ import annotations
 import click
 
 from mae_deploy.errors import InputError, PartialFailure, VerificationError
-from mae_deploy.names import BACKENDS, GRAPH_PRECISIONS, TORCH_PRECISIONS
+from mae_deploy.names import BACKENDS, DECODERS, GRAPH_PRECISIONS, TORCH_PRECISIONS
+
+decoder_option = click.option(
+    "--decoder", type=click.Choice(DECODERS), default=None,
+    help="pil: Pillow, the exact reference; torch: JPEG batches decoded, resized and normalised on the runner's "
+         "device (nvJPEG on CUDA), other files through PIL [default: torch on cuda devices, pil on the CPU].")
 
 
 def _runner_opts(backend: str, threads: int | None) -> dict:
@@ -28,12 +33,20 @@ def _runner_opts(backend: str, threads: int | None) -> dict:
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Images per inference call.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Inference threads [default: all cores].")
-def classify(images, bundle_dir, top_k, out_path, backend, device, precision, batch_size, threads) -> None:
+@decoder_option
+@click.option("--image-column", default=None,
+              help="Parquet SOURCE: the column of image bytes [default: the first image or binary column].")
+@click.option("--id-column", default=None,
+              help="Parquet SOURCE: the column whose value names a row [default: FILE#ROW].")
+def classify(images, bundle_dir, top_k, out_path, backend, device, precision, batch_size, threads, decoder,
+             image_column, id_column) -> None:
     """Top-k labels of IMAGES with the bundle's classifier.
 
     \b
-    IMAGES: image files, directories (searched recursively), quoted globs or text files of paths, as
-    `extract` takes them. An image that cannot be read is listed (with the reason) and the rest go on.
+    IMAGES: one or more SOURCEs, as `extract` takes them: image files, directories (searched recursively),
+    quoted globs, text files of paths, WebDataset .tar shards (rows SHARD#KEY.EXT), Parquet files with an
+    image column (rows FILE#ROW), or any of these behind s3://, gs://, http(s)://. An image that cannot be
+    read is listed (with the reason) and the rest go on.
     \b
     Exit codes: 0 every image classified; 4 some images could not be read (listed); 3 bad options or a
     bundle without a classifier.
@@ -44,10 +57,10 @@ def classify(images, bundle_dir, top_k, out_path, backend, device, precision, ba
 
     if out_path:
         check_writable(out_path, what="--out")
-    paths = [p for spec in images for p in list_source(spec).paths]
+    sources = [list_source(spec, image_column=image_column, id_column=id_column) for spec in images]
     with Classifier(bundle_dir, backend=backend, device=device, precision=precision, batch_size=batch_size,
                     **_runner_opts(backend, threads)) as clf:
-        records = classify_files(clf, paths, top_k)
+        records = classify_files(clf, sources, top_k, decoder=decoder)
     failed = [r for r in records if "error" in r]
     if out_path:
         write_predictions(records, out_path)
@@ -80,8 +93,9 @@ def classify(images, bundle_dir, top_k, out_path, backend, device, precision, ba
 @click.option("--max-top1-drop", type=float, default=None,
               help="Fail (exit 5) when a precision's top-1 is more than this many points below the first one's.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@decoder_option
 def eval_cmd(bundle_dir, image_folder, precisions, backend, device, reference, batch_size, threads, out_path,
-             plot_path, max_top1_drop, no_progress) -> None:
+             plot_path, max_top1_drop, no_progress, decoder) -> None:
     """Top-1 / top-5 of the bundle's classifier at each precision on a labelled IMAGEFOLDER.
 
     \b
@@ -89,7 +103,8 @@ def eval_cmd(bundle_dir, image_folder, precisions, backend, device, reference, b
     classifier's class names. Every model classifies the same decoded images; the PyTorch model (reference
     weights) is added when the bundle has them. The first row is the baseline of the other rows' changes.
     \b
-    Exit codes: 0 scored; 5 --max-top1-drop exceeded; 3 bad input (no classifier, unknown class folders).
+    Exit codes: 0 every image scored; 4 scored, but some images could not be read (listed, left out of every
+    score); 5 --max-top1-drop exceeded; 3 bad input (no classifier, unknown class folders).
     """
     from mae_deploy.evaluate import evaluate, plot_confusion
     from mae_deploy.fileio import atomic_write_json, check_writable
@@ -105,7 +120,8 @@ def eval_cmd(bundle_dir, image_folder, precisions, backend, device, reference, b
             raise InputError(f"--precisions: unknown precision {p!r} for --backend {backend}; choose from "
                              f"{', '.join(allowed)}")
     report = evaluate(bundle_dir, image_folder, wanted, backend=backend, device=device, reference=reference,
-                      batch_size=batch_size, progress=not no_progress, runner_opts=_runner_opts(backend, threads))
+                      batch_size=batch_size, progress=not no_progress, runner_opts=_runner_opts(backend, threads),
+                      decoder=decoder)
     click.echo(report.table())
     for note in report.notes:
         click.echo(f"note: {note}")
@@ -122,6 +138,12 @@ def eval_cmd(bundle_dir, image_folder, precisions, backend, device, reference, b
                 f"top-1 more than {max_top1_drop} points below {base.name} ({base.top1:.2f} %): "
                 + ", ".join(f"{s.name} {s.top1:.2f} %" for s in worse)
                 + "; re-export that precision (for int8: calibrate on more data, or keep fp32/fp16)")
+    for f in report.failed:
+        click.echo(f"failed: {f['path']}: {f['message']}", err=True)
+    if report.failed:  # the same rule as classify: a score that left inputs out is not a clean run
+        total = report.images + len(report.failed)
+        raise PartialFailure(f"{len(report.failed)} of {total} images could not be read (listed above) and were "
+                             "left out of every score")
 
 
 COMMANDS = [classify, eval_cmd]
