@@ -317,8 +317,8 @@ def test_readyz_is_503_until_loaded_and_while_draining(tiny_bundle):  # noqa: F8
 
 
 def test_a_lone_small_image_is_preprocessed_inline_and_the_rest_on_threads(tiny_bundle, monkeypatch):  # noqa: F811
-    """Where decoding runs: inline for a lone small body (no thread hop); on the decoding threads when another
-    request is in flight or the body is large, so the event loop keeps accepting."""
+    """Where decoding runs: inline for a lone image small once decoded (no thread hop); on the decoding threads
+    when another request is in flight or the decoded image is large, so the event loop keeps accepting."""
     import asyncio
 
     from mae_deploy.serve import service as service_mod
@@ -333,8 +333,14 @@ def test_a_lone_small_image_is_preprocessed_inline_and_the_rest_on_threads(tiny_
     monkeypatch.setattr(service_mod, "preprocess", recording)
     svc = service_mod.ModelService(ServeConfig(bundle=str(tiny_bundle)))
     svc.load()
-    small, large = jpeg_bytes(0), jpeg_bytes(1, size=(600, 600))
-    assert len(large) > service_mod.INLINE_MAX_BYTES >= len(small)
+    from mae_deploy.serve.admission import decode_cost
+
+    small = jpeg_bytes(0)
+    buf = io.BytesIO()  # large once decoded (a JPEG this size would be draft-decoded small): 600^2 RGB PNG
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (600, 600, 3), dtype=np.uint8)).save(buf, "PNG")
+    large = buf.getvalue()
+    costs = [decode_cost(b, svc.preprocessor) for b in (small, large)]
+    assert costs[1] > service_mod.INLINE_MAX_DECODE_BYTES >= costs[0]
 
     async def scenario():
         deadline = svc.deadline(time.monotonic())

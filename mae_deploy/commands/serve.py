@@ -27,6 +27,9 @@ from mae_deploy.names import BACKENDS
 @click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=20.0, show_default=True,
               help="Larger request bodies are refused with 413.")
 @click.option("--max-images-per-request", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--max-decode-mb", type=click.FloatRange(min=0, min_open=True), default=1024.0, show_default=True,
+              help="Memory for images being decoded at once, estimated from their headers before decoding; a request "
+                   "beyond it is refused with 503 + Retry-After (413 when it alone exceeds it).")
 @click.option("--timeout-s", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
               help="A request not answered within this many seconds gets 504.")
 @click.option("--api-key-env", default=None, metavar="VAR",
@@ -41,8 +44,8 @@ from mae_deploy.names import BACKENDS
 @click.option("--cpus-per-replica", type=click.FloatRange(min=0), default=1.0, show_default=True)
 @compile_option
 def serve(bundle, host, port, backend, device, precision, threads, max_batch_size, max_delay_ms, max_queue,
-          max_body_mb, max_images_per_request, timeout_s, api_key_env, log_format, no_verify, use_ray, replicas,
-          ray_address, gpus_per_replica, cpus_per_replica, compile_model) -> None:
+          max_body_mb, max_images_per_request, max_decode_mb, timeout_s, api_key_env, log_format, no_verify, use_ray,
+          replicas, ray_address, gpus_per_replica, cpus_per_replica, compile_model) -> None:
     """Serve BUNDLE over HTTP: features, reconstructions and KServe v2 inference, micro-batched.
 
     \b
@@ -61,8 +64,9 @@ def serve(bundle, host, port, backend, device, precision, threads, max_batch_siz
     config = ServeConfig(
         bundle=bundle, backend=backend, device=device, precision=precision, threads=threads,
         max_batch_size=max_batch_size, max_delay_ms=max_delay_ms, max_queue=max_queue, max_body_mb=max_body_mb,
-        max_images_per_request=max_images_per_request, timeout_s=timeout_s, api_key_env=api_key_env,
-        log_format=log_format, verify_bundle=not no_verify, runner_opts=compile_runner_opts(backend, compile_model),
+        max_images_per_request=max_images_per_request, max_decode_mb=max_decode_mb, timeout_s=timeout_s,
+        api_key_env=api_key_env, log_format=log_format, verify_bundle=not no_verify,
+        runner_opts=compile_runner_opts(backend, compile_model),
     )
     if use_ray:
         from mae_deploy.serve.ray_app import run_on_ray

@@ -33,6 +33,7 @@ class ServeConfig:
     api_key_env: str | None = None
     log_format: str = "text"
     max_pixels: int | None = None  # decompression-bomb limit (None: Pillow's default)
+    max_decode_mb: float = 1024.0  # memory of images being decoded at once; beyond it 503 (413 for one request)
     decode_workers: int = 8  # threads that decode and preprocess images off the event loop
     verify_bundle: bool = True
     runner_opts: dict = field(default_factory=dict)  # extra keywords for create_runner
@@ -46,6 +47,7 @@ class ServeConfig:
             "--max-batch-size": self.max_batch_size,
             "--max-queue": self.max_queue,
             "--max-body-mb": self.max_body_mb,
+            "--max-decode-mb": self.max_decode_mb,
             "--max-images-per-request": self.max_images_per_request,
             "--timeout-s": self.timeout_s,
             "decode_workers": self.decode_workers,
@@ -68,6 +70,10 @@ class ServeConfig:
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def max_decode_bytes(self) -> int:
+        return int(self.max_decode_mb * 2**20)
 
     @property
     def api_key(self) -> str | None:

@@ -45,6 +45,7 @@ from mae_deploy.names import (
 )
 from mae_deploy.pooling import pool_latent
 from mae_deploy.preprocess import Preprocessor
+from mae_deploy.serve.admission import DecodeBudget, decode_cost, give_back_memory
 from mae_deploy.serve.batcher import BatcherClosed, MicroBatcher, QueueFull
 from mae_deploy.serve.config import ServeConfig
 from mae_deploy.serve.errors import ApiError, bad_input, not_ready, overloaded, timed_out
@@ -55,8 +56,9 @@ from mae_deploy.serve.protocol_v2 import InferRequest, tensor_metadata
 log = logging.getLogger("mae_deploy.serve")
 
 RECONSTRUCT_FORMATS = ("png", "npz")
-# A body this small is a thumbnail-sized image (a 224^2 JPEG is ~20 KB): decoding it inline takes a few ms.
-INLINE_MAX_BYTES = 64 * 1024
+# An image this small once decoded (a 640x480 photo; a 224^2 one is ~0.4 MiB) decodes inline in a few ms. Judged
+# by the decoded size, not the body's: a few KB of PNG can hold 9400^2 pixels, seconds of decoding.
+INLINE_MAX_DECODE_BYTES = 2 * 2**20
 # The encoder's pooled outputs are served for every bundle: from the graph where it has them, else pooled here.
 _GRAPH_IO = {ENCODER: (ENCODER_INPUTS, (*ENCODER_OUTPUTS, *POOLED_OUTPUTS.values())),
              DECODER: (DECODER_INPUTS, DECODER_OUTPUTS), CLASSIFIER: (CLASSIFIER_INPUTS, CLASSIFIER_OUTPUTS)}
@@ -110,6 +112,7 @@ class ModelService:
         self.classifier = None  # a Classifier (class names, top-k) when the bundle has a classifier graph
         self._inflight = 0  # images admitted and not yet answered (decoding, queued or running)
         self._inflight_lock = threading.Lock()
+        self.decode_budget = DecodeBudget(config.max_decode_bytes)  # bytes of images being decoded
         self.load_error: BaseException | None = None
 
     # -- life cycle -------------------------------------------------------------------------------------
@@ -209,12 +212,30 @@ class ModelService:
     def deadline(self, start: float) -> float:
         return start + self.config.timeout_s
 
-    async def _in_thread(self, fn, *args, deadline: float):
-        loop = asyncio.get_running_loop()
+    async def _in_thread(self, fn, *args, deadline: float, reserved: int = 0):
+        """``fn(*args)`` on a decoding thread; ``reserved`` bytes of the decode budget go back when it ends."""
+
+        def job():
+            try:
+                return fn(*args)
+            finally:
+                give_back_memory(reserved)
+
         try:
-            return await asyncio.wait_for(loop.run_in_executor(self.executor, fn, *args), _left(deadline))
+            future = self.executor.submit(job)
+        except BaseException:
+            self.decode_budget.release(reserved)
+            raise
+        # Released when the work ends or is cancelled unstarted, not when the request stops waiting for it.
+        future.add_done_callback(lambda _: self.decode_budget.release(reserved))
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), _left(deadline))
         except (asyncio.TimeoutError, TimeoutError):
             raise timed_out(self.config.timeout_s) from None
+
+    def _reserve(self, blobs: list[bytes]) -> int:
+        """Reserve the decode budget of ``blobs`` (413 / 503 at once when they do not fit; see admission)."""
+        return self.decode_budget.reserve([decode_cost(b, self.preprocessor) for b in blobs])
 
     async def _preprocess(self, blobs: list[bytes], deadline: float) -> np.ndarray:
         """Decode and preprocess: on the event loop for a lone small image, else on the decoding threads.
@@ -223,9 +244,14 @@ class ModelService:
         waits for the loop meanwhile, and the hop to a thread and back cost ~0.3 ms of its latency on a 2-core
         machine (measured). Anything else goes to the threads, so the loop keeps accepting while images decode.
         """
-        if len(blobs) == 1 and len(blobs[0]) <= INLINE_MAX_BYTES and self._inflight == 1:
-            return preprocess(blobs, self.preprocessor)
-        return await self._in_thread(preprocess, blobs, self.preprocessor, deadline=deadline)
+        reserved = self._reserve(blobs)
+        if len(blobs) == 1 and reserved <= INLINE_MAX_DECODE_BYTES and self._inflight == 1:
+            try:
+                return preprocess(blobs, self.preprocessor)
+            finally:
+                self.decode_budget.release(reserved)
+                give_back_memory(reserved)
+        return await self._in_thread(preprocess, blobs, self.preprocessor, deadline=deadline, reserved=reserved)
 
     async def _batched(self, part: str, inputs: tuple, deadline: float) -> np.ndarray:
         try:
@@ -296,7 +322,7 @@ class ModelService:
         try:
             with self._admit(1):
                 return await self._in_thread(self._reconstruct, blob, mask_ratio, seed, fmt, deadline,
-                                             deadline=deadline)
+                                             deadline=deadline, reserved=self._reserve([blob]))
         except TimeoutError:
             raise timed_out(self.config.timeout_s) from None
         except QueueFull as e:
