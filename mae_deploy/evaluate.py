@@ -1,4 +1,4 @@
-"""`mae-deploy eval`: top-1 / top-5 of a bundle's classifier, per precision, on a labelled ImageFolder.
+"""`mae-deploy eval`: top-1 / top-5 of a bundle's classifier, per precision, on labelled images.
 
 The accuracy guard on real labelled data: every precision's graph (and the PyTorch model, when the bundle
 has reference weights) classifies the same preprocessed images, so differences are the graphs' alone.
@@ -6,7 +6,10 @@ Images are decoded once per batch and fed to every model in turn; an image that 
 and left out of every model's score.
 
 ImageFolder: ``ROOT/<class name>/**/<image>`` (torchvision's layout; the digits writer's ``val/``). Folder
-names are matched to the classifier's class names, so a folder may hold a subset of the classes.
+names are matched to the classifier's class names, so a folder may hold a subset of the classes. Also
+WebDataset shards whose samples carry a ``.cls`` member (the class index, WebDataset's convention) and
+Parquet files with a label column (class indices, or names as strings): what ``data digits --format``
+writes. Images are read and decoded as every command reads them (:mod:`mae_deploy.input_batches`).
 """
 
 from __future__ import annotations
@@ -30,17 +33,22 @@ REFERENCE = "torch"  # the label of the PyTorch reference row
 
 @dataclass(frozen=True)
 class LabelledImages:
-    """An ImageFolder listed in a deterministic order, with targets as the classifier's class indices."""
+    """Labelled images in a deterministic order, with targets as the classifier's class indices."""
 
-    root: Path
-    classes: list[str]  # folder names found (sorted)
+    root: str  # what was given: the ImageFolder, shards or Parquet files
+    classes: list[str]  # the classes found (ImageFolder: folder names, sorted)
     paths: list[str]
     targets: list[int]
+    source: Source | None = None  # the planned source (None: ``paths`` are image files)
 
-    @property
-    def source(self) -> Source:
+    def images(self) -> Source:
         """The images as a SOURCE (row i is ``paths[i]``), for the readers and decoders every command shares."""
-        return Source(spec=str(self.root), kind="list", paths=tuple(self.paths))
+        return self.source or Source(spec=self.root, kind="list", paths=tuple(self.paths))
+
+
+UNLABELLED = ("eval needs each image's class: give an ImageFolder (ROOT/<class name>/<images>, e.g. digits/val), "
+              "WebDataset shards with a .cls member per sample, or Parquet files with a label column "
+              "(--label-column)")
 
 
 def list_image_folder(root: str | os.PathLike, class_names: list[str]) -> LabelledImages:
@@ -68,7 +76,53 @@ def list_image_folder(root: str | os.PathLike, class_names: list[str]) -> Labell
         targets += [index[f.name]] * len(found)
     if not paths:
         raise InputError(f"{root} holds no images in its class folders")
-    return LabelledImages(root, classes, paths, targets)
+    return LabelledImages(str(root), classes, paths, targets)
+
+
+def _class_index(value: object, class_names: list[str], kind: str) -> int | None:
+    """A stored label -> class index: an integer (or a .cls text) is the index, a Parquet string the name."""
+    if isinstance(value, str) and kind == "webdataset":
+        value = int(value) if value.lstrip("-").isdigit() else value
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return value if 0 <= value < len(class_names) else None
+    return class_names.index(value) if value in class_names else None
+
+
+def list_labelled(spec: str | os.PathLike, class_names: list[str], *, label_column: str | None = None,
+                  image_column: str | None = None) -> LabelledImages:
+    """Any labelled SOURCE -> paths and targets: an ImageFolder (a local directory with class folders),
+    WebDataset shards whose samples carry a ``.cls`` member (the class index), or Parquet files with a label
+    column (``label_column``, default ``label``: class indices, or class names as strings)."""
+    from mae_deploy.sources.labels import parquet_labels, webdataset_labels
+
+    local = Path(os.fspath(spec)).expanduser()
+    if local.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in local.iterdir()):
+        if label_column is not None or image_column is not None:
+            raise InputError(f"{spec} is an ImageFolder: its labels are its folder names; --label-column and "
+                             "--image-column apply to Parquet")
+        return list_image_folder(local, class_names)
+    src = list_source(spec, image_column=image_column)
+    if src.kind == "webdataset":
+        if label_column is not None:
+            raise InputError(f"{spec} is WebDataset shards: labels come from each sample's .cls member; "
+                             "--label-column applies to Parquet")
+        values = webdataset_labels(src)
+    elif src.kind == "parquet":
+        values = parquet_labels(src, label_column or "label")
+    else:
+        raise InputError(f"{spec} holds images without labels; {UNLABELLED}")
+    targets = [_class_index(v, class_names, src.kind) for v in values]
+    bad = [i for i, t in enumerate(targets) if t is None]
+    if bad:
+        what = "no .cls member" if values[bad[0]] is None else f"the label {values[bad[0]]!r}"
+        raise InputError(f"{len(bad)} of {len(src)} rows of {spec} have no class of the classifier; the first, "
+                         f"{src.paths[bad[0]]}, has {what} (the classifier knows {len(class_names)} classes: "
+                         f"indices 0..{len(class_names) - 1} or the names {class_names[:5]}"
+                         f"{'...' if len(class_names) > 5 else ''})")
+    classes = [class_names[i] for i in sorted(set(targets))]
+    return LabelledImages(str(spec), classes, list(src.paths), targets, src)
 
 
 @dataclass
@@ -169,8 +223,12 @@ def evaluate(
     progress: bool = False,
     runner_opts: dict | None = None,
     decoder: str | None = None,
+    label_column: str | None = None,
+    image_column: str | None = None,
 ) -> EvalReport:
-    """Score the bundle's classifier at each precision (default: every one it has) on ``image_folder``.
+    """Score the bundle's classifier at each precision (default: every one it has) on ``image_folder``: an
+    ImageFolder, WebDataset shards with ``.cls`` members or Parquet files with a label column
+    (:func:`list_labelled`).
 
     ``reference``: None adds the PyTorch model when the bundle has reference weights and torch is installed;
     True requires it; False leaves it out. ``decoder``: ``pil`` or ``torch`` (on ``device``; see
@@ -182,12 +240,12 @@ def evaluate(
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     bundle.classifier_graph()  # raises, saying how to get one, when the bundle has no classifier
     names = bundle.class_names or []
-    data = list_image_folder(image_folder, names)
-    report = EvalReport(str(bundle.path), str(data.root), names, images=0, decoder=decoder or default_decoder(device))
+    data = list_labelled(image_folder, names, label_column=label_column, image_column=image_column)
+    report = EvalReport(str(bundle.path), data.root, names, images=0, decoder=decoder or default_decoder(device))
     precisions = precisions or bundle.precisions(CLASSIFIER)
     models = _models(bundle, list(dict.fromkeys(precisions)), backend, device, reference, batch_size,
                      report.notes, runner_opts or {})
-    batches = InputBatches(data.source, Preprocessor.from_bundle(bundle), report.decoder, device)
+    batches = InputBatches(data.images(), Preprocessor.from_bundle(bundle), report.decoder, device)
     logits: dict[str, list[np.ndarray]] = {m[0]: [] for m in models}
     kept: list[int] = []
     bar = None

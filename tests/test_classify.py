@@ -364,3 +364,41 @@ def test_classify_and_eval_cli_take_decoder_torch(digits_jpeg, digits_bundle, tm
         assert doc["images"] == 61 and doc["decoder"] == dec
         scores[dec] = doc["results"][0]
     assert scores["torch"]["top1"] == pytest.approx(scores["pil"]["top1"], abs=100 / 61 + 1e-9)
+
+
+def test_eval_scores_shards_and_parquet_as_the_image_folder(digits, digits_bundle, tmp_path):
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mae_deploy.sources.pack import write_parquet, write_shards
+
+    val = digits / "val"
+    write_shards(val, tmp_path / "shards", per_shard=25)  # samples KEY.png + KEY.cls (the class index)
+    write_parquet(val, tmp_path / "pq", per_file=40)  # columns image {bytes, path}, label, class_name
+    with tarfile.open(tmp_path / "s.tar", "w") as tf:  # the first shard without its .cls members
+        with tarfile.open(sorted((tmp_path / "shards").glob("*.tar"))[0]) as src:
+            for ti in src:
+                if not ti.name.endswith(".cls"):
+                    tf.addfile(ti, src.extractfile(ti))
+    folder = evaluate(digits_bundle, val, ["fp32"], reference=False)
+    shards = evaluate(digits_bundle, tmp_path / "shards", ["fp32"], reference=False)
+    parquet = evaluate(digits_bundle, tmp_path / "pq", ["fp32"], reference=False)
+    by_name = evaluate(digits_bundle, tmp_path / "pq", ["fp32"], reference=False, label_column="class_name")
+    for r in (shards, parquet, by_name):
+        assert r.images == folder.images == 60 and r.failed == []
+        assert r.scores[0].top1 == folder.scores[0].top1 and r.scores[0].confusion == folder.scores[0].confusion
+    # A label that names no class of the classifier is exit 3 naming the row; unlabelled images too.
+    table = pq.read_table(sorted((tmp_path / "pq").glob("*.parquet"))[0])
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(table.set_column(table.schema.get_field_index("label"), "label",
+                                    pa.array([12] * table.num_rows, pa.int64())), bad)
+    r = CliRunner().invoke(main, ["eval", str(digits_bundle), str(bad), "--no-progress", "--no-reference"])
+    assert r.exit_code == 3 and "label 12" in r.output and "bad.parquet#0" in r.output, r.output
+    r = CliRunner().invoke(main, ["eval", str(digits_bundle), str(bad), "--label-column", "nope", "--no-progress"])
+    assert r.exit_code == 3 and "'nope' is not a column" in r.output, r.output
+    r = CliRunner().invoke(main, ["eval", str(digits_bundle), str(val / "3"), "--no-progress"])
+    assert r.exit_code == 3 and "without labels" in r.output and ".cls" in r.output, r.output
+    r = CliRunner().invoke(main, ["eval", str(digits_bundle), str(tmp_path / "s.tar"), "--no-progress"])
+    assert r.exit_code == 3 and "no .cls member" in r.output and "s.tar#0/" in r.output, r.output

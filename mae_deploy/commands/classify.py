@@ -78,7 +78,7 @@ def classify(images, bundle_dir, top_k, out_path, backend, device, precision, ba
 
 @click.command(name="eval")
 @click.argument("bundle_dir", metavar="BUNDLE", type=click.Path(exists=True, file_okay=False))
-@click.argument("image_folder", metavar="IMAGEFOLDER", type=click.Path(exists=True, file_okay=False))
+@click.argument("image_folder", metavar="SOURCE")
 @click.option("--precisions", default=None,
               help="Comma-separated classifier precisions to score [default: every one the bundle has].")
 @click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True, help="Inference backend.")
@@ -94,14 +94,21 @@ def classify(images, bundle_dir, top_k, out_path, backend, device, precision, ba
               help="Fail (exit 5) when a precision's top-1 is more than this many points below the first one's.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @decoder_option
+@click.option("--label-column", default=None,
+              help="Parquet SOURCE: the column of class indices (or names) [default: label].")
+@click.option("--image-column", default=None,
+              help="Parquet SOURCE: the column of image bytes [default: the first image or binary column].")
 def eval_cmd(bundle_dir, image_folder, precisions, backend, device, reference, batch_size, threads, out_path,
-             plot_path, max_top1_drop, no_progress, decoder) -> None:
-    """Top-1 / top-5 of the bundle's classifier at each precision on a labelled IMAGEFOLDER.
+             plot_path, max_top1_drop, no_progress, decoder, label_column, image_column) -> None:
+    """Top-1 / top-5 of the bundle's classifier at each precision on a labelled SOURCE.
 
     \b
-    IMAGEFOLDER is ROOT/<class name>/<images> (e.g. the digits' val/); folder names are matched to the
-    classifier's class names. Every model classifies the same decoded images; the PyTorch model (reference
-    weights) is added when the bundle has them. The first row is the baseline of the other rows' changes.
+    SOURCE: an ImageFolder, ROOT/<class name>/<images> (e.g. the digits' val/; folder names are matched to
+    the classifier's class names); WebDataset .tar shards whose samples have a .cls member (the class
+    index); or Parquet files with a label column (--label-column: class indices, or names as strings);
+    local or behind s3://, gs://, http(s)://. Every model classifies the same decoded images; the PyTorch
+    model (reference weights) is added when the bundle has them. The first row is the baseline of the
+    other rows' changes.
     \b
     Exit codes: 0 every image scored; 4 scored, but some images could not be read (listed, left out of every
     score); 5 --max-top1-drop exceeded; 3 bad input (no classifier, unknown class folders).
@@ -121,7 +128,7 @@ def eval_cmd(bundle_dir, image_folder, precisions, backend, device, reference, b
                              f"{', '.join(allowed)}")
     report = evaluate(bundle_dir, image_folder, wanted, backend=backend, device=device, reference=reference,
                       batch_size=batch_size, progress=not no_progress, runner_opts=_runner_opts(backend, threads),
-                      decoder=decoder)
+                      decoder=decoder, label_column=label_column, image_column=image_column)
     click.echo(report.table())
     for note in report.notes:
         click.echo(f"note: {note}")
