@@ -15,7 +15,7 @@ batch 64); the fastest row is compared with timm (goal >= 1.3x). Rows are measur
 interleaved rounds, so drift hits them alike.
 
     python benchmarks/bench_gpu.py --json gpu.json                         # on a CUDA machine
-    python benchmarks/bench_gpu.py --from-json gpu.json --append --extract-json extract.json --pretrain-json p.json
+    python benchmarks/bench_gpu.py --from-json gpu.json --append --extract-json extract.json --pretrain-md p.md
                                             # one table with the GPU name and versions -> benchmarks/RESULTS.md
     python benchmarks/bench_gpu.py --device cpu --model mae_vit_test --batch-sizes 2 --iters 2   # smoke run
 
@@ -207,7 +207,7 @@ def _versions() -> dict:
     return v
 
 
-def markdown(res: dict, extract: dict | None = None, pretrain: dict | None = None) -> str:
+def markdown(res: dict, extract: dict | None = None, pretrain: str | None = None) -> str:
     """One table for RESULTS.md: the inference rows, then the extraction and pretraining numbers if given."""
     where = res["gpu"] or "CPU"
     vers = ", ".join(f"{k} {v}" for k, v in res["versions"].items() if v)
@@ -234,9 +234,8 @@ def markdown(res: dict, extract: dict | None = None, pretrain: dict | None = Non
         lines.append("")
         lines.append("Extraction end to end: " + ", ".join(f"{k} {val:,.0f}" if isinstance(val, (int, float))
                                                              else f"{k} {val}" for k, val in extract.items()))
-    if pretrain:
-        lines.append("")
-        lines.append("Pretraining: " + json.dumps(pretrain)[:2000])
+    if pretrain:  # bench_pretrain_gpu.py's own Markdown, as it wrote it
+        lines += ["", "Pretraining (benchmarks/bench_pretrain_gpu.py):", "", pretrain.strip()]
     return "\n".join(lines) + "\n"
 
 
@@ -272,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--from-json", default=None, help="measure nothing: make the table from this earlier --json")
     p.add_argument("--append", action="store_true", help="append the table to benchmarks/RESULTS.md")
     p.add_argument("--extract-json", default=None, help="bench_extract.py's JSON, for the same table")
-    p.add_argument("--pretrain-json", default=None, help="bench_pretrain_gpu.py's JSON, for the same table")
+    p.add_argument("--pretrain-md", default=None, help="bench_pretrain_gpu.py's --markdown file, for the same table")
     args = p.parse_args(argv)
     if args.from_json:
         res = json.loads(Path(args.from_json).read_text())
@@ -286,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 7
         res = measure(args)
     extract = json.loads(Path(args.extract_json).read_text()) if args.extract_json else None
-    pretrain = json.loads(Path(args.pretrain_json).read_text()) if args.pretrain_json else None
+    pretrain = Path(args.pretrain_md).read_text() if args.pretrain_md else None
     table = markdown(res, _extract_summary(extract), pretrain)
     print(table)
     if args.json and not args.from_json:

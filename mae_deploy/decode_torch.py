@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 
-from mae_deploy.errors import InputError, MissingDependency
+from mae_deploy.errors import DeviceUnavailable, InputError, MissingDependency
 from mae_deploy.preprocess import Preprocessor
 
 
@@ -46,6 +46,9 @@ class TorchJpegDecoder:
         self.torch, self.io, self.F = torch, torchvision.io, functional
         self.pre = pre
         self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise DeviceUnavailable(f"--decoder torch on {device}: PyTorch sees no CUDA device here; use --decoder "
+                                    "pil or --device cpu")
         self.mode = torchvision.io.ImageReadMode.GRAY if pre.in_chans == 1 else torchvision.io.ImageReadMode.RGB
         self.mean = torch.as_tensor(pre.mean, device=self.device).reshape(1, -1, 1, 1)
         self.std = torch.as_tensor(pre.std, device=self.device).reshape(1, -1, 1, 1)

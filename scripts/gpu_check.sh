@@ -61,16 +61,16 @@ step tests-gpu 240 env -u PYTHONDONTWRITEBYTECODE $PY -m pytest tests/gpu -m gpu
 step inference 150 $PY benchmarks/bench_gpu.py --json "$OUT/inference.json"
 step extract 150 $PY benchmarks/bench_extract.py --runner torch --device cuda --precision fp16 --decoder torch \
   --images 4096 --batch-size 128 --workers "$WORKERS" --model-seconds 10 --no-append --json "$OUT/extract.json"
-PRETRAIN_JSON=()
+PRETRAIN_MD=()
 if [ "$PRETRAIN" = 1 ]; then
-  step pretrain 260 $PY benchmarks/bench_pretrain_gpu.py --budget-s 200 --json "$OUT/pretrain.json" \
-    --markdown "$OUT/pretrain.md"
-  [ -f "$OUT/pretrain.json" ] && PRETRAIN_JSON=(--pretrain-json "$OUT/pretrain.json")
+  step pretrain 260 $PY benchmarks/bench_pretrain_gpu.py --budget-s 170 --loader-images 4096 \
+    --profile "$OUT/pretrain_profile" --json "$OUT/pretrain.json" --markdown "$OUT/pretrain.md"
+  [ -f "$OUT/pretrain.md" ] && PRETRAIN_MD=(--pretrain-md "$OUT/pretrain.md")
 fi
 EXTRACT_JSON=()
 [ -f "$OUT/extract.json" ] && EXTRACT_JSON=(--extract-json "$OUT/extract.json")
 if [ -f "$OUT/inference.json" ]; then
-  $PY benchmarks/bench_gpu.py --from-json "$OUT/inference.json" "${EXTRACT_JSON[@]}" "${PRETRAIN_JSON[@]}" \
+  $PY benchmarks/bench_gpu.py --from-json "$OUT/inference.json" "${EXTRACT_JSON[@]}" "${PRETRAIN_MD[@]}" \
     $APPEND | tee "$OUT/table.md"
 fi
 echo "gpu_check: logs and JSON in $OUT$([ -n "$APPEND" ] && echo '; table appended to benchmarks/RESULTS.md')"

@@ -72,7 +72,8 @@ def test_the_table_lands_in_its_own_section(tmp_path):
     f.write_text("# Benchmark results\n\n## Other\n\nbody\n")
     table = bench_gpu.markdown(res, bench_gpu._extract_summary(
         {"pipeline_img_s": 5400.0, "model_only_img_s": 6000.0,
-         "pipeline": {"decoder": "torch", "precision": "fp16", "pipeline_vs_model": 0.9}}))
+         "pipeline": {"decoder": "torch", "precision": "fp16", "pipeline_vs_model": 0.9}}),
+        "| model | MAE ms |\n|---|---:|\n| ViT-L/16 | 55.0 |\n")
     bench_gpu.append_section(table, f)
     bench_gpu.append_section(table, f)
     text = f.read_text()
@@ -80,3 +81,4 @@ def test_the_table_lands_in_its_own_section(tmp_path):
     assert text.startswith("# Benchmark results\n\n## Other\n\nbody\n")
     assert "| ort cuda | fp16 | 64 | runner | 6.00 | 10,667 | 0.83 |" in text
     assert "1.60x timm" in text and "pipeline_img_s 5,400" in text and "pipeline_vs_model 0.90 (goal 0.85)" in text
+    assert "| ViT-L/16 | 55.0 |" in text

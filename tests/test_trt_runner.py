@@ -102,11 +102,17 @@ def test_runner_matches_onnxruntime_and_reuses_max_sized_buffers(fakes, bundle, 
 
     # Buffers: one per tensor, sized for the profile's max shapes, allocated once.
     mallocs = sorted(n for c, n in [c[:2] for c in cudart.calls] if c == "cudaMalloc")
-    assert mallocs == sorted([4 * 3 * 32 * 32 * 4, 4 * 16 * 8, 4 * 17 * 32 * 4,  # encoder: pixels, ids, latent
+    assert mallocs == sorted([4 * 3 * 32 * 32 * 4, 4 * 16 * 8, 4 * 17 * 32 * 4,  # encoder: pixels, ids, latent,
+                              4 * 32 * 4, 4 * 32 * 4,  # pooled_cls, pooled_mean
                               4 * 17 * 32 * 4, 4 * 16 * 8, 4 * 16 * 192 * 4])  # decoder: latent, ids, pred
+    # Pooled features: only (N, D) is copied back, from the engine's pooled output.
+    feats = runner.encode_pooled(x[:2], np.tile(np.arange(16), (2, 1)), "mean")
+    np.testing.assert_allclose(feats, full[:, 1:].mean(axis=1), rtol=0, atol=1e-6)
+    last_copy_back = [c for c in cudart.calls if c[:2] == ("cudaMemcpyAsync", 2)][-1]
+    assert last_copy_back[2] == 2 * 32 * 4  # (2, D) float32, not the (2, 17, D) latent
     ctx = runner.session("encoder").context
     shapes = [e[2] for e in ctx.log if e[0] == "set_input_shape" and e[1] == "ids_keep"]
-    assert shapes == [(4, 16), (4, 4), (2, 4), (2, 16)]  # max (sizing), then every call's real shape
+    assert shapes == [(4, 16), (4, 4), (2, 4), (2, 16), (2, 16)]  # max (sizing), then every call's real shape
     info = runner.info
     assert info.backend == "trt" and info.providers == ("tensorrt",)
     assert info.details["built"] == {"encoder": True, "decoder": True}

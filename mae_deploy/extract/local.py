@@ -51,10 +51,6 @@ class LocalEngine:
         self.pre = Preprocessor.from_bundle(plan.bundle, exact_resize=plan.exact_resize)
         args = plan.decoder_args(transfer)
         self.device_batcher = None
-        if plan.decoder == "torch":
-            from mae_deploy.extract.device_decode import DeviceBatcher
-
-            self.device_batcher = DeviceBatcher(args, device)
         # Workers start first: their start-up (imports) overlaps with creating the inference session.
         self.stage: DecodeStage = (DecodePool(tasks, args, plan.max_pixels, workers, 2 * workers + 2, start_method,
                                  batch_size=batch_size) if workers > 0 else ThreadDecode(tasks, args, 2))
@@ -63,8 +59,14 @@ class LocalEngine:
         try:
             self.fx = FeatureExtractor(plan.bundle, backend=backend, device=device, precision=plan.precision,
                                        pool=plan.pool, batch_size=batch_size, preprocessor=self.pre, **runner_opts)
+            if plan.decoder == "torch":  # after the runner: its checks of device and options come first
+                from mae_deploy.extract.device_decode import DeviceBatcher
+
+                self.device_batcher = DeviceBatcher(args, device)
         except BaseException:
             self.stage.close()
+            if hasattr(self, "fx"):
+                self.fx.close()
             raise
 
     def batches(self) -> Iterator[tuple[Task, BatchResult]]:
