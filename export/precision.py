@@ -38,8 +38,8 @@ Softmax kept in float32: their reductions (variance, exp-sum) are where fp16 los
 while they are a negligible share of the time. Converting the ONNX graph rather than exporting a
 ``model.half()`` keeps one export path and needs no autocast exclusions inside the model code. The fp16
 graph is checked here on ONNX Runtime's CPU provider (which upcasts kernels it lacks); it is meant for GPU
-runtimes (CUDA / TensorRT, strongly typed networks take the precision from the ONNX), which are unrun in
-this project's CI. Two things the converter gets wrong on the dynamo exporter's graphs are set right around
+runtimes (CUDA / TensorRT, strongly typed networks take the precision from the ONNX; what has run where:
+docs/verification.md). Two things the converter gets wrong on the dynamo exporter's graphs are set right around
 it (issue #21): the exporter merges equal small initializers (a fresh model's LayerNorm weights are all
 ones, its LayerNorm and Linear biases all zeros: one initializer then feeds every LayerNorm), and it
 annotates initializers in ``value_info``. The converter takes every float annotation for an fp16 value, so
@@ -63,9 +63,9 @@ from pathlib import Path
 import onnx
 
 from mae_deploy.errors import InputError, VerificationError
-from mae_deploy.names import INT8_QDQ
+from mae_deploy.names import INT8_NNCF, INT8_QDQ
 
-VARIANT_PRECISIONS = ("fp16", "int8", INT8_QDQ)
+VARIANT_PRECISIONS = ("fp16", "int8", INT8_QDQ, INT8_NNCF)
 FP16_KEEP_FP32_OPS = ("LayerNormalization", "Softmax")
 
 
@@ -294,7 +294,11 @@ def to_fp16(src: str | os.PathLike, dst: str | os.PathLike, external_data: bool 
 
 def make_variant(src: str | os.PathLike, dst: str | os.PathLike, precision: str, external_data: bool = False,
                  feeds: list[dict] | None = None) -> Path:
-    """``dst``: the ``precision`` variant of the fp32 graph ``src``; ``feeds`` calibrate int8-qdq."""
+    """``dst``: the ``precision`` variant of the fp32 graph ``src``; ``feeds`` calibrate int8-qdq and int8-nncf."""
+    if precision == INT8_NNCF:  # NNCF's transformer preset: export/nncf_int8.py
+        from export.nncf_int8 import to_int8_nncf
+
+        return to_int8_nncf(src, dst, feeds or [], external_data)
     if precision == INT8_QDQ:
         return to_int8_qdq(src, dst, feeds or [], external_data)
     if precision == "int8":

@@ -2,8 +2,8 @@
 
 ``torchrun --nproc_per_node N -m training.pretrain ...`` sets RANK, WORLD_SIZE and LOCAL_RANK; this module
 reads them, starts the process group, pins each process to its GPU, and gives the samplers, reductions
-and rank-0 gating the scripts need. The nccl / CUDA path is not run by this project's tests (no GPU here);
-the gloo path is, with two CPU processes.
+and rank-0 gating the scripts need. The tests run the gloo path with two CPU processes (the nccl / CUDA
+path: docs/verification.md).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if world_size <= 1:
         return DistInfo(device=dev)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if dev.type == "cuda":  # unrun here: no GPU on the development machines
+    if dev.type == "cuda":
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
         backend = "nccl"

@@ -63,7 +63,7 @@ def autocast(device: torch.device, precision: str):
 
 
 def make_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
-    """A gradient scaler for fp16 (GPU only; unrun here); bf16 and fp32 need none."""
+    """A gradient scaler for fp16 (GPU only); bf16 and fp32 need none."""
     return torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
 
@@ -363,7 +363,7 @@ def train_one_epoch(
             scaled = loss / accum_iter
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         if update:
-            if scaler is not None:  # fp16 on GPU (unrun here)
+            if scaler is not None:  # fp16 on GPU
                 if clip_grad:
                     scaler.unscale_(optimizer)
                     nn.utils.clip_grad_norm_(model.parameters(), clip_grad)

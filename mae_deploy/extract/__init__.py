@@ -31,8 +31,8 @@ cannot be reached. The Python API returns an :class:`ExtractSummary` instead of 
 Worker processes are started with the ``spawn`` method, so a script calling :func:`extract_features` needs
 the usual ``if __name__ == "__main__":`` guard.
 
-Not run on this project's machines: ``--device cuda``, ``--backend trt`` and GPU Ray actors (no GPU); they
-go through the same runner interface as the CPU path that is tested.
+``--device cuda``, ``--backend trt`` and GPU Ray actors go through the same runner interface as the CPU
+path (what has run on which hardware: docs/verification.md).
 """
 
 from __future__ import annotations
