@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from mae_deploy.commands.options import compile_option, compile_runner_opts
-from mae_deploy.names import BACKENDS
+from mae_deploy.names import BACKENDS, DECODERS
 
 
 @click.command()
@@ -30,6 +30,10 @@ from mae_deploy.names import BACKENDS
 @click.option("--max-decode-mb", type=click.FloatRange(min=0, min_open=True), default=1024.0, show_default=True,
               help="Memory for images being decoded at once, estimated from their headers before decoding; a request "
                    "beyond it is refused with 503 + Retry-After (413 when it alone exceeds it).")
+@click.option("--decoder", type=click.Choice(DECODERS), default=None,
+              help="pil: Pillow on the decoding threads (the exact reference); torch: JPEGs decoded, resized and "
+                   "normalised on the runner's device (nvJPEG on CUDA), other images through PIL [default: torch on "
+                   "cuda/tensorrt devices, pil on the CPU].")
 @click.option("--timeout-s", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
               help="A request not answered within this many seconds gets 504.")
 @click.option("--api-key-env", default=None, metavar="VAR",
@@ -44,8 +48,8 @@ from mae_deploy.names import BACKENDS
 @click.option("--cpus-per-replica", type=click.FloatRange(min=0), default=1.0, show_default=True)
 @compile_option
 def serve(bundle, host, port, backend, device, precision, threads, max_batch_size, max_delay_ms, max_queue,
-          max_body_mb, max_images_per_request, max_decode_mb, timeout_s, api_key_env, log_format, no_verify, use_ray,
-          replicas, ray_address, gpus_per_replica, cpus_per_replica, compile_model) -> None:
+          max_body_mb, max_images_per_request, max_decode_mb, decoder, timeout_s, api_key_env, log_format, no_verify,
+          use_ray, replicas, ray_address, gpus_per_replica, cpus_per_replica, compile_model) -> None:
     """Serve BUNDLE over HTTP: features, reconstructions and KServe v2 inference, micro-batched.
 
     \b
@@ -64,8 +68,8 @@ def serve(bundle, host, port, backend, device, precision, threads, max_batch_siz
     config = ServeConfig(
         bundle=bundle, backend=backend, device=device, precision=precision, threads=threads,
         max_batch_size=max_batch_size, max_delay_ms=max_delay_ms, max_queue=max_queue, max_body_mb=max_body_mb,
-        max_images_per_request=max_images_per_request, max_decode_mb=max_decode_mb, timeout_s=timeout_s,
-        api_key_env=api_key_env, log_format=log_format, verify_bundle=not no_verify,
+        max_images_per_request=max_images_per_request, max_decode_mb=max_decode_mb, decoder=decoder,
+        timeout_s=timeout_s, api_key_env=api_key_env, log_format=log_format, verify_bundle=not no_verify,
         runner_opts=compile_runner_opts(backend, compile_model),
     )
     if use_ray:

@@ -63,8 +63,20 @@ class _Work:
 
 
 def batch_key(part: str, inputs: Sequence[np.ndarray]) -> tuple:
-    """Work with equal keys can be concatenated along the batch dimension and run in one call."""
-    return (part, tuple((a.dtype.str, a.shape[1:]) for a in inputs))
+    """Work with equal keys can be concatenated along the batch dimension and run in one call: the same part,
+    and per input the same library (numpy, or torch for images decoded on the device), device, dtype and
+    per-row shape."""
+    return (part, tuple((type(a).__module__, str(a.dtype), str(getattr(a, "device", "cpu")), tuple(a.shape[1:]))
+                        for a in inputs))
+
+
+def concatenate(parts: Sequence) -> object:
+    """Arrays of one library along the batch dimension: numpy, or torch tensors (torch imported only then)."""
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts)
+    import torch
+
+    return torch.cat(list(parts))
 
 
 class MicroBatcher:
@@ -135,7 +147,7 @@ class MicroBatcher:
             for f in futures:
                 f.cancel()
             raise
-        return outs[0] if len(outs) == 1 else np.concatenate(outs)
+        return outs[0] if len(outs) == 1 else concatenate(outs)
 
     async def run_async(self, part: str, inputs: Sequence[np.ndarray], timeout: float | None = None,
                         on_ran: Callable[[float], None] | None = None) -> np.ndarray:
@@ -157,7 +169,7 @@ class MicroBatcher:
             raise
         if on_ran is not None:
             on_ran(sum(w.runner_seconds for w in works))
-        return outs[0] if len(outs) == 1 else np.concatenate(outs)
+        return outs[0] if len(outs) == 1 else concatenate(outs)
 
     # -- the runner thread ------------------------------------------------------------------------------
     def _rows_for(self, key: tuple) -> int:
@@ -216,7 +228,7 @@ class MicroBatcher:
             if len(batch) == 1:
                 inputs = batch[0].inputs
             else:
-                inputs = tuple(np.concatenate(parts) for parts in zip(*(w.inputs for w in batch), strict=True))
+                inputs = tuple(concatenate(parts) for parts in zip(*(w.inputs for w in batch), strict=True))
             out = self.calls[part](*inputs)
         except BaseException as e:  # noqa: BLE001 (every waiting request learns why its batch failed)
             for w in batch:

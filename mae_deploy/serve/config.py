@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 
 from mae_deploy.errors import InputError
-from mae_deploy.names import BACKENDS, PRECISIONS
+from mae_deploy.names import BACKENDS, DECODERS, PRECISIONS
 
 LOG_FORMATS = ("text", "json")
 
@@ -34,6 +34,7 @@ class ServeConfig:
     log_format: str = "text"
     max_pixels: int | None = None  # decompression-bomb limit (None: Pillow's default)
     max_decode_mb: float = 1024.0  # memory of images being decoded at once; beyond it 503 (413 for one request)
+    decoder: str | None = None  # names.DECODERS; None: torch on cuda/tensorrt devices, pil on the CPU
     decode_workers: int = 8  # threads that decode and preprocess images off the event loop
     verify_bundle: bool = True
     runner_opts: dict = field(default_factory=dict)  # extra keywords for create_runner
@@ -59,6 +60,8 @@ class ServeConfig:
             raise InputError(f"--threads must be at least 1, got {self.threads}")
         if self.max_delay_ms < 0:
             raise InputError(f"--max-delay-ms must be >= 0, got {self.max_delay_ms}")
+        if self.decoder is not None and self.decoder not in DECODERS:
+            raise InputError(f"--decoder must be one of {list(DECODERS)}, got {self.decoder!r}")
         if self.log_format not in LOG_FORMATS:
             raise InputError(f"--log-format must be one of {list(LOG_FORMATS)}, got {self.log_format!r}")
         if self.api_key_env is not None and not os.environ.get(self.api_key_env):
@@ -70,6 +73,13 @@ class ServeConfig:
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def image_decoder(self) -> str:
+        """The decoder in use: --decoder, or the device's default."""
+        from mae_deploy.decode_torch import default_decoder
+
+        return self.decoder or default_decoder(self.device)
 
     @property
     def max_decode_bytes(self) -> int:

@@ -81,8 +81,15 @@ def preprocess(blobs: list[bytes], preprocessor: Preprocessor):
     """Raw image bytes -> float32 (N, C, H, W), as the offline Preprocessor makes it from files."""
     import numpy as np
 
-    arrays = []
-    for i, data in enumerate(blobs):
-        source = "(request body)" if len(blobs) == 1 else f"(request image {i})"
-        arrays.append(preprocessor.normalize(preprocessor.resize_crop(decode_image(data, preprocessor, source))))
+    arrays = [model_input(data, preprocessor, source_name(i, len(blobs))) for i, data in enumerate(blobs)]
     return np.stack(arrays).astype(np.float32, copy=False)
+
+
+def source_name(index: int, count: int) -> str:
+    """How error messages name image ``index`` of a request holding ``count``."""
+    return "(request body)" if count == 1 else f"(request image {index})"
+
+
+def model_input(data: bytes, preprocessor: Preprocessor, source: str):
+    """Bytes -> one normalised (C, H, W) float32 array, as the offline Preprocessor makes it."""
+    return preprocessor.normalize(preprocessor.resize_crop(decode_image(data, preprocessor, source)))

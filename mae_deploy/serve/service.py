@@ -22,6 +22,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from mae_deploy.arrays import host_array
 from mae_deploy.bundle import Bundle
 from mae_deploy.errors import InputError, MaeDeployError
 from mae_deploy.masking import (
@@ -109,6 +110,7 @@ class ModelService:
         self.batcher: MicroBatcher | None = None
         self.executor = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="mae-decode")
         self.state = "loading"  # loading -> ready -> draining; or failed
+        self.device_images = None  # --decoder torch: JPEGs decoded on the runner's device
         self.classifier = None  # a Classifier (class names, top-k) when the bundle has a classifier graph
         self._inflight = 0  # images admitted and not yet answered (decoding, queued or running)
         self._inflight_lock = threading.Lock()
@@ -134,6 +136,10 @@ class ModelService:
             if hasattr(self.runner, "load"):
                 self.runner.load()
             self.classifier = self._make_classifier()
+            if self.config.image_decoder == "torch":
+                from mae_deploy.serve.device_images import DeviceImageDecoder
+
+                self.device_images = DeviceImageDecoder(self.preprocessor, self.config.device)
             self._warm_up()
             c = self.config
             self.batcher = MicroBatcher(self._calls(), c.max_batch_size, c.max_delay_ms / 1000.0, c.max_queue,
@@ -245,6 +251,8 @@ class ModelService:
         machine (measured). Anything else goes to the threads, so the loop keeps accepting while images decode.
         """
         reserved = self._reserve(blobs)
+        if self.device_images is not None:  # --decoder torch: a tensor on the runner's device
+            return await self._in_thread(self.device_images, blobs, deadline=deadline, reserved=reserved)
         if len(blobs) == 1 and reserved <= INLINE_MAX_DECODE_BYTES and self._inflight == 1:
             try:
                 return preprocess(blobs, self.preprocessor)
@@ -292,7 +300,7 @@ class ModelService:
             ids_keep, _, _ = all_visible(x.shape[0], self.bundle.num_patches)
             with timed("infer"):
                 out = await self._batched(ENCODER if pool == "tokens" else pooled_part(pool), (x, ids_keep), deadline)
-        return np.ascontiguousarray(out, dtype=np.float32)
+        return np.ascontiguousarray(host_array(out), dtype=np.float32)  # a device tensor in: one comes back
 
     async def classify(self, blobs: list[bytes], top_k: int, deadline: float) -> list[list[tuple[str, float]]]:
         """Image bytes -> per image the top_k (label, probability) pairs of the bundle's classifier."""
@@ -304,7 +312,7 @@ class ModelService:
             with timed("preprocess"):
                 x = await self._preprocess(blobs, deadline)
             with timed("infer"):
-                logits = await self._batched(CLASSIFIER, (x,), deadline)
+                logits = host_array(await self._batched(CLASSIFIER, (host_array(x),), deadline))
         try:
             return self.classifier.predictions(logits, top_k)
         except InputError as e:
