@@ -8,7 +8,6 @@ stopped, the manifest says ``interrupted`` and the lock is released: rerunning t
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import Counter
@@ -27,6 +26,7 @@ from mae_deploy.extract.commit import (
     prepare_output,
     refuse_foreign,
 )
+from mae_deploy.extract.engine import Engine
 from mae_deploy.extract.layout import MANIFEST_NAME
 from mae_deploy.extract.lock import OutputLock
 from mae_deploy.extract.plan import ExtractSummary, JobPlan, check_options, make_plan, now, versions
@@ -36,15 +36,6 @@ from mae_deploy.sources import Source, list_source, split_rows
 
 # While a job runs, the manifest's shard checksums are brought up to date at most this often.
 CHECKPOINT_S = 30.0
-
-
-def runner_info(runner) -> dict:
-    try:
-        info = runner.info
-        return {"backend": info.backend, "device": info.device, "precision": info.precision,
-                "providers": list(info.providers), "details": json.loads(json.dumps(info.details, default=str))}
-    except Exception as e:  # informational only
-        return {"error": repr(e)}
 
 
 class _Job:
@@ -110,7 +101,7 @@ class _Job:
 
     # -- running -----------------------------------------------------------------------------------
 
-    def execute(self, engine, *, strict: bool, progress: bool) -> None:
+    def execute(self, engine: Engine, *, strict: bool, progress: bool) -> None:
         """Consume the engine's batches into shards; on any exception leave a resumable directory."""
         from tqdm import tqdm
 
@@ -137,7 +128,7 @@ class _Job:
                 if status != "complete":
                     self.finish_manifest(status)
 
-    def _consume(self, engine, bar, strict: bool) -> None:
+    def _consume(self, engine: Engine, bar, strict: bool) -> None:
         paths, feature_shape, dtype = self.plan.src.paths, self.plan.feature_shape, self.plan.dtype
         feats: list[np.ndarray] = []
         index: list[tuple[int, str]] = []
@@ -297,7 +288,8 @@ def _runner_options(runner_opts: dict | None, threads: int | None) -> dict:
 
 
 def _make_engine(engine: str, plan: JobPlan, todo: list[int], *, batch_size: int, workers: int, start_method: str,
-                 ray_address: str | None, actors: int, gpus_per_actor: float, cpus_per_actor: float, **opts):
+                 ray_address: str | None, actors: int, gpus_per_actor: float, cpus_per_actor: float,
+                 **opts) -> Engine:
     if engine == "ray":
         from mae_deploy.extract.ray_engine import RayEngine
 

@@ -14,22 +14,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 
 from mae_deploy.extract.decode import normalize_batch
+from mae_deploy.extract.engine import BatchResult, runner_info
 from mae_deploy.extract.plan import JobPlan
 from mae_deploy.extract.workers import DecodePool, DecodeStage, Task, ThreadDecode
-
-
-@dataclass
-class BatchResult:
-    """One batch's outcome: features of the good rows (pooled, in the job's dtype) and the failures."""
-
-    rows: list[int]
-    features: np.ndarray | None
-    failures: list[tuple[int, str, str]]  # (row, reason, message)
 
 
 class LocalEngine:
@@ -108,8 +99,6 @@ class LocalEngine:
         return BatchResult(rows, feats, failures)
 
     def run_info(self) -> dict:
-        from mae_deploy.extract.job import runner_info
-
         return {**self.settings, "runner": runner_info(self.fx.runner),
                 "decode_worker_restarts": self.stage.restarts}
 

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from mae_deploy.errors import DeviceUnavailable, InputError, MissingDependency
-from mae_deploy.extract.local import BatchResult
+from mae_deploy.extract.engine import BatchResult
 from mae_deploy.extract.plan import JobPlan
 from mae_deploy.extract.workers import Task
 from mae_deploy.ray_cluster import connect
