@@ -67,10 +67,7 @@ from mae_deploy.names import BACKENDS, DECODERS, POOLS
                    "binary column].")
 @click.option("--id-column", default=None,
               help="Parquet SOURCE: the column whose value is a row's path in the index [default: FILE#ROW].")
-def extract(source, bundle_dir, out_dir, backend, device, precision, batch_size, workers, threads, pool, dtype,
-            shard_size, num_shards, shard_index, strict, min_side, max_pixels, no_progress, engine, ray_address,
-            actors, gpus_per_actor, cpus_per_actor, exact_resize, decoder, image_column, id_column,
-            compile_model) -> None:
+def extract(source, bundle_dir, out_dir, no_progress, image_column, id_column, compile_model, **options) -> None:
     """Extract encoder features of every image in SOURCE into sharded .npy files.
 
     \b
@@ -94,18 +91,14 @@ def extract(source, bundle_dir, out_dir, backend, device, precision, batch_size,
     --engine ray writes the same OUT; on a cluster, SOURCE, the bundle and OUT must be on storage that
     every node mounts at the same path.
     """
-    from mae_deploy.extract import extract_features
+    from mae_deploy.extract import ExtractOptions, extract_features
     from mae_deploy.sources import list_source
 
+    # The other options are named as ExtractOptions' fields: the command only builds the options object.
+    opts = ExtractOptions(progress=not no_progress, runner_opts=compile_runner_opts(options["backend"], compile_model),
+                          **options)
     src = list_source(source, image_column=image_column, id_column=id_column)
-    summary = extract_features(
-        src, bundle_dir, out_dir, backend=backend, device=device, precision=precision, batch_size=batch_size,
-        workers=workers, threads=threads, pool=pool, dtype=dtype, shard_size=shard_size, num_shards=num_shards,
-        shard_index=shard_index, strict=strict, min_side=min_side, max_pixels=max_pixels,
-        progress=not no_progress, engine=engine, ray_address=ray_address, actors=actors,
-        gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, exact_resize=exact_resize,
-        decoder=decoder, runner_opts=compile_runner_opts(backend, compile_model),
-    )
+    summary = extract_features(src, bundle_dir, out_dir, opts)
     click.echo(str(summary))
     if not summary.ok:
         raise PartialFailure(f"{summary.failed} of {summary.inputs} inputs failed; see {summary.out_dir}/errors.jsonl")

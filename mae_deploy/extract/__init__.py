@@ -51,11 +51,12 @@ from mae_deploy.extract.layout import (
     index_name,
     shard_name,
 )
+from mae_deploy.extract.options import ExtractOptions
 from mae_deploy.extract.plan import DEFAULT_SHARD_SIZE, ENGINES, ExtractSummary, default_workers
 from mae_deploy.extract.reader import Features, open_features
 
 __all__ = [
     "DEFAULT_SHARD_SIZE", "DTYPES", "ENGINES", "ERRORS_NAME", "FAILURE_REASONS", "FORMAT_NAME", "FORMAT_VERSION",
     "LOCK_NAME", "MANIFEST_NAME", "POOLS", "TRANSFERS", "ExtractSummary", "Features", "classify_failure",
-    "default_workers", "extract_features", "index_name", "open_features", "shard_name",
+    "ExtractOptions", "default_workers", "extract_features", "index_name", "open_features", "shard_name",
 ]

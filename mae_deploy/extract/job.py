@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 
@@ -29,6 +30,7 @@ from mae_deploy.extract.commit import (
 from mae_deploy.extract.engine import Engine
 from mae_deploy.extract.layout import MANIFEST_NAME
 from mae_deploy.extract.lock import OutputLock
+from mae_deploy.extract.options import ExtractOptions
 from mae_deploy.extract.plan import ExtractSummary, JobPlan, check_options, make_plan, now, versions
 from mae_deploy.fileio import atomic_write_json, check_writable
 from mae_deploy.names import DECODERS
@@ -183,34 +185,13 @@ def extract_features(
     source: str | os.PathLike | Source,
     bundle: Bundle | str | os.PathLike,
     out_dir: str | os.PathLike,
-    *,
-    backend: str = "ort",
-    device: str = "cpu",
-    precision: str = "fp32",
-    batch_size: int = 32,
-    workers: int | None = None,
-    threads: int | None = None,
-    pool: str = "cls",
-    dtype: str = "float32",
-    shard_size: int | None = None,
-    num_shards: int = 1,
-    shard_index: int = 0,
-    strict: bool = False,
-    min_side: int = 16,
-    max_pixels: int | None = None,
-    progress: bool = True,
-    transfer: str = "float32",
-    start_method: str = "spawn",
-    runner_opts: dict | None = None,
-    engine: str = "local",
-    ray_address: str | None = None,
-    actors: int = 1,
-    gpus_per_actor: float = 0.0,
-    cpus_per_actor: float = 1.0,
-    exact_resize: bool = False,
-    decoder: str | None = None,
+    options: ExtractOptions | None = None,
+    **settings,
 ) -> ExtractSummary:
     """Extract features of every image of ``source`` (part ``shard_index`` of ``num_shards``) into ``out_dir``.
+
+    Settings come in ``options`` (an :class:`ExtractOptions`, what ``mae-deploy extract`` builds) and/or as
+    keywords that override its fields (``extract_features(src, bundle, out, backend="torch", pool="mean")``).
 
     Resumes when ``out_dir`` already holds the same job; see :mod:`mae_deploy.extract` for the layout,
     failure reasons and guarantees. ``workers`` decode processes (None: :func:`default_workers`; 0: a
@@ -234,48 +215,47 @@ def extract_features(
     everything with Pillow in the workers (the exact reference). None: torch on CUDA, pil on the CPU
     (:func:`~mae_deploy.decode_torch.default_decoder`). Recorded in the manifest; it binds a resume.
     """
+    o = (options or ExtractOptions()).updated(**settings)
     t_start = time.perf_counter()
     started = now()
-    workers, max_pixels = check_options(pool=pool, dtype=dtype, transfer=transfer, batch_size=batch_size,
-                                        min_side=min_side, workers=workers, shard_size=shard_size,
-                                        max_pixels=max_pixels, engine=engine)
-    decoder = decoder or default_decoder(device)
+    workers, max_pixels = check_options(pool=o.pool, dtype=o.dtype, transfer=o.transfer, batch_size=o.batch_size,
+                                        min_side=o.min_side, workers=o.workers, shard_size=o.shard_size,
+                                        max_pixels=o.max_pixels, engine=o.engine)
+    decoder = o.decoder or default_decoder(o.device)
     if decoder not in DECODERS:
         raise InputError(f"decoder must be one of {list(DECODERS)}, got {decoder!r}")
-    if engine == "ray" and decoder == "torch":
+    if o.engine == "ray" and decoder == "torch":
         raise InputError("--decoder torch runs with --engine local; Ray's decode tasks use --decoder pil")
-    if engine == "ray":
+    if o.engine == "ray":
         from mae_deploy.extract.ray_engine import check_ray_options
 
-        check_ray_options(actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor)
+        check_ray_options(actors=o.actors, gpus_per_actor=o.gpus_per_actor, cpus_per_actor=o.cpus_per_actor)
+    o = replace(o, workers=workers, max_pixels=max_pixels, decoder=decoder)
     if not isinstance(bundle, Bundle):
         bundle = Bundle.load(bundle)
     src = source if isinstance(source, Source) else list_source(source)
-    part = split_rows(len(src), num_shards, shard_index)
+    part = split_rows(len(src), o.num_shards, o.shard_index)
     out = check_writable(out_dir, what="--out", directory=True)
     refuse_foreign(out)
     out.mkdir(parents=True, exist_ok=True)
     with OutputLock(out):
-        plan = make_plan(bundle, src, part, out, pool=pool, dtype=dtype, shard_size=shard_size,
-                         num_shards=num_shards, shard_index=shard_index, min_side=min_side, max_pixels=max_pixels,
-                         precision=precision, exact_resize=exact_resize, decoder=decoder)
+        plan = make_plan(bundle, src, part, out, pool=o.pool, dtype=o.dtype, shard_size=o.shard_size,
+                         num_shards=o.num_shards, shard_index=o.shard_index, min_side=o.min_side,
+                         max_pixels=o.max_pixels, precision=o.precision, exact_resize=o.exact_resize, decoder=decoder)
         state = prepare_output(out, plan.manifest, len(plan.shard_rows))
         job = _Job(plan, state, t_start, started)
-        job.start_manifest(engine)
+        job.start_manifest(o.engine)
         if job.todo:
             try:
-                eng = _make_engine(engine, plan, job.todo, backend=backend, device=device, batch_size=batch_size,
-                                   transfer=transfer, runner_opts=_runner_options(runner_opts, threads),
-                                   workers=workers, start_method=start_method, ray_address=ray_address,
-                                   actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor)
+                eng = _make_engine(plan, job.todo, o)
             except BaseException:
                 job.finish_manifest("interrupted")
                 raise
-            job.execute(eng, strict=strict, progress=progress)
+            job.execute(eng, strict=o.strict, progress=o.progress)
         job.errors = finish_errors(out, job.errors)
         if job.todo or (state.previous or {}).get("status") != "complete":
             job.finish_manifest("complete")
-        return job.summary(engine)
+        return job.summary(o.engine)
 
 
 def _runner_options(runner_opts: dict | None, threads: int | None) -> dict:
@@ -286,16 +266,16 @@ def _runner_options(runner_opts: dict | None, threads: int | None) -> dict:
     return opts
 
 
-
-def _make_engine(engine: str, plan: JobPlan, todo: list[int], *, batch_size: int, workers: int, start_method: str,
-                 ray_address: str | None, actors: int, gpus_per_actor: float, cpus_per_actor: float,
-                 **opts) -> Engine:
-    if engine == "ray":
+def _make_engine(plan: JobPlan, todo: list[int], o: ExtractOptions) -> Engine:
+    runner_opts = _runner_options(o.runner_opts, o.threads)
+    if o.engine == "ray":
         from mae_deploy.extract.ray_engine import RayEngine
 
-        return RayEngine(plan, todo, address=ray_address, actors=actors, gpus_per_actor=gpus_per_actor,
-                         cpus_per_actor=cpus_per_actor, batch_size=batch_size, **opts)
+        return RayEngine(plan, todo, address=o.ray_address, actors=o.actors, gpus_per_actor=o.gpus_per_actor,
+                         cpus_per_actor=o.cpus_per_actor, batch_size=o.batch_size, backend=o.backend,
+                         device=o.device, transfer=o.transfer, runner_opts=runner_opts)
     from mae_deploy.extract.local import LocalEngine
 
-    return LocalEngine(plan, plan.tasks(todo, batch_size), workers=workers, start_method=start_method,
-                       batch_size=batch_size, **opts)
+    return LocalEngine(plan, plan.tasks(todo, o.batch_size), workers=o.workers, start_method=o.start_method,
+                       batch_size=o.batch_size, backend=o.backend, device=o.device, transfer=o.transfer,
+                       runner_opts=runner_opts)
