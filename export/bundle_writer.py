@@ -30,6 +30,7 @@ import torch
 from export import staging
 from export.calibration import CalibrationSet, load_calibration, part_feeds
 from export.labels import resolve_class_names
+from export.nncf_int8 import NncfOptions, float_matmuls
 from export.onnx_export import DEFAULT_OPSET, check_graph_file, export_graph, external_data_files
 from export.precision import VARIANT_PRECISIONS, make_variant, variant_filename
 from export.report import ExportReport
@@ -39,7 +40,7 @@ from mae_deploy import __version__
 from mae_deploy.bundle import DEFAULT_PREPROCESSING, MANIFEST_NAME, Bundle, sha256_file, write_manifest
 from mae_deploy.errors import CheckpointError, InputError, MaeDeployError
 from mae_deploy.fileio import check_replaceable_dir
-from mae_deploy.names import CLASSIFIER, INT8_QDQ
+from mae_deploy.names import CALIBRATED_PRECISIONS, CLASSIFIER, INT8_NNCF, INT8_QDQ
 from training.model import MaskedAutoencoderViT, VisionTransformer
 
 Model = MaskedAutoencoderViT | VisionTransformer
@@ -51,6 +52,7 @@ QUANTIZATION = {
              "activations": "uint8 per-tensor, ranges computed per call"},
     INT8_QDQ: {"method": "static", "format": "qdq", "weights": "int8 symmetric per-channel",
                "activations": "int8 symmetric per-tensor, calibrated"},
+    INT8_NNCF: NncfOptions().describe(),
 }
 
 __all__ = ["ExportReport", "export_bundle", "default_preprocessing"]
@@ -123,8 +125,10 @@ def _graph_entry(bundle_dir: Path, part: str, precision: str, parity: dict, cali
     }
     if precision in QUANTIZATION:
         entry["quantization"] = dict(QUANTIZATION[precision])
-        if precision == INT8_QDQ and calibration:
+        if precision in CALIBRATED_PRECISIONS and calibration:
             entry["quantization"]["calibration"] = calibration
+        if precision == INT8_NNCF:  # what NNCF left in float, as the graph says (not as we asked)
+            entry["quantization"]["float_matmuls"] = float_matmuls(proto)
     return entry
 
 
@@ -246,13 +250,13 @@ def export_bundle(
     """Export a checkpoint (any format ``training.checkpoints`` reads) or a model to a bundle directory.
 
     - ``precisions``: fp32 is always written (it is the reference and the default graph); ``fp16``,
-      ``int8`` (dynamic) and ``int8-qdq`` (static Q/DQ, needs ``calibration``) add
+      ``int8`` (dynamic), ``int8-qdq`` and ``int8-nncf`` (static Q/DQ, need ``calibration``) add
       ``<part>.<precision>.onnx`` variants.
     - ``parts``: None = every part the checkpoint has (encoder; decoder when present; classifier when
       it has a head).
     - ``labels``: class names of a classifier (a file with one per line, or a list); overrides the names
       the checkpoint records; neither gives ``class_0 ...``.
-    - ``calibration``: images (directory, glob or list file) for ``int8-qdq``; ``calibration_count`` of
+    - ``calibration``: images (directory, glob or list file) for the calibrated int8; ``calibration_count`` of
       them are used.
     - ``external_data``: None = weights in a side ``.onnx.data`` file only when above ~1.5 GB (ViT-H);
       True/False forces it.
@@ -269,8 +273,9 @@ def export_bundle(
     out = Path(out_dir)
     requested = set(_normalise_choice(precisions, ALL_PRECISIONS, "precision")) | {"fp32"}
     wanted_precisions = [p for p in ALL_PRECISIONS if p in requested]  # fp32 first: variants derive from it
-    if INT8_QDQ in requested and calibration is None:
-        raise InputError("--precision int8-qdq is calibrated on real images: pass --calibration DIR "
+    calibrated = [p for p in CALIBRATED_PRECISIONS if p in requested]
+    if calibrated and calibration is None:
+        raise InputError(f"--precision {calibrated[0]} is calibrated on real images: pass --calibration DIR "
                          "(a folder, glob or list file of images like those the model will see)")
     source_path = None if isinstance(model_or_checkpoint_path, torch.nn.Module) else Path(model_or_checkpoint_path)
     _check_destination(out, overwrite, source_path)
@@ -319,9 +324,9 @@ def _torch_stage(model: Model, tmp: Path, plan: _Plan, reference_weights: bool, 
     cases: dict[str, list] = {}
     if plan.verify:
         cases = _reference_outputs(model, plan.parts)
-        if plan.calibration is not None:  # int8-qdq is judged on images like those it was calibrated on
+        if plan.calibration is not None:  # calibrated int8 is judged on images like those it was calibrated on
             real = _reference_outputs(model, plan.parts, plan.calibration.pixel_values)
-            cases.update({f"{part}:{INT8_QDQ}": c for part, c in real.items()})
+            cases.update({f"{part}:{p}": c for part, c in real.items() for p in CALIBRATED_PRECISIONS})
         say("  PyTorch reference outputs computed")
     if reference_weights:
         from training.checkpoints import save_native
@@ -360,8 +365,9 @@ def _onnx_stage(tmp: Path, plan: _Plan, cases: dict[str, list], num_patches: int
             t = time.perf_counter()
             dst = tmp / variant_filename(part, precision)
             feeds = None
-            if precision == INT8_QDQ and plan.calibration is not None:
-                feeds = part_feeds(part, plan.calibration, num_patches, tmp / variant_filename("encoder", "fp32"))
+            if precision in CALIBRATED_PRECISIONS and plan.calibration is not None:
+                feeds = part_feeds(part, plan.calibration, num_patches, tmp / variant_filename("encoder", "fp32"),
+                                   masked=precision == INT8_NNCF)
             make_variant(tmp / variant_filename(part, "fp32"), dst, precision, external_data=plan.external[part],
                          feeds=feeds)
             del feeds
@@ -373,7 +379,7 @@ def _onnx_stage(tmp: Path, plan: _Plan, cases: dict[str, list], num_patches: int
                                show_progress=plan.show_progress)
                 if plan.verify else skipped
             )
-            if plan.verify and precision == INT8_QDQ:
+            if plan.verify and precision in CALIBRATED_PRECISIONS:
                 parity[(part, precision)]["inputs"] = "calibration images"
             if plan.verify:
                 say(f"  {dst.name}: verified")
@@ -405,7 +411,7 @@ def _export_locked(model_or_checkpoint_path, out: Path, image_size, opset, wante
                      f"({model.config.grid_size}x grid)")
     cfg = model.config
     preprocessing = default_preprocessing(cfg.img_size, cfg.in_chans)
-    if calibration is not None and INT8_QDQ in plan.precisions:
+    if calibration is not None and any(p in plan.precisions for p in CALIBRATED_PRECISIONS):
         plan.calibration = load_calibration(calibration, preprocessing, cfg.in_chans, calibration_count)
         say(f"calibration: {len(plan.calibration.pixel_values)} images from {calibration}"
             + (f" ({len(plan.calibration.skipped)} unreadable, skipped)" if plan.calibration.skipped else ""))

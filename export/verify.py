@@ -12,7 +12,7 @@ Thresholds (what ``passed`` means; also in `mae-deploy export --help`):
 - int8 encoder: the same cosine >= 0.99 (dynamic quantisation of every MatMul costs ~0.1-1 %).
 - fp16 decoder: relative reconstruction error ||pred - pred_ref|| / ||pred_ref|| (per sample) <= 0.01.
 - int8 decoder: the same <= 0.1.
-- int8-qdq: as int8, but on calibration images instead of noise: a statically calibrated graph clips
+- int8-qdq, int8-nncf: as int8, but on calibration images instead of noise: a statically calibrated graph clips
   activations outside the ranges it was calibrated on, and noise images are far outside what a trained
   model sees (its report says ``"inputs": "calibration images"``).
 - classifier (batch 1, 3, 8 = 12 images, every patch visible): fp32 as above on the logits; variants by
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from mae_deploy.errors import VerificationError
-from mae_deploy.names import CLASSIFIER, INT8_QDQ
+from mae_deploy.names import CLASSIFIER, INT8_NNCF, INT8_QDQ
 from training.model import MaskedAutoencoderViT, VisionTransformer
 
 FP32_MAX_ABS_DIFF = 1e-4
@@ -54,6 +54,7 @@ VARIANT_THRESHOLDS: dict[str, dict[str, dict[str, float]]] = {
     },
     "int8": _INT8_THRESHOLDS,
     INT8_QDQ: _INT8_THRESHOLDS,
+    INT8_NNCF: _INT8_THRESHOLDS,
 }
 
 

@@ -41,7 +41,12 @@ CLASSIFIER_OUTPUTS = ("logits",)
 # The statically calibrated Q/DQ int8 variant (explicit quantisation: what TensorRT and OpenVINO build int8
 # from). A graph precision, not a runtime --precision: runners asked for int8 pick it where it runs best.
 INT8_QDQ = "int8-qdq"
-GRAPH_PRECISIONS = (*PRECISIONS, INT8_QDQ)
+# The same format made by NNCF, OpenVINO's quantiser (transformer preset: SmoothQuant, per-channel weights,
+# the attention MatMuls in int8 too): what the openvino backend runs for int8 when the bundle has it.
+INT8_NNCF = "int8-nncf"
+# Graph precisions calibrated on real images (export needs --calibration for them).
+CALIBRATED_PRECISIONS = (INT8_QDQ, INT8_NNCF)
+GRAPH_PRECISIONS = (*PRECISIONS, *CALIBRATED_PRECISIONS)
 # What the torch backend runs the reference weights at (autocast; fp16 on CUDA only): no graph needed.
 TORCH_PRECISIONS = ("fp32", "bf16", "fp16")
 

@@ -25,10 +25,11 @@ def _fmt_bytes(n: int) -> str:
 @click.option("--opset", type=int, default=20, show_default=True, help="ONNX opset (17 or newer).")
 @click.option("--precision", "precision", default="fp32", show_default=True,
               help="Comma-separated: fp32 (always written), fp16 (GPU), int8 (CPU, dynamic quantisation), "
-                   "int8-qdq (static Q/DQ for TensorRT / OpenVINO; needs --calibration).")
+                   "int8-qdq (static Q/DQ for TensorRT / OpenVINO; needs --calibration), int8-nncf (static "
+                   "Q/DQ by NNCF, q @ k^T in int8 too: OpenVINO's int8; needs --calibration and the nncf extra).")
 @click.option("--calibration", type=click.Path(exists=True), default=None,
-              help="Images to calibrate int8-qdq on (directory, glob or list file), read through the bundle's "
-                   "preprocessing.")
+              help="Images to calibrate int8-qdq / int8-nncf on (directory, glob or list file), read through the "
+                   "bundle's preprocessing.")
 @click.option("--calibration-count", type=click.IntRange(min=1), default=256, show_default=True,
               help="How many --calibration images to use (evenly spaced over the listing).")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -61,7 +62,7 @@ def export_cmd(checkpoint: str, out: str, image_size: int | None, opset: int, pr
       fp16 / int8   encoder: mean-pooled feature cosine >= 0.999 / 0.99
                     decoder: relative reconstruction error <= 0.01 / 0.1
                     classifier: logit cosine >= 0.999 / 0.99, top-1 agreement 100 % / 90 %
-      int8-qdq      as int8, on --calibration images instead of noise
+      int8-qdq/nncf as int8, on --calibration images instead of noise
     The bundle is written atomically (temporary directory, then rename).
     """
     import time

@@ -11,9 +11,11 @@ Precisions:
   bf16 support OpenVINO's default inference precision is bf16, which would make "fp32" silently inexact.
 - ``bf16``: the fp32 graph with ``INFERENCE_PRECISION_HINT=bf16``. Refused (DeviceUnavailable, exit 7)
   where the CPU's ``OPTIMIZATION_CAPABILITIES`` lack ``BF16``: OpenVINO would otherwise quietly run fp32.
-- ``int8``: the bundle's statically calibrated Q/DQ graph (``int8-qdq``, explicit quantisation), which
-  OpenVINO runs with int8 kernels. The bundle's plain ``int8`` graphs are ONNX Runtime dynamic
-  quantisation (MatMulInteger), not what OpenVINO is fast at, so they are not used here.
+- ``int8``: the bundle's statically calibrated Q/DQ graph, which OpenVINO runs with int8 kernels: the NNCF
+  one (``int8-nncf``: OpenVINO's own quantiser, attention's q @ k^T in int8 too) where the bundle has it,
+  else ``int8-qdq``. ``int8-nncf`` / ``int8-qdq`` name one of them exactly (benchmarks compare the two).
+  The bundle's plain ``int8`` graphs are ONNX Runtime dynamic quantisation (MatMulInteger), not what
+  OpenVINO is fast at, so they are not used here.
 
 Options: ``threads`` -> ``INFERENCE_NUM_THREADS``; ``hint`` "latency" | "throughput" -> ``PERFORMANCE_HINT``;
 ``num_streams`` -> ``NUM_STREAMS``. Each part has one infer request, used under a lock, so a runner can be
@@ -28,14 +30,16 @@ import numpy as np
 
 from mae_deploy.bundle import Bundle
 from mae_deploy.errors import BundleError, DeviceUnavailable, InputError, MissingDependency
-from mae_deploy.names import DECODER, ENCODER, INT8_QDQ
+from mae_deploy.names import CALIBRATED_PRECISIONS, DECODER, ENCODER, INT8_NNCF, INT8_QDQ
 from mae_deploy.runners.base import PART_INPUTS as _INPUTS
 from mae_deploy.runners.base import PART_OUTPUT as _OUTPUT
 from mae_deploy.runners.base import BaseRunner, RunnerInfo, check_threads
 
 PRECISIONS = ("fp32", "bf16", "int8")
+GRAPH_NAMED = CALIBRATED_PRECISIONS  # int8 with the graph named: benchmarks compare the two
 HINTS = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
-_INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: Q/DQ nodes decide; the rest f32
+# int8: the Q/DQ nodes decide what runs in int8; the rest runs f32.
+_INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", **{p: "f32" for p in ("int8", *CALIBRATED_PRECISIONS)}}
 
 
 def import_openvino():
@@ -55,23 +59,28 @@ def cpu_supports_bf16(core) -> bool:
 def graph_precision(bundle: Bundle, part: str, precision: str) -> str | None:
     """Which of the bundle's graph variants OpenVINO runs for ``part`` (None: the bundle has no such part).
 
-    fp32 and bf16 run the fp32 graph (bf16 is an inference hint, not a file). int8 runs the Q/DQ variant; a
-    decoder without one runs fp32, as ORT does when the bundle lacks a decoder at the asked precision.
+    fp32 and bf16 run the fp32 graph (bf16 is an inference hint, not a file). int8 runs a Q/DQ variant, the
+    NNCF one first; a decoder without one runs fp32, as ORT does when the bundle lacks a decoder at the asked
+    precision.
     """
     have = bundle.precisions(part)
     if not have:
         return None
-    if precision != "int8":
+    if precision in ("fp32", "bf16"):
         return "fp32"
-    if INT8_QDQ in have:
-        return INT8_QDQ
+    wanted = (INT8_NNCF, INT8_QDQ) if precision == "int8" else (precision,)
+    found = next((p for p in wanted if p in have), None)
+    if found is not None:
+        return found
     if part == DECODER:
         return "fp32"
     raise InputError(
-        f"--backend openvino --precision int8 runs a statically quantised Q/DQ graph, and bundle {bundle.path} "
-        f"has no {part} graph at {INT8_QDQ} (it has: {', '.join(have)}; its int8 is ONNX Runtime dynamic "
-        f"quantisation, which OpenVINO does not speed up). Export one with `mae-deploy export CHECKPOINT "
-        f"--out DIR --precision {INT8_QDQ} --calibration IMAGES`, or use --backend ort --precision int8"
+        f"--backend openvino --precision {precision} runs a statically quantised Q/DQ graph, and bundle "
+        f"{bundle.path} has no {part} graph at {wanted[-1]} (it has: {', '.join(have)}; its int8 is ONNX Runtime "
+        f"dynamic quantisation, which OpenVINO does not speed up). Export one with `mae-deploy export CHECKPOINT "
+        f"--out DIR --precision {wanted[-1]} --calibration IMAGES`"
+        + (f" (or {INT8_NNCF}: NNCF's Q/DQ graph)" if precision == "int8" else "")
+        + ", or use --backend ort --precision int8"
     )
 
 
@@ -108,8 +117,9 @@ class OpenVinoRunner(BaseRunner):
     ) -> None:
         if device.lower() != "cpu":
             raise InputError(f"the openvino backend runs on cpu, not {device!r}")
-        if precision not in PRECISIONS:
-            raise InputError(f"the openvino backend runs {', '.join(PRECISIONS)}, not {precision!r}")
+        if precision not in (*PRECISIONS, *GRAPH_NAMED):
+            raise InputError(f"the openvino backend runs {', '.join(PRECISIONS)}, not {precision!r} (int8 can also "
+                             f"name its graph: {', '.join(GRAPH_NAMED)})")
         if hint not in HINTS:
             raise InputError(f"hint must be one of {list(HINTS)}, got {hint!r}")
         self.threads = check_threads(threads)

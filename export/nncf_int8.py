@@ -1,0 +1,125 @@
+"""int8-nncf: static int8 made by NNCF, OpenVINO's own post-training quantiser, as an ONNX Q/DQ graph.
+
+Same file format as ``int8-qdq`` (QuantizeLinear/DequantizeLinear around the quantised ops, float32 at the
+boundary), so ONNX Runtime, OpenVINO and TensorRT all read it; what differs is what is quantised and how:
+
+- NNCF's transformer preset (``ModelType.TRANSFORMER``): SmoothQuant first (activation outliers moved into
+  the weights, per input channel), then int8 weights per output channel and int8 activations per tensor,
+  then fast bias correction; the patterns OpenVINO fuses (MatMul + bias, GELU, residual Add) are quantised
+  the way its CPU plugin builds int8 kernels from them.
+- Attention: ``q @ k^T`` in int8 and the softmax output quantised; NNCF (3.4, ONNX backend) leaves the ``v``
+  input of ``softmax @ v`` float, so that MatMul is listed as float in mae.json (``float_matmuls``, read from
+  the graph, not assumed). int8-qdq keeps both attention MatMuls float.
+- What stays float: the embedding stage before the first LayerNormalization (patch-embedding Conv, position
+  embeddings, the token gather: quantising the pixels cost the test model's pooled cosine 0.92 -> 0.98 at 1
+  visible patch), and everything after the final LayerNormalization (the latent output and the pooled
+  outputs computed from it, the classifier head, decoder_pred), so the pooled outputs stay consistent with
+  the latent and the output layer's rounding does not land on the result unaveraged.
+- Calibrated on the encoder at several visible counts (export/calibration.py ``masked=True``).
+
+``nncf`` is an export-side dependency (extra ``mae-deploy[nncf]``); importing it pulls in torch, which the
+export has loaded anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from mae_deploy.errors import InputError, MissingDependency
+
+NNCF_INSTALL = "pip install 'mae-deploy[nncf]'"
+
+
+@dataclass(frozen=True)
+class NncfOptions:
+    """What NNCF does (module docstring); the defaults are what ``export --precision int8-nncf`` writes."""
+
+    smooth_quant: bool = True  # the transformer preset's SmoothQuant pass
+
+    def describe(self) -> dict:
+        """The ``quantization`` block of mae.json for this variant."""
+        return {"method": "static", "format": "qdq", "quantizer": "nncf", "preset": "transformer",
+                "smooth_quant": self.smooth_quant, "weights": "int8 symmetric per-channel",
+                "activations": "int8 per-tensor, calibrated at several visible counts",
+                "float": "before the first and after the final LayerNormalization"}
+
+
+def import_nncf():
+    """``import nncf`` with the one-line MissingDependency naming the extra."""
+    try:
+        import nncf
+    except ImportError as e:
+        raise MissingDependency("nncf", "--precision int8-nncf", NNCF_INSTALL) from e
+    return nncf
+
+
+def float_stages(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes before the first LayerNormalization and of those at or after the last one.
+
+    ONNX node lists are topologically sorted, so "before" is a prefix of the list and "after" is whatever reads
+    the last norm's output (``norm``, ``fc_norm``, ``decoder_norm``); a graph without a norm gives [].
+    """
+    norms = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
+    if not norms:
+        return []
+    names = []
+    for node in model.graph.node:
+        if node is norms[0]:
+            break
+        names.append(node.name)
+    reached = set(norms[-1].output)
+    names.append(norms[-1].name)
+    for node in model.graph.node:
+        if any(i in reached for i in node.input):
+            reached.update(node.output)
+            names.append(node.name)
+    return names
+
+
+def float_matmuls(model: onnx.ModelProto) -> list[str]:
+    """MatMul/Gemm nodes of a Q/DQ graph with an input not produced by a DequantizeLinear (they run in float)."""
+    dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return [n.name for n in model.graph.node
+            if n.op_type in ("MatMul", "Gemm") and not all(i in dequantized for i in n.input[:2])]
+
+
+def _save(model: onnx.ModelProto, dst: Path, external_data: bool) -> None:
+    if external_data:
+        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=dst.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(dst))
+
+
+def to_int8_nncf(src: str | os.PathLike, dst: str | os.PathLike, feeds: list[dict], external_data: bool = False,
+                 options: NncfOptions | None = None) -> Path:
+    """NNCF static int8 of the fp32 graph ``src``, calibrated on ``feeds`` (export/calibration.py's part feeds)."""
+    options = options or NncfOptions()
+    if not feeds:
+        raise InputError("--precision int8-nncf is calibrated on real images: pass --calibration DIR")
+    nncf = import_nncf()
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+
+    src, dst = Path(src), Path(dst)
+    model = onnx.load(str(src))  # weights included: SmoothQuant rewrites them
+    smooth = AdvancedSmoothQuantParameters() if options.smooth_quant else \
+        AdvancedSmoothQuantParameters(convolution=-1, matmul=-1)
+    nncf_log = logging.getLogger("nncf")
+    level = nncf_log.level
+    nncf_log.setLevel(logging.ERROR)  # one INFO line per ignored node, on every export
+    try:
+        quantized = nncf.quantize(
+            model, nncf.Dataset(feeds), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(feeds),
+            ignored_scope=nncf.IgnoredScope(names=float_stages(model), validate=False),
+            advanced_parameters=AdvancedQuantizationParameters(smooth_quant_alphas=smooth),
+        )
+    finally:
+        nncf_log.setLevel(level)
+    del model
+    _save(quantized, dst, external_data)
+    return dst

@@ -1,0 +1,147 @@
+"""The NNCF int8 variant (issue #25): what it quantises, what stays float, how export lists and verifies it, and
+which graph the OpenVINO runner runs for int8."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+from runtime_fixtures import _perturbed_model
+
+from export.bundle_writer import export_bundle
+from export.nncf_int8 import float_matmuls, float_stages, to_int8_nncf
+from export.verify import ort_session
+from mae_deploy.bundle import Bundle
+from mae_deploy.errors import InputError, MissingDependency
+from mae_deploy.names import INT8_NNCF, INT8_QDQ
+
+COUNT = 10
+
+
+def _model():
+    return _perturbed_model("mae_vit_test", seed=1)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """Smooth gradients with a blob each: image-like inputs for a 32 px model."""
+    d = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:48, 0:48] / 48.0
+    for i in range(COUNT):
+        c = rng.random((3, 3))
+        img = np.stack([c[k, 0] * xx + c[k, 1] * yy + c[k, 2] * np.exp(-((xx - 0.5) ** 2 + (yy - 0.4) ** 2) * 9)
+                        for k in range(3)], axis=-1)
+        Image.fromarray((np.clip(img / img.max(), 0, 1) * 255).astype(np.uint8)).save(d / f"p{i}.png")
+    return d
+
+
+@pytest.fixture(scope="module")
+def nncf_bundle(photos, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("nncf") / "b"
+    export_bundle(_model(), out, precisions=("fp32", INT8_QDQ, INT8_NNCF), calibration=photos,
+                  calibration_count=COUNT, progress=None)
+    return out
+
+
+def _producers(g: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in g.node for o in n.output}
+
+
+def test_nncf_variant_is_listed_verified_and_calibrated(nncf_bundle, photos):
+    b = Bundle.load(nncf_bundle)
+    for part in ("encoder", "decoder"):
+        g = b.graph(part, INT8_NNCF)
+        assert g.file == f"{part}.{INT8_NNCF}.onnx" and g.parity["passed"]
+        assert g.parity["inputs"] == "calibration images"
+    entry = next(x for x in b.manifest["graphs"] if x["part"] == "encoder" and x["precision"] == INT8_NNCF)
+    q = entry["quantization"]
+    assert q["quantizer"] == "nncf" and q["format"] == "qdq" and q["smooth_quant"] is True
+    assert q["calibration"]["images"] == COUNT and q["calibration"]["source"] == str(photos)
+    # What stayed float is read from the graph: attention's softmax @ v (NNCF leaves v float), one per block.
+    assert len(q["float_matmuls"]) == b.manifest["architecture"]["depth"]
+    assert b.graph("encoder", INT8_NNCF).parity["min_feature_cosine"] >= 0.99
+
+
+def test_block_matmuls_are_int8_and_the_ends_stay_float(nncf_bundle):
+    g = onnx.load(str(nncf_bundle / f"encoder.{INT8_NNCF}.onnx")).graph
+    prod = _producers(g)
+    matmuls = [n for n in g.node if n.op_type == "MatMul"]
+    int8 = [n for n in matmuls if all(prod.get(i) is not None and prod[i].op_type == "DequantizeLinear"
+                                      for i in n.input)]
+    # Per block: qkv, q @ k^T, proj, fc1, fc2 in int8; softmax @ v has a float v.
+    depth = 2
+    assert len(int8) == 5 * depth and len(matmuls) == 6 * depth
+    # The patch-embedding Conv reads the pixels unquantised; nothing after the final norm is quantised.
+    conv = next(n for n in g.node if n.op_type == "Conv")
+    assert all(prod.get(i) is None or prod[i].op_type != "DequantizeLinear" for i in conv.input)
+    final = set(float_stages(onnx.load(str(nncf_bundle / "encoder.onnx"), load_external_data=False)))
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.name in final for n in g.node)
+    for out in g.output:  # every output is written by a float op, not a DequantizeLinear
+        assert prod[out.name].op_type != "DequantizeLinear"
+
+
+def test_pooled_outputs_stay_consistent_with_the_latent(nncf_bundle):
+    s = ort_session(nncf_bundle / f"encoder.{INT8_NNCF}.onnx")
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    for k in (1, 4, 16):
+        ids = np.stack([np.random.default_rng(i).permutation(16)[:k] for i in range(3)]).astype(np.int64)
+        latent, cls, mean = s.run(["latent", "pooled_cls", "pooled_mean"], {"pixel_values": x, "ids_keep": ids})
+        assert latent.shape == (3, k + 1, 32)
+        np.testing.assert_allclose(cls, latent[:, 0], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(mean, latent[:, 1:].mean(axis=1), rtol=0, atol=1e-5)
+
+
+def test_openvino_int8_runs_the_nncf_graph(nncf_bundle):
+    pytest.importorskip("openvino", reason="the openvino extra is part of the dev install")
+    from mae_deploy.runners import create_runner
+    from mae_deploy.runners.openvino import graph_precision
+
+    b = Bundle.load(nncf_bundle)
+    assert graph_precision(b, "encoder", "int8") == INT8_NNCF
+    assert graph_precision(b, "encoder", INT8_QDQ) == INT8_QDQ
+    x = np.random.default_rng(2).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    ids = np.tile(np.arange(16, dtype=np.int64), (2, 1))
+    ref = create_runner(b, backend="openvino", device="cpu", precision="fp32", threads=1).encode(x, ids)
+    with create_runner(b, backend="openvino", device="cpu", precision="int8", threads=1) as r:
+        got = r.encode(x, ids)
+        assert r.info.details["graphs"]["encoder"] == f"encoder.{INT8_NNCF}.onnx"
+    f, g = ref[:, 1:].mean(1), got[:, 1:].mean(1)
+    assert (np.sum(f * g, 1) / np.linalg.norm(f, axis=1) / np.linalg.norm(g, axis=1)).min() >= 0.99
+
+
+def test_openvino_names_the_missing_nncf_graph(tmp_path):
+    from mae_deploy.runners.openvino import graph_precision
+
+    b = Bundle.load(export_bundle(_model(), tmp_path / "b", parts="encoder", verify=False, progress=None).bundle)
+    with pytest.raises(InputError, match=f"no encoder graph at {INT8_NNCF}.*--precision {INT8_NNCF} --calibration"):
+        graph_precision(b, "encoder", INT8_NNCF)
+
+
+def test_float_helpers_on_a_small_graph():
+    from onnx import TensorProto, helper
+
+    t = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 2]) for n in ("x", "y")]
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="embed"),
+             helper.make_node("LayerNormalization", ["a", "s"], ["b"], name="ln0"),
+             helper.make_node("MatMul", ["b", "b"], ["c"], name="mm"),
+             helper.make_node("LayerNormalization", ["c", "s"], ["d"], name="ln1"),
+             helper.make_node("ReduceMean", ["d"], ["y"], name="pool")]
+    g = helper.make_graph(nodes, "g", [t[0]], [t[1]], [helper.make_tensor("s", TensorProto.FLOAT, [2], [1, 1])])
+    m = helper.make_model(g)
+    assert float_stages(m) == ["embed", "ln1", "pool"]
+    assert float_matmuls(m) == ["mm"]
+
+
+def test_nncf_needs_images_and_the_package(tmp_path, monkeypatch):
+    with pytest.raises(InputError, match="--calibration DIR"):
+        to_int8_nncf(tmp_path / "x.onnx", tmp_path / "y.onnx", [])
+    with pytest.raises(InputError, match="int8-nncf is calibrated on real images"):
+        export_bundle(_model(), tmp_path / "b", precisions=INT8_NNCF, progress=None)
+    monkeypatch.setitem(sys.modules, "nncf", None)
+    with pytest.raises(MissingDependency, match=r"mae-deploy\[nncf\]"):
+        to_int8_nncf(tmp_path / "x.onnx", tmp_path / "y.onnx", [{"x": np.zeros(1)}])
