@@ -18,6 +18,7 @@ import random
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -301,30 +302,39 @@ class MetricsLog:
 # --------------------------------------------------------------------------------------------------
 
 
-def train_one_epoch(
-    model: nn.Module,
-    loader,
-    optimizer: torch.optim.Optimizer,
-    compute_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    set_lr: Callable[[float], float],
-    epoch: int,
-    info: DistInfo,
-    precision: str = "fp32",
-    scaler: torch.amp.GradScaler | None = None,
-    accum_iter: int = 1,
-    clip_grad: float | None = None,
-    metrics: MetricsLog | None = None,
-    batch_transform: Callable | None = None,
-    last_checkpoint: str | None = None,
-    desc: str = "",
-) -> dict:
-    """One pass over ``loader``: per-iteration lr (``set_lr(fractional epoch)``), autocast, gradient
-    accumulation over ``accum_iter`` batches, optional clipping; returns the mean loss and last lr.
+@dataclass
+class TrainingStep:
+    """How every optimisation step of a run goes, fixed before its first epoch (the recipes build one).
 
-    ``compute_loss(samples, targets)`` runs the model; ``batch_transform`` (e.g. Mixup) maps the batch
-    first. Losses are averaged over processes every iteration, so all of them stop together when one
-    becomes non-finite.
+    ``compute_loss(samples, targets)`` runs the model; ``set_lr(fractional epoch)`` sets and returns the lr;
+    ``batch_transform`` (e.g. Mixup) maps each batch first; ``scaler`` for fp16 on a GPU; gradients are
+    accumulated over ``accum_iter`` batches and clipped to ``clip_grad`` when given.
     """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    compute_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    set_lr: Callable[[float], float]
+    info: DistInfo
+    precision: str = "fp32"
+    scaler: torch.amp.GradScaler | None = None
+    accum_iter: int = 1
+    clip_grad: float | None = None
+    metrics: MetricsLog | None = None
+    batch_transform: Callable | None = None
+
+
+def train_one_epoch(step: TrainingStep, loader, epoch: int, last_checkpoint: str | None = None,
+                    desc: str = "") -> dict:
+    """One pass over ``loader``: per-iteration lr, autocast, gradient accumulation, optional clipping (as
+    ``step`` says); returns the mean loss and last lr.
+
+    Losses are averaged over processes every iteration, so all of them stop together when one becomes
+    non-finite (``last_checkpoint`` is named in that error).
+    """
+    model, optimizer, compute_loss, set_lr, info = step.model, step.optimizer, step.compute_loss, step.set_lr, step.info
+    precision, scaler, accum_iter, clip_grad = step.precision, step.scaler, step.accum_iter, step.clip_grad
+    metrics, batch_transform = step.metrics, step.batch_transform
     from tqdm import tqdm
 
     device = info.device

@@ -111,13 +111,13 @@ def train(args: argparse.Namespace, info) -> None:
 
     last = out / "checkpoint-last.pth" if out else None
     t0 = time.perf_counter()
+    step = engine.TrainingStep(ddp, optimizer, compute_loss, set_lr, info, precision=precision, scaler=scaler,
+                               accum_iter=args.accum_iter, clip_grad=args.clip_grad, metrics=metrics,
+                               batch_transform=mixup)
     for epoch in range(args.start_epoch, args.epochs):
         sampler.set_epoch(epoch)
-        stats = engine.train_one_epoch(
-            ddp, loader, optimizer, compute_loss, set_lr, epoch, info, precision=precision, scaler=scaler,
-            accum_iter=args.accum_iter, clip_grad=args.clip_grad, metrics=metrics, batch_transform=mixup,
-            last_checkpoint=str(last) if last and last.exists() else None, desc=f"finetune {epoch + 1}/{args.epochs}",
-        )
+        kept = str(last) if last and last.exists() else None
+        stats = engine.train_one_epoch(step, loader, epoch, kept, desc=f"finetune {epoch + 1}/{args.epochs}")
         test = engine.evaluate(ddp, val_loader, info, precision)
         is_best = test["acc1"] > extra.get("best_acc1", 0.0)
         extra["best_acc1"] = max(extra.get("best_acc1", 0.0), test["acc1"])

@@ -108,13 +108,12 @@ def train(args: argparse.Namespace, info) -> None:
 
     last = out / "checkpoint-last.pth" if out else None
     t0 = time.perf_counter()
+    step = engine.TrainingStep(ddp, optimizer, compute_loss, set_lr, info, precision=precision,
+                               accum_iter=args.accum_iter, metrics=metrics)
     for epoch in range(args.start_epoch, args.epochs):
         sampler.set_epoch(epoch)
-        stats = engine.train_one_epoch(
-            ddp, loader, optimizer, compute_loss, set_lr, epoch, info, precision=precision,
-            accum_iter=args.accum_iter, metrics=metrics,
-            last_checkpoint=str(last) if last and last.exists() else None, desc=f"linprobe {epoch + 1}/{args.epochs}",
-        )
+        kept = str(last) if last and last.exists() else None
+        stats = engine.train_one_epoch(step, loader, epoch, kept, desc=f"linprobe {epoch + 1}/{args.epochs}")
         test = engine.evaluate(ddp, val_loader, info, precision)
         extra["best_acc1"] = max(extra.get("best_acc1", 0.0), test["acc1"])
         if out is not None:

@@ -133,14 +133,12 @@ def train(args: argparse.Namespace, info) -> None:
 
     last = out / "checkpoint-last.pth" if out else None
     t0 = time.perf_counter()
+    step = engine.TrainingStep(ddp, optimizer, compute_loss, set_lr, info, precision=precision, scaler=scaler,
+                               accum_iter=args.accum_iter, metrics=metrics)
     for epoch in range(args.start_epoch, args.epochs):
         sampler.set_epoch(epoch)
-        stats = engine.train_one_epoch(
-            ddp, loader, optimizer, compute_loss, set_lr, epoch, info, precision=precision, scaler=scaler,
-            accum_iter=args.accum_iter, metrics=metrics,
-            last_checkpoint=str(last) if last and last.exists() else None,
-            desc=f"pretrain {epoch + 1}/{args.epochs}",
-        )
+        kept = str(last) if last and last.exists() else None
+        stats = engine.train_one_epoch(step, loader, epoch, kept, desc=f"pretrain {epoch + 1}/{args.epochs}")
         if out is not None:
             engine.save_training_checkpoint(last, ddp, optimizer, scaler, epoch, args, info, extra)
             if info.is_main and (epoch % args.save_freq == 0 or epoch + 1 == args.epochs):
