@@ -91,6 +91,8 @@ def _machine_line(results: dict) -> str:
     m = results["machine"]
     gpu = "; ".join(f"{g['name']} (driver {g['driver']})" for g in m.get("gpus") or []) or "no GPU"
     flags = f" [{' '.join(m['cpu_flags'])}]" if m.get("cpu_flags") else ""
+    if m.get("int8_isa"):
+        flags += f", int8 on {m['int8_isa']}"
     return (f"{m['cpu_model']}{flags}, {m.get('cores')} cores / {m.get('threads')} threads "
             f"({m.get('cpus_allowed')} allowed), {gpu}")
 
