@@ -23,7 +23,6 @@ FORMAT_NAME = "mae-deploy-bundle"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "mae.json"
 PARTS = ("encoder", "decoder", "classifier")
-PRECISIONS = ("fp32", "fp16", "int8", "int8-qdq")
 
 # The official evaluation transform: ImageNet statistics, shorter side to size/0.875, centre crop.
 DEFAULT_PREPROCESSING: dict[str, Any] = {
@@ -126,7 +125,7 @@ def _validate_manifest(m: Any, where: str) -> None:
         raise BundleError(f"{where}: norm_pix_loss must be true or false, got {m['norm_pix_loss']!r}")
     if not isinstance(m["graphs"], list) or not m["graphs"]:
         raise BundleError(f"{where} lists no graphs; re-export the bundle")
-    seen = set()
+    seen: set[tuple[str, str]] = set()
     for i, g in enumerate(m["graphs"]):
         if not isinstance(g, dict):
             raise BundleError(f"{where}: graphs[{i}] must be a JSON object, got {g!r}")
@@ -135,10 +134,10 @@ def _validate_manifest(m: Any, where: str) -> None:
                 raise BundleError(f"{where}: graphs[{i}] lacks '{key}'")
         if g["part"] not in PARTS:
             raise BundleError(f"{where}: graphs[{i}] has part {g['part']!r}; expected one of {list(PARTS)}")
-        key = (g["part"], g.get("precision", "fp32"))
-        if key in seen:
-            raise BundleError(f"{where} lists two {key[0]} graphs at precision {key[1]}")
-        seen.add(key)
+        part_precision = (g["part"], g.get("precision", "fp32"))
+        if part_precision in seen:
+            raise BundleError(f"{where} lists two {part_precision[0]} graphs at precision {part_precision[1]}")
+        seen.add(part_precision)
         _safe_relpath(g["file"], "graph file")
         for ext in g.get("external_data") or ():
             _safe_relpath(ext, "external data file")

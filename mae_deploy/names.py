@@ -49,6 +49,22 @@ CALIBRATED_PRECISIONS = (INT8_QDQ, INT8_NNCF)
 GRAPH_PRECISIONS = (*PRECISIONS, *CALIBRATED_PRECISIONS)
 # What the torch backend runs the reference weights at (autocast; fp16 on CUDA only): no graph needed.
 TORCH_PRECISIONS = ("fp32", "bf16", "fp16")
+# What each other backend runs: OpenVINO (int8 from a Q/DQ graph: int8-nncf, else int8-qdq; bf16 where the
+# CPU has it) and TensorRT (fp16 from the fp32 graph's flag or the fp16 graph); ORT runs the bundle's graphs.
+OPENVINO_PRECISIONS = ("fp32", "bf16", "int8")
+TRT_PRECISIONS = ("fp32", "fp16")
+# What --precision of the runtime commands (extract, classify, eval, serve, reconstruct) accepts; the backend
+# then refuses what it does not run, saying what it does.
+RUNTIME_PRECISIONS = (*GRAPH_PRECISIONS, "bf16")
+# The training scripts' --precision ("auto": bf16 where the GPU has it, else fp16 with a scaler; fp32 on CPU).
+TRAINING_PRECISIONS = ("auto", *TORCH_PRECISIONS)
+
+# Every graph part: (input names, output names). The encoder's pooled outputs are extra (POOLED_OUTPUTS).
+GRAPH_IO = {
+    ENCODER: (ENCODER_INPUTS, ENCODER_OUTPUTS),
+    DECODER: (DECODER_INPUTS, DECODER_OUTPUTS),
+    CLASSIFIER: (CLASSIFIER_INPUTS, CLASSIFIER_OUTPUTS),
+}
 
 # Files a directory walk treats as images (a glob or a list file may name anything).
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from mae_deploy.names import TRAINING_PRECISIONS as PRECISIONS
+
 # torch.compile modes; 'auto' is resolved by training.compiled.resolve_compile_mode.
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 

@@ -13,10 +13,10 @@ import time
 from collections.abc import Sequence
 
 from mae_deploy.errors import BundleError, CheckpointError, DeviceUnavailable, InputError, MissingDependency
+from mae_deploy.names import TORCH_PRECISIONS
 
 # What "unavailable here" means: the package or the device, never the user's files.
 UNAVAILABLE = (MissingDependency, DeviceUnavailable, ImportError)
-TORCH_PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def torch_not_offered(bundle, precision: str, device: str, checkpoint: str | None) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from mae_deploy.commands.options import precision_option
 from mae_deploy.errors import InputError, PartialFailure, VerificationError
 from mae_deploy.names import BACKENDS, DECODERS, GRAPH_PRECISIONS, TORCH_PRECISIONS
 
@@ -28,8 +29,7 @@ def _runner_opts(backend: str, threads: int | None) -> dict:
               help="Write predictions to a .jsonl or .csv file (default: print them).")
 @click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True, help="Inference backend.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (ort also: tensorrt).")
-@click.option("--precision", type=click.Choice([*GRAPH_PRECISIONS, "bf16"]), default="fp32", show_default=True,
-              help="Classifier graph variant (ort), or autocast precision (torch).")
+@precision_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Images per inference call.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Inference threads [default: all cores].")

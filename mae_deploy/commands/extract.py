@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from mae_deploy.commands.options import compile_option, compile_runner_opts
+from mae_deploy.commands.options import compile_option, compile_runner_opts, precision_option
 from mae_deploy.errors import PartialFailure
 from mae_deploy.names import BACKENDS, DECODERS, POOLS
 
@@ -18,8 +18,7 @@ from mae_deploy.names import BACKENDS, DECODERS, POOLS
 @click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True,
               help="Inference backend.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (ort also: tensorrt).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "bf16"]), default="fp32", show_default=True,
-              help="Encoder graph variant in the bundle (ort), or autocast precision (torch).")
+@precision_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Images per inference call.")
 @click.option("--workers", type=click.IntRange(min=0), default=None,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from mae_deploy.commands.options import precision_option
 from mae_deploy.names import BACKENDS, IMAGE_EXTENSIONS
 
 
@@ -62,8 +63,7 @@ def _runner_opts(backend: str, checkpoint: str | None) -> dict:
 @click.option("--device", default="cpu", show_default=True,
               help="cpu, cuda[:N], or tensorrt[:N] (ort only). A GPU that does not work is an error, "
                    "never a CPU fall-back.")
-@click.option("--precision", default="fp32", show_default=True,
-              help="Graph variant: fp32, fp16, int8 (those the bundle has); torch: fp32 or bf16.")
+@precision_option
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: the library's).")
 @click.option("--checkpoint", type=click.Path(exists=True), default=None,
               help="torch backend only: weights to use instead of the bundle's reference checkpoint.")

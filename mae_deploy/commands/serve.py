@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from mae_deploy.commands.options import compile_option, compile_runner_opts
+from mae_deploy.commands.options import compile_option, compile_runner_opts, precision_option
 from mae_deploy.names import BACKENDS, DECODERS
 
 
@@ -15,8 +15,7 @@ from mae_deploy.names import BACKENDS, DECODERS
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda[:N] or tensorrt[:N] (ort).")
-@click.option("--precision", default="fp32", show_default=True,
-              help="Graph variant: fp32, int8, fp16 (ort, openvino, trt); fp32, bf16, fp16 autocast (torch).")
+@precision_option
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Runner CPU threads [default: library's].")
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Most images in one runner call.")

@@ -21,22 +21,25 @@ the host) and ``_encode_device`` (default: copy a device tensor to the host and 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
 from mae_deploy.arrays import DeviceArray, as_device_array, check_device_pixels, host_array
 from mae_deploy.errors import BundleError, InputError
 from mae_deploy.masking import check_batch, check_decode_inputs, check_encode_inputs, check_ids_keep
-from mae_deploy.names import DECODER, DECODER_INPUTS, DECODER_OUTPUTS, ENCODER, ENCODER_INPUTS, ENCODER_OUTPUTS
+from mae_deploy.names import DECODER, ENCODER, GRAPH_IO
 from mae_deploy.pooling import check_pool, pool_latent
 
+if TYPE_CHECKING:
+    from mae_deploy.bundle import Bundle
+
 PARTS = (ENCODER, DECODER)
-# Each part's graph inputs and its one output, as every backend feeds and reads them.
-PART_INPUTS = {ENCODER: ENCODER_INPUTS, DECODER: DECODER_INPUTS}
-PART_OUTPUT = {ENCODER: ENCODER_OUTPUTS[0], DECODER: DECODER_OUTPUTS[0]}
+# Each part's graph inputs and its main output, as every backend feeds and reads them (from names.GRAPH_IO).
+PART_INPUTS = {part: GRAPH_IO[part][0] for part in PARTS}
+PART_OUTPUT = {part: GRAPH_IO[part][1][0] for part in PARTS}
 
 
 @dataclass(frozen=True)
@@ -98,8 +101,13 @@ class BaseRunner:
     the default does nothing (for runners that load everything in the constructor).
     """
 
-    bundle = None
-    _specs: dict[str, object | None]
+    bundle: Bundle
+    _specs: Mapping[str, object | None]
+
+    if TYPE_CHECKING:  # a property or a class attribute of each backend
+
+        @property
+        def info(self) -> RunnerInfo: ...
 
     # -- what a backend implements ------------------------------------------------------------------
     def _encode(self, pixel_values: np.ndarray, ids_keep: np.ndarray) -> np.ndarray:

@@ -30,12 +30,12 @@ import numpy as np
 
 from mae_deploy.bundle import Bundle
 from mae_deploy.errors import BundleError, DeviceUnavailable, InputError, MissingDependency
-from mae_deploy.names import CALIBRATED_PRECISIONS, DECODER, ENCODER, INT8_NNCF, INT8_QDQ
+from mae_deploy.names import CALIBRATED_PRECISIONS, DECODER, ENCODER, INT8_NNCF, INT8_QDQ, OPENVINO_PRECISIONS
 from mae_deploy.runners.base import PART_INPUTS as _INPUTS
 from mae_deploy.runners.base import PART_OUTPUT as _OUTPUT
 from mae_deploy.runners.base import BaseRunner, RunnerInfo, check_threads
 
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = OPENVINO_PRECISIONS
 GRAPH_NAMED = CALIBRATED_PRECISIONS  # int8 with the graph named: benchmarks compare the two
 HINTS = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
 # int8: the Q/DQ nodes decide what runs in int8; the rest runs f32.

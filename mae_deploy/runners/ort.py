@@ -28,24 +28,13 @@ from mae_deploy.arrays import DL_CPU, DeviceArray
 from mae_deploy.bundle import Bundle
 from mae_deploy.errors import BundleError, DeviceUnavailable, InputError, MissingDependency
 from mae_deploy.masking import check_pixel_values
-from mae_deploy.names import (
-    CLASSIFIER,
-    CLASSIFIER_INPUTS,
-    CLASSIFIER_OUTPUTS,
-    DECODER,
-    DECODER_INPUTS,
-    DECODER_OUTPUTS,
-    ENCODER,
-    ENCODER_INPUTS,
-    ENCODER_OUTPUTS,
-    POOLED_OUTPUTS,
-)
+from mae_deploy.names import CLASSIFIER, DECODER, ENCODER, GRAPH_IO, POOLED_OUTPUTS
 from mae_deploy.runners.base import BaseRunner, RunnerInfo, check_threads, run_in_chunks
 
 _PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 _OPT_LEVELS = ("disable", "basic", "extended", "all")
-_INPUTS = {ENCODER: ENCODER_INPUTS, DECODER: DECODER_INPUTS, CLASSIFIER: CLASSIFIER_INPUTS}
-_OUTPUT = {ENCODER: ENCODER_OUTPUTS[0], DECODER: DECODER_OUTPUTS[0], CLASSIFIER: CLASSIFIER_OUTPUTS[0]}
+_INPUTS = {part: inputs for part, (inputs, _) in GRAPH_IO.items()}
+_OUTPUT = {part: outputs[0] for part, (_, outputs) in GRAPH_IO.items()}
 
 
 def import_onnxruntime(device: str = "cpu"):

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 
 from mae_deploy.errors import InputError
-from mae_deploy.names import BACKENDS, DECODERS, PRECISIONS
+from mae_deploy.names import BACKENDS, DECODERS, RUNTIME_PRECISIONS
 
 LOG_FORMATS = ("text", "json")
 
@@ -42,8 +42,8 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise InputError(f"--backend must be one of {list(BACKENDS)}, got {self.backend!r}")
-        if self.precision not in (*PRECISIONS, "bf16"):
-            raise InputError(f"--precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.precision not in RUNTIME_PRECISIONS:
+            raise InputError(f"--precision must be one of {list(RUNTIME_PRECISIONS)}, got {self.precision!r}")
         positive = {
             "--max-batch-size": self.max_batch_size,
             "--max-queue": self.max_queue,

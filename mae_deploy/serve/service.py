@@ -32,18 +32,7 @@ from mae_deploy.masking import (
     check_pixel_values,
     random_masking,
 )
-from mae_deploy.names import (
-    CLASSIFIER,
-    CLASSIFIER_INPUTS,
-    CLASSIFIER_OUTPUTS,
-    DECODER,
-    DECODER_INPUTS,
-    DECODER_OUTPUTS,
-    ENCODER,
-    ENCODER_INPUTS,
-    ENCODER_OUTPUTS,
-    POOLED_OUTPUTS,
-)
+from mae_deploy.names import CLASSIFIER, DECODER, ENCODER, ENCODER_INPUTS, ENCODER_OUTPUTS, GRAPH_IO, POOLED_OUTPUTS
 from mae_deploy.pooling import pool_latent
 from mae_deploy.preprocess import Preprocessor
 from mae_deploy.serve.admission import DecodeBudget, decode_cost, give_back_memory
@@ -61,8 +50,7 @@ RECONSTRUCT_FORMATS = ("png", "npz")
 # by the decoded size, not the body's: a few KB of PNG can hold 9400^2 pixels, seconds of decoding.
 INLINE_MAX_DECODE_BYTES = 2 * 2**20
 # The encoder's pooled outputs are served for every bundle: from the graph where it has them, else pooled here.
-_GRAPH_IO = {ENCODER: (ENCODER_INPUTS, (*ENCODER_OUTPUTS, *POOLED_OUTPUTS.values())),
-             DECODER: (DECODER_INPUTS, DECODER_OUTPUTS), CLASSIFIER: (CLASSIFIER_INPUTS, CLASSIFIER_OUTPUTS)}
+_GRAPH_IO = {**GRAPH_IO, ENCODER: (ENCODER_INPUTS, (*ENCODER_OUTPUTS, *POOLED_OUTPUTS.values()))}
 _POOL_OF = {name: pool for pool, name in POOLED_OUTPUTS.items()}
 
 

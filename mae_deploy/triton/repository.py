@@ -39,7 +39,7 @@ from mae_deploy.triton.pbtxt import Enum, to_pbtxt
 
 MODEL_CHOICES = ("encoder", "decoder", "classifier", "features", "classify")
 KINDS = ("cpu", "gpu")
-POOLS = ("cls", "mean")
+POOLS = tuple(POOLED_OUTPUTS)  # the ensemble serves pooled features: cls or mean
 MANIFEST = "mae_deploy_triton.json"
 DEFAULT_PREFERRED = (8, 16, 32)
 # A Triton release whose onnxruntime backend reads the bundle's graphs (IR 10 / opset 20 need ONNX Runtime

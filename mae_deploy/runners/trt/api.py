@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from importlib import metadata
 
 from mae_deploy.errors import BundleError, DeviceUnavailable, InputError, MaeDeployError, MissingDependency
+from mae_deploy.names import TRT_PRECISIONS
 from mae_deploy.runners.base import PART_INPUTS, PART_OUTPUT
 from mae_deploy.runners.base import PARTS as PARTS  # re-exported: the trt package names its parts here
 
 # `trt` is TensorRT 10 + cuda-python 12 for CUDA 12 drivers; `trt-cu13` is TensorRT 11 + cuda-python 13.
 INSTALL_HINT = "pip install 'mae-deploy[trt]' (CUDA 12 driver; 'mae-deploy[trt-cu13]' for CUDA 13)"
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = TRT_PRECISIONS
 INPUTS, OUTPUT = PART_INPUTS, PART_OUTPUT
 # Distributions that carry TensorRT's libraries, newest naming first (for a version without importing them).
 TRT_DISTRIBUTIONS = ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-cu13-libs", "tensorrt-cu12-libs",
