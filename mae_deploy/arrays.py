@@ -18,6 +18,7 @@ copied to the host first.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -37,7 +38,7 @@ def _library(obj: object) -> str:
 class DeviceArray:
     """A caller's DLPack tensor and what a runner needs to know about it."""
 
-    obj: object
+    obj: Any  # the caller's tensor, used through its own library's API (torch, CuPy, DLPack)
     library: str  # "torch" | "cupy" | another DLPack producer
     device_type: int  # DLPack device type (DL_CPU, DL_CUDA, ...)
     device_id: int

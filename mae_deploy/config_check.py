@@ -34,7 +34,7 @@ def _int(arch: dict, key: str, lo: int, hi: int, where: str, error: type[Excepti
     v = arch[key]
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         raise error(f"{where}: {key} must be an integer from {lo} to {hi}, got {v!r}")
-    if not lo <= v <= hi:
+    if not lo <= int(v) <= hi:
         raise error(f"{where}: {key} must be from {lo} to {hi}, got {v}")
     return int(v)
 
@@ -44,7 +44,7 @@ def _float(arch: dict, key: str, lo: float, hi: float, where: str, error: type[E
     v = arch[key]
     if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
         raise error(f"{where}: {key} must be a number above {lo:g} and at most {hi:g}, got {v!r}")
-    if not lo < v <= hi:
+    if not lo < float(v) <= hi:
         raise error(f"{where}: {key} must be above {lo:g} and at most {hi:g}, got {v:g}")
     return float(v)
 
@@ -127,6 +127,6 @@ def check_preprocessing(pre: Any, in_chans: int, img_size: int, where: str,
         raise error(f"{where}: preprocessing.std {pre['std']} must be above 0 for every channel "
                     "(a std of 0 divides by zero and gives NaN features)")
     crop = pre.get("crop_pct", 1.0)
-    if isinstance(crop, bool) or not isinstance(crop, numbers.Real) or not 0 < crop <= 1:
+    if isinstance(crop, bool) or not isinstance(crop, numbers.Real) or not 0 < float(crop) <= 1:
         raise error(f"{where}: preprocessing.crop_pct must be above 0 and at most 1, got {crop!r}")
     return dict(pre)

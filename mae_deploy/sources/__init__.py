@@ -101,8 +101,8 @@ def _listing(s: str) -> tuple[str, list[str]]:
     if p.is_file():
         if is_image_name(p.name):
             return "file", [os.path.abspath(p)]
-        if _suffix_kind([p.name]):
-            return _suffix_kind([p.name]), [os.path.abspath(p)]
+        if kind := _suffix_kind([p.name]):
+            return kind, [os.path.abspath(p)]
         entries = read_list(str(p))
         if not entries:
             raise InputError(f"the list of paths {s} is empty (no non-blank, non-comment lines)")

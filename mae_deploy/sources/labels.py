@@ -8,10 +8,15 @@ classifier's classes is the caller's job. A shard is read once more, front to ba
 from __future__ import annotations
 
 import tarfile
+from typing import TYPE_CHECKING, cast
 
 from mae_deploy.errors import InputError
 from mae_deploy.sources import urls
 from mae_deploy.sources.base import Source
+
+if TYPE_CHECKING:
+    from mae_deploy.sources.parquet import ParquetReader
+    from mae_deploy.sources.webdataset import TarReader
 
 CLS_SUFFIX = "cls"  # WebDataset's convention: the sample's class index as text
 
@@ -20,7 +25,7 @@ def webdataset_labels(src: Source) -> list[str | None]:
     """Per row, the text of its sample's ``.cls`` member (None when the sample has none)."""
     from mae_deploy.sources.webdataset import _KEY, open_binary
 
-    reader = src.reader
+    reader = cast("TarReader", src.reader)
     out: list[str | None] = []
     for s, shard in enumerate(reader.shards):
         found: dict[str, str] = {}
@@ -28,10 +33,13 @@ def webdataset_labels(src: Source) -> list[str | None]:
             try:
                 with tarfile.open(fileobj=f, mode="r:") as tf:
                     for ti in tf:
-                        tf.members = []  # headers are not kept: memory stays flat over a long shard
+                        # headers are not kept: memory stays flat over a long shard (typeshed lacks TarFile.members)
+                        tf.members = []  # type: ignore[attr-defined]
                         m = _KEY.match(ti.name)
                         if ti.isreg() and m and m.group(2).lower() == CLS_SUFFIX:
-                            found[m.group(1)] = tf.extractfile(ti).read().decode("utf-8", "replace").strip()
+                            cls = tf.extractfile(ti)
+                            if cls is not None:  # always, for a regular member
+                                found[m.group(1)] = cls.read().decode("utf-8", "replace").strip()
             except tarfile.ReadError:  # cut short: the samples after the cut have no label (the caller says so)
                 pass
             except (ConnectionError, TimeoutError) as e:
@@ -48,7 +56,7 @@ def parquet_labels(src: Source, column: str) -> list[object]:
     from mae_deploy.sources.parquet import _open_parquet
 
     out: list[object] = []
-    for file in src.reader.files:
+    for file in cast("ParquetReader", src.reader).files:
         pf, f = _open_parquet(file)
         try:
             if column not in pf.schema_arrow.names:

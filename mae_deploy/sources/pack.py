@@ -69,6 +69,9 @@ def write_parquet(root: str | os.PathLike, out: str | os.PathLike, per_file: int
             "label": pa.array([label for _, _, label, _ in part], pa.int64()),
             "class_name": [name for _, _, _, name in part],
         })
-        written.append(atomic_write(out / f"part-{k // per_file:05d}.parquet",
-                                    lambda f, t=table: pq.write_table(t, f, row_group_size=row_group)))
+
+        def write(f, t=table) -> None:
+            pq.write_table(t, f, row_group_size=row_group)
+
+        written.append(atomic_write(out / f"part-{k // per_file:05d}.parquet", write))
     return written

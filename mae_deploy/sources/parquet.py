@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from typing import IO, Any, Literal
 
 import numpy as np
 
@@ -35,7 +36,7 @@ def _pq():
     return pq
 
 
-def image_field(type_) -> str | None | bool:
+def image_field(type_) -> Literal["bytes", False] | None:
     """How a column of this Arrow type holds image bytes: None (binary itself), "bytes" (a struct with a binary
     ``bytes`` field), or False (it does not)."""
     import pyarrow as pa
@@ -133,8 +134,8 @@ class ParquetReader:
                  column: str, field: str | None) -> None:
         self.files, self.file_starts, self.group_starts = files, file_starts, group_starts
         self.column, self.field = column, field
-        self._open: OrderedDict[int, object] = OrderedDict()
-        self._group: tuple[tuple[int, int], object] | None = None
+        self._open: OrderedDict[int, tuple[Any, IO[bytes]]] = OrderedDict()  # (pyarrow ParquetFile, its file)
+        self._group: tuple[tuple[int, int], Any] | None = None  # ((file, row group), its pyarrow image column)
 
     def __getstate__(self) -> dict:  # open files and cached columns stay in the process that read them
         return {k: v for k, v in self.__dict__.items() if k not in ("_open", "_group")}

@@ -21,6 +21,7 @@ import re
 import tarfile
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from typing import IO
 
 import numpy as np
 
@@ -77,7 +78,8 @@ def scan_shard(shard: str) -> tuple[list[str], list[int], list[int]]:
                 raise urls.unreachable(shard, e) from e
             if ti is None:
                 break
-            tf.members = []  # headers are not kept: memory stays flat over a long shard
+            # headers are not kept: memory stays flat over a long shard (typeshed lacks TarFile.members)
+            tf.members = []  # type: ignore[attr-defined]
             name = ti.name
             if not ti.isreg() or _META.match(name):
                 continue
@@ -120,7 +122,7 @@ class TarReader:
 
     def __init__(self, shards: tuple[str, ...], starts: np.ndarray, offsets: np.ndarray, sizes: np.ndarray) -> None:
         self.shards, self.starts, self.offsets, self.sizes = shards, starts, offsets, sizes
-        self._open: OrderedDict[int, object] = OrderedDict()
+        self._open: OrderedDict[int, IO[bytes]] = OrderedDict()
 
     def __getstate__(self) -> dict:  # open files stay in the process that opened them
         return {k: v for k, v in self.__dict__.items() if k != "_open"}
