@@ -20,7 +20,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -230,24 +230,43 @@ def _normalise_choice(values: Sequence[str] | str, allowed: Sequence[str], what:
     return out
 
 
+@dataclass(frozen=True)
+class ExportOptions:
+    """Every setting of an export, with its default (see :func:`export_bundle`)."""
+
+    image_size: int | None = None
+    opset: int = DEFAULT_OPSET
+    precisions: Sequence[str] | str = ("fp32",)
+    parts: Sequence[str] | str | None = None
+    overwrite: bool = False
+    reference_weights: bool = False
+    external_data: bool | None = None
+    verify: bool = True
+    progress: Callable[[str], None] | None = print
+    labels: str | os.PathLike | Sequence[str] | None = None
+    calibration: str | os.PathLike | None = None
+    calibration_count: int = 256
+    checkpoint_hints: dict | None = None
+
+    def updated(self, **changes) -> ExportOptions:
+        """A copy with ``changes``; an unknown name is an InputError listing the options."""
+        names = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise InputError(f"export_bundle has no option {', '.join(unknown)}; it takes: {', '.join(sorted(names))}")
+        return replace(self, **changes)
+
+
 def export_bundle(
     model_or_checkpoint_path: Model | str | os.PathLike,
     out_dir: str | os.PathLike,
-    image_size: int | None = None,
-    opset: int = DEFAULT_OPSET,
-    precisions: Sequence[str] | str = ("fp32",),
-    parts: Sequence[str] | str | None = None,
-    overwrite: bool = False,
-    reference_weights: bool = False,
-    external_data: bool | None = None,
-    verify: bool = True,
-    progress: Callable[[str], None] | None = print,
-    labels: str | os.PathLike | Sequence[str] | None = None,
-    calibration: str | os.PathLike | None = None,
-    calibration_count: int = 256,
-    checkpoint_hints: dict | None = None,
+    options: ExportOptions | None = None,
+    **settings,
 ) -> ExportReport:
     """Export a checkpoint (any format ``training.checkpoints`` reads) or a model to a bundle directory.
+
+    Settings come in ``options`` (an :class:`ExportOptions`, what ``mae-deploy export`` builds) and/or as
+    keywords overriding its fields (``export_bundle(model, out, precisions=("fp32", "fp16"), verify=False)``):
 
     - ``precisions``: fp32 is always written (it is the reference and the default graph); ``fp16``,
       ``int8`` (dynamic), ``int8-qdq`` and ``int8-nncf`` (static Q/DQ, need ``calibration``) add
@@ -268,25 +287,23 @@ def export_bundle(
     Raises InputError / CheckpointError for bad input and VerificationError (exit 5) when a graph disagrees
     with PyTorch; then nothing is written.
     """
+    o = (options or ExportOptions()).updated(**settings)
     t0 = time.perf_counter()
-    say = progress or (lambda _msg: None)
+    say = o.progress or (lambda _msg: None)
     out = Path(out_dir)
-    requested = set(_normalise_choice(precisions, ALL_PRECISIONS, "precision")) | {"fp32"}
+    requested = set(_normalise_choice(o.precisions, ALL_PRECISIONS, "precision")) | {"fp32"}
     wanted_precisions = [p for p in ALL_PRECISIONS if p in requested]  # fp32 first: variants derive from it
     calibrated = [p for p in CALIBRATED_PRECISIONS if p in requested]
-    if calibrated and calibration is None:
+    if calibrated and o.calibration is None:
         raise InputError(f"--precision {calibrated[0]} is calibrated on real images: pass --calibration DIR "
                          "(a folder, glob or list file of images like those the model will see)")
     source_path = None if isinstance(model_or_checkpoint_path, torch.nn.Module) else Path(model_or_checkpoint_path)
-    _check_destination(out, overwrite, source_path)
+    _check_destination(out, o.overwrite, source_path)
 
     with staging.ExportLock(out):
         for stale in staging.clean_stale(out):
             say(f"removed {stale.name}, left by an export that was killed")
-        return _export_locked(
-            model_or_checkpoint_path, out, image_size, opset, wanted_precisions, parts, reference_weights,
-            external_data, verify, progress, labels, calibration, calibration_count, checkpoint_hints, t0,
-        )
+        return _export_locked(model_or_checkpoint_path, out, replace(o, precisions=tuple(wanted_precisions)), t0)
 
 
 @dataclass
@@ -387,14 +404,15 @@ def _onnx_stage(tmp: Path, plan: _Plan, cases: dict[str, list], num_patches: int
     return parity
 
 
-def _export_locked(model_or_checkpoint_path, out: Path, image_size, opset, wanted_precisions, parts,
-                   reference_weights, external_data, verify, progress, labels, calibration, calibration_count,
-                   checkpoint_hints, t0: float) -> ExportReport:
-    say = progress or (lambda _msg: None)
-    loaded = _load(model_or_checkpoint_path, checkpoint_hints)
+def _export_locked(model_or_checkpoint_path, out: Path, o: ExportOptions, t0: float) -> ExportReport:
+    """The export under its lock; ``o.precisions`` are settled (fp32 first)."""
+    say = o.progress or (lambda _msg: None)
+    image_size, opset, reference_weights, labels = o.image_size, o.opset, o.reference_weights, o.labels
+    calibration = o.calibration
+    loaded = _load(model_or_checkpoint_path, o.checkpoint_hints)
     model, notes = loaded.model, loaded.notes
-    plan = _Plan(_wanted_parts(parts, loaded.parts), wanted_precisions, opset, external_data, verify,
-                 progress is not None,
+    plan = _Plan(_wanted_parts(o.parts, loaded.parts), list(o.precisions), opset, o.external_data, o.verify,
+                 o.progress is not None,
                  release_between_stages=sum(t.nbytes for t in model.state_dict().values()) >= RELEASE_MIN_BYTES)
     if labels is not None and CLASSIFIER not in plan.parts:
         raise InputError("--labels names the classes of a classifier, but this export has no classifier graph "
@@ -412,7 +430,7 @@ def _export_locked(model_or_checkpoint_path, out: Path, image_size, opset, wante
     cfg = model.config
     preprocessing = default_preprocessing(cfg.img_size, cfg.in_chans)
     if calibration is not None and any(p in plan.precisions for p in CALIBRATED_PRECISIONS):
-        plan.calibration = load_calibration(calibration, preprocessing, cfg.in_chans, calibration_count)
+        plan.calibration = load_calibration(calibration, preprocessing, cfg.in_chans, o.calibration_count)
         say(f"calibration: {len(plan.calibration.pixel_values)} images from {calibration}"
             + (f" ({len(plan.calibration.skipped)} unreadable, skipped)" if plan.calibration.skipped else ""))
     say(f"exporting {cfg.name} ({cfg.img_size}px, L={cfg.num_patches}, parts: {', '.join(plan.parts)}, "

@@ -28,3 +28,12 @@ def test_every_cli_option_of_extract_is_an_options_field():
     own = {"source", "bundle_dir", "out_dir", "no_progress", "image_column", "id_column", "compile_model"}
     names = {p.name for p in extract.params} - own
     assert names <= {f.name for f in fields(ExtractOptions)}
+
+
+def test_export_bundle_takes_one_options_object_too(tmp_path):
+    from export.bundle_writer import ExportOptions, export_bundle
+
+    o = ExportOptions(precisions="fp32,fp16", verify=False)
+    assert o.updated(verify=True).verify and not o.verify
+    with pytest.raises(InputError, match="export_bundle has no option precision; it takes: .*precisions"):
+        export_bundle("missing.pth", tmp_path / "b", o, precision="fp16")

@@ -67,17 +67,17 @@ def export_cmd(checkpoint: str, out: str, image_size: int | None, opset: int, pr
     """
     import time
 
-    from export.bundle_writer import export_bundle
+    from export.bundle_writer import ExportOptions, export_bundle
 
     t0 = time.perf_counter()
-    report = export_bundle(
-        checkpoint, out, image_size=image_size, opset=opset, precisions=precision, parts=parts,
-        overwrite=overwrite, reference_weights=reference_weights, external_data=external_data,
-        verify=not skip_verify, progress=click.echo, labels=labels, calibration=calibration,
-        calibration_count=calibration_count,
+    options = ExportOptions(
+        image_size=image_size, opset=opset, precisions=precision, parts=parts, overwrite=overwrite,
+        reference_weights=reference_weights, external_data=external_data, verify=not skip_verify,
+        progress=click.echo, labels=labels, calibration=calibration, calibration_count=calibration_count,
         checkpoint_hints={"num_heads": num_heads, "decoder_num_heads": decoder_num_heads,
                           "norm_pix_loss": norm_pix_loss},
     )
+    report = export_bundle(checkpoint, out, options)
     click.echo(f"\nwrote {report.bundle}:")
     for rel, size in sorted(report.files.items()):
         click.echo(f"  {rel:<34} {_fmt_bytes(size):>10}")
