@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Callable
 
 from mae_deploy.errors import InputError
 from mae_deploy.names import BACKENDS, DIAGNOSTIC_BACKENDS
@@ -16,7 +17,7 @@ from mae_deploy.runners.base import BaseRunner, Runner, RunnerInfo, check_thread
 __all__ = ["BACKENDS", "BaseRunner", "Runner", "RunnerInfo", "create_runner"]
 
 
-def _runner_class(backend: str) -> type:
+def _runner_class(backend: str) -> Callable[..., BaseRunner]:
     if backend == "ort":
         from mae_deploy.runners.ort import OrtRunner
 
@@ -59,7 +60,7 @@ def create_runner(bundle, backend: str = "ort", device: str = "cpu", precision: 
 
         bundle = Bundle.load(bundle)
     cls = _runner_class(backend)
-    params = inspect.signature(cls.__init__).parameters
+    params = inspect.signature(cls).parameters
     accepted = set(params) - {"self", "bundle"}
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     unknown = sorted(set(opts) - accepted)

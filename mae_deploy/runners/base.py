@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, NoReturn, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -55,7 +55,8 @@ class RunnerInfo:
 
 @runtime_checkable
 class Runner(Protocol):
-    info: RunnerInfo
+    @property
+    def info(self) -> RunnerInfo: ...
 
     def encode(self, pixel_values: np.ndarray, ids_keep: np.ndarray) -> np.ndarray: ...
 
@@ -132,7 +133,7 @@ class BaseRunner:
         out = self._encode(x, ids_keep) if pool is None else self._encode_pooled(x, ids_keep, pool)
         return pixels.like(out)
 
-    def _missing_part(self, part: str) -> None:
+    def _missing_part(self, part: str) -> NoReturn:
         """Raise the error for a part this runner does not have (default: the bundle's own message)."""
         self.bundle.graph(part)
         # The bundle lists the part, but this runner did not load it (e.g. its precision has no such graph).

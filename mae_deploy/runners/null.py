@@ -20,6 +20,8 @@ from mae_deploy.runners.base import BaseRunner, RunnerInfo
 class NullRunner(BaseRunner):
     """Zeros of the right shape, after the usual input checks; no graph is loaded."""
 
+    info: RunnerInfo
+
     def __init__(self, bundle: Bundle, device: str = "cpu", precision: str = "fp32", threads: int | None = None
                  ) -> None:
         self.bundle = bundle

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +31,10 @@ from mae_deploy.errors import BundleError, DeviceUnavailable, InputError, Missin
 from mae_deploy.masking import check_pixel_values
 from mae_deploy.names import CLASSIFIER, DECODER, ENCODER, GRAPH_IO, POOLED_OUTPUTS
 from mae_deploy.runners.base import BaseRunner, RunnerInfo, check_threads, run_in_chunks
+
+if TYPE_CHECKING:
+    from mae_deploy.bundle import GraphSpec
+    from mae_deploy.runners.trt.ort_ep import OrtTrtSetup
 
 _PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 _OPT_LEVELS = ("disable", "basic", "extended", "all")
@@ -175,7 +180,8 @@ class OrtRunner(BaseRunner):
 
         self._primary = _PROVIDER[self.kind]
         check_providers(device, self._primary, list(self.ort.get_available_providers()), session=False)
-        self.trt = None
+        self.trt: OrtTrtSetup | None = None
+        self._specs: dict[str, GraphSpec | None]
         if self.kind == "tensorrt":
             from mae_deploy.runners.trt.ort_ep import OrtTrtSetup
 
@@ -190,7 +196,7 @@ class OrtRunner(BaseRunner):
             self._specs[DECODER] = bundle.graph(DECODER, precision if precision in dec else "fp32") if dec else None
             if precision in bundle.precisions(CLASSIFIER):  # absent: classify() says what the bundle has
                 self._specs[CLASSIFIER] = bundle.graph(CLASSIFIER, precision)
-        self._sessions: dict[str, object] = {}
+        self._sessions: dict[str, Any] = {}  # part -> onnxruntime.InferenceSession
         self._lock = threading.Lock()
 
     # -- sessions -------------------------------------------------------------------------------
@@ -200,6 +206,7 @@ class OrtRunner(BaseRunner):
             return ["CPUExecutionProvider"]
         if self.kind == "cuda":
             return [cuda, "CPUExecutionProvider"]
+        assert self.trt is not None  # made for the tensorrt device
         return [("TensorrtExecutionProvider", self.trt.provider_options(part, self.device_id)), cuda,
                 "CPUExecutionProvider"]
 

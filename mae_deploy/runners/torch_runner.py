@@ -19,6 +19,8 @@ call of each new shape compiles (seconds to a minute); later calls reuse it.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
@@ -27,6 +29,9 @@ from mae_deploy.errors import BundleError, DeviceUnavailable, InputError, Missin
 from mae_deploy.masking import check_pixel_values
 from mae_deploy.names import DECODER, ENCODER, TORCH_PRECISIONS
 from mae_deploy.runners.base import BaseRunner, RunnerInfo, check_threads
+
+if TYPE_CHECKING:
+    import torch
 
 _ARCH_KEYS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads")
 
@@ -87,17 +92,17 @@ class TorchRunner(BaseRunner):
         self._specs = {ENCODER: self.checkpoint,
                        DECODER: self.checkpoint if getattr(model, "has_decoder", False) else None}
         self.compiled = bool(compile)
-        self._forward_encoder = self.model.forward_encoder
-        self._forward_decoder = getattr(self.model, "forward_decoder", None)
+        self._forward_encoder: Callable[..., Any] = self.model.forward_encoder
+        self._forward_decoder: Callable[..., Any] | None = getattr(self.model, "forward_decoder", None)
         if self.compiled:
             # CUDA graphs replay fixed shapes with no launch overhead: MAE's short sequences need that.
             mode = "reduce-overhead" if self._device.type == "cuda" else None
             self._forward_encoder = torch.compile(self.model.forward_encoder, mode=mode)
             if self._forward_decoder is not None:
-                self._forward_decoder = torch.compile(self.model.forward_decoder, mode=mode)
-        self._pinned: dict[str, object] = {}  # name -> reusable pinned host buffer (CUDA only)
+                self._forward_decoder = torch.compile(self._forward_decoder, mode=mode)
+        self._pinned: dict[str, torch.Tensor] = {}  # name -> reusable pinned host buffer (CUDA only)
 
-    def _missing_part(self, part: str) -> None:
+    def _missing_part(self, part: str) -> NoReturn:
         raise BundleError(f"checkpoint {self.checkpoint} has no {part}; reconstruction needs one")
 
     def _autocast(self):
@@ -171,6 +176,7 @@ class TorchRunner(BaseRunner):
         torch = self.torch
         x, ids = self._to_device("latent", latent), self._to_device("ids_restore", ids_restore)
         with torch.inference_mode(), self._autocast():
+            assert self._forward_decoder is not None  # decode() checked has_decoder
             pred = self._forward_decoder(x, ids)
         return self._to_host(pred)
 
@@ -197,8 +203,9 @@ class TorchRunner(BaseRunner):
         return RunnerInfo("torch", self.device, self.precision, ("torch",), details)
 
     def close(self) -> None:
-        self.model = None
-        self._forward_encoder = self._forward_decoder = None
+        # References dropped so the model's memory can be freed; the runner is not used after close().
+        self.model = None  # type: ignore[assignment]
+        self._forward_encoder = self._forward_decoder = None  # type: ignore[assignment]
         self._pinned.clear()
 
 

@@ -107,7 +107,8 @@ def _progress_monitor(trt, desc: str):
 
 
 def _monitor_init(self, desc: str) -> None:
-    type(self).__bases__[1].__init__(self)  # pybind11 trampolines need the base constructor called explicitly
+    # pybind11 trampolines need the base constructor called explicitly (the TensorRT class, known at run time)
+    type(self).__bases__[1].__init__(self)  # type: ignore[misc]
     BuildProgress.__init__(self, desc)
 
 

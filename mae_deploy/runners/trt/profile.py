@@ -8,6 +8,7 @@ runners; visible counts outside it are an error that says how to rebuild. Pure l
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from mae_deploy.errors import InputError
@@ -67,15 +68,20 @@ class TrtProfile:
         c, s, L, d = self.in_chans, self.image_size, self.num_patches, self.embed_dim
         corners = ((self.min_batch, self.min_visible), (self.opt_batch, self.opt_visible),
                    (self.max_batch, self.max_visible))
+
+        def at_corners(shape: Callable[[int, int], Shape]) -> tuple[Shape, Shape, Shape]:
+            lo, opt, hi = (shape(b, k) for b, k in corners)
+            return lo, opt, hi
+
         if part == "encoder":
             return {
-                "pixel_values": tuple((b, c, s, s) for b, _ in corners),
-                "ids_keep": tuple((b, k) for b, k in corners),
+                "pixel_values": at_corners(lambda b, _: (b, c, s, s)),
+                "ids_keep": at_corners(lambda b, k: (b, k)),
             }
         if part == "decoder":
             return {
-                "latent": tuple((b, k + 1, d) for b, k in corners),  # cls token + visible tokens
-                "ids_restore": tuple((b, L) for b, _ in corners),
+                "latent": at_corners(lambda b, k: (b, k + 1, d)),  # cls token + visible tokens
+                "ids_restore": at_corners(lambda b, _: (b, L)),
             }
         raise InputError(f"unknown part {part!r}; expected one of {list(PARTS)}")
 

@@ -17,6 +17,7 @@ import os
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,6 +30,9 @@ from mae_deploy.runners.trt.cache import CachedEngine, default_cache_dir
 from mae_deploy.runners.trt.cuda import cuda_device_name, parse_cuda_device, set_device
 from mae_deploy.runners.trt.profile import DEFAULT_MAX_BATCH, profile_for_bundle
 from mae_deploy.runners.trt.session import EngineSession
+
+if TYPE_CHECKING:
+    from mae_deploy.bundle import GraphSpec
 
 
 class TrtRunner(BaseRunner):
@@ -74,7 +78,8 @@ class TrtRunner(BaseRunner):
         self.device_id = parse_cuda_device(device)
         self.precision = precision
         # Resolve graphs and the profile before touching the GPU, so bad options fail fast.
-        self._specs = {"encoder": select_graph(bundle, "encoder", precision, self.generation)}
+        self._specs: dict[str, GraphSpec | None] = {"encoder": select_graph(bundle, "encoder", precision,
+                                                                            self.generation)}
         self._specs["decoder"] = (select_graph(bundle, "decoder", precision, self.generation)
                                   if bundle.has_decoder else None)
         self.profile = profile_for_bundle(bundle, max_batch=max_batch, opt_batch=opt_batch, opt_visible=opt_visible,
