@@ -22,7 +22,7 @@ CSV_COLUMNS = (
     *(f"{s}_ms" for s in STATS), "first_call_ms", "throughput_ips",
     *(f"gpu_{s}_ms" for s in ("p50", "mean")), "peak_rss_mb", "rss_scope", "peak_device_mem_mb",
     "build_s", "intra_op_threads", "inter_op_threads", "reference", "max_abs_diff", "mean_abs_diff", "cosine",
-    "flops", "compute_unit", "achieved", "peak", "fraction_of_peak",
+    "flops", "compute_unit", "achieved", "peak", "fraction_of_peak", "int8_isa",
 )
 
 
@@ -82,9 +82,10 @@ def _rate(x: float | None) -> str:
     return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
 
 
-def _pct(comp: dict | None) -> str:
+def _pct(comp: dict | None, above: str = " (above peak)") -> str:
+    """The share of the peak; a share above 100 % is shown as it is and marked, never clipped."""
     frac = (comp or {}).get("fraction_of_peak")
-    return "-" if frac is None else f"{100 * frac:.0f} %"
+    return "-" if frac is None else f"{100 * frac:.0f} %" + (above if frac > 1 else "")
 
 
 def _machine_line(results: dict) -> str:
@@ -109,14 +110,35 @@ def peak_lines(results: dict) -> list[str]:
     lines = []
     for (backend, precision), r in best.items():
         c = r["compute"]
+        isa = f" on {r['int8_isa']}" if r.get("int8_isa") else ""
         lines.append(
-            f"{backend} {precision}: {_rate(c['achieved'])} {c['unit']} = {100 * c['fraction_of_peak']:.0f} % of this "
-            f"machine's {precision} peak ({c['peak_probe']}: {_rate(c['peak'])} {c['unit']}), best at {r['part']} "
-            f"batch {r['batch']} visible {r['visible']}"
+            f"{backend} {precision}{isa}: {_rate(c['achieved'])} {c['unit']} = {100 * c['fraction_of_peak']:.0f} % of "
+            f"this machine's {precision} peak ({c['peak_probe']}: {_rate(c['peak'])} {c['unit']}), best at "
+            f"{r['part']} batch {r['batch']} visible {r['visible']}"
+            + (f"; {c['note']}" if c['fraction_of_peak'] > 1 and c.get("note") else "")
         )
     for p in results.get("peaks") or []:
         if p["status"] != "ok":
             lines.append(f"{p['backend']} {p['precision']}: no peak ({p['reason']})")
+    return lines
+
+
+def probe_lines(results: dict) -> list[str]:
+    """Per probe: every GEMM shape's rate, the one that set the peak in bold, skipped shapes with the reason."""
+    lines = []
+    for p in results.get("peaks") or []:
+        if p["status"] != "ok" or not p.get("shapes"):
+            continue
+        parts = []
+        for s in p["shapes"]:
+            name = f"{s['m']}x{s['k']}x{s['n']} {s['what']}"
+            if s["status"] != "ok":
+                parts.append(f"{name} {s['status']}")
+            elif [s["m"], s["k"], s["n"]] == p["shape"]:
+                parts.append(f"**{name} {_rate(s['rate'])}**")
+            else:
+                parts.append(f"{name} {_rate(s['rate'])}")
+        lines.append(f"{p['backend']} {p['precision']} {p['op']} ({p['unit']}, {p['seconds']} s): " + ", ".join(parts))
     return lines
 
 
@@ -131,16 +153,18 @@ def markdown_table(results: dict) -> str:
         + f"; reference: {ref['name'] or 'none'}"
         + (f" ({ref['note']})" if ref.get("note") else "") + ".",
         "",
-        "| backend | precision | part | batch | visible | p50 ms | p90 ms | p99 ms | mean ms | min ms | max ms "
-        "| images/s | GFLOP/s (GOP/s int8) | % of peak | peak RSS MB | build s | max abs diff | cosine | status |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-        "| ---: | ---: | --- |",
+        "| backend | precision | int8 ISA | part | batch | visible | p50 ms | p90 ms | p99 ms | mean ms | min ms "
+        "| max ms | images/s | GFLOP/s (GOP/s int8) | % of peak | peak RSS MB | build s | max abs diff | cosine "
+        "| status |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: | ---: | ---: | --- |",
     ]
     for r in results["rows"]:
         lat, agr, comp = r["latency_ms"] or {}, r["agreement"] or {}, r.get("compute") or {}
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
         lines.append(
-            f"| {r['backend']} | {r['precision']} | {r['part']} | {r['batch']} | {r['visible']} | "
+            f"| {r['backend']} | {r['precision']} | {r.get('int8_isa') or '-'} | {r['part']} | {r['batch']} | "
+            f"{r['visible']} | "
             + " | ".join(_fmt(lat.get(s)) for s in ("p50", "p90", "p99", "mean", "min", "max"))
             + f" | {_fmt(r['throughput_ips'], 1)} | {_rate(comp.get('achieved'))} | {_pct(comp)} | "
             f"{_fmt(r['peak_rss_mb'], 0)} | {_fmt(r['build_s'])} | "
@@ -150,6 +174,10 @@ def markdown_table(results: dict) -> str:
     if peaks:
         lines += ["", "Distance to the limit (MatMul peak of the same engine and precision, probed in this run; "
                   "FLOPs from mae_deploy.bench.flops):", ""] + [f"- {p}" for p in peaks]
+    probes = probe_lines(results)
+    if probes:
+        lines += ["", "Peak probes (each GEMM shape M x K x N and its best rate; the peak in bold):", ""] + \
+            [f"- {p}" for p in probes]
     return "\n".join(lines) + "\n"
 
 
@@ -189,7 +217,7 @@ def format_summary(results: dict) -> str:
                      + (" (contended: latencies are pessimistic)" if share > 0.05 else ""))
     head = (f"{'backend':<8} {'prec':<5} {'part':<11} {'batch':>5} {'vis':>4} | {'p50':>8} {'p90':>8} {'p99':>8} "
             f"{'mean':>8} {'min':>8} {'max':>8} {'cv%':>5} | {'img/s':>8} {'G/s':>7} {'%peak':>6} | "
-            f"{'RSS MB':>7} {'build s':>7} | {'max|d|':>7} {'cosine':>8}")
+            f"{'RSS MB':>7} {'build s':>7} | {'max|d|':>7} {'cosine':>8} | int8 ISA")
     lines += [head, "-" * len(head)]
     rows = results["rows"]
     i = 0
@@ -204,9 +232,10 @@ def format_summary(results: dict) -> str:
         lines.append(
             f"{r['backend']:<8} {r['precision']:<5} {r['part']:<11} {r['batch']:>5} {r['visible']:>4} | "
             + " ".join(f"{lat[s]:>8.2f}" for s in ("p50", "p90", "p99", "mean", "min", "max"))
-            + f" {cv:>5.0f} | {r['throughput_ips']:>8.1f} {_rate(comp.get('achieved')):>7} {_pct(comp):>6} | "
+            + f" {cv:>5.0f} | {r['throughput_ips']:>8.1f} {_rate(comp.get('achieved')):>7} {_pct(comp, '!'):>6} | "
             f"{r['peak_rss_mb']:>7.0f} {_fmt(r['build_s']):>7} | "
             f"{_fmt_sci(agr.get('max_abs_diff')):>7} {_fmt(agr.get('cosine'), 5):>8}"
+            + (f" | {r['int8_isa']}" if r.get("int8_isa") else "")
         )
         i += 1
         if r.get("gpu_compute_ms"):
@@ -215,7 +244,8 @@ def format_summary(results: dict) -> str:
                          f"peak device memory {_fmt(r['peak_device_mem_mb'], 0)} MB")
     peaks = peak_lines(results)
     if peaks:
-        lines.append("G/s: GFLOP/s (GOP/s for int8) at p50; %peak: share of the same engine's MatMul peak")
+        lines.append("G/s: GFLOP/s (GOP/s for int8) at p50; %peak: share of the same engine's MatMul peak (the best "
+                     "of several GEMM shapes; ! = above it)")
         lines += [f"peak      {p}" for p in peaks]
     return "\n".join(lines)
 

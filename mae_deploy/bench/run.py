@@ -24,6 +24,7 @@ where: docs/verification.md).
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import gc
 import time
 from dataclasses import asdict
@@ -32,8 +33,16 @@ from mae_deploy import __version__
 from mae_deploy.bench.build import build_runner, runner_threads
 from mae_deploy.bench.config import BenchConfig, visible_counts
 from mae_deploy.bench.flops import part_flops
-from mae_deploy.bench.machine import CpuShare, PeakRss, default_threads, load_average, machine_info
-from mae_deploy.bench.peak import PeakProbes, compute
+from mae_deploy.bench.machine import (
+    CpuShare,
+    PeakRss,
+    cpu_model_and_flags,
+    default_threads,
+    int8_isa,
+    load_average,
+    machine_info,
+)
+from mae_deploy.bench.peak import PeakProbes, compute, model_shapes
 from mae_deploy.bench.schema import ROW_KEYS, RUNNER_KEYS, SCHEMA_VERSION, jsonable
 from mae_deploy.bench.stats import agreement, latency_stats, time_calls
 from mae_deploy.bench.workloads import Reference, Workloads, compute_reference
@@ -78,9 +87,23 @@ def torch_gpu_compute(runner, part: str, pixels, keep, latent, restore, warmup: 
     return latency_stats(times)
 
 
+def row_isa(precision: str, device: str) -> str | None:
+    """The int8 instruction set an int8 row ran on: the CPU's best (``machine.int8_isa``); None for float rows
+    and on a GPU. The same int8 graph runs ~2x apart between AVX2 and VNNI, so an int8 row means little without it."""
+    if not precision.startswith("int8") or device != "cpu":
+        return None
+    return _cpu_int8_isa()
+
+
+@functools.cache
+def _cpu_int8_isa() -> str:
+    return int8_isa(cpu_model_and_flags()[1])
+
+
 def empty_row(backend: str, precision: str, device: str, part: str, batch: int, visible: int) -> dict:
     row = dict.fromkeys(ROW_KEYS)
-    row.update(backend=backend, precision=precision, device=device, part=part, batch=batch, visible=visible)
+    row.update(backend=backend, precision=precision, device=device, part=part, batch=batch, visible=visible,
+               int8_isa=row_isa(precision, device))
     return row
 
 
@@ -158,6 +181,17 @@ def _runner_rows(runner, entry: dict, config: BenchConfig, visibles: list[int], 
     return rows
 
 
+def _own_shapes(bundle, config: BenchConfig, visibles: list[int]) -> list[dict]:
+    """The bundle's own MatMul shapes at the run's largest batch and visible count, for the peak probes."""
+    from mae_deploy.errors import InputError
+
+    decoder = bundle.has_decoder and any(p != "encoder" for p in config.parts)
+    try:
+        return model_shapes(bundle.architecture, max(config.batch_sizes), max(visibles), decoder=decoder)
+    except InputError:  # an architecture the FLOP count cannot read: the generic shapes alone
+        return []
+
+
 def run_benchmark(bundle, config: BenchConfig, progress: bool = True) -> dict:
     """Run every combination of ``config`` on ``bundle`` (a Bundle or a path); returns the results dict.
 
@@ -180,7 +214,7 @@ def run_benchmark(bundle, config: BenchConfig, progress: bool = True) -> dict:
     created = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     work = Workloads(bundle, config.seed)
     ref = compute_reference(bundle, config, work, visibles, threads, progress)
-    peaks = PeakProbes(threads, enabled=config.peak)
+    peaks = PeakProbes(threads, enabled=config.peak, shapes=_own_shapes(bundle, config, visibles))
 
     rows: list[dict] = []
     runners: list[dict] = []

@@ -1,7 +1,9 @@
 """The results format (docs/bench-schema.md): its keys, its versions, and the check that a file has them.
 
 Version 2 adds the MatMul peaks (top-level ``peaks``) and each row's ``compute`` (FLOPs, achieved
-GFLOP/s, share of the peak). Version 1 files still load (for ``--compare``): they simply lack those.
+GFLOP/s, share of the peak). Version 3 adds each row's ``int8_isa`` and, per peak, every GEMM shape probed
+(``shapes``), the one that set the peak (``shape``) and the probe's time budget. Version 1 and 2 files still
+load (for ``--compare``): they simply lack those.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from mae_deploy.bench.peak import PROBE_KEYS
 from mae_deploy.bench.stats import STATS
 from mae_deploy.errors import InputError
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 # Keys every results file and every row carries (docs/bench-schema.md documents each; tests check both agree).
 TOP_KEYS = (
@@ -28,12 +30,13 @@ TOP_KEYS = (
 ROW_KEYS = (
     "backend", "precision", "device", "part", "batch", "visible", "status", "reason", "warmup", "iterations",
     "latency_ms", "first_call_ms", "throughput_ips", "timing", "gpu_compute_ms", "peak_rss_mb", "rss_scope",
-    "peak_device_mem_mb", "device_mem_note", "build_s", "threads", "agreement", "compute",
+    "peak_device_mem_mb", "device_mem_note", "build_s", "threads", "agreement", "compute", "int8_isa",
 )
 RUNNER_KEYS = ("backend", "precision", "device", "status", "reason", "build_s", "providers", "threads", "details")
 AGREEMENT_KEYS = ("reference", "max_abs_diff", "mean_abs_diff", "cosine")
 COMPUTE_KEYS = ("flops", "unit", "achieved", "peak", "fraction_of_peak", "peak_probe", "note")
-_ADDED_IN_2 = {"peaks", "compute"}
+# The version that added a key: files written before it lack the key and still load.
+_ADDED_IN = {"peaks": 2, "compute": 2, "int8_isa": 3, "shape": 3, "shapes": 3, "budget_s": 3}
 
 
 def jsonable(x: Any) -> Any:
@@ -52,7 +55,7 @@ def jsonable(x: Any) -> Any:
 
 
 def _lacks(obj: dict, keys: tuple[str, ...], version: int) -> list[str]:
-    return [k for k in keys if k not in obj and not (version < 2 and k in _ADDED_IN_2)]
+    return [k for k in keys if k not in obj and version >= _ADDED_IN.get(k, 1)]
 
 
 def validate_results(d: Any, where: str = "results") -> dict:
@@ -90,7 +93,7 @@ def validate_results(d: Any, where: str = "results") -> dict:
         if missing:
             raise InputError(f"{where}: runners[{i}] lacks {missing}")
     for i, p in enumerate(d.get("peaks") or []):
-        if not isinstance(p, dict) or _lacks(p, PROBE_KEYS, 2):
+        if not isinstance(p, dict) or _lacks(p, PROBE_KEYS, version):
             raise InputError(f"{where}: peaks[{i}] lacks some of {list(PROBE_KEYS)}")
     return d
 
