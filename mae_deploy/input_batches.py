@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -51,7 +52,7 @@ class InputBatches:
 
         self.source = source
         limit = Image.MAX_IMAGE_PIXELS if pre.max_pixels is None else pre.max_pixels
-        self._args = {"preprocessing": _config(pre), "in_chans": pre.in_chans, "min_side": pre.min_side,
+        self._args: dict[str, Any] = {"preprocessing": _config(pre), "in_chans": pre.in_chans, "min_side": pre.min_side,
                       "max_pixels": int(limit or 0), "transfer": "float32", "exact_resize": pre.exact_resize,
                       "reader": source.reader, "device_jpeg": check_decoder(decoder) == "torch"}
         self._decoder = Decoder(**self._args)

@@ -35,7 +35,7 @@ import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Union
+from typing import IO, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -192,8 +192,9 @@ class Preprocessor:
     def _limit(self) -> int | None:
         return Image.MAX_IMAGE_PIXELS if self.max_pixels is None else self.max_pixels
 
-    def load_image(self, path: str | os.PathLike) -> Image.Image:
-        """Open an image file: first frame, EXIF orientation applied, RGB (or L), decoded.
+    def load_image(self, path: str | os.PathLike | IO[bytes]) -> Image.Image:
+        """Open an image file (a path, or a binary file named by its ``str``): first frame, EXIF orientation
+        applied, RGB (or L), decoded.
 
         On the fast path (``exact_resize=False``) a JPEG at least twice the target size comes back
         draft-decoded (reduced by 2, 4 or 8, still >= 2x the target); :func:`source_size` gives its full size,
@@ -319,7 +320,7 @@ class Preprocessor:
         box = (left * fx, top * fy, (left + size) * fx, (top + size) * fy)
         return im.resize((size, size), _RESAMPLE[self.interpolation], box=box, reducing_gap=REDUCE_GAP)
 
-    def normalize(self, im: Image.Image) -> np.ndarray:
+    def normalize(self, im: Image.Image | np.ndarray) -> np.ndarray:
         """A model-sized RGB/L image -> (C, H, W) float32, (x/255 - mean) / std."""
         a = np.asarray(im)
         a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)

@@ -117,7 +117,10 @@ class Decoder:
         """Decode ``items``; with ``out`` (room for every item) the good images go there, in order, and the
         result's pixels are ``out[:n]``: a worker writes straight into shared memory, with no stacking copy."""
         t0 = time.perf_counter()
-        rows, images, failures, encoded = [], [], [], []
+        rows: list[int] = []
+        images: list[np.ndarray] = []
+        failures: list[tuple[int, str, str]] = []
+        encoded: list[tuple[int, bytes]] = []
         for row, path in items:
             try:
                 if self.device_jpeg:

@@ -131,6 +131,7 @@ class _Job:
                     self.finish_manifest(status)
 
     def _consume(self, engine: Engine, bar, strict: bool) -> None:
+        assert self.writer is not None  # execute() made it
         paths, feature_shape, dtype = self.plan.src.paths, self.plan.feature_shape, self.plan.dtype
         feats: list[np.ndarray] = []
         index: list[tuple[int, str]] = []
@@ -241,7 +242,7 @@ def extract_features(
     with OutputLock(out):
         plan = make_plan(bundle, src, part, out, pool=o.pool, dtype=o.dtype, shard_size=o.shard_size,
                          num_shards=o.num_shards, shard_index=o.shard_index, min_side=o.min_side,
-                         max_pixels=o.max_pixels, precision=o.precision, exact_resize=o.exact_resize, decoder=decoder)
+                         max_pixels=max_pixels, precision=o.precision, exact_resize=o.exact_resize, decoder=decoder)
         state = prepare_output(out, plan.manifest, len(plan.shard_rows))
         job = _Job(plan, state, t_start, started)
         job.start_manifest(o.engine)
@@ -276,6 +277,7 @@ def _make_engine(plan: JobPlan, todo: list[int], o: ExtractOptions) -> Engine:
                          device=o.device, transfer=o.transfer, runner_opts=runner_opts)
     from mae_deploy.extract.local import LocalEngine
 
+    assert o.workers is not None  # check_options filled in the default
     return LocalEngine(plan, plan.tasks(todo, o.batch_size), workers=o.workers, start_method=o.start_method,
                        batch_size=o.batch_size, backend=o.backend, device=o.device, transfer=o.transfer,
                        runner_opts=runner_opts)

@@ -86,6 +86,7 @@ class LocalEngine:
 
     def _on_device(self, task: Task, dec) -> BatchResult:
         """--decoder torch: JPEGs decoded, resized and normalised on the device, then the runner."""
+        assert self.device_batcher is not None  # batches() calls this only with a device batcher
         t0 = time.perf_counter()
         rows, x, failures = self.device_batcher.assemble(task.items, dec, self.transfer)
         t1 = time.perf_counter()

@@ -30,6 +30,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -147,8 +148,8 @@ class RayEngine:
         self.info = {"backend": backend, "device": device, "batch_size": batch_size, "transfer": "uint8",
                      "actors": actors, "gpus_per_actor": gpus_per_actor, "cpus_per_actor": cpus_per_actor,
                      "address": address}
-        self._iter = None
-        self._saved_context = None
+        self._iter: Iterator[dict[str, Any]] | None = None  # Ray Data's batches, while they are read
+        self._saved_context: tuple[bool, bool] | None = None
         self._own = connect(self.ray, address, include_dashboard=False, log_to_driver=False)
         try:
             self._check_resources(actors, cpus_per_actor, gpus_per_actor)
@@ -216,13 +217,13 @@ class RayEngine:
 
     def _ordered_rows(self) -> Iterator[tuple]:
         """(row, ok, features, reason, message) in the plan's row order, whatever order Ray delivers."""
-        self._iter = iter(self.ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2))
+        it = self._iter = iter(self.ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2))
         pending: dict[int, tuple] = {}
         for k in self.todo:
             for r in self.plan.shard_rows[k]:
                 while r not in pending:
                     t0 = time.perf_counter()
-                    batch = next(self._iter, None)
+                    batch = next(it, None)
                     self.timings["ray_wait_s"] += time.perf_counter() - t0
                     if batch is None:
                         raise RuntimeError(f"Ray Data ended before row {r}: rows were lost (a bug; please report)")
@@ -250,7 +251,7 @@ class RayEngine:
 
     def close(self) -> None:
         it, self._iter = self._iter, None
-        if hasattr(it, "close"):
+        if it is not None and hasattr(it, "close"):
             it.close()  # stops the streaming execution (e.g. --strict stopped early)
         if self._saved_context is not None:
             ctx = self.ray.data.DataContext.get_current()

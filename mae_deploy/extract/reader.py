@@ -184,7 +184,9 @@ def open_features(dir_or_dirs, allow_incomplete: bool = False, verify: bool = Fa
         seen[i] = d
     parts.sort(key=lambda dm: dm[1]["settings"]["shard_index"])
 
-    shards, paths, rows = [], [], []
+    shards: list[np.ndarray] = []
+    paths: list[str] = []
+    rows: list[int] = []
     for d, m in parts:
         for arr, records in _read_shards(d, m, complete=m.get("status") == "complete", verify=verify):
             shards.append(arr)

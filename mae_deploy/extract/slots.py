@@ -45,7 +45,8 @@ class SharedSlots:
             for _ in range(count):
                 shm = shared_memory.SharedMemory(create=True, size=max(1, nbytes))
                 blocks.append(shm)
-                os.posix_fallocate(shm._fd, 0, max(1, nbytes))  # reserve now: tmpfs would SIGBUS on a late write
+                # reserve now: tmpfs would SIGBUS on a late write (_fd is CPython's private descriptor of the block)
+                os.posix_fallocate(shm._fd, 0, max(1, nbytes))  # type: ignore[attr-defined]
         except (OSError, AttributeError):
             for shm in blocks:
                 _unlink(shm)

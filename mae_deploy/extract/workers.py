@@ -194,7 +194,7 @@ class DecodePool:
             self._next_seq += 1
             self._assign()  # before yielding: workers decode the next batches while the caller runs inference
             yield task, res
-            if seq in self._slot_of:  # the consumer is done with this batch's pixels
+            if self._slots is not None and seq in self._slot_of:  # the consumer is done with this batch's pixels
                 self._slots.release(self._slot_of.pop(seq))
 
     # -- scheduling --------------------------------------------------------------------------------
@@ -219,7 +219,7 @@ class DecodePool:
 
     def _slot_name(self, tid) -> str | None:
         """The shared-memory slot a whole-batch task writes to (single-image retries use the pipe)."""
-        if isinstance(tid, tuple) or tid not in self._slot_of:
+        if isinstance(tid, tuple) or tid not in self._slot_of or self._slots is None:
             return None
         return self._slots.names[self._slot_of[tid]]
 
@@ -261,6 +261,7 @@ class DecodePool:
             return
         w.assigned.remove(tid)
         if res.in_slot:
+            assert self._slots is not None  # a task is given a slot only when there are slots
             res.pixels = (self._slots.array(self._slot_of[tid], (len(res.rows), *self._shape), self._dtype)
                           if res.rows else None)
         if isinstance(tid, tuple):
