@@ -1,4 +1,10 @@
-"""Session-wide fixtures shared by several test modules."""
+"""Every fixture more than one test module uses, in one place: the tests reach them by name, never by import.
+
+Sections: the run itself (graph cache, file order), the runtime tests' bundles, services (S3, Ray), the extraction
+and sources data, and the TensorRT fakes. Fixture names say what they give (``extract_bundle_dir`` is a Path,
+``trt_bundle`` a loaded Bundle); the helper modules next to this file hold the builders and the plain helpers that
+test modules import (``from trt_fakes import FakeTrt``).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,51 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from graph_cache import GraphCache
+
+# Before their first import: a failed assert inside a helper reports its values.
+pytest.register_assert_rewrite("extract_data", "graph_cache", "runtime_fixtures", "sources_data", "trt_fakes")
+
+from graph_cache import GraphCache  # noqa: E402
+from runtime_fixtures import cached_bundle, derived_bundle, export_classifier_bundle, export_tiny_bundle  # noqa: E402
+
+from mae_deploy.bundle import Bundle  # noqa: E402
+
+# ------------------------------------------------------------------------------------------------
+# Bundles of the runtime tests (once per session, whichever modules use them)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """mae_vit_test (32px, patch 8, L=16, dim 32) with encoder, decoder and reference weights."""
+    return cached_bundle(tmp_path_factory, "mae_vit_test", export_tiny_bundle)
+
+
+@pytest.fixture(scope="module")
+def loaded_tiny_bundle(tiny_bundle) -> Bundle:
+    """``tiny_bundle`` loaded."""
+    return Bundle.load(tiny_bundle)
+
+
+@pytest.fixture(scope="session")
+def norm_pix_bundle(tmp_path_factory, tiny_bundle) -> Path:
+    """``tiny_bundle``'s graphs as a norm-pix model's."""
+    return cached_bundle(tmp_path_factory, "mae_vit_test_normpix",
+                         lambda d: derived_bundle(tiny_bundle, d, norm_pix=True))
+
+
+@pytest.fixture(scope="session")
+def encoder_only_bundle(tmp_path_factory, tiny_bundle) -> Path:
+    """``tiny_bundle`` without its decoder."""
+    return cached_bundle(tmp_path_factory, "mae_vit_test_enc",
+                         lambda d: derived_bundle(tiny_bundle, d, drop_decoder=True))
+
+
+@pytest.fixture(scope="session")
+def classifier_bundle(tmp_path_factory) -> Path:
+    """mae_vit_test classifier, 5 classes named cat/dog/bird/fish/frog, fp32 + int8, reference weights."""
+    labels = ["cat", "dog", "bird", "fish", "frog"]
+    return cached_bundle(tmp_path_factory, "mae_vit_test_cls", lambda d: export_classifier_bundle(d, labels=labels))
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +80,11 @@ def vit_base_bundle(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("vitb") / "bundle"
     export_bundle(model, out, verify=False, reference_weights=True, progress=None)
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Services
+# ------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -75,6 +130,116 @@ def ray_local():
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
+
+# ------------------------------------------------------------------------------------------------
+# Extraction and sources data (extract_data.py and sources_data.py build them; both need scikit-image, which
+# the compat venv lacks, so they are imported where a fixture is first used)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def extract_images(tmp_path_factory) -> tuple[Path, dict]:
+    """330+ images (crops of scikit-image's photos, every unusual mode, every broken kind): (root, names)."""
+    from extract_data import make_images
+
+    root = tmp_path_factory.mktemp("extract_images")
+    return root, make_images(root)
+
+
+@pytest.fixture(scope="session")
+def extract_bundle_dir(tmp_path_factory) -> Path:
+    """mae_vit_test's encoder with perturbed LayerNorms, exported by the real exporter."""
+    from extract_data import export_extract_bundle
+
+    return export_extract_bundle(tmp_path_factory.mktemp("extract_bundle") / "bundle")
+
+
+@pytest.fixture(scope="session")
+def extract_other_stats_bundle_dir(tmp_path_factory, extract_bundle_dir) -> Path:
+    """``extract_bundle_dir`` with other preprocessing statistics: a resume into its output must be refused."""
+    from extract_data import other_stats_copy
+
+    return other_stats_copy(extract_bundle_dir, tmp_path_factory.mktemp("extract_bundle2") / "bundle")
+
+
+@pytest.fixture(scope="session")
+def extract_clean_run(tmp_path_factory, extract_images, extract_bundle_dir):
+    """One uninterrupted extraction of ``extract_images`` with extract_data.RUN: (out dir, summary)."""
+    from extract_data import RUN
+
+    from mae_deploy.extract import extract_features
+
+    root, _ = extract_images
+    out = tmp_path_factory.mktemp("extract_clean") / "out"
+    summary = extract_features(root, extract_bundle_dir, out, progress=False, **RUN)
+    return out, summary
+
+
+@pytest.fixture(scope="session")
+def source_data(tmp_path_factory) -> dict:
+    """The same images as a folder, as WebDataset shards and as Parquet files (see sources_data.write_source_data)."""
+    from sources_data import write_source_data
+
+    return write_source_data(tmp_path_factory.mktemp("sources"))
+
+
+@pytest.fixture(scope="session")
+def broken_source_data(tmp_path_factory, source_data) -> dict:
+    """A shard and a Parquet file with good, corrupt, missing and cut-off samples."""
+    from sources_data import write_broken_data
+
+    return write_broken_data(tmp_path_factory.mktemp("sources_broken"), source_data)
+
+
+@pytest.fixture(scope="session")
+def s3_source_data(s3_endpoint, source_data) -> dict:
+    """``source_data``'s shards and Parquet files uploaded to ``s3_endpoint``; their URLs."""
+    from sources_data import upload_to_s3
+
+    return upload_to_s3(source_data)
+
+
+# ------------------------------------------------------------------------------------------------
+# TensorRT and cuda-python fakes (trt_fakes.py) and their bundles
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def installed_trt_fakes(monkeypatch):
+    """FakeTrt (10.x) and FakeCudart installed as ``tensorrt`` and ``cuda.bindings.runtime``: (trt, cudart)."""
+    from trt_fakes import FakeCudart, FakeTrt, install
+
+    cudart = FakeCudart()
+    trt = FakeTrt("10.13.1", cudart)
+    install(monkeypatch, trt, cudart)
+    return trt, cudart
+
+
+@pytest.fixture(scope="module")
+def trt_bundle_dir(tmp_path_factory) -> Path:
+    """mae_vit_test with fp32 and fp16 graphs, exported by the real exporter (once per module)."""
+    from trt_fakes import export_trt_bundle
+
+    return export_trt_bundle(tmp_path_factory.mktemp("trt") / "bundle")
+
+
+@pytest.fixture(scope="module")
+def trt_bundle(trt_bundle_dir) -> Bundle:
+    """``trt_bundle_dir`` loaded."""
+    return Bundle.load(trt_bundle_dir)
+
+
+@pytest.fixture(scope="module")
+def trt_fp32_only_bundle(tmp_path_factory, trt_bundle_dir) -> Bundle:
+    """``trt_bundle_dir`` without its fp16 graphs, loaded."""
+    from trt_fakes import fp32_only_copy
+
+    return fp32_only_copy(trt_bundle_dir, tmp_path_factory.mktemp("trt32") / "bundle")
+
+
+# ------------------------------------------------------------------------------------------------
+# The run: graph cache shared by the processes of one run, longest files first
+# ------------------------------------------------------------------------------------------------
 
 _CACHE_ENV = "MAE_TEST_GRAPH_CACHE"
 _DURATIONS = Path(__file__).resolve().parent / "durations.json"

@@ -1,8 +1,8 @@
 """Shared data for the extraction tests: 330+ images (crops of scikit-image's photos as JPEG and PNG, every
 unusual mode, every broken kind), a tiny exported bundle and one clean reference run.
 
-Import the fixtures into a test module (``from extract_data import bundle, clean, images  # noqa: F401``);
-each module that does gets its own session-scoped copies.
+The builders behind tests/conftest.py's ``extract_images``, ``extract_bundle_dir``,
+``extract_other_stats_bundle_dir`` and ``extract_clean_run`` fixtures, and the constants the tests check against.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import pytest
 from PIL import Image
 
 from mae_deploy.bundle import MANIFEST_NAME, write_manifest
-from mae_deploy.extract import extract_features
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -65,7 +64,7 @@ def _bomb_png(path: Path, width: int = 10_000, height: int = 9_000) -> None:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
 
 
-def _make_images(root: Path) -> dict:
+def make_images(root: Path) -> dict:
     rng = np.random.default_rng(0)
     photos = _photos()
     good = []
@@ -139,14 +138,8 @@ def _make_images(root: Path) -> dict:
     return {"good": good, "broken": list(BROKEN)}
 
 
-@pytest.fixture(scope="session")
-def images(tmp_path_factory) -> tuple[Path, dict]:
-    root = tmp_path_factory.mktemp("extract_images")
-    return root, _make_images(root)
-
-
-@pytest.fixture(scope="session")
-def bundle(tmp_path_factory) -> Path:
+def export_extract_bundle(out: Path) -> Path:
+    """mae_vit_test's encoder (LayerNorms perturbed) exported to ``out``."""
     torch = pytest.importorskip("torch")
     from export.bundle_writer import export_bundle
     from training.model import create_model
@@ -157,28 +150,17 @@ def bundle(tmp_path_factory) -> Path:
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
-    out = tmp_path_factory.mktemp("extract_bundle") / "bundle"
     export_bundle(model, out, parts=["encoder"], verify=False, progress=None)
     return out
 
 
-@pytest.fixture(scope="session")
-def other_bundle(tmp_path_factory, bundle) -> Path:
+def other_stats_copy(bundle: Path, out: Path) -> Path:
     """The same graph with other preprocessing statistics: features differ, so a resume must be refused."""
-    out = tmp_path_factory.mktemp("extract_bundle2") / "bundle"
     shutil.copytree(bundle, out)
     m = json.loads((out / MANIFEST_NAME).read_text())
     m["preprocessing"]["mean"] = [0.5, 0.5, 0.5]
     write_manifest(out, m)
     return out
-
-
-@pytest.fixture(scope="session")
-def clean(tmp_path_factory, images, bundle):
-    root, _ = images
-    out = tmp_path_factory.mktemp("extract_clean") / "out"
-    summary = extract_features(root, bundle, out, progress=False, **RUN)
-    return out, summary
 
 
 def result_files(d: Path) -> dict[str, bytes]:

@@ -10,7 +10,7 @@ import types
 import numpy as np
 import pytest
 from PIL import Image
-from runtime_fixtures import encoder_only_bundle, missing_dependency_output, tiny_bundle  # noqa: F401
+from runtime_fixtures import missing_dependency_output
 
 from mae_deploy import Bundle, FeatureExtractor, Reconstructor, create_runner, random_masking
 from mae_deploy.errors import BundleError, DeviceUnavailable, InputError
@@ -21,19 +21,14 @@ ov = pytest.importorskip("openvino")
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_bundle) -> Bundle:  # noqa: F811
-    return Bundle.load(tiny_bundle)
-
-
-@pytest.fixture(scope="module")
-def ort(bundle):
-    with create_runner(bundle, "ort", threads=1) as r:
+def ort(loaded_tiny_bundle):
+    with create_runner(loaded_tiny_bundle, "ort", threads=1) as r:
         yield r
 
 
 @pytest.fixture(scope="module")
-def ovino(bundle):
-    with create_runner(bundle, "openvino", threads=1) as r:
+def ovino(loaded_tiny_bundle):
+    with create_runner(loaded_tiny_bundle, "openvino", threads=1) as r:
         yield r
 
 
@@ -66,22 +61,22 @@ def test_outputs_are_copies_not_views_of_the_request(ovino):
     np.testing.assert_array_equal(first, kept)
 
 
-def test_pipelines_run_on_openvino(bundle, ort):
+def test_pipelines_run_on_openvino(loaded_tiny_bundle, ort):
     skimage = pytest.importorskip("skimage")
     photos = [skimage.data.astronaut(), skimage.data.coffee()]
-    with FeatureExtractor(bundle, backend="openvino", pool="mean", threads=1) as fx:
+    with FeatureExtractor(loaded_tiny_bundle, backend="openvino", pool="mean", threads=1) as fx:
         a = fx.extract(photos)
-    b = FeatureExtractor(bundle, pool="mean", runner=ort).extract(photos)
+    b = FeatureExtractor(loaded_tiny_bundle, pool="mean", runner=ort).extract(photos)
     np.testing.assert_allclose(a, b, atol=1e-4)
-    with Reconstructor(bundle, backend="openvino", threads=1) as rec:
+    with Reconstructor(loaded_tiny_bundle, backend="openvino", threads=1) as rec:
         ra = rec.reconstruct(photos[:1], mask_ratio=0.75, seed=3)[0]
-    rb = Reconstructor(bundle, runner=ort).reconstruct(photos[:1], mask_ratio=0.75, seed=3)[0]
+    rb = Reconstructor(loaded_tiny_bundle, runner=ort).reconstruct(photos[:1], mask_ratio=0.75, seed=3)[0]
     np.testing.assert_allclose(ra.pred, rb.pred, atol=1e-4)
     np.testing.assert_array_equal(ra.mask, rb.mask)
 
 
-def test_info_reports_what_openvino_compiled(bundle):
-    r = create_runner(bundle, "openvino", threads=1, hint="throughput")
+def test_info_reports_what_openvino_compiled(loaded_tiny_bundle):
+    r = create_runner(loaded_tiny_bundle, "openvino", threads=1, hint="throughput")
     assert isinstance(r, Runner) and r.has_decoder
     assert r.info.details["sessions"] == []  # compiled lazily
     r.load(("encoder",))
@@ -120,13 +115,13 @@ def test_concurrent_calls_on_one_runner_agree(ovino, ort):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_bf16_runs_where_the_cpu_has_it_and_is_exit_7_where_not(bundle, ort):
+def test_bf16_runs_where_the_cpu_has_it_and_is_exit_7_where_not(loaded_tiny_bundle, ort):
     """Both outcomes are checked: bf16 close to fp32 on a bf16 CPU, a clear exit 7 elsewhere."""
     core = ov.Core()
     x = np.random.default_rng(2).standard_normal((2, 3, 32, 32)).astype(np.float32)
     ids = np.tile(np.arange(16), (2, 1))
     if ovr.cpu_supports_bf16(core):
-        with create_runner(bundle, "openvino", precision="bf16", threads=1) as r:
+        with create_runner(loaded_tiny_bundle, "openvino", precision="bf16", threads=1) as r:
             a = r.encode(x, ids)
             assert r.info.details["compiled"]["encoder"]["INFERENCE_PRECISION_HINT"] == "bf16"
         b = ort.encode(x, ids)
@@ -134,14 +129,14 @@ def test_bf16_runs_where_the_cpu_has_it_and_is_exit_7_where_not(bundle, ort):
     else:
         with pytest.raises(DeviceUnavailable, match="bf16 on openvino needs a CPU with bf16 instructions .*"
                                                     "use --precision fp32") as e:
-            create_runner(bundle, "openvino", precision="bf16")
+            create_runner(loaded_tiny_bundle, "openvino", precision="bf16")
         assert e.value.exit_code == 7
         assert "FP32" in str(e.value)  # names what the CPU does offer
 
 
-def test_bf16_maps_to_the_inference_precision_hint(bundle, monkeypatch):
+def test_bf16_maps_to_the_inference_precision_hint(loaded_tiny_bundle, monkeypatch):
     monkeypatch.setattr(ovr, "cpu_supports_bf16", lambda core: True)
-    r = ovr.OpenVinoRunner(bundle, precision="bf16", threads=2, hint="latency", num_streams=1)
+    r = ovr.OpenVinoRunner(loaded_tiny_bundle, precision="bf16", threads=2, hint="latency", num_streams=1)
     assert r.config == {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "bf16",
                         "INFERENCE_NUM_THREADS": "2", "NUM_STREAMS": "1"}
     assert r.info.details["graphs"]["encoder"] == "encoder.onnx"  # bf16 is a hint on the fp32 graph
@@ -159,7 +154,7 @@ def _stub_bundle(**precisions):
     return types.SimpleNamespace(path="B", precisions=lambda part: precisions.get(part, []))
 
 
-def test_int8_uses_the_qdq_graph_and_explains_when_there_is_none(bundle):
+def test_int8_uses_the_qdq_graph_and_explains_when_there_is_none(loaded_tiny_bundle):
     assert ovr.graph_precision(_stub_bundle(encoder=["fp32", "int8", "int8-qdq"]), "encoder", "int8") == "int8-qdq"
     # A decoder without a Q/DQ variant runs fp32, as ORT does for a missing decoder precision.
     assert ovr.graph_precision(_stub_bundle(encoder=["fp32", "int8-qdq"], decoder=["fp32"]), "decoder", "int8") \
@@ -170,7 +165,7 @@ def test_int8_uses_the_qdq_graph_and_explains_when_there_is_none(bundle):
                                          r"ONNX Runtime dynamic quantisation.*--precision int8-qdq --calibration"):
         ovr.graph_precision(_stub_bundle(encoder=["fp32", "int8"]), "encoder", "int8")
     with pytest.raises(InputError, match="has no encoder graph at int8-qdq") as e:
-        create_runner(bundle, "openvino", precision="int8")
+        create_runner(loaded_tiny_bundle, "openvino", precision="int8")
     assert e.value.exit_code == 3
 
 
@@ -187,12 +182,12 @@ def test_int8_uses_the_qdq_graph_and_explains_when_there_is_none(bundle):
     ({"num_streams": -1}, "num_streams must be a positive integer"),
     ({"max_batch": 4}, "the openvino backend has no option max_batch"),
 ])
-def test_bad_options_are_input_errors(bundle, kwargs, message):
+def test_bad_options_are_input_errors(loaded_tiny_bundle, kwargs, message):
     with pytest.raises(InputError, match=message):
-        create_runner(bundle, "openvino", **kwargs)
+        create_runner(loaded_tiny_bundle, "openvino", **kwargs)
 
 
-def test_validation_and_encoder_only_bundle(ovino, encoder_only_bundle):  # noqa: F811
+def test_validation_and_encoder_only_bundle(ovino, encoder_only_bundle):
     x = np.zeros((2, 3, 32, 32), np.float32)
     with pytest.raises(InputError, match="ids_keep row 1 has duplicate index 3"):
         ovino.encode(x, np.array([[0, 1], [3, 3]]))
@@ -204,7 +199,7 @@ def test_validation_and_encoder_only_bundle(ovino, encoder_only_bundle):  # noqa
             r.decode(np.zeros((1, 2, 32), np.float32), np.arange(16)[None])
 
 
-def test_a_corrupt_graph_is_a_bundle_error(tiny_bundle, tmp_path):  # noqa: F811
+def test_a_corrupt_graph_is_a_bundle_error(tiny_bundle, tmp_path):
     import shutil
 
     dst = tmp_path / "b"
@@ -224,7 +219,7 @@ def test_a_corrupt_graph_is_a_bundle_error(tiny_bundle, tmp_path):  # noqa: F811
     assert "encoder.onnx" in out.stdout
 
 
-def test_missing_openvino_says_what_to_install(tiny_bundle):  # noqa: F811
+def test_missing_openvino_says_what_to_install(tiny_bundle):
     out = missing_dependency_output(tiny_bundle, "openvino", "openvino")
     assert out.startswith("6 ") and "pip install 'mae-deploy[openvino]'" in out
 
@@ -235,7 +230,7 @@ def test_openvino_module_imports_neither_openvino_nor_torch():
     assert out.stdout.strip() == "[]"
 
 
-def test_reconstruct_command_takes_backend_openvino(tiny_bundle, tmp_path):  # noqa: F811
+def test_reconstruct_command_takes_backend_openvino(tiny_bundle, tmp_path):
     from click.testing import CliRunner
 
     from mae_deploy.cli import main

@@ -1,7 +1,8 @@
 """Tiny bundles for the runtime tests, exported here with torch.onnx until export/ offers export_bundle.
 
-Import the fixtures into a test module (``from runtime_fixtures import tiny_bundle  # noqa: F401``).
-Bundles are built once per test session (cached in this module) whichever modules use them.
+The builders behind tests/conftest.py's ``tiny_bundle``, ``norm_pix_bundle``, ``encoder_only_bundle`` and
+``classifier_bundle`` fixtures. Bundles are built once per test session (cached in this module, and shared with
+the other processes of the run through the graph cache's folder).
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import numpy as np
-import pytest
 from graph_cache import build_once
 
 from mae_deploy.bundle import MANIFEST_NAME, write_manifest
@@ -139,7 +138,8 @@ def derived_bundle(src: Path, dst: Path, *, norm_pix: bool | None = None, drop_d
     return dst
 
 
-def _cached(tmp_path_factory, key: str, make) -> Path:
+def cached_bundle(tmp_path_factory, key: str, make) -> Path:
+    """``make(dst)`` once per session for ``key``: later calls get the same folder."""
     if key not in _CACHE or not _CACHE[key].exists():
         _CACHE[key] = _shared(make, tmp_path_factory.mktemp("bundles") / key, key)
     return _CACHE[key]
@@ -154,27 +154,6 @@ def _shared(make, dst: Path, key: str) -> Path:
     entry = build_once(Path(root) / f"bundle-{key}", lambda tmp: make(tmp / "bundle"))
     shutil.copytree(entry / "bundle", dst)
     return dst
-
-
-@pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory) -> Path:
-    """mae_vit_test (32px, patch 8, L=16, dim 32) with encoder, decoder and reference weights."""
-    return _cached(tmp_path_factory, "mae_vit_test", export_tiny_bundle)
-
-
-@pytest.fixture(scope="session")
-def norm_pix_bundle(tmp_path_factory, tiny_bundle) -> Path:
-    return _cached(tmp_path_factory, "mae_vit_test_normpix", lambda d: derived_bundle(tiny_bundle, d, norm_pix=True))
-
-
-@pytest.fixture(scope="session")
-def encoder_only_bundle(tmp_path_factory, tiny_bundle) -> Path:
-    return _cached(tmp_path_factory, "mae_vit_test_enc", lambda d: derived_bundle(tiny_bundle, d, drop_decoder=True))
-
-
-@pytest.fixture
-def rng() -> np.random.Generator:
-    return np.random.default_rng(0)
 
 
 def tiny_classifier(num_classes: int = 5, in_chans: int = 3, seed: int = 0, global_pool: bool = False):
@@ -206,13 +185,6 @@ def export_classifier_bundle(dst: Path, model=None, labels=None, precisions: str
     export_bundle(model, dst, precisions=precisions, reference_weights=True, labels=labels, progress=None,
                   verify=False)
     return dst
-
-
-@pytest.fixture(scope="session")
-def classifier_bundle(tmp_path_factory) -> Path:
-    """mae_vit_test classifier, 5 classes named cat/dog/bird/fish/frog, fp32 + int8, reference weights."""
-    labels = ["cat", "dog", "bird", "fish", "frog"]
-    return _cached(tmp_path_factory, "mae_vit_test_cls", lambda d: export_classifier_bundle(d, labels=labels))
 
 
 def missing_dependency_output(bundle: Path, module: str, backend: str) -> str:

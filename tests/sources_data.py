@@ -1,8 +1,8 @@
 """Shared data for the sources tests: the same images as a folder, as WebDataset shards and as Parquet files,
 plus broken shards and rows; uploaded to the session's S3 endpoint on request.
 
-Loaded as a plugin (``pytest_plugins = ["sources_data"]``); the S3 endpoint itself is tests/conftest.py's
-``s3_endpoint``.
+The builders behind tests/conftest.py's ``source_data``, ``broken_source_data`` and ``s3_source_data``
+fixtures; the S3 endpoint itself is its ``s3_endpoint``.
 """
 
 from __future__ import annotations
@@ -45,8 +45,7 @@ def _tar_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     tf.addfile(info, io.BytesIO(data))
 
 
-@pytest.fixture(scope="session")
-def source_data(tmp_path_factory) -> dict:
+def write_source_data(root: Path) -> dict:
     """The same images three ways, in the same row order: ``folder`` (KEY.EXT files), ``shards`` (3 tar shards:
     two from webdataset's TarWriter with a .json and a .cls member per sample, one from tarfile), ``parquet``
     (2 files: a Hugging Face image struct column, row groups of 4, an ``id`` column)."""
@@ -54,7 +53,6 @@ def source_data(tmp_path_factory) -> dict:
     import pyarrow.parquet as pq
     import webdataset as wds
 
-    root = tmp_path_factory.mktemp("sources")
     images = _encoded_images()
     folder = root / "folder"
     folder.mkdir()
@@ -88,14 +86,12 @@ def source_data(tmp_path_factory) -> dict:
             "shard_spec": str(shards / "train-{000000..000002}.tar")}
 
 
-@pytest.fixture(scope="session")
-def broken_data(tmp_path_factory, source_data) -> dict:
+def write_broken_data(root: Path, source_data: dict) -> dict:
     """One shard with a good sample, a corrupt member, a sample without an image and a cut-off last member;
     one Parquet file with a good row, a null image and undecodable bytes."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    root = tmp_path_factory.mktemp("sources_broken")
     (_, ext, good), (_, _, other) = source_data["images"][0], source_data["images"][1]
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
@@ -112,9 +108,8 @@ def broken_data(tmp_path_factory, source_data) -> dict:
     return {"root": root, "shard": root / "broken.tar", "parquet": root / "broken.parquet"}
 
 
-@pytest.fixture(scope="session")
-def s3_data(s3_endpoint, source_data) -> dict:
-    """``source_data``'s shards and Parquet files uploaded to the session's S3 endpoint; their URLs."""
+def upload_to_s3(source_data: dict) -> dict:
+    """``source_data``'s shards and Parquet files uploaded to the S3 endpoint the environment names; their URLs."""
     import fsspec
 
     fs = fsspec.filesystem("s3", skip_instance_cache=True)

@@ -12,7 +12,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from runtime_fixtures import tiny_bundle  # noqa: F401
 
 from mae_deploy.bundle import Bundle
 from mae_deploy.cli import main
@@ -60,7 +59,7 @@ def digits(tmp_path_factory) -> Path:
 # --------------------------------------------------------------------------------------------------
 
 
-def test_an_empty_pth_is_named_by_every_command_that_reads_one(tmp_path, tiny_bundle):  # noqa: F811
+def test_an_empty_pth_is_named_by_every_command_that_reads_one(tmp_path, tiny_bundle):
     empty = tmp_path / "mae_pretrain_vit_base.pth"
     empty.touch()
     for args in (("info", empty), ("convert", empty, tmp_path / "dst"), ("export", empty, "--out", tmp_path / "b"),
@@ -173,14 +172,14 @@ BAD_MANIFEST = [
 
 
 @pytest.mark.parametrize(("edit", "message"), BAD_MANIFEST)
-def test_mae_json_fields_are_checked_by_the_same_validator(tiny_bundle, tmp_path, edit, message):  # noqa: F811
+def test_mae_json_fields_are_checked_by_the_same_validator(tiny_bundle, tmp_path, edit, message):
     b = Path(shutil.copytree(tiny_bundle, tmp_path / "b"))
     _edit_json(b / "mae.json", edit)
     with pytest.raises(BundleError, match=message):
         Bundle.load(b)
 
 
-def test_mae_json_std_zero_is_exit_3_on_the_command_line(tiny_bundle, tmp_path):  # noqa: F811
+def test_mae_json_std_zero_is_exit_3_on_the_command_line(tiny_bundle, tmp_path):
     b = Path(shutil.copytree(tiny_bundle, tmp_path / "b"))
     _edit_json(b / "mae.json", lambda m: m["preprocessing"].update(std=[0.0, 0.0, 0.0]))
     Image.new("RGB", (40, 40), "gray").save(tmp_path / "x.png")
@@ -192,7 +191,7 @@ def test_mae_json_std_zero_is_exit_3_on_the_command_line(tiny_bundle, tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_reconstruct_seed_and_unwritable_out(tiny_bundle, tmp_path):  # noqa: F811
+def test_reconstruct_seed_and_unwritable_out(tiny_bundle, tmp_path):
     Image.new("RGB", (40, 40), "gray").save(tmp_path / "x.png")
     _fails(_run("reconstruct", tmp_path / "x.png", "--bundle", tiny_bundle, "--out", tmp_path / "r", "--seed", "-1"),
            3, "--seed must be an integer from 0")
@@ -324,7 +323,7 @@ def test_export_takes_the_same_hints_as_convert(tmp_path):
     _fails(_run("export", src, "--out", tmp_path / "c", "--num-heads", "0"), 3, "num_heads must be a positive int")
 
 
-def test_files_we_write_are_0644(native, tiny_bundle, digits, tmp_path):  # noqa: F811
+def test_files_we_write_are_0644(native, tiny_bundle, digits, tmp_path):
     old = os.umask(0o022)
     try:
         dst = tmp_path / "conv"

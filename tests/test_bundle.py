@@ -7,14 +7,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from runtime_fixtures import encoder_only_bundle, tiny_bundle  # noqa: F401
 
 from mae_deploy.bundle import Bundle, GraphSpec, sha256_file, write_manifest
 from mae_deploy.errors import BundleError
 
 
 @pytest.fixture
-def copy(tiny_bundle, tmp_path) -> Path:  # noqa: F811
+def copy(tiny_bundle, tmp_path) -> Path:
     return Path(shutil.copytree(tiny_bundle, tmp_path / "b"))
 
 
@@ -24,7 +23,7 @@ def _edit(bundle: Path, **changes) -> None:
     (bundle / "mae.json").write_text(json.dumps(m))
 
 
-def test_load_reads_the_manifest(tiny_bundle):  # noqa: F811
+def test_load_reads_the_manifest(tiny_bundle):
     b = Bundle.load(tiny_bundle)
     assert (b.name, b.image_size, b.patch_size, b.in_chans, b.embed_dim) == ("mae_vit_test", 32, 8, 3, 32)
     assert (b.num_patches, b.grid_size, b.patch_dim) == (16, 4, 192)
@@ -88,7 +87,7 @@ def test_manifest_paths_must_stay_inside_the_bundle(copy):
         Bundle.load(copy)
 
 
-def test_graph_lookup_lists_what_exists(tiny_bundle, encoder_only_bundle):  # noqa: F811
+def test_graph_lookup_lists_what_exists(tiny_bundle, encoder_only_bundle):
     b = Bundle.load(tiny_bundle)
     with pytest.raises(BundleError, match="no encoder graph at precision int8; it has: encoder fp32, decoder fp32"):
         b.graph("encoder", "int8")

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 from PIL import Image
-from runtime_fixtures import classifier_bundle, export_classifier_bundle, tiny_bundle, tiny_classifier  # noqa: F401
+from runtime_fixtures import export_classifier_bundle, tiny_classifier
 
 from mae_deploy.bundle import Bundle
 from mae_deploy.classify import Classifier, softmax
@@ -47,7 +47,7 @@ def write_broken(d: Path) -> list[Path]:
 # -- the Python API --------------------------------------------------------------------------------------
 
 
-def test_classifier_equals_onnx_runtime_and_the_pytorch_model(classifier_bundle, tmp_path):  # noqa: F811
+def test_classifier_equals_onnx_runtime_and_the_pytorch_model(classifier_bundle, tmp_path):
     paths = write_images(tmp_path, 5)
     b = Bundle.load(classifier_bundle)
     pixels = Preprocessor.from_bundle(b)(paths)
@@ -67,7 +67,7 @@ def test_classifier_equals_onnx_runtime_and_the_pytorch_model(classifier_bundle,
         np.testing.assert_allclose(model(torch.from_numpy(pixels)).numpy(), logits, rtol=0, atol=1e-4)
 
 
-def test_classify_returns_sorted_top_k_with_the_bundle_names(classifier_bundle, tmp_path):  # noqa: F811
+def test_classify_returns_sorted_top_k_with_the_bundle_names(classifier_bundle, tmp_path):
     paths = write_images(tmp_path, 3)
     with Classifier(classifier_bundle) as clf:
         assert clf.class_names == LABELS
@@ -85,7 +85,7 @@ def test_classify_returns_sorted_top_k_with_the_bundle_names(classifier_bundle, 
             clf.classify(paths, top_k=0)
 
 
-def test_int8_runs_the_int8_graph(classifier_bundle, tmp_path):  # noqa: F811
+def test_int8_runs_the_int8_graph(classifier_bundle, tmp_path):
     paths = write_images(tmp_path, 4)
     b = Bundle.load(classifier_bundle)
     sess = ort.InferenceSession(str(b.path / b.graph("classifier", "int8").file), providers=["CPUExecutionProvider"])
@@ -95,12 +95,12 @@ def test_int8_runs_the_int8_graph(classifier_bundle, tmp_path):  # noqa: F811
         np.testing.assert_allclose(int8.logits(paths), direct, rtol=0, atol=1e-6)
 
 
-def test_bundle_without_a_classifier_says_how_to_get_one(tiny_bundle):  # noqa: F811
+def test_bundle_without_a_classifier_says_how_to_get_one(tiny_bundle):
     with pytest.raises(BundleError, match="fine-tuned or linear-probe"):
         Classifier(tiny_bundle)
 
 
-def test_class_names_override_is_checked(classifier_bundle):  # noqa: F811
+def test_class_names_override_is_checked(classifier_bundle):
     with pytest.raises(InputError, match="2 class names"):
         Classifier(classifier_bundle, class_names=["a", "b"])
     with Classifier(classifier_bundle, class_names=list("vwxyz")) as clf:
@@ -110,7 +110,7 @@ def test_class_names_override_is_checked(classifier_bundle):  # noqa: F811
 # -- mae-deploy classify ---------------------------------------------------------------------------------
 
 
-def test_classify_cli_lists_broken_images_and_exits_4(classifier_bundle, tmp_path):  # noqa: F811
+def test_classify_cli_lists_broken_images_and_exits_4(classifier_bundle, tmp_path):
     images = tmp_path / "images"
     good = write_images(images, 3)
     broken = write_broken(images)
@@ -132,7 +132,7 @@ def test_classify_cli_lists_broken_images_and_exits_4(classifier_bundle, tmp_pat
     assert [by_path[p.name]["predictions"][0]["label"] for p in good] == [e[0][0] for e in expected]
 
 
-def test_classify_cli_csv_and_several_sources(classifier_bundle, tmp_path):  # noqa: F811
+def test_classify_cli_csv_and_several_sources(classifier_bundle, tmp_path):
     a = write_images(tmp_path / "a", 2)
     b = write_images(tmp_path / "b", 2, seed=1)
     out = tmp_path / "preds.csv"
@@ -146,7 +146,7 @@ def test_classify_cli_csv_and_several_sources(classifier_bundle, tmp_path):  # n
     assert r.exit_code == 0 and a[1].name in r.output
 
 
-def test_classify_cli_bad_input_exits_3(classifier_bundle, tiny_bundle, tmp_path):  # noqa: F811
+def test_classify_cli_bad_input_exits_3(classifier_bundle, tiny_bundle, tmp_path):
     img = write_images(tmp_path, 1)[0]
     r = CliRunner().invoke(main, ["classify", str(img), "--bundle", str(tiny_bundle)])
     assert r.exit_code == 3 and "no classifier graph" in r.output
@@ -232,7 +232,7 @@ def test_eval_lists_unreadable_images_and_goes_on(digits, digits_bundle, tmp_pat
     assert report.images == 60 and len(report.failed) == 1 and report.failed[0]["path"].endswith("broken.png")
 
 
-def test_eval_bad_input_exits_3(digits, digits_bundle, tiny_bundle, tmp_path):  # noqa: F811
+def test_eval_bad_input_exits_3(digits, digits_bundle, tiny_bundle, tmp_path):
     r = CliRunner().invoke(main, ["eval", str(digits_bundle), str(digits), "--no-progress"])
     assert r.exit_code == 3 and "val/" in r.output  # the dataset root, not a class folder
     r = CliRunner().invoke(main, ["eval", str(tiny_bundle), str(digits / "val"), "--no-progress"])

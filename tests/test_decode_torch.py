@@ -21,7 +21,6 @@ from mae_deploy.extract.decode import device_decodable
 pytest.importorskip("torchvision")
 skimage_data = pytest.importorskip("skimage.data")
 
-pytest_plugins = ["extract_data"]
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 
 PHOTOS = {"astronaut": (500, 375), "coffee": (375, 500), "chelsea": (451, 300), "rocket": (640, 427),
@@ -100,12 +99,13 @@ def test_only_whole_rgb_or_grey_jpegs_within_limits_go_to_the_device():
     assert not device_decodable(b"this is not an image", 0, 16)
 
 
-def test_every_file_gets_the_same_outcome_and_reason_as_under_pil(images, bundle, clean, tmp_path, monkeypatch):
+def test_every_file_gets_the_same_outcome_and_reason_as_under_pil(extract_images, extract_bundle_dir,
+                                                                  extract_clean_run, tmp_path, monkeypatch):
     """The whole test folder (broken and odd files included); one JPEG the device decoder rejects."""
     import mae_deploy.decode_torch as dt
 
-    root, made = images
-    ref_dir, ref = clean
+    root, made = extract_images
+    ref_dir, ref = extract_clean_run
     rejected = (root / made["good"][0]).read_bytes()
     real = dt.TorchJpegDecoder._decode
 
@@ -115,7 +115,7 @@ def test_every_file_gets_the_same_outcome_and_reason_as_under_pil(images, bundle
         return real(self, data)
 
     monkeypatch.setattr(dt.TorchJpegDecoder, "_decode", fussy)
-    s = extract_features(root, bundle, tmp_path / "out", progress=False, decoder="torch", **RUN)
+    s = extract_features(root, extract_bundle_dir, tmp_path / "out", progress=False, decoder="torch", **RUN)
     assert (s.features, s.failures_by_reason) == (ref.features, ref.failures_by_reason)
     errors = [json.loads(x) for x in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
     ref_errors = [json.loads(x) for x in (ref_dir / "errors.jsonl").read_text().splitlines()]
@@ -130,31 +130,32 @@ def test_every_file_gets_the_same_outcome_and_reason_as_under_pil(images, bundle
     assert manifest["settings"]["decoder"] == "torch" and manifest["runs"][-1]["decoder"] == "torch"
 
 
-def test_the_decoder_binds_a_resume_and_defaults_by_device(images, bundle, tmp_path):
+def test_the_decoder_binds_a_resume_and_defaults_by_device(extract_images, extract_bundle_dir, tmp_path):
     from mae_deploy.decode_torch import default_decoder
 
-    root, made = images
+    root, made = extract_images
     one = tmp_path / "one.txt"
     one.write_text(str(root / made["good"][0]) + "\n")
-    extract_features(one, bundle, tmp_path / "out", progress=False, workers=0, decoder="torch")
+    extract_features(one, extract_bundle_dir, tmp_path / "out", progress=False, workers=0, decoder="torch")
     with pytest.raises(InputError, match="decoder: was 'torch', now 'pil'"):
-        extract_features(one, bundle, tmp_path / "out", progress=False, workers=0)  # cpu: pil by default
+        extract_features(one, extract_bundle_dir, tmp_path / "out", progress=False, workers=0)  # cpu: pil by default
     assert [default_decoder(d) for d in ("cuda:1", "tensorrt", "cpu")] == ["torch", "torch", "pil"]
     with pytest.raises(InputError, match="--engine local"):
-        extract_features(one, bundle, tmp_path / "ray", progress=False, engine="ray", decoder="torch")
+        extract_features(one, extract_bundle_dir, tmp_path / "ray", progress=False, engine="ray", decoder="torch")
     with pytest.raises(InputError, match="decoder must be one of"):
-        extract_features(one, bundle, tmp_path / "bad", progress=False, decoder="nvjpeg")
+        extract_features(one, extract_bundle_dir, tmp_path / "bad", progress=False, decoder="nvjpeg")
 
 
-def test_the_cli_takes_decoder(images, bundle, tmp_path):
+def test_the_cli_takes_decoder(extract_images, extract_bundle_dir, tmp_path):
     from click.testing import CliRunner
 
     from mae_deploy.cli import main
 
-    root, made = images
+    root, made = extract_images
     one = tmp_path / "one.txt"
     one.write_text(str(root / made["good"][0]) + "\n")
-    r = CliRunner().invoke(main, ["extract", str(one), "--bundle", str(bundle), "--out", str(tmp_path / "out"),
+    r = CliRunner().invoke(main, ["extract", str(one), "--bundle", str(extract_bundle_dir), "--out",
+                                  str(tmp_path / "out"),
                                   "--decoder", "torch", "--workers", "0", "--no-progress"])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["settings"]["decoder"] == "torch"

@@ -33,7 +33,6 @@ from mae_deploy.extract import (
 )
 from mae_deploy.sources import IMAGE_EXTENSIONS, list_source, split_rows
 
-pytest_plugins = ["extract_data"]  # the images, bundle and clean-run fixtures, made once per session
 # workers=0 decodes in this process, where Pillow warns about the bomb just before it fails as one.
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 
@@ -42,8 +41,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarn
 # ------------------------------------------------------------------------------------------------
 
 
-def test_directory_listing_is_recursive_sorted_and_case_insensitive(images):
-    root, made = images
+def test_directory_listing_is_recursive_sorted_and_case_insensitive(extract_images):
+    root, made = extract_images
     src = list_source(root)
     rel = [Path(p).relative_to(root).as_posix() for p in src.paths]
     assert sorted(rel) == sorted(made["good"] + made["broken"])  # no notes.txt, no .hidden.jpg
@@ -54,8 +53,8 @@ def test_directory_listing_is_recursive_sorted_and_case_insensitive(images):
     assert len(src) > 300
 
 
-def test_glob_list_file_and_single_file(images, tmp_path):
-    root, _ = images
+def test_glob_list_file_and_single_file(extract_images, tmp_path):
+    root, _ = extract_images
     g = list_source(str(root / "**" / "*.png"))
     assert g.kind == "glob" and g.paths == tuple(sorted(g.paths))
     assert all(p.endswith(".png") for p in g.paths) and len(g.paths) > 50
@@ -105,11 +104,11 @@ def test_classify_failure_reasons():
 # ------------------------------------------------------------------------------------------------
 
 
-def test_clean_run_has_every_good_image_with_the_right_features(clean, images, bundle):
+def test_clean_run_has_every_good_image_with_the_right_features(extract_clean_run, extract_images, extract_bundle_dir):
     from mae_deploy.features import FeatureExtractor
 
-    root, made = images
-    out, summary = clean
+    root, made = extract_images
+    out, summary = extract_clean_run
     feats = open_features(out)
     good = [str(root / r) for r in made["good"]]
     assert sorted(feats.paths) == sorted(good)
@@ -120,7 +119,7 @@ def test_clean_run_has_every_good_image_with_the_right_features(clean, images, b
     src = list_source(root)
     assert [src.paths[r] for r in feats.rows] == feats.paths
     assert np.all(np.diff(feats.rows) > 0)
-    with FeatureExtractor(bundle, pool="cls", batch_size=64) as fx:
+    with FeatureExtractor(extract_bundle_dir, pool="cls", batch_size=64) as fx:
         ref = fx.extract(feats.paths)
     np.testing.assert_allclose(np.asarray(feats), ref, rtol=1e-5, atol=1e-5)
     # Unusual files are processed like their plain twins (EXIF applied, 16-bit scaled, first frame, alpha).
@@ -129,9 +128,9 @@ def test_clean_run_has_every_good_image_with_the_right_features(clean, images, b
         np.testing.assert_allclose(a, b, atol=1e-6, err_msg=odd)
 
 
-def test_clean_run_lists_every_broken_input_with_its_reason(clean, images):
-    root, _ = images
-    out, summary = clean
+def test_clean_run_lists_every_broken_input_with_its_reason(extract_clean_run, extract_images):
+    root, _ = extract_images
+    out, summary = extract_clean_run
     errors = [json.loads(line) for line in (out / ERRORS_NAME).read_text().splitlines()]
     got = {Path(e["path"]).relative_to(root).as_posix(): e["reason"] for e in errors}
     assert got == BROKEN
@@ -152,8 +151,8 @@ def test_clean_run_lists_every_broken_input_with_its_reason(clean, images):
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [LOCK_NAME]  # no temp files left
 
 
-def test_summary_text(clean):
-    _, summary = clean
+def test_summary_text(extract_clean_run):
+    _, summary = extract_clean_run
     text = str(summary)
     assert f"{summary.features} extracted, {len(BROKEN)} failed" in text and "img/s" in text
     assert "errors.jsonl" in text
@@ -167,12 +166,13 @@ def test_summary_text(clean):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_sigkill_midway_then_resume_equals_clean_run(clean, images, bundle, tmp_path):
+def test_sigkill_midway_then_resume_equals_clean_run(extract_clean_run, extract_images, extract_bundle_dir, tmp_path):
     psutil = pytest.importorskip("psutil")
-    root, _ = images
-    ref_dir, ref = clean
+    root, _ = extract_images
+    ref_dir, ref = extract_clean_run
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "mae_deploy.cli", "extract", str(root), "--bundle", str(bundle), "--out", str(out),
+    cmd = [sys.executable, "-m", "mae_deploy.cli", "extract", str(root), "--bundle", str(extract_bundle_dir), "--out",
+           str(out),
            "--batch-size", str(RUN["batch_size"]), "--shard-size", str(RUN["shard_size"]),
            "--workers", str(RUN["workers"]), "--no-progress"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -197,17 +197,17 @@ def test_sigkill_midway_then_resume_equals_clean_run(clean, images, bundle, tmp_
     _, alive = psutil.wait_procs(children, timeout=15)
     assert not alive
 
-    summary = extract_features(root, bundle, out, progress=False, **RUN)
+    summary = extract_features(root, extract_bundle_dir, out, progress=False, **RUN)
     assert summary.processed < summary.inputs  # it resumed rather than starting over
     assert summary.features == ref.features and summary.failed == ref.failed
     assert result_files(out) == result_files(ref_dir)  # features, indexes and errors.jsonl byte for byte
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
 
 
-def test_resume_discards_partial_writes_and_matches(clean, images, bundle, tmp_path):
+def test_resume_discards_partial_writes_and_matches(extract_clean_run, extract_images, extract_bundle_dir, tmp_path):
     """A crash between commits leaves temp files, a shard without index and extra error lines."""
-    root, _ = images
-    ref_dir, ref = clean
+    root, _ = extract_images
+    ref_dir, ref = extract_clean_run
     out = tmp_path / "crashed"
     shutil.copytree(ref_dir, out)
     last_good = ref.shards // 2
@@ -219,51 +219,52 @@ def test_resume_discards_partial_writes_and_matches(clean, images, bundle, tmp_p
     m = json.loads((out / "manifest.json").read_text())
     m["status"] = "running"
     (out / "manifest.json").write_text(json.dumps(m))
-    summary = extract_features(root, bundle, out, progress=False, **RUN)
+    summary = extract_features(root, extract_bundle_dir, out, progress=False, **RUN)
     first_left = last_good * RUN["shard_size"]
     assert summary.processed == summary.inputs - first_left
     assert result_files(out) == result_files(ref_dir)
 
 
-def test_rerun_of_a_finished_job_does_nothing(clean, images, bundle):
-    root, _ = images
-    out, ref = clean
+def test_rerun_of_a_finished_job_does_nothing(extract_clean_run, extract_images, extract_bundle_dir):
+    root, _ = extract_images
+    out, ref = extract_clean_run
     before = result_files(out)
-    summary = extract_features(root, bundle, out, progress=False, **RUN)
+    summary = extract_features(root, extract_bundle_dir, out, progress=False, **RUN)
     assert summary.processed == 0 and summary.features == ref.features and summary.failed == ref.failed
     assert result_files(out) == before
 
 
-def test_mismatched_resume_is_refused(clean, images, bundle, other_bundle, tmp_path):
-    root, _ = images
-    out, _ = clean
+def test_mismatched_resume_is_refused(extract_clean_run, extract_images, extract_bundle_dir,
+                                      extract_other_stats_bundle_dir, tmp_path):
+    root, _ = extract_images
+    out, _ = extract_clean_run
     with pytest.raises(InputError, match=r"different job[\s\S]*pool: was 'cls', now 'mean'"):
-        extract_features(root, bundle, out, progress=False, pool="mean", **RUN)
+        extract_features(root, extract_bundle_dir, out, progress=False, pool="mean", **RUN)
     with pytest.raises(InputError, match=r"dtype: was 'float32', now 'float16'"):
-        extract_features(root, bundle, out, progress=False, dtype="float16", **RUN)
+        extract_features(root, extract_bundle_dir, out, progress=False, dtype="float16", **RUN)
     with pytest.raises(InputError, match=r"bundle: was .*fingerprint"):
-        extract_features(root, other_bundle, out, progress=False, **RUN)
+        extract_features(root, extract_other_stats_bundle_dir, out, progress=False, **RUN)
     with pytest.raises(InputError, match=r"source: was .*odd"):
-        extract_features(root / "odd", bundle, out, progress=False, **RUN)
+        extract_features(root / "odd", extract_bundle_dir, out, progress=False, **RUN)
     with pytest.raises(InputError, match="shard_size: was 12, now 5"):
-        extract_features(root, bundle, out, progress=False, **{**RUN, "shard_size": 5})
+        extract_features(root, extract_bundle_dir, out, progress=False, **{**RUN, "shard_size": 5})
     # A directory that is not an extraction output is never written into.
     stranger = tmp_path / "stranger"
     stranger.mkdir()
     (stranger / "precious.txt").write_text("keep me")
     with pytest.raises(InputError, match="not empty and holds no manifest.json"):
-        extract_features(root / "odd", bundle, stranger, progress=False)
+        extract_features(root / "odd", extract_bundle_dir, stranger, progress=False)
     assert sorted(p.name for p in stranger.iterdir()) == ["precious.txt"]
 
 
-def test_source_that_changed_is_refused(images, bundle, tmp_path):
+def test_source_that_changed_is_refused(extract_images, extract_bundle_dir, tmp_path):
     src = tmp_path / "src"
-    shutil.copytree(images[0] / "odd", src)
+    shutil.copytree(extract_images[0] / "odd", src)
     out = tmp_path / "out"
-    extract_features(src, bundle, out, progress=False, workers=0)
+    extract_features(src, extract_bundle_dir, out, progress=False, workers=0)
     (src / "new.png").write_bytes((src / "gray16_twin.png").read_bytes())
     with pytest.raises(InputError, match="its files changed"):
-        extract_features(src, bundle, out, progress=False, workers=0)
+        extract_features(src, extract_bundle_dir, out, progress=False, workers=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -271,13 +272,13 @@ def test_source_that_changed_is_refused(images, bundle, tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_parts_together_equal_a_single_run(clean, images, bundle, tmp_path):
-    root, _ = images
-    ref_dir, ref = clean
+def test_parts_together_equal_a_single_run(extract_clean_run, extract_images, extract_bundle_dir, tmp_path):
+    root, _ = extract_images
+    ref_dir, ref = extract_clean_run
     dirs = []
     for i in range(3):
         d = tmp_path / f"part-{i}"
-        s = extract_features(root, bundle, d, progress=False, num_shards=3, shard_index=i, batch_size=8,
+        s = extract_features(root, extract_bundle_dir, d, progress=False, num_shards=3, shard_index=i, batch_size=8,
                              shard_size=40, workers=0)
         assert s.inputs == len(split_rows(ref.inputs, 3, i))
         dirs.append(d)
@@ -296,8 +297,8 @@ def test_parts_together_equal_a_single_run(clean, images, bundle, tmp_path):
         open_features([dirs[0], ref_dir])
 
 
-def test_open_features_indexing(clean):
-    out, _ = clean
+def test_open_features_indexing(extract_clean_run):
+    out, _ = extract_clean_run
     f = open_features(out)
     full = np.concatenate([np.load(out / shard_name(k)) for k in range(len(f.shards) + 10)
                            if (out / shard_name(k)).exists()])
@@ -319,22 +320,23 @@ def test_open_features_indexing(clean):
         f[len(full)]
 
 
-def test_tokens_float16_in_a_thread(images, bundle, tmp_path):
+def test_tokens_float16_in_a_thread(extract_images, extract_bundle_dir, tmp_path):
     from mae_deploy.features import FeatureExtractor
 
-    root, _ = images
+    root, _ = extract_images
     out = tmp_path / "tok"
-    summary = extract_features(root / "odd", bundle, out, progress=False, pool="tokens", dtype="float16", workers=0,
+    summary = extract_features(root / "odd", extract_bundle_dir, out, progress=False, pool="tokens", dtype="float16",
+                               workers=0,
                                transfer="float32", batch_size=5)
     f = open_features(out)
     assert f.shape == (summary.features, 17, 32) and f.dtype == np.float16 and f.shards[0].dtype == np.float16
-    with FeatureExtractor(bundle, pool="tokens") as fx:
+    with FeatureExtractor(extract_bundle_dir, pool="tokens") as fx:
         ref = fx.extract(f.paths)
     np.testing.assert_allclose(np.asarray(f).astype(np.float32), ref, rtol=2e-3, atol=2e-3)
 
 
-def test_incomplete_output_needs_allow_incomplete(clean, tmp_path):
-    src, _ = clean
+def test_incomplete_output_needs_allow_incomplete(extract_clean_run, tmp_path):
+    src, _ = extract_clean_run
     out = tmp_path / "partial"
     shutil.copytree(src, out)
     m = json.loads((out / "manifest.json").read_text())
@@ -347,11 +349,12 @@ def test_incomplete_output_needs_allow_incomplete(clean, tmp_path):
     assert len(f) == sum(len(np.load(out / shard_name(k))) for k in (0, 1))  # stops at the first gap
 
 
-def test_empty_part_is_an_empty_complete_output(images, bundle, tmp_path):
-    root, _ = images
+def test_empty_part_is_an_empty_complete_output(extract_images, extract_bundle_dir, tmp_path):
+    root, _ = extract_images
     lst = tmp_path / "two.txt"
     lst.write_text(f"{root / 'img0000.jpg'}\n{root / 'img0001.png'}\n")
-    s = extract_features(lst, bundle, tmp_path / "p2", progress=False, num_shards=3, shard_index=0, workers=0)
+    s = extract_features(lst, extract_bundle_dir, tmp_path / "p2", progress=False, num_shards=3, shard_index=0,
+                         workers=0)
     assert s.inputs == 0 and s.ok
     assert len(open_features(tmp_path / "p2")) == 0
 
@@ -367,27 +370,28 @@ def _cli(*args: str):
     return CliRunner().invoke(main, ["extract", *args])
 
 
-def test_cli_exit_codes(images, bundle, tmp_path):
-    root, _ = images
-    ok = _cli(str(root / "odd"), "--bundle", str(bundle), "--out", str(tmp_path / "ok"), "--workers", "0",
+def test_cli_exit_codes(extract_images, extract_bundle_dir, tmp_path):
+    root, _ = extract_images
+    ok = _cli(str(root / "odd"), "--bundle", str(extract_bundle_dir), "--out", str(tmp_path / "ok"), "--workers", "0",
               "--no-progress")
     assert ok.exit_code == 0, ok.output
     assert "extracted, 0 failed" in ok.output and "img/s" in ok.output
 
-    partial = _cli(str(root / "broken"), "--bundle", str(bundle), "--out", str(tmp_path / "bad"), "--workers", "0",
+    partial = _cli(str(root / "broken"), "--bundle", str(extract_bundle_dir), "--out", str(tmp_path / "bad"),
+                   "--workers", "0",
                    "--no-progress")
     assert partial.exit_code == 4, partial.output
     assert f"{len(BROKEN)} of {len(BROKEN)} inputs failed" in partial.output
 
     strict_out = tmp_path / "strict"
-    strict = _cli(str(root / "broken"), "--bundle", str(bundle), "--out", str(strict_out), "--strict",
+    strict = _cli(str(root / "broken"), "--bundle", str(extract_bundle_dir), "--out", str(strict_out), "--strict",
                   "--workers", "0", "--no-progress")
     assert strict.exit_code == 3 and "--strict: stopped at row 0" in strict.output
     lines = (strict_out / ERRORS_NAME).read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["reason"] == BROKEN["broken/bomb.png"]  # the first, sorted
 
     (tmp_path / "none").mkdir()
-    empty = _cli(str(tmp_path / "none"), "--bundle", str(bundle), "--out", str(tmp_path / "e"))
+    empty = _cli(str(tmp_path / "none"), "--bundle", str(extract_bundle_dir), "--out", str(tmp_path / "e"))
     assert empty.exit_code == 3 and "holds no images" in empty.output
 
     help_ = _cli("--help")
@@ -406,19 +410,20 @@ def test_supported_extensions_are_documented():
 # ------------------------------------------------------------------------------------------------
 
 
-def test_a_killed_worker_is_replaced_and_nothing_is_lost(clean, images, bundle, tmp_path):
+def test_a_killed_worker_is_replaced_and_nothing_is_lost(extract_clean_run, extract_images, extract_bundle_dir,
+                                                         tmp_path):
     """SIGKILL one decode worker mid-job (as the OOM killer would): the result is still the clean run's."""
     import threading
 
     psutil = pytest.importorskip("psutil")
-    root, _ = images
-    ref_dir, _ = clean
+    root, _ = extract_images
+    ref_dir, _ = extract_clean_run
     out = tmp_path / "worker_killed"
     result = {}
 
     def run():
         try:
-            result["summary"] = extract_features(root, bundle, out, progress=False, **{**RUN, "workers": 2})
+            result["summary"] = extract_features(root, extract_bundle_dir, out, progress=False, **{**RUN, "workers": 2})
         except BaseException as e:  # re-raised below
             result["error"] = e
 
@@ -446,12 +451,12 @@ def _crash_on_marked_files(self, row, path):
 _original_decode_one = None
 
 
-def test_an_image_that_crashes_the_decoder_fails_alone(images, bundle, tmp_path, monkeypatch):
+def test_an_image_that_crashes_the_decoder_fails_alone(extract_images, extract_bundle_dir, tmp_path, monkeypatch):
     """The crashing file is found by decoding its batch again image by image; the rest are extracted."""
     global _original_decode_one
     import mae_deploy.extract.decode as ex
 
-    root, _ = images
+    root, _ = extract_images
     src = tmp_path / "src"
     src.mkdir()
     plain = sorted(root.glob("img00*"))[:6]
@@ -461,7 +466,7 @@ def test_an_image_that_crashes_the_decoder_fails_alone(images, bundle, tmp_path,
     _original_decode_one = ex.Decoder.decode_one
     monkeypatch.setattr(ex.Decoder, "decode_one", _crash_on_marked_files)
     # fork: the workers inherit the patched decoder (spawned ones would import the real one).
-    s = extract_features(src, bundle, tmp_path / "out", progress=False, workers=1, batch_size=4,
+    s = extract_features(src, extract_bundle_dir, tmp_path / "out", progress=False, workers=1, batch_size=4,
                          start_method="fork")
     assert s.failures_by_reason == {"decoder_crashed": 1} and s.features == 5
     errors = [json.loads(line) for line in (tmp_path / "out" / ERRORS_NAME).read_text().splitlines()]
@@ -473,5 +478,5 @@ def test_an_image_that_crashes_the_decoder_fails_alone(images, bundle, tmp_path,
     from mae_deploy.features import FeatureExtractor
 
     f = open_features(tmp_path / "out")
-    with FeatureExtractor(bundle) as fx:
+    with FeatureExtractor(extract_bundle_dir) as fx:
         np.testing.assert_allclose(np.asarray(f), fx.extract(f.paths), rtol=1e-5, atol=1e-5)

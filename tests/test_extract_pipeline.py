@@ -22,7 +22,6 @@ from mae_deploy.names import BACKENDS, DIAGNOSTIC_BACKENDS
 from mae_deploy.preprocess import Preprocessor
 from mae_deploy.runners import create_runner
 
-pytest_plugins = ["extract_data"]
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 MAX_PIXELS = 89_478_485  # Pillow's default: broken/bomb.png is above it
 
@@ -47,8 +46,8 @@ def _decode_all(pool: DecodePool) -> list[tuple[list, np.ndarray | None, list]]:
         pool.close()
 
 
-def test_the_null_runner_returns_zeros_of_the_encoder_shape_and_is_no_backend(bundle):
-    b = Bundle.load(bundle)
+def test_the_null_runner_returns_zeros_of_the_encoder_shape_and_is_no_backend(extract_bundle_dir):
+    b = Bundle.load(extract_bundle_dir)
     runner = create_runner(b, "null")
     x = np.zeros((3, b.in_chans, b.image_size, b.image_size), np.float32)
     ids = np.tile(np.arange(b.num_patches), (3, 1))
@@ -61,9 +60,9 @@ def test_the_null_runner_returns_zeros_of_the_encoder_shape_and_is_no_backend(bu
 
 
 @pytest.mark.parametrize("transfer", ["float32", "uint8"])
-def test_shared_memory_delivers_what_pipes_deliver(images, bundle, transfer):
-    root, made = images
-    b = Bundle.load(bundle)
+def test_shared_memory_delivers_what_pipes_deliver(extract_images, extract_bundle_dir, transfer):
+    root, made = extract_images
+    b = Bundle.load(extract_bundle_dir)
     args = _decoder_args(b, transfer)
     shm = DecodePool(iter(_tasks(root, made)), args, MAX_PIXELS, workers=2, max_in_flight=3, batch_size=4)
     names = shm._slots.names
@@ -81,10 +80,11 @@ def test_shared_memory_delivers_what_pipes_deliver(images, bundle, transfer):
         assert (a is None and c is None) or (a.dtype == c.dtype and np.array_equal(a, c))
 
 
-def test_no_room_for_slots_falls_back_to_pipes(images, bundle, monkeypatch):
-    root, made = images
+def test_no_room_for_slots_falls_back_to_pipes(extract_images, extract_bundle_dir, monkeypatch):
+    root, made = extract_images
     monkeypatch.setattr(SharedSlots, "create", classmethod(lambda cls, count, nbytes: None))
-    pool = DecodePool(iter(_tasks(root, made, 4)), _decoder_args(Bundle.load(bundle), "float32"), MAX_PIXELS, workers=1,
+    pool = DecodePool(iter(_tasks(root, made, 4)), _decoder_args(Bundle.load(extract_bundle_dir), "float32"),
+                      MAX_PIXELS, workers=1,
                       max_in_flight=2, batch_size=4)
     assert pool.transport == "pipe"
     assert sum(len(r) for r, _, _ in _decode_all(pool)) == 4
@@ -106,20 +106,21 @@ def test_batch_normalisation_is_bit_identical_to_the_per_image_one(mode):
     assert got.dtype == np.float32 and got.flags.c_contiguous and np.array_equal(got, expected)
 
 
-def test_every_transfer_and_transport_writes_the_same_output(images, bundle, clean, tmp_path, monkeypatch):
+def test_every_transfer_and_transport_writes_the_same_output(extract_images, extract_bundle_dir, extract_clean_run,
+                                                             tmp_path, monkeypatch):
     """uint8 (normalised by the parent) writes the default float32 run's output (workers normalise) byte for
     byte, and so do pipes."""
     import functools
 
     import mae_deploy.extract.local as local
 
-    root, _ = images
-    ref_dir, _ = clean
-    s = extract_features(root, bundle, tmp_path / "u8", progress=False, transfer="uint8", **RUN)
+    root, _ = extract_images
+    ref_dir, _ = extract_clean_run
+    s = extract_features(root, extract_bundle_dir, tmp_path / "u8", progress=False, transfer="uint8", **RUN)
     assert s.timings["first_batch_s"] > 0
     assert result_files(tmp_path / "u8") == result_files(ref_dir)
     monkeypatch.setattr(local, "DecodePool", functools.partial(DecodePool, shared_memory=False))
-    extract_features(root, bundle, tmp_path / "pipe", progress=False, **RUN)
+    extract_features(root, extract_bundle_dir, tmp_path / "pipe", progress=False, **RUN)
     assert result_files(tmp_path / "pipe") == result_files(ref_dir)
     manifest = json.loads((tmp_path / "pipe" / "manifest.json").read_text())
     assert manifest["runs"][-1]["transport"] == "pipe" and manifest["runs"][-1]["transfer"] == "float32"

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
-from runtime_fixtures import tiny_bundle  # noqa: F401
 
 from mae_deploy.errors import InputError
 from mae_deploy.preprocess import Preprocessor, check_min_side, source_size, to_rgb
@@ -414,7 +413,7 @@ def test_truncated_jpeg_is_refused_on_the_draft_path_too(photos, tmp_path):
         Preprocessor(224).load_image(tmp_path / "cut.jpg")
 
 
-def test_reconstruct_cli_exact_resize_flag(tiny_bundle, tmp_path):  # noqa: F811
+def test_reconstruct_cli_exact_resize_flag(tiny_bundle, tmp_path):
     """--exact-resize reaches the preprocessing: the big JPEG's grid changes, the small image's does not."""
     from click.testing import CliRunner
 

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
-from runtime_fixtures import encoder_only_bundle, tiny_bundle  # noqa: F401
 
 from mae_deploy.cli import main
 from mae_deploy.preprocess import Preprocessor
@@ -35,7 +34,7 @@ def _run(*args: str):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def test_reconstruct_writes_one_png_per_photo(tiny_bundle, photos, tmp_path):  # noqa: F811
+def test_reconstruct_writes_one_png_per_photo(tiny_bundle, photos, tmp_path):
     r = _run("reconstruct", *photos, "--bundle", tiny_bundle, "--out", tmp_path / "out", "--threads", "1")
     assert r.exit_code == 0, r.output
     assert grid_size(224) == EXPECTED_SIZE
@@ -50,7 +49,7 @@ def test_reconstruct_writes_one_png_per_photo(tiny_bundle, photos, tmp_path):  #
     assert not [f for f in (tmp_path / "out").iterdir() if f.name.startswith(".")]  # no temp files left
 
 
-def test_grid_panels_show_original_masked_reconstruction_and_paste(tiny_bundle, photos, tmp_path):  # noqa: F811
+def test_grid_panels_show_original_masked_reconstruction_and_paste(tiny_bundle, photos, tmp_path):
     rec = Reconstructor(tiny_bundle, intra_op_threads=1).reconstruct(photos[0], mask_ratio=0.75, seed=5)[0]
     model_img = np.asarray(Preprocessor(32).model_image(photos[0]))
     np.testing.assert_array_equal(rec.original, model_img)
@@ -72,7 +71,7 @@ def test_grid_panels_show_original_masked_reconstruction_and_paste(tiny_bundle, 
     assert rec.title() == "mae_vit_test | mask ratio 0.75 | seed 5"
 
 
-def test_same_seed_same_output_other_seed_other_mask(tiny_bundle, photos, tmp_path):  # noqa: F811
+def test_same_seed_same_output_other_seed_other_mask(tiny_bundle, photos, tmp_path):
     rec = Reconstructor(tiny_bundle, intra_op_threads=1)
     a = rec.reconstruct(photos, seed=1)
     b = rec.reconstruct(photos[1], seed=1)[0]
@@ -83,7 +82,7 @@ def test_same_seed_same_output_other_seed_other_mask(tiny_bundle, photos, tmp_pa
     assert rec.reconstruct(photos[0], seed=None)[0].seed >= 0  # a fresh seed, recorded
 
 
-def test_torch_backend_cli_gives_the_same_picture(tiny_bundle, photos, tmp_path):  # noqa: F811
+def test_torch_backend_cli_gives_the_same_picture(tiny_bundle, photos, tmp_path):
     pytest.importorskip("torch")
     for backend in ("ort", "torch"):
         r = _run("reconstruct", photos[2], "-b", tiny_bundle, "-o", tmp_path / backend, "--backend", backend,
@@ -94,7 +93,7 @@ def test_torch_backend_cli_gives_the_same_picture(tiny_bundle, photos, tmp_path)
     assert np.abs(a - b).max() <= 1
 
 
-def test_bad_inputs_and_partial_failures(tiny_bundle, encoder_only_bundle, photos, tmp_path):  # noqa: F811
+def test_bad_inputs_and_partial_failures(tiny_bundle, encoder_only_bundle, photos, tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_text("not an image")
     r = _run("reconstruct", photos[0], bad, "-b", tiny_bundle, "-o", tmp_path / "o")
@@ -113,7 +112,7 @@ def test_bad_inputs_and_partial_failures(tiny_bundle, encoder_only_bundle, photo
     assert r.exit_code == 3 and "--checkpoint only applies to --backend torch" in r.output
 
 
-def test_directories_and_duplicate_names(tiny_bundle, photos, tmp_path):  # noqa: F811
+def test_directories_and_duplicate_names(tiny_bundle, photos, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     Image.open(photos[0]).save(other / "astronaut.jpg")
@@ -135,7 +134,7 @@ print("torch" in sys.modules, "training" in sys.modules)
 """
 
 
-def test_runtime_never_imports_torch(tiny_bundle, photos, tmp_path):  # noqa: F811
+def test_runtime_never_imports_torch(tiny_bundle, photos, tmp_path):
     code = _NO_TORCH.format(photo=str(photos[1]), bundle=str(tiny_bundle), out=str(tmp_path / "o"))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

@@ -8,7 +8,7 @@ import types
 import numpy as np
 import pytest
 from PIL import Image
-from runtime_fixtures import encoder_only_bundle, missing_dependency_output, norm_pix_bundle, tiny_bundle  # noqa: F401
+from runtime_fixtures import missing_dependency_output
 
 from mae_deploy import Bundle, FeatureExtractor, Reconstructor, create_runner, random_masking
 from mae_deploy.errors import BundleError, DeviceUnavailable, InputError
@@ -21,18 +21,13 @@ pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_bundle) -> Bundle:  # noqa: F811
-    return Bundle.load(tiny_bundle)
+def ort_runner(loaded_tiny_bundle):
+    return create_runner(loaded_tiny_bundle, "ort", intra_op_threads=1)
 
 
 @pytest.fixture(scope="module")
-def ort_runner(bundle):
-    return create_runner(bundle, "ort", intra_op_threads=1)
-
-
-@pytest.fixture(scope="module")
-def torch_runner(bundle):
-    return create_runner(bundle, "torch")
+def torch_runner(loaded_tiny_bundle):
+    return create_runner(loaded_tiny_bundle, "torch")
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +56,9 @@ def test_encode_decode_agree_for_every_visible_count(ort_runner, torch_runner, v
 
 
 @pytest.mark.parametrize("pool", ["cls", "mean", "tokens"])
-def test_features_agree(bundle, ort_runner, torch_runner, photos, pool):
-    ort_fx = FeatureExtractor(bundle, pool=pool, batch_size=2, runner=ort_runner)
-    ref_fx = FeatureExtractor(bundle, pool=pool, runner=torch_runner)
+def test_features_agree(loaded_tiny_bundle, ort_runner, torch_runner, photos, pool):
+    ort_fx = FeatureExtractor(loaded_tiny_bundle, pool=pool, batch_size=2, runner=ort_runner)
+    ref_fx = FeatureExtractor(loaded_tiny_bundle, pool=pool, runner=torch_runner)
     a, b = ort_fx.extract(photos), ref_fx.extract(photos)
     assert a.shape == ((3, 17, 32) if pool == "tokens" else (3, 32)) and a.dtype == np.float32
     np.testing.assert_allclose(a, b, atol=2e-5)
@@ -71,10 +66,10 @@ def test_features_agree(bundle, ort_runner, torch_runner, photos, pool):
     assert np.abs(a[0] - a[1]).max() > 1e-2
 
 
-def test_feature_pools_and_inputs(bundle, ort_runner, photos, tmp_path):
-    tokens = FeatureExtractor(bundle, pool="tokens", runner=ort_runner).extract(photos)
-    cls = FeatureExtractor(bundle, pool="cls", runner=ort_runner).extract(photos)
-    mean = FeatureExtractor(bundle, pool="mean", runner=ort_runner).extract(photos)
+def test_feature_pools_and_inputs(loaded_tiny_bundle, ort_runner, photos, tmp_path):
+    tokens = FeatureExtractor(loaded_tiny_bundle, pool="tokens", runner=ort_runner).extract(photos)
+    cls = FeatureExtractor(loaded_tiny_bundle, pool="cls", runner=ort_runner).extract(photos)
+    mean = FeatureExtractor(loaded_tiny_bundle, pool="mean", runner=ort_runner).extract(photos)
     np.testing.assert_allclose(cls, tokens[:, 0], atol=1e-6)
     np.testing.assert_allclose(mean, tokens[:, 1:].mean(1), atol=1e-6)
     # Paths, PIL images, a single array and an (N, H, W, C) stack all give the same features.
@@ -82,19 +77,19 @@ def test_feature_pools_and_inputs(bundle, ort_runner, photos, tmp_path):
     for i, p in enumerate(photos):
         Image.fromarray(p).save(tmp_path / f"{i}.png")
         paths.append(tmp_path / f"{i}.png")
-    fx = FeatureExtractor(bundle, runner=ort_runner, batch_size=1)
+    fx = FeatureExtractor(loaded_tiny_bundle, runner=ort_runner, batch_size=1)
     np.testing.assert_allclose(fx.extract(paths), cls, atol=1e-6)
     np.testing.assert_allclose(fx.extract([Image.fromarray(p) for p in photos]), cls, atol=1e-6)
     np.testing.assert_allclose(fx.extract(photos[1]), cls[1:2], atol=1e-6)
     same = np.stack([photos[2][:300, :300]] * 2)
     assert fx.extract(same).shape == (2, 32)
     with pytest.raises(InputError, match="pool must be one of"):
-        FeatureExtractor(bundle, pool="max", runner=ort_runner)
+        FeatureExtractor(loaded_tiny_bundle, pool="max", runner=ort_runner)
 
 
-def test_reconstructions_agree(bundle, ort_runner, torch_runner, photos):
-    a = Reconstructor(bundle, runner=ort_runner).reconstruct(photos, mask_ratio=0.75, seed=3)
-    b = Reconstructor(bundle, runner=torch_runner).reconstruct(photos, mask_ratio=0.75, seed=3)
+def test_reconstructions_agree(loaded_tiny_bundle, ort_runner, torch_runner, photos):
+    a = Reconstructor(loaded_tiny_bundle, runner=ort_runner).reconstruct(photos, mask_ratio=0.75, seed=3)
+    b = Reconstructor(loaded_tiny_bundle, runner=torch_runner).reconstruct(photos, mask_ratio=0.75, seed=3)
     for ra, rb in zip(a, b, strict=True):
         np.testing.assert_allclose(ra.pred, rb.pred, atol=2e-5)
         assert np.abs(ra.reconstruction.astype(int) - rb.reconstruction.astype(int)).max() <= 1
@@ -102,7 +97,7 @@ def test_reconstructions_agree(bundle, ort_runner, torch_runner, photos):
         assert ra.mask.sum() == 12 and not ra.norm_pix
 
 
-def test_norm_pix_reconstructions_agree_and_say_so(norm_pix_bundle, photos):  # noqa: F811
+def test_norm_pix_reconstructions_agree_and_say_so(norm_pix_bundle, photos):
     b = Bundle.load(norm_pix_bundle)
     assert b.norm_pix_loss
     with create_runner(b, "ort", intra_op_threads=1) as o, create_runner(b, "torch") as t:
@@ -113,8 +108,8 @@ def test_norm_pix_reconstructions_agree_and_say_so(norm_pix_bundle, photos):  # 
     assert np.abs(ra[1].reconstruction.astype(int) - rb[1].reconstruction.astype(int)).max() <= 1
 
 
-def test_ort_reports_the_providers_it_really_uses(bundle):
-    r = OrtRunner(bundle, intra_op_threads=1)
+def test_ort_reports_the_providers_it_really_uses(loaded_tiny_bundle):
+    r = OrtRunner(loaded_tiny_bundle, intra_op_threads=1)
     assert r.info.providers == ()  # no session yet: nothing is claimed
     r.load(("encoder",))
     assert r.info.providers == ("CPUExecutionProvider",)
@@ -122,8 +117,8 @@ def test_ort_reports_the_providers_it_really_uses(bundle):
     assert r.info.details["graphs"] == {"encoder": "encoder.onnx", "decoder": "decoder.onnx"}
 
 
-def test_ort_io_binding_path_gives_the_same_result(bundle, ort_runner):
-    bound = OrtRunner(bundle, intra_op_threads=1, io_binding=True, graph_optimization="basic")
+def test_ort_io_binding_path_gives_the_same_result(loaded_tiny_bundle, ort_runner):
+    bound = OrtRunner(loaded_tiny_bundle, intra_op_threads=1, io_binding=True, graph_optimization="basic")
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
     ids_keep, ids_restore, _ = random_masking(2, 16, 0.5, rng=0)
     np.testing.assert_allclose(bound.encode(x, ids_keep), ort_runner.encode(x, ids_keep), atol=1e-5)
@@ -132,9 +127,9 @@ def test_ort_io_binding_path_gives_the_same_result(bundle, ort_runner):
 
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:1", "tensorrt"])
-def test_gpu_request_without_a_gpu_provider_is_an_error(bundle, device):
+def test_gpu_request_without_a_gpu_provider_is_an_error(loaded_tiny_bundle, device):
     with pytest.raises(DeviceUnavailable, match=f"has no .*ExecutionProvider .*--device {device} cannot run"):
-        OrtRunner(bundle, device=device)
+        OrtRunner(loaded_tiny_bundle, device=device)
 
 
 def test_silent_fallback_is_detected():
@@ -173,24 +168,24 @@ def test_tensorrt_ep_profile_covers_batch_and_visible_tokens(tmp_path):
         derive_profile(196, 224, 3, max_batch=64, opt_batch=65, opt_visible=49, embed_dim=768)
 
 
-def test_runner_options_are_checked(bundle):
+def test_runner_options_are_checked(loaded_tiny_bundle):
     with pytest.raises(InputError, match="unknown backend 'onnx'; choose one of: ort, trt, torch, openvino"):
-        create_runner(bundle, "onnx")
+        create_runner(loaded_tiny_bundle, "onnx")
     with pytest.raises(InputError, match="unknown ort device 'gpu'"):
-        OrtRunner(bundle, device="gpu")
+        OrtRunner(loaded_tiny_bundle, device="gpu")
     with pytest.raises(InputError, match="graph_optimization must be one of"):
-        OrtRunner(bundle, graph_optimization="max")
+        OrtRunner(loaded_tiny_bundle, graph_optimization="max")
     with pytest.raises(BundleError, match="no encoder graph at precision int8; it has: encoder fp32, decoder fp32"):
-        OrtRunner(bundle, precision="int8")
+        OrtRunner(loaded_tiny_bundle, precision="int8")
     with pytest.raises(InputError, match="intra_op_threads must be a positive integer, got 0"):
-        OrtRunner(bundle, intra_op_threads=0)
+        OrtRunner(loaded_tiny_bundle, intra_op_threads=0)
     with pytest.raises(InputError, match="threads=2 and intra_op_threads=3 disagree"):
-        OrtRunner(bundle, threads=2, intra_op_threads=3)
+        OrtRunner(loaded_tiny_bundle, threads=2, intra_op_threads=3)
     with pytest.raises(InputError, match="the ort backend has no option max_batch; it takes: .*intra_op_threads"):
-        create_runner(bundle, "ort", max_batch=4)
+        create_runner(loaded_tiny_bundle, "ort", max_batch=4)
 
 
-def test_trt_backend_is_dispatched_lazily(bundle, monkeypatch):
+def test_trt_backend_is_dispatched_lazily(loaded_tiny_bundle, monkeypatch):
     calls = []
 
     class FakeTrtRunner:
@@ -198,9 +193,10 @@ def test_trt_backend_is_dispatched_lazily(bundle, monkeypatch):
             calls.append((b, device, precision, opts))
 
     monkeypatch.setitem(sys.modules, "mae_deploy.runners.trt", types.SimpleNamespace(TrtRunner=FakeTrtRunner))
-    r = create_runner(bundle, "trt", device="cuda:1", precision="fp16", max_batch=32)
+    r = create_runner(loaded_tiny_bundle, "trt", device="cuda:1", precision="fp16", max_batch=32)
     assert isinstance(r, FakeTrtRunner)
-    assert calls == [(bundle, "cuda:1", "fp16", {"threads": None, "max_batch": 32})]  # threads goes to every backend
+    assert calls == [(loaded_tiny_bundle, "cuda:1", "fp16", {"threads": None,
+                                                             "max_batch": 32})]  # threads goes to every backend
 
 
 def test_runners_validate_before_running(ort_runner, torch_runner):
@@ -216,7 +212,7 @@ def test_runners_validate_before_running(ort_runner, torch_runner):
             r.decode(np.zeros((2, 3, 32), np.float32), np.arange(16)[None])
 
 
-def test_encoder_only_bundle(encoder_only_bundle, photos):  # noqa: F811
+def test_encoder_only_bundle(encoder_only_bundle, photos):
     b = Bundle.load(encoder_only_bundle)
     with FeatureExtractor(b, intra_op_threads=1) as fx:
         assert fx.extract(photos[:1]).shape == (1, 32)
@@ -227,13 +223,13 @@ def test_encoder_only_bundle(encoder_only_bundle, photos):  # noqa: F811
         Reconstructor(b)
 
 
-def test_torch_runner_options(bundle, tmp_path, torch_runner):
+def test_torch_runner_options(loaded_tiny_bundle, tmp_path, torch_runner):
     with pytest.raises(DeviceUnavailable, match="PyTorch sees no CUDA device"):
-        create_runner(bundle, "torch", device="cuda")
+        create_runner(loaded_tiny_bundle, "torch", device="cuda")
     with pytest.raises(InputError, match="fp16 autocast needs --device cuda"):
-        create_runner(bundle, "torch", precision="fp16")
+        create_runner(loaded_tiny_bundle, "torch", precision="fp16")
     # bf16 autocast: close to fp32 but not identical (it really runs in bf16).
-    bf16 = create_runner(bundle, "torch", precision="bf16")
+    bf16 = create_runner(loaded_tiny_bundle, "torch", precision="bf16")
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
     ids = np.tile(np.arange(16), (2, 1))
     a, b = bf16.encode(x, ids), torch_runner.encode(x, ids)
@@ -245,10 +241,10 @@ def test_torch_runner_options(bundle, tmp_path, torch_runner):
 
     save_native(create_model("mae_vit_tiny_patch4"), tmp_path / "other")
     with pytest.raises(BundleError, match="does not match bundle .*patch_size 4 vs 8"):
-        create_runner(bundle, "torch", checkpoint=tmp_path / "other")
+        create_runner(loaded_tiny_bundle, "torch", checkpoint=tmp_path / "other")
 
 
-def test_missing_onnxruntime_says_what_to_install(tiny_bundle):  # noqa: F811
+def test_missing_onnxruntime_says_what_to_install(tiny_bundle):
     out = missing_dependency_output(tiny_bundle, "onnxruntime", "ort")
     assert out.startswith("6 ") and "pip install 'mae-deploy[cpu]'" in out
 
@@ -258,18 +254,19 @@ def test_missing_onnxruntime_says_what_to_install(tiny_bundle):  # noqa: F811
 # --------------------------------------------------------------------------------------------------
 
 
-def test_threads_reach_every_cpu_backend(bundle):
+def test_threads_reach_every_cpu_backend(loaded_tiny_bundle):
     import torch
 
     before = torch.get_num_threads()
     try:
-        with create_runner(bundle, "ort", threads=1) as r:
+        with create_runner(loaded_tiny_bundle, "ort", threads=1) as r:
             assert r.info.details["intra_op_threads"] == 1
-        with create_runner(bundle, "ort", intra_op_threads=1, threads=1) as r:  # the same count twice is fine
+        with create_runner(loaded_tiny_bundle, "ort", intra_op_threads=1,
+                           threads=1) as r:  # the same count twice is fine
             assert r.info.details["intra_op_threads"] == 1
-        with create_runner(bundle, "torch", threads=1) as r:
+        with create_runner(loaded_tiny_bundle, "torch", threads=1) as r:
             assert r.info.details["threads"] == 1 == torch.get_num_threads()
-        with create_runner(bundle, "openvino", threads=1) as r:
+        with create_runner(loaded_tiny_bundle, "openvino", threads=1) as r:
             r.load(("encoder",))
             assert r.info.details["compiled"]["encoder"]["INFERENCE_NUM_THREADS"] == "1"
     finally:
@@ -277,25 +274,25 @@ def test_threads_reach_every_cpu_backend(bundle):
 
 
 @pytest.mark.parametrize("threads", [0, -2, "2", 1.5, True])
-def test_bad_thread_counts_are_input_errors(bundle, threads):
+def test_bad_thread_counts_are_input_errors(loaded_tiny_bundle, threads):
     for backend in ("ort", "torch", "openvino", "trt"):
         with pytest.raises(InputError, match=f"threads must be a positive integer, got {threads!r}"):
-            create_runner(bundle, backend, threads=threads)
+            create_runner(loaded_tiny_bundle, backend, threads=threads)
 
 
-def test_trt_refuses_threads_before_needing_tensorrt(bundle):
+def test_trt_refuses_threads_before_needing_tensorrt(loaded_tiny_bundle):
     """--backend trt --threads N is exit 3 with a reason (it was a TypeError), even where TensorRT is absent."""
     with pytest.raises(InputError, match="the trt backend has no CPU thread count .*threads=4 cannot apply; "
                                          "drop --threads") as e:
-        create_runner(bundle, "trt", device="cuda", threads=4)
+        create_runner(loaded_tiny_bundle, "trt", device="cuda", threads=4)
     assert e.value.exit_code == 3
     # What the reconstruct/extract commands pass for a non-ort backend reaches the same check.
     with pytest.raises(InputError, match="no CPU thread count"):
-        create_runner(bundle, "trt", device="cuda", **{"threads": 2})
+        create_runner(loaded_tiny_bundle, "trt", device="cuda", **{"threads": 2})
 
 
 @pytest.mark.parametrize("command", ["reconstruct", "extract"])
-def test_cli_trt_with_threads_is_exit_3(tiny_bundle, tmp_path, command):  # noqa: F811
+def test_cli_trt_with_threads_is_exit_3(tiny_bundle, tmp_path, command):
     from click.testing import CliRunner
 
     from mae_deploy.cli import main
@@ -339,8 +336,8 @@ class EchoRunner(BaseRunner):
     info = RunnerInfo("echo", "cpu", "fp32")
 
 
-def test_base_runner_validates_and_converts_once(bundle):
-    r = EchoRunner(bundle)
+def test_base_runner_validates_and_converts_once(loaded_tiny_bundle):
+    r = EchoRunner(loaded_tiny_bundle)
     assert isinstance(r, Runner) and r.has_decoder
     x = np.zeros((2, 3, 32, 32), np.float64)[..., ::-1]  # float64, not contiguous: converted for the backend
     assert r.encode(x, np.array([[0, 1], [2, 3]], np.int32)).shape == (2, 3, 32)
@@ -354,8 +351,8 @@ def test_base_runner_validates_and_converts_once(bundle):
     assert len(r.calls) == 2  # invalid calls never reach the backend
 
 
-def test_base_runner_parts_load_and_context(bundle):
-    r = EchoRunner(bundle, decoder=False)
+def test_base_runner_parts_load_and_context(loaded_tiny_bundle):
+    r = EchoRunner(loaded_tiny_bundle, decoder=False)
     assert not r.has_decoder and r.load() is r and r.loaded == ["encoder"]  # only the parts it has
     with pytest.raises(BundleError, match="has no decoder"):
         r.decode(np.zeros((1, 2, 32), np.float32), np.arange(16)[None])
@@ -392,10 +389,10 @@ def test_run_in_chunks_splits_only_above_the_step():
     assert seen[-1] == 3 and len(seen) == 4
 
 
-def test_ort_tensorrt_provider_splits_batches_above_its_profile(bundle, ort_runner, tmp_path):
+def test_ort_tensorrt_provider_splits_batches_above_its_profile(loaded_tiny_bundle, ort_runner, tmp_path):
     """ORT's TensorRT provider gets TrtRunner's chunking (checked here on the CPU provider)."""
-    r = OrtRunner(bundle, threads=1)
-    r.trt = OrtTrtSetup.for_bundle(bundle, "fp32", max_batch=2, cache_root=tmp_path, detect=lambda: None)
+    r = OrtRunner(loaded_tiny_bundle, threads=1)
+    r.trt = OrtTrtSetup.for_bundle(loaded_tiny_bundle, "fp32", max_batch=2, cache_root=tmp_path, detect=lambda: None)
     batches = []
     original = r._run_once
     r._run_once = lambda part, feeds, out=None: batches.append(

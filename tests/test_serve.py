@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from PIL import Image
-from runtime_fixtures import tiny_bundle  # noqa: F401
 from test_serve_support import GatedRunner, LiveServer, batches_over_one, jpeg_bytes, metric_values, wait_until
 
 httpx = pytest.importorskip("httpx")
@@ -45,7 +44,7 @@ def post_image(client, url: str, data: bytes, **kw):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bundle):  # noqa: F811
+def server(tiny_bundle):
     with LiveServer(ServeConfig(bundle=str(tiny_bundle), max_body_mb=1, max_images_per_request=4)) as s:
         yield s
 
@@ -56,7 +55,7 @@ def client():
         yield c
 
 
-def test_concurrent_requests_batched_and_equal_to_offline(tiny_bundle, tmp_path):  # noqa: F811
+def test_concurrent_requests_batched_and_equal_to_offline(tiny_bundle, tmp_path):
     """16 requests at once are all answered, equal FeatureExtractor, and share runner calls.
 
     The runner's first call is held until every other request is queued, so batching is certain, not a
@@ -82,7 +81,7 @@ def test_concurrent_requests_batched_and_equal_to_offline(tiny_bundle, tmp_path)
         assert metric_values(text, "mae_serve_images_total")['{endpoint="/v1/features"}'] == N_CONCURRENT
 
 
-def test_body_formats_and_pools(server, client, tiny_bundle, tmp_path):  # noqa: F811
+def test_body_formats_and_pools(server, client, tiny_bundle, tmp_path):
     blobs = [jpeg_bytes(100 + i) for i in range(3)]
     expected = offline_features(tiny_bundle, blobs, tmp_path, "cls")
     files = [("file", (f"{i}.jpg", b, "image/jpeg")) for i, b in enumerate(blobs)]
@@ -131,7 +130,7 @@ def test_models_health_and_request_ids(server, client):
     assert "/v1/features" in client.get(f"{server.url}/openapi.json").json()["paths"]
 
 
-def test_reconstruct_equals_offline_picture(server, client, tiny_bundle, tmp_path):  # noqa: F811
+def test_reconstruct_equals_offline_picture(server, client, tiny_bundle, tmp_path):
     from mae_deploy.reconstruct import Reconstructor
 
     blob = jpeg_bytes(7, (64, 48))
@@ -221,7 +220,7 @@ class _BuggyRunner(GatedRunner):
         super()._wait(rows)
 
 
-def test_a_bug_is_a_json_500_and_the_server_lives_on(tiny_bundle, caplog):  # noqa: F811
+def test_a_bug_is_a_json_500_and_the_server_lives_on(tiny_bundle, caplog):
     runner = _BuggyRunner(create_runner(tiny_bundle))
     with LiveServer(ServeConfig(bundle=str(tiny_bundle)), runner=runner) as s, httpx.Client(timeout=30) as c:
         runner.failed = False  # arm it
@@ -234,7 +233,7 @@ def test_a_bug_is_a_json_500_and_the_server_lives_on(tiny_bundle, caplog):  # no
     assert "simulated bug" in caplog.text  # the traceback is logged for whoever runs the server
 
 
-def test_overload_is_503_with_retry_after(tiny_bundle):  # noqa: F811
+def test_overload_is_503_with_retry_after(tiny_bundle):
     gated = GatedRunner(create_runner(tiny_bundle))
     config = ServeConfig(bundle=str(tiny_bundle), max_queue=2, max_batch_size=1)
     with LiveServer(config, runner=gated) as s, httpx.Client(timeout=60) as c, ThreadPoolExecutor(3) as pool:
@@ -250,7 +249,7 @@ def test_overload_is_503_with_retry_after(tiny_bundle):  # noqa: F811
         assert [f.result().status_code for f in [first, *queued]] == [200, 200, 200]
 
 
-def test_timeout_is_504_and_the_server_recovers(tiny_bundle):  # noqa: F811
+def test_timeout_is_504_and_the_server_recovers(tiny_bundle):
     gated = GatedRunner(create_runner(tiny_bundle))
     config = ServeConfig(bundle=str(tiny_bundle), timeout_s=0.3)
     with LiveServer(config, runner=gated) as s, httpx.Client(timeout=60) as c:
@@ -264,7 +263,7 @@ def test_timeout_is_504_and_the_server_recovers(tiny_bundle):  # noqa: F811
         assert metric_values(text, "mae_serve_requests_total")['{endpoint="/v1/features",status="504"}'] == 1
 
 
-def test_api_key(tiny_bundle, monkeypatch):  # noqa: F811
+def test_api_key(tiny_bundle, monkeypatch):
     monkeypatch.setenv("MAE_TEST_KEY", "s3cret")
     config = ServeConfig(bundle=str(tiny_bundle), api_key_env="MAE_TEST_KEY")
     with LiveServer(config) as s, httpx.Client(timeout=30) as c:
@@ -280,7 +279,7 @@ def test_api_key(tiny_bundle, monkeypatch):  # noqa: F811
         assert c.get(f"{s.url}/metrics").status_code == 401
 
 
-def test_api_key_env_must_be_set(tiny_bundle, monkeypatch):  # noqa: F811
+def test_api_key_env_must_be_set(tiny_bundle, monkeypatch):
     from mae_deploy.errors import InputError
 
     monkeypatch.delenv("MAE_TEST_UNSET_KEY", raising=False)
@@ -288,7 +287,7 @@ def test_api_key_env_must_be_set(tiny_bundle, monkeypatch):  # noqa: F811
         ServeConfig(bundle=str(tiny_bundle), api_key_env="MAE_TEST_UNSET_KEY")
 
 
-def test_readyz_is_503_until_loaded_and_while_draining(tiny_bundle):  # noqa: F811
+def test_readyz_is_503_until_loaded_and_while_draining(tiny_bundle):
     loaded = threading.Event()
 
     class SlowLoad(GatedRunner):
@@ -316,7 +315,7 @@ def test_readyz_is_503_until_loaded_and_while_draining(tiny_bundle):  # noqa: F8
         server.__exit__(None, None, None)
 
 
-def test_a_lone_small_image_is_preprocessed_inline_and_the_rest_on_threads(tiny_bundle, monkeypatch):  # noqa: F811
+def test_a_lone_small_image_is_preprocessed_inline_and_the_rest_on_threads(tiny_bundle, monkeypatch):
     """Where decoding runs: inline for a lone image small once decoded (no thread hop); on the decoding threads
     when another request is in flight or the decoded image is large, so the event loop keeps accepting."""
     import asyncio

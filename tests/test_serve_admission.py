@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from PIL import Image
-from runtime_fixtures import tiny_bundle  # noqa: F401
 from test_serve_support import LiveServer, jpeg_bytes, wait_until
 
 httpx = pytest.importorskip("httpx")
@@ -52,7 +51,7 @@ def post(url: str, data: bytes, content_type: str = "image/png"):
     return httpx.post(f"{url}/v1/features", content=data, headers={"Content-Type": content_type}, timeout=120)
 
 
-def test_decode_cost_reads_the_header_only(tiny_bundle):  # noqa: F811
+def test_decode_cost_reads_the_header_only(tiny_bundle):
     from mae_deploy.bundle import Bundle
 
     pre = Preprocessor.from_bundle(Bundle.load(tiny_bundle))
@@ -63,7 +62,7 @@ def test_decode_cost_reads_the_header_only(tiny_bundle):  # noqa: F811
     assert decode_cost(big_jpeg, pre) == 200 * 150 * 8
 
 
-def test_one_request_over_the_budget_is_413_at_once(tiny_bundle):  # noqa: F811
+def test_one_request_over_the_budget_is_413_at_once(tiny_bundle):
     with LiveServer(ServeConfig(bundle=str(tiny_bundle), max_decode_mb=2)) as s:
         r = post(s.url, png16(300))  # 300^2 x 32 B = 2.7 MiB
         assert r.status_code == 413 and "--max-decode-mb" in r.json()["error"]["message"]
@@ -72,7 +71,7 @@ def test_one_request_over_the_budget_is_413_at_once(tiny_bundle):  # noqa: F811
 
 
 def test_a_request_that_does_not_fit_beside_decodes_in_flight_is_503_and_the_budget_comes_back(
-        tiny_bundle, monkeypatch):  # noqa: F811
+        tiny_bundle, monkeypatch):
     """The first big image's decode is held at a gate: the second big one is refused at once, a small one is
     admitted; once the gate opens, the first is answered and the second fits again."""
     gate, holding = threading.Event(), threading.Event()
@@ -99,7 +98,7 @@ def test_a_request_that_does_not_fit_beside_decodes_in_flight_is_503_and_the_bud
         assert post(s.url, big).status_code == 200
 
 
-def test_concurrent_big_pngs_get_answers_and_the_memory_back(tiny_bundle):  # noqa: F811
+def test_concurrent_big_pngs_get_answers_and_the_memory_back(tiny_bundle):
     """Six 16-bit PNGs at once (the issue's case, at 1/30 of the pixels): every one is answered 200 or 503
     (never 504 or 500), at least one 200, the memory held during the burst stays within the budget's
     reach, and the process's memory afterwards is back near where it started."""

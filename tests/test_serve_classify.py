@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from runtime_fixtures import classifier_bundle, tiny_bundle  # noqa: F401
 from test_serve import post_image
 from test_serve_support import LiveServer, jpeg_bytes
 
@@ -16,12 +15,12 @@ from mae_deploy.serve.config import ServeConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def server(classifier_bundle):  # noqa: F811
+def server(classifier_bundle):
     with LiveServer(ServeConfig(bundle=str(classifier_bundle))) as s:
         yield s
 
 
-def test_classify_equals_the_offline_classifier(server, classifier_bundle, tmp_path):  # noqa: F811
+def test_classify_equals_the_offline_classifier(server, classifier_bundle, tmp_path):
     blobs = [jpeg_bytes(400 + i) for i in range(3)]
     paths = []
     for i, b in enumerate(blobs):
@@ -60,7 +59,7 @@ def test_classify_equals_the_offline_classifier(server, classifier_bundle, tmp_p
         client.close()
 
 
-def test_classify_without_a_classifier_is_a_400(tiny_bundle):  # noqa: F811
+def test_classify_without_a_classifier_is_a_400(tiny_bundle):
     with LiveServer(ServeConfig(bundle=str(tiny_bundle))) as s, httpx.Client(timeout=30) as c:
         r = post_image(c, f"{s.url}/v1/classify", jpeg_bytes(0))
         assert r.status_code == 400 and r.json()["error"]["code"] == "no_classifier"

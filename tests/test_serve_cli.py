@@ -14,14 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from runtime_fixtures import tiny_bundle  # noqa: F401
 from test_serve import N_CONCURRENT, offline_features, post_image
 from test_serve_support import ROOT, WAIT_S, CliServer, batches_over_one, jpeg_bytes, metric_values, wait_until
 
 httpx = pytest.importorskip("httpx")
 
 
-def test_cli_server_batches_concurrent_requests(tiny_bundle, tmp_path):  # noqa: F811
+def test_cli_server_batches_concurrent_requests(tiny_bundle, tmp_path):
     """16 requests sent at once to the CLI server (which holds a partial batch up to 2 s for company)."""
     blobs = [jpeg_bytes(200 + i) for i in range(N_CONCURRENT)]
     expected = offline_features(tiny_bundle, blobs, tmp_path, "cls")
@@ -48,7 +47,7 @@ def test_cli_server_batches_concurrent_requests(tiny_bundle, tmp_path):  # noqa:
     assert f'"request_id": "{rid}"' in log  # the JSON log line of that request carries its id
 
 
-def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_bundle, tmp_path):  # noqa: F811
+def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_bundle, tmp_path):
     """A request held in the queue when SIGTERM arrives is answered at once (the drain stops holding partial
     batches for --max-delay-ms, here far longer than the test waits); exit code 0."""
     server = CliServer(tiny_bundle, tmp_path / "server.log", "--max-delay-ms", "600000")
@@ -80,20 +79,20 @@ def _cli(*args: str, env: dict | None = None, pre: str = "") -> subprocess.Compl
                           timeout=WAIT_S, env=env)
 
 
-def test_bad_bundle_and_unset_key_variable_exit_3(tmp_path, tiny_bundle):  # noqa: F811
+def test_bad_bundle_and_unset_key_variable_exit_3(tmp_path, tiny_bundle):
     r = _cli("serve", str(tmp_path / "missing"), "--port", "1")
     assert r.returncode == 3 and "does not exist" in r.stderr
     r = _cli("serve", str(tiny_bundle), "--api-key-env", "MAE_SURELY_UNSET_VARIABLE")
     assert r.returncode == 3 and "MAE_SURELY_UNSET_VARIABLE" in r.stderr
 
 
-def test_missing_fastapi_exits_6_with_the_install_line(tiny_bundle):  # noqa: F811
+def test_missing_fastapi_exits_6_with_the_install_line(tiny_bundle):
     r = _cli("serve", str(tiny_bundle), pre="import sys; sys.modules['fastapi'] = None; ")
     assert r.returncode == 6, r.stderr
     assert "pip install 'mae-deploy[serve]'" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_an_unreachable_ray_address_is_exit_7_in_seconds(tiny_bundle):  # noqa: F811
+def test_an_unreachable_ray_address_is_exit_7_in_seconds(tiny_bundle):
     # ray.init alone retries such an address for minutes; the shared probe answers at once, naming it.
     pytest.importorskip("ray")
     r = _cli("serve", str(tiny_bundle), "--ray", "--ray-address", "127.0.0.1:1", "--port", "1")

@@ -10,7 +10,6 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from runtime_fixtures import tiny_bundle  # noqa: F401
 from test_serve_support import LiveServer
 
 httpx = pytest.importorskip("httpx")
@@ -30,7 +29,7 @@ PHOTOS = {name: encoded(getattr(skdata, name)(), "JPEG") for name in ("astronaut
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_bundle):  # noqa: F811
+def servers(tiny_bundle):
     with LiveServer(ServeConfig(bundle=str(tiny_bundle), decoder="pil")) as pil, \
             LiveServer(ServeConfig(bundle=str(tiny_bundle), decoder="torch")) as dev:
         yield pil, dev

@@ -11,7 +11,6 @@ import json
 
 import numpy as np
 import pytest
-from runtime_fixtures import tiny_bundle  # noqa: F401
 from test_serve_support import LiveServer
 
 httpx = pytest.importorskip("httpx")
@@ -63,7 +62,7 @@ JSON_CASES = {
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bundle):  # noqa: F811
+def server(tiny_bundle):
     with LiveServer(ServeConfig(bundle=str(tiny_bundle))) as s:
         yield s
 

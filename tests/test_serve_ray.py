@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from runtime_fixtures import tiny_bundle  # noqa: F401
 from test_serve import offline_features, post_image
 from test_serve_support import WAIT_S, free_port, jpeg_bytes, wait_until
 
@@ -24,7 +23,7 @@ ROUNDS, PER_ROUND = 10, 8  # bounded: at most 80 requests to see both replicas
 
 
 @pytest.fixture(scope="module")
-def ray_server(tiny_bundle):  # noqa: F811
+def ray_server(tiny_bundle):
     from ray import serve
 
     from mae_deploy.serve.ray_app import deploy
@@ -49,7 +48,7 @@ def ray_server(tiny_bundle):  # noqa: F811
         ray.shutdown()
 
 
-def test_both_replicas_answer_with_offline_features(ray_server, tiny_bundle, tmp_path):  # noqa: F811
+def test_both_replicas_answer_with_offline_features(ray_server, tiny_bundle, tmp_path):
     blobs = [jpeg_bytes(300 + i) for i in range(PER_ROUND)]
     expected = offline_features(tiny_bundle, blobs, tmp_path, "cls")
     replicas: set[str] = set()
@@ -73,7 +72,7 @@ def test_errors_and_request_ids_pass_through_ray(ray_server):
         assert r.headers["X-Request-ID"] == "ray-1" and r.headers["X-Replica"]
 
 
-def test_a_proxy_restarted_during_start_up_is_joined_not_fatal(monkeypatch, tiny_bundle):  # noqa: F811
+def test_a_proxy_restarted_during_start_up_is_joined_not_fatal(monkeypatch, tiny_bundle):
     """In-process, no Ray instance: serve.start's ActorDiedError (its first proxy replaced by the controller
     on a loaded machine, seen in the full suite) is followed by one reconnecting start, then the deployment."""
     from ray import serve

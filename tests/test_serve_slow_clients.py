@@ -14,7 +14,6 @@ import socket
 import time
 
 import pytest
-from runtime_fixtures import tiny_bundle  # noqa: F401
 from test_serve_support import LiveServer, jpeg_bytes, metric_values, wait_until
 
 httpx = pytest.importorskip("httpx")
@@ -26,7 +25,7 @@ READ_S = 15.0  # how long a test waits for the server to answer or close: far ab
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bundle):  # noqa: F811
+def server(tiny_bundle):
     with LiveServer(ServeConfig(bundle=str(tiny_bundle), timeout_s=TIMEOUT_S)) as s:
         yield s
 

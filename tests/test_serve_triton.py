@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from runtime_fixtures import tiny_bundle  # noqa: F401
 from test_serve_support import LiveServer, metric_values
 
 th = pytest.importorskip("tritonclient.http")
@@ -15,7 +14,7 @@ from mae_deploy.serve.config import ServeConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bundle):  # noqa: F811
+def server(tiny_bundle):
     with LiveServer(ServeConfig(bundle=str(tiny_bundle))) as s:
         yield s
 
@@ -44,7 +43,7 @@ def test_health_and_metadata(client):
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
-def test_encoder_and_decoder_equal_the_runner(client, tiny_bundle, binary):  # noqa: F811
+def test_encoder_and_decoder_equal_the_runner(client, tiny_bundle, binary):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 3, 32, 32), dtype=np.float32)
     ids_keep, ids_restore, _ = random_masking(3, 16, 0.75, rng=1)

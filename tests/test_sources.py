@@ -14,8 +14,6 @@ from sources_data import N_IMAGES, PER_SHARD
 from mae_deploy.errors import InputError, SourceUnreachable
 from mae_deploy.sources import Failure, list_source
 
-pytest_plugins = ["sources_data"]
-
 
 def _read_all(src) -> list:
     out = []
@@ -81,8 +79,8 @@ def test_webdataset_keys_meta_members_and_compound_extensions(tmp_path):
     assert reason == "missing_image" and "c" in message and "jpg" in message
 
 
-def test_a_truncated_shard_keeps_the_members_before_the_cut_and_the_cut_one_fails(broken_data):
-    src = pickle.loads(pickle.dumps(list_source(broken_data["shard"])))  # as a decode worker receives it
+def test_a_truncated_shard_keeps_the_members_before_the_cut_and_the_cut_one_fails(broken_source_data):
+    src = pickle.loads(pickle.dumps(list_source(broken_source_data["shard"])))  # as a decode worker receives it
     names = [p.split("#", 1)[1] for p in src.paths]
     assert names == ["a-good.jpg", "b-corrupt.jpg", "c-noimage", "d-cut.jpg"]
     got = _read_all(src)
@@ -91,11 +89,11 @@ def test_a_truncated_shard_keeps_the_members_before_the_cut_and_the_cut_one_fail
     assert got[3][0] == "truncated" and "ends inside this member" in got[3][1]
 
 
-def test_parquet_image_column_default_explicit_and_refused(broken_data, source_data, tmp_path):
+def test_parquet_image_column_default_explicit_and_refused(broken_source_data, source_data, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    src = list_source(broken_data["parquet"])  # a plain binary column
+    src = list_source(broken_source_data["parquet"])  # a plain binary column
     got = _read_all(src)
     assert isinstance(got[0], bytes) and got[1][0] == "missing_image" and isinstance(got[2], bytes)
     p = tmp_path / "two.parquet"
@@ -111,7 +109,7 @@ def test_parquet_image_column_default_explicit_and_refused(broken_data, source_d
         list_source(source_data["shard_spec"], image_column="image")
 
 
-def test_bad_sources_fail_at_planning_with_exit_3_or_7(source_data, tmp_path, s3_data):
+def test_bad_sources_fail_at_planning_with_exit_3_or_7(source_data, tmp_path, s3_source_data):
     not_tar = tmp_path / "fake.tar"
     not_tar.write_text("not a tar\n" * 200)
     with pytest.raises(InputError, match="is not a tar file"):
@@ -119,7 +117,7 @@ def test_bad_sources_fail_at_planning_with_exit_3_or_7(source_data, tmp_path, s3
     with pytest.raises(InputError, match=r"train-000003.tar does not exist"):
         list_source(str(source_data["shards"] / "train-{000000..000009}.tar"))
     with pytest.raises(InputError, match="does not exist"):
-        list_source(f"s3://{s3_data['bucket']}/shards/missing.tar")
+        list_source(f"s3://{s3_source_data['bucket']}/shards/missing.tar")
     with pytest.raises(SourceUnreachable, match="bucket s3://no-such-bucket"):
         list_source("s3://no-such-bucket/shards/x.tar")
     import socket
@@ -131,13 +129,13 @@ def test_bad_sources_fail_at_planning_with_exit_3_or_7(source_data, tmp_path, s3
         list_source(f"http://127.0.0.1:{closed}/x.tar")
 
 
-def test_s3_sources_list_and_read_like_local_ones(s3_data, source_data):
+def test_s3_sources_list_and_read_like_local_ones(s3_source_data, source_data):
     local = list_source(source_data["shard_spec"])
-    remote = list_source(s3_data["shard_spec"])
+    remote = list_source(s3_source_data["shard_spec"])
     assert [p.split("#")[1] for p in remote.paths] == [p.split("#")[1] for p in local.paths]
     assert remote.paths[0] == "s3://mae-sources/shards/train-000000.tar#s00000.jpg"
     assert _read_all(pickle.loads(pickle.dumps(remote))) == _read_all(local)
-    pq_remote = list_source(s3_data["parquet"])  # a prefix holding Parquet files
+    pq_remote = list_source(s3_source_data["parquet"])  # a prefix holding Parquet files
     assert pq_remote.kind == "parquet" and _read_all(pq_remote) == _read_all(list_source(source_data["parquet"]))
 
 

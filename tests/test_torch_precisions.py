@@ -21,7 +21,7 @@ pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
+def torch_tiny_bundle(tmp_path_factory):
     return export_tiny_bundle(tmp_path_factory.mktemp("tp") / "bundle")
 
 
@@ -43,11 +43,11 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
-def test_extract_with_torch_bf16_needs_no_bf16_graph(images, bundle, tmp_path):
-    assert "bf16" not in {g["precision"] for g in json.loads((bundle / "mae.json").read_text())["graphs"]}
-    r = _extract(images, bundle, tmp_path / "fp32", "--backend", "torch")
+def test_extract_with_torch_bf16_needs_no_bf16_graph(images, torch_tiny_bundle, tmp_path):
+    assert "bf16" not in {g["precision"] for g in json.loads((torch_tiny_bundle / "mae.json").read_text())["graphs"]}
+    r = _extract(images, torch_tiny_bundle, tmp_path / "fp32", "--backend", "torch")
     assert r.exit_code == 0, r.output
-    r = _extract(images, bundle, tmp_path / "bf16", "--backend", "torch", "--precision", "bf16")
+    r = _extract(images, torch_tiny_bundle, tmp_path / "bf16", "--backend", "torch", "--precision", "bf16")
     assert r.exit_code == 0, r.output
     fp32, bf16 = open_features(tmp_path / "fp32"), open_features(tmp_path / "bf16")
     assert fp32.paths == bf16.paths and len(fp32) == 5
@@ -60,8 +60,8 @@ def test_extract_with_torch_bf16_needs_no_bf16_graph(images, bundle, tmp_path):
         (tmp_path / "fp32" / "manifest.json").read_text())["bundle"]["fingerprint"]
 
 
-def test_a_graph_backend_still_needs_the_graph(images, bundle, tmp_path):
-    r = _extract(images, bundle, tmp_path / "out", "--backend", "ort", "--precision", "bf16")
+def test_a_graph_backend_still_needs_the_graph(images, torch_tiny_bundle, tmp_path):
+    r = _extract(images, torch_tiny_bundle, tmp_path / "out", "--backend", "ort", "--precision", "bf16")
     assert r.exit_code == 3 and "bf16" in r.output
 
 
@@ -80,8 +80,8 @@ def test_eval_scores_torch_bf16_without_a_bf16_classifier_graph(tmp_path):
     assert "torch bf16" in r.output
 
 
-def test_serve_loads_torch_bf16(bundle):
-    service = ModelService(ServeConfig(bundle=str(bundle), backend="torch", precision="bf16"))
+def test_serve_loads_torch_bf16(torch_tiny_bundle):
+    service = ModelService(ServeConfig(bundle=str(torch_tiny_bundle), backend="torch", precision="bf16"))
     service.load()
     try:
         assert service.runner.info.precision == "bf16"
@@ -90,14 +90,15 @@ def test_serve_loads_torch_bf16(bundle):
         service.close()
 
 
-def test_compile_is_an_option_of_extract_bench_and_serve(images, bundle, tmp_path):
-    r = _extract(images, bundle, tmp_path / "c", "--backend", "torch", "--compile")
+def test_compile_is_an_option_of_extract_bench_and_serve(images, torch_tiny_bundle, tmp_path):
+    r = _extract(images, torch_tiny_bundle, tmp_path / "c", "--backend", "torch", "--compile")
     assert r.exit_code == 0, r.output
-    np.testing.assert_allclose(np.asarray(open_features(tmp_path / "c")), np.asarray(_eager(images, bundle, tmp_path)),
+    np.testing.assert_allclose(np.asarray(open_features(tmp_path / "c")), np.asarray(_eager(images, torch_tiny_bundle,
+                                                                                            tmp_path)),
                                rtol=1e-4, atol=1e-4)
-    r = _extract(images, bundle, tmp_path / "o", "--backend", "ort", "--compile")
+    r = _extract(images, torch_tiny_bundle, tmp_path / "o", "--backend", "ort", "--compile")
     assert r.exit_code == 3 and "--compile compiles the PyTorch model" in r.output
-    r = CliRunner().invoke(main, ["bench", str(bundle), "--backends", "torch", "--compile", "--iters", "1",
+    r = CliRunner().invoke(main, ["bench", str(torch_tiny_bundle), "--backends", "torch", "--compile", "--iters", "1",
                                   "--warmup", "0", "--no-peak", "--no-reference", "--out", str(tmp_path / "b.json")])
     assert r.exit_code == 0, r.output
     runner = json.loads((tmp_path / "b.json").read_text())["runners"][0]

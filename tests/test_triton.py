@@ -19,7 +19,6 @@ import pytest
 from click.testing import CliRunner
 from google.protobuf import json_format, text_format
 from PIL import Image
-from runtime_fixtures import classifier_bundle, tiny_bundle  # noqa: F401
 from tritonclient.grpc import model_config_pb2 as mc
 
 from mae_deploy.bundle import MANIFEST_NAME, Bundle, write_manifest
@@ -168,12 +167,12 @@ def as_request_bytes(paths: list[Path]) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def cls_repo(classifier_bundle, tmp_path_factory) -> Path:  # noqa: F811
+def cls_repo(classifier_bundle, tmp_path_factory) -> Path:
     return write_repository(classifier_bundle, tmp_path_factory.mktemp("triton") / "repo", pool="mean").path
 
 
 @pytest.fixture(scope="module")
-def mae_repo(tiny_bundle, tmp_path_factory) -> Path:  # noqa: F811
+def mae_repo(tiny_bundle, tmp_path_factory) -> Path:
     return write_repository(tiny_bundle, tmp_path_factory.mktemp("triton") / "repo").path
 
 
@@ -230,7 +229,7 @@ def test_ensembles_name_models_and_tensors_that_exist(cls_repo):
         assert (cls_repo / d / "labels.txt").read_text().splitlines() == ["cat", "dog", "bird", "fish", "frog"]
 
 
-def test_manifest_records_what_was_generated(cls_repo, classifier_bundle):  # noqa: F811
+def test_manifest_records_what_was_generated(cls_repo, classifier_bundle):
     m = json.loads((cls_repo / MANIFEST).read_text())
     assert m["bundle"] == str(Path(classifier_bundle).resolve())
     assert m["options"]["pool"] == "mean" and m["graphs"]["mae_classifier"] == "classifier.onnx"
@@ -240,7 +239,7 @@ def test_manifest_records_what_was_generated(cls_repo, classifier_bundle):  # no
 # -- the Python-backend models and the ensembles, run through a stand-in --------------------------------
 
 
-def test_preprocess_model_equals_preprocessor(cls_repo, classifier_bundle, pb_utils, tmp_path):  # noqa: F811
+def test_preprocess_model_equals_preprocessor(cls_repo, classifier_bundle, pb_utils, tmp_path):
     paths = sample_images(tmp_path)
     model = python_model(cls_repo, "mae_preprocess")
     half = len(paths) // 2
@@ -265,14 +264,14 @@ def test_preprocess_model_fails_only_the_request_with_a_broken_image(cls_repo, p
     assert "empty" in str(empty.error)
 
 
-def test_features_ensemble_equals_feature_extractor(cls_repo, classifier_bundle, pb_utils, tmp_path):  # noqa: F811
+def test_features_ensemble_equals_feature_extractor(cls_repo, classifier_bundle, pb_utils, tmp_path):
     paths = sample_images(tmp_path)
     out = run_ensemble(cls_repo, "mae_features", {"image": as_request_bytes(paths)})
     with FeatureExtractor(classifier_bundle, pool="mean") as fx:
         np.testing.assert_allclose(out["features"], fx.extract(paths), rtol=0, atol=1e-6)
 
 
-def test_features_ensemble_reads_the_pooled_output_or_pools_an_older_latent(cls_repo, mae_repo, tiny_bundle,  # noqa: F811
+def test_features_ensemble_reads_the_pooled_output_or_pools_an_older_latent(cls_repo, mae_repo, tiny_bundle,
                                                                             pb_utils, tmp_path):
     steps = load_config(cls_repo / "mae_features").ensemble_scheduling.step
     assert [s.model_name for s in steps] == ["mae_preprocess", "mae_encoder"]
@@ -285,7 +284,7 @@ def test_features_ensemble_reads_the_pooled_output_or_pools_an_older_latent(cls_
         np.testing.assert_allclose(out["features"], fx.extract(paths), rtol=0, atol=1e-6)
 
 
-def test_classify_ensemble_equals_classifier(cls_repo, classifier_bundle, pb_utils, tmp_path):  # noqa: F811
+def test_classify_ensemble_equals_classifier(cls_repo, classifier_bundle, pb_utils, tmp_path):
     paths = sample_images(tmp_path)
     out = run_ensemble(cls_repo, "mae_classify", {"image": as_request_bytes(paths)})
     with Classifier(classifier_bundle) as clf:
@@ -295,7 +294,7 @@ def test_classify_ensemble_equals_classifier(cls_repo, classifier_bundle, pb_uti
 # -- options --------------------------------------------------------------------------------------------
 
 
-def test_gpu_tensorrt_options(classifier_bundle, tmp_path):  # noqa: F811
+def test_gpu_tensorrt_options(classifier_bundle, tmp_path):
     repo = write_repository(classifier_bundle, tmp_path / "r", kind="gpu", tensorrt=True, precision="fp16",
                             max_batch_size=16, instances=2, preferred_batch_sizes=[4, 16], max_queue_delay_us=100,
                             models=["classify"]).path
@@ -314,7 +313,7 @@ def test_gpu_tensorrt_options(classifier_bundle, tmp_path):  # noqa: F811
     check_against_graph(cls, repo / "mae_classifier" / "1" / "model.onnx")  # the fp32 graph: FP16 is a build flag
 
 
-def test_int8_precision_serves_the_int8_graphs(classifier_bundle, tmp_path):  # noqa: F811
+def test_int8_precision_serves_the_int8_graphs(classifier_bundle, tmp_path):
     repo = write_repository(classifier_bundle, tmp_path / "r", precision="int8").path
     graphs = json.loads((repo / MANIFEST).read_text())["graphs"]
     assert graphs == {"mae_encoder": "encoder.int8.onnx", "mae_classifier": "classifier.int8.onnx"}
@@ -323,7 +322,7 @@ def test_int8_precision_serves_the_int8_graphs(classifier_bundle, tmp_path):  # 
         assert (repo / name / "1" / "model.onnx").read_bytes() == (b.path / b.graph(part, "int8").file).read_bytes()
 
 
-def test_tensorrt_int8_serves_the_qdq_graphs(classifier_bundle, tmp_path):  # noqa: F811
+def test_tensorrt_int8_serves_the_qdq_graphs(classifier_bundle, tmp_path):
     """TensorRT builds int8 from Q/DQ graphs; here the fp32 files stand in for them (only selection is tested)."""
     src = tmp_path / "bundle"
     shutil.copytree(classifier_bundle, src)
@@ -341,7 +340,7 @@ def test_tensorrt_int8_serves_the_qdq_graphs(classifier_bundle, tmp_path):  # no
         assert params["precision_mode"] == "INT8"
 
 
-def test_labels_file_replaces_the_bundle_names(classifier_bundle, tmp_path):  # noqa: F811
+def test_labels_file_replaces_the_bundle_names(classifier_bundle, tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_text("a\nb\nc\nd\ne\n")
     repo = write_repository(classifier_bundle, tmp_path / "r", labels=labels, models=["classifier"]).path
@@ -356,7 +355,7 @@ def _cli(*args: str):
 
 
 @pytest.fixture(scope="module")
-def generated_names_bundle(classifier_bundle, tmp_path_factory) -> Path:  # noqa: F811
+def generated_names_bundle(classifier_bundle, tmp_path_factory) -> Path:
     """The classifier bundle as exported from a checkpoint without class names (class_0 ...)."""
     dst = tmp_path_factory.mktemp("gen") / "bundle"
     shutil.copytree(classifier_bundle, dst)
@@ -375,14 +374,14 @@ def generated_names_bundle(classifier_bundle, tmp_path_factory) -> Path:  # noqa
     (["--models", "decoder"], "has no decoder graph"),
     (["--models", "nonsense"], "unknown model"),
 ])
-def test_bad_options_exit_3(classifier_bundle, tmp_path, args, message):  # noqa: F811
+def test_bad_options_exit_3(classifier_bundle, tmp_path, args, message):
     r = _cli(classifier_bundle, "--out", tmp_path / "r", *args)
     assert r.exit_code == 3, r.output
     assert message in r.output
     assert not (tmp_path / "r").exists()
 
 
-def test_bundle_without_a_classifier_cannot_serve_one(tiny_bundle, tmp_path):  # noqa: F811
+def test_bundle_without_a_classifier_cannot_serve_one(tiny_bundle, tmp_path):
     r = _cli(tiny_bundle, "--out", tmp_path / "r", "--models", "classify")
     assert r.exit_code == 3 and "has no classifier graph" in r.output
 
@@ -400,7 +399,7 @@ def test_generated_class_names_need_labels(generated_names_bundle, tmp_path):
     assert (tmp_path / "r" / "mae_classify" / "labels.txt").read_text() == "a\nb\nc\nd\ne\n"
 
 
-def test_existing_repository_needs_overwrite(tiny_bundle, tmp_path):  # noqa: F811
+def test_existing_repository_needs_overwrite(tiny_bundle, tmp_path):
     out = tmp_path / "repo"
     assert _cli(tiny_bundle, "--out", out).exit_code == 0
     r = _cli(tiny_bundle, "--out", out, "--pool", "mean")
@@ -412,7 +411,7 @@ def test_existing_repository_needs_overwrite(tiny_bundle, tmp_path):  # noqa: F8
     assert [p.name for p in tmp_path.iterdir()] == ["repo"]  # no temporary or swapped-out directories left
 
 
-def test_overwrite_refuses_a_directory_it_did_not_write(tiny_bundle, tmp_path):  # noqa: F811
+def test_overwrite_refuses_a_directory_it_did_not_write(tiny_bundle, tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
@@ -421,7 +420,7 @@ def test_overwrite_refuses_a_directory_it_did_not_write(tiny_bundle, tmp_path): 
     assert (out / "keep.txt").read_text() == "precious"
 
 
-def test_a_failed_write_leaves_nothing(tiny_bundle, tmp_path, monkeypatch):  # noqa: F811
+def test_a_failed_write_leaves_nothing(tiny_bundle, tmp_path, monkeypatch):
     import mae_deploy.triton.repository as repository
 
     def broken_copy(*_a, **_k):
@@ -433,7 +432,7 @@ def test_a_failed_write_leaves_nothing(tiny_bundle, tmp_path, monkeypatch):  # n
     assert list(tmp_path.iterdir()) == []
 
 
-def test_python_api_errors_are_input_errors(tiny_bundle, classifier_bundle, tmp_path):  # noqa: F811
+def test_python_api_errors_are_input_errors(tiny_bundle, classifier_bundle, tmp_path):
     with pytest.raises(InputError):
         write_repository(tiny_bundle, tmp_path / "r", max_batch_size=0)
     with pytest.raises(BundleError):
@@ -444,14 +443,14 @@ def test_python_api_errors_are_input_errors(tiny_bundle, classifier_bundle, tmp_
         write_repository(classifier_bundle, tmp_path / "r", labels=bad)
 
 
-def test_string_parameters_survive_the_text_format(classifier_bundle, tmp_path):  # noqa: F811
+def test_string_parameters_survive_the_text_format(classifier_bundle, tmp_path):
     cfg = load_config(write_repository(classifier_bundle, tmp_path / "r").path / "mae_preprocess")
     pre = json.loads(cfg.parameters["preprocessing"].string_value)
     assert pre == Bundle.load(classifier_bundle).preprocessing
 
 
 
-def test_a_duplicated_label_is_exit_3_naming_it(classifier_bundle, tmp_path):  # noqa: F811
+def test_a_duplicated_label_is_exit_3_naming_it(classifier_bundle, tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_text("cat\ndog\nbird\ndog\nfrog\n")
     r = _cli(classifier_bundle, "--out", tmp_path / "r", "--labels", labels)

@@ -15,20 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from mae_deploy.errors import BundleError, InputError, MissingDependency
-from mae_deploy.runners import create_runner
-from mae_deploy.runners import trt as T
-
-pytest.register_assert_rewrite("trt_fakes")  # before the import below: its asserts report values
-from trt_fakes import (  # noqa: E402
+from trt_fakes import (
     ENGINE_MAGIC,
     DataType,
     FakeTrt,
     LayerType,
 )
 
-pytest_plugins = ("trt_fakes",)  # its fixtures: bundle, bundle_dir, fp32_only_bundle, fakes
+from mae_deploy.errors import BundleError, InputError, MissingDependency
+from mae_deploy.runners import create_runner
+from mae_deploy.runners import trt as T
 
 # --------------------------------------------------------------------------------------------------
 # API generations
@@ -168,12 +164,12 @@ def test_cache_layout(tmp_path, monkeypatch):
     assert T.default_cache_dir() == Path(os.path.expanduser("~")) / ".cache" / "mae-deploy" / "trt"
 
 
-def test_graph_sha256_covers_external_data(bundle):
-    spec = bundle.graph("encoder")
-    assert T.graph_sha256(bundle, spec) == bundle.manifest["files"]["encoder.onnx"]
+def test_graph_sha256_covers_external_data(trt_bundle):
+    spec = trt_bundle.graph("encoder")
+    assert T.graph_sha256(trt_bundle, spec) == trt_bundle.manifest["files"]["encoder.onnx"]
     with_data = type(spec)(part="encoder", precision="fp32", file="encoder.onnx", external_data=("encoder.onnx",))
-    combined = T.graph_sha256(bundle, with_data)
-    assert combined != bundle.manifest["files"]["encoder.onnx"] and len(combined) == 64
+    combined = T.graph_sha256(trt_bundle, with_data)
+    assert combined != trt_bundle.manifest["files"]["encoder.onnx"] and len(combined) == 64
 
 
 # --------------------------------------------------------------------------------------------------
@@ -247,7 +243,7 @@ def test_trt_module_imports_no_engine_library():
 # --------------------------------------------------------------------------------------------------
 
 
-def test_missing_tensorrt_names_the_extra(bundle):
+def test_missing_tensorrt_names_the_extra(trt_bundle):
     assert importlib.util.find_spec("tensorrt") is None, "this test documents the machine without TensorRT"
     with pytest.raises(MissingDependency) as e:
         T.import_tensorrt()
@@ -255,7 +251,7 @@ def test_missing_tensorrt_names_the_extra(bundle):
                             "pip install 'mae-deploy[trt]' (CUDA 12 driver; 'mae-deploy[trt-cu13]' for CUDA 13)")
     assert e.value.exit_code == 6
     with pytest.raises(MissingDependency, match=r"pip install 'mae-deploy\[trt\]'"):
-        create_runner(bundle, "trt", device="cuda")
+        create_runner(trt_bundle, "trt", device="cuda")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -263,14 +259,14 @@ def test_missing_tensorrt_names_the_extra(bundle):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_select_graph_per_generation(bundle, fp32_only_bundle):
-    assert T.select_graph(bundle, "encoder", "fp16", 10).file == "encoder.onnx"  # FP16 builder flag on 10
-    assert T.select_graph(bundle, "encoder", "fp16", 11).file == "encoder.fp16.onnx"  # strongly typed on 11
-    assert T.select_graph(bundle, "decoder", "fp32", 11).file == "decoder.onnx"
+def test_select_graph_per_generation(trt_bundle, trt_fp32_only_bundle):
+    assert T.select_graph(trt_bundle, "encoder", "fp16", 10).file == "encoder.onnx"  # FP16 builder flag on 10
+    assert T.select_graph(trt_bundle, "encoder", "fp16", 11).file == "encoder.fp16.onnx"  # strongly typed on 11
+    assert T.select_graph(trt_bundle, "decoder", "fp32", 11).file == "decoder.onnx"
     with pytest.raises(BundleError, match=r"TensorRT 11 builds strongly typed networks, so fp16 needs the "
                                           r"bundle's fp16 ONNX.*--precision fp16"):
-        T.select_graph(fp32_only_bundle, "encoder", "fp16", 11)
-    assert T.select_graph(fp32_only_bundle, "encoder", "fp16", 10).file == "encoder.onnx"
+        T.select_graph(trt_fp32_only_bundle, "encoder", "fp16", 11)
+    assert T.select_graph(trt_fp32_only_bundle, "encoder", "fp16", 10).file == "encoder.onnx"
 
 
 def _count_ops(path: Path, ops: tuple[str, ...]) -> int:
@@ -279,10 +275,10 @@ def _count_ops(path: Path, ops: tuple[str, ...]) -> int:
     return sum(n.op_type in ops for n in onnx.load(str(path), load_external_data=False).graph.node)
 
 
-def test_build_engine_fp32_on_10(bundle):
+def test_build_engine_fp32_on_10(trt_bundle):
     trt = FakeTrt("10.13.1")
-    p = T.profile_for_bundle(bundle, max_batch=16, opt_visible="L/4")
-    res = T.build_engine(bundle.graph_path("encoder"), p.shapes("encoder"), "fp32", b"seed", 2 << 30, trt=trt)
+    p = T.profile_for_bundle(trt_bundle, max_batch=16, opt_visible="L/4")
+    res = T.build_engine(trt_bundle.graph_path("encoder"), p.shapes("encoder"), "fp32", b"seed", 2 << 30, trt=trt)
     assert ("create_network", 0) in trt.log  # no EXPLICIT_BATCH (ignored in 10, gone in 11), weakly typed
     sets = [e for e in trt.log if e[0] == "set_shape"]
     assert sets == [("set_shape", "pixel_values", (1, 3, 32, 32), (8, 3, 32, 32), (16, 3, 32, 32)),
@@ -295,13 +291,13 @@ def test_build_engine_fp32_on_10(bundle):
     assert res.inputs == ["pixel_values", "ids_keep"]
 
 
-def test_build_engine_config_details(bundle, monkeypatch):
+def test_build_engine_config_details(trt_bundle, monkeypatch):
     trt = FakeTrt("10.13.1")
     configs = []
     orig = trt.Builder.create_builder_config
     monkeypatch.setattr(trt.Builder, "create_builder_config", lambda self: configs.append(orig(self)) or configs[-1])
-    p = T.profile_for_bundle(bundle)
-    T.build_engine(bundle.graph_path("decoder"), p.shapes("decoder"), "fp32", None, 3 << 30, tf32=True, trt=trt)
+    p = T.profile_for_bundle(trt_bundle)
+    T.build_engine(trt_bundle.graph_path("decoder"), p.shapes("decoder"), "fp32", None, 3 << 30, tf32=True, trt=trt)
     cfg = configs[0]
     assert cfg.pools == {trt.MemoryPoolType.WORKSPACE: 3 << 30}
     assert trt.BuilderFlag.TF32 in cfg.flags  # tf32=True leaves TensorRT's default on
@@ -310,13 +306,13 @@ def test_build_engine_config_details(bundle, monkeypatch):
         ("latent", (1, 2, 32), (8, 17, 32), (32, 17, 32)), ("ids_restore", (1, 16), (8, 16), (32, 16))]
 
 
-def test_build_engine_fp16_on_10_uses_the_flag_and_pins_norms(bundle, monkeypatch):
+def test_build_engine_fp16_on_10_uses_the_flag_and_pins_norms(trt_bundle, monkeypatch):
     trt = FakeTrt("10.3.0")
     networks = []
     orig = trt.Builder.create_network
     monkeypatch.setattr(trt.Builder, "create_network", lambda self, f=0: networks.append(orig(self, f)) or networks[-1])
-    path = bundle.graph_path("encoder")
-    res = T.build_engine(path, T.profile_for_bundle(bundle).shapes("encoder"), "fp16", trt=trt)
+    path = trt_bundle.graph_path("encoder")
+    res = T.build_engine(path, T.profile_for_bundle(trt_bundle).shapes("encoder"), "fp16", trt=trt)
     assert json.loads(res.engine[len(ENGINE_MAGIC):])["flags"] == ["FP16", "PREFER_PRECISION_CONSTRAINTS"]
     n_norm = _count_ops(path, ("LayerNormalization", "Softmax"))
     assert n_norm >= 5 and len(res.fp32_layers) == n_norm  # 2 blocks x (2 LN + softmax) + final norm
@@ -326,46 +322,47 @@ def test_build_engine_fp16_on_10_uses_the_flag_and_pins_norms(bundle, monkeypatc
         assert (layer.output_types == {0: DataType.FLOAT}) == pinned
 
 
-def test_build_engine_fp16_on_11_takes_precision_from_the_onnx(bundle):
+def test_build_engine_fp16_on_11_takes_precision_from_the_onnx(trt_bundle):
     trt = FakeTrt("11.4.0.106")
     assert not hasattr(trt.BuilderFlag, "FP16")  # the fake mirrors 11: touching the flag would fail
-    spec = T.select_graph(bundle, "encoder", "fp16", 11)
-    res = T.build_engine(bundle.path / spec.file, T.profile_for_bundle(bundle).shapes("encoder"), "fp16", trt=trt)
+    spec = T.select_graph(trt_bundle, "encoder", "fp16", 11)
+    res = T.build_engine(trt_bundle.path / spec.file, T.profile_for_bundle(trt_bundle).shapes("encoder"), "fp16",
+                         trt=trt)
     assert ("create_network", 0) in trt.log
     assert res.builder_flags == [] and res.fp32_layers == [] and res.generation == 11
     assert json.loads(res.engine[len(ENGINE_MAGIC):])["onnx"].endswith("encoder.fp16.onnx")
 
 
-def test_build_engine_errors(bundle, tmp_path):
-    p = T.profile_for_bundle(bundle)
+def test_build_engine_errors(trt_bundle, tmp_path):
+    p = T.profile_for_bundle(trt_bundle)
     with pytest.raises(BundleError, match=r"the profile gives no shapes for \['ids_keep'\]"):
-        T.build_engine(bundle.graph_path("encoder"), {"pixel_values": p.shapes("encoder")["pixel_values"]},
+        T.build_engine(trt_bundle.graph_path("encoder"), {"pixel_values": p.shapes("encoder")["pixel_values"]},
                        trt=FakeTrt())
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not a protobuf at all \xff\xfe")
     with pytest.raises(T.EngineBuildError, match="TensorRT's ONNX parser rejected .*junk.onnx: cannot parse"):
         T.build_engine(junk, p.shapes("encoder"), trt=FakeTrt())
     with pytest.raises(T.EngineBuildError, match="could not build an engine .* larger --workspace-gb"):
-        T.build_engine(bundle.graph_path("encoder"), p.shapes("encoder"), trt=FakeTrt(build_fails=True))
+        T.build_engine(trt_bundle.graph_path("encoder"), p.shapes("encoder"), trt=FakeTrt(build_fails=True))
     with pytest.raises(BundleError, match="does not exist"):
         T.build_engine(tmp_path / "missing.onnx", p.shapes("encoder"), trt=FakeTrt())
     with pytest.raises(InputError, match="builds fp32 or fp16 engines, not 'int8'"):
-        T.build_engine(bundle.graph_path("encoder"), p.shapes("encoder"), "int8", trt=FakeTrt())
+        T.build_engine(trt_bundle.graph_path("encoder"), p.shapes("encoder"), "int8", trt=FakeTrt())
 
 
 @pytest.mark.parametrize("seed", [b"incompatible", b"corrupt"])
-def test_refused_timing_cache_is_dropped(bundle, seed):
+def test_refused_timing_cache_is_dropped(trt_bundle, seed):
     trt = FakeTrt()
-    res = T.build_engine(bundle.graph_path("encoder"), T.profile_for_bundle(bundle).shapes("encoder"), "fp32",
+    res = T.build_engine(trt_bundle.graph_path("encoder"), T.profile_for_bundle(trt_bundle).shapes("encoder"), "fp32",
                          seed, trt=trt)
     assert [e for e in trt.log if e[0] == "create_timing_cache"] == [
         ("create_timing_cache", seed), ("create_timing_cache", b"")]
     assert res.timing_cache == b"+timings"  # built with a fresh cache
 
 
-def test_build_progress_monitor_follows_the_outer_phase(bundle, capsys):
+def test_build_progress_monitor_follows_the_outer_phase(trt_bundle, capsys):
     trt = FakeTrt()
-    T.build_engine(bundle.graph_path("encoder"), T.profile_for_bundle(bundle).shapes("encoder"), trt=trt,
+    T.build_engine(trt_bundle.graph_path("encoder"), T.profile_for_bundle(trt_bundle).shapes("encoder"), trt=trt,
                    progress=True)
     assert ("IProgressMonitor.__init__",) in trt.log
     mon = T._progress_monitor(trt, "x")
@@ -385,17 +382,17 @@ def test_build_progress_monitor_follows_the_outer_phase(bundle, capsys):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_engine_cache_builds_once_and_reuses_the_timing_cache(bundle, tmp_path):
+def test_engine_cache_builds_once_and_reuses_the_timing_cache(trt_bundle, tmp_path):
     trt = FakeTrt("10.13.1")
     gpu = "Fake GPU (sm_90)"
-    p = T.profile_for_bundle(bundle, max_batch=4)
-    first = T.get_or_build_engine(bundle, "encoder", "fp16", p, gpu_name=gpu, cache_dir=tmp_path, trt=trt,
+    p = T.profile_for_bundle(trt_bundle, max_batch=4)
+    first = T.get_or_build_engine(trt_bundle, "encoder", "fp16", p, gpu_name=gpu, cache_dir=tmp_path, trt=trt,
                                   progress=False)
     assert first.built and first.paths.engine.is_file() and first.paths.engine.parent == tmp_path
     side = first.sidecar()
     assert side["tensorrt"] == "10.13.1" and side["gpu"] == gpu and side["precision"] == "fp16"
     assert side["graph"]["file"] == "encoder.onnx"
-    assert side["graph"]["sha256"] == bundle.manifest["files"]["encoder.onnx"]
+    assert side["graph"]["sha256"] == trt_bundle.manifest["files"]["encoder.onnx"]
     assert side["profile"] == p.as_dict() and side["builder_flags"] == ["FP16", "PREFER_PRECISION_CONSTRAINTS"]
     assert side["input_shapes"]["ids_keep"] == [[1, 1], [4, 16], [4, 16]]
     assert side["timing_cache"]["seeded"] is False
@@ -403,21 +400,21 @@ def test_engine_cache_builds_once_and_reuses_the_timing_cache(bundle, tmp_path):
     assert tcache.read_bytes() == b"+timings"
     builds = sum(e[0] == "build_serialized_network" for e in trt.log)
 
-    again = T.get_or_build_engine(bundle, "encoder", "fp16", p, gpu_name=gpu, cache_dir=tmp_path, trt=trt)
+    again = T.get_or_build_engine(trt_bundle, "encoder", "fp16", p, gpu_name=gpu, cache_dir=tmp_path, trt=trt)
     assert not again.built and again.paths == first.paths
     assert sum(e[0] == "build_serialized_network" for e in trt.log) == builds  # no new build
 
-    other = T.get_or_build_engine(bundle, "decoder", "fp16", p, gpu_name=gpu, cache_dir=tmp_path, trt=trt,
+    other = T.get_or_build_engine(trt_bundle, "decoder", "fp16", p, gpu_name=gpu, cache_dir=tmp_path, trt=trt,
                                   progress=False)
     assert other.built and other.paths.engine != first.paths.engine
     assert ("create_timing_cache", b"+timings") in trt.log  # the second build started from the saved cache
     assert other.sidecar()["timing_cache"]["seeded"] is True
     assert tcache.read_bytes() == b"+timings+timings"
 
-    forced = T.get_or_build_engine(bundle, "encoder", "fp16", p, gpu_name=gpu, cache_dir=tmp_path, trt=trt,
+    forced = T.get_or_build_engine(trt_bundle, "encoder", "fp16", p, gpu_name=gpu, cache_dir=tmp_path, trt=trt,
                                    rebuild=True, progress=False)
     assert forced.built and forced.paths == first.paths
-    other_gpu = T.get_or_build_engine(bundle, "encoder", "fp16", p, gpu_name="Other GPU (sm_80)",
+    other_gpu = T.get_or_build_engine(trt_bundle, "encoder", "fp16", p, gpu_name="Other GPU (sm_80)",
                                       cache_dir=tmp_path, trt=trt, progress=False)
     assert other_gpu.built and other_gpu.paths.engine != first.paths.engine
     assert not list(tmp_path.glob(".*"))  # atomic writes leave no temporary files behind
@@ -450,33 +447,33 @@ def test_installed_trt_generation_without_importing_tensorrt():
     assert T.installed_trt_generation(none, versions()) is None
 
 
-def test_ort_tensorrt_provider_gets_the_fp16_graph_on_tensorrt_11(bundle, fp32_only_bundle, tmp_path):
+def test_ort_tensorrt_provider_gets_the_fp16_graph_on_tensorrt_11(trt_bundle, trt_fp32_only_bundle, tmp_path):
     """trt_fp16_enable has no effect on TensorRT 11: the provider must get the fp16 ONNX, as select_graph does."""
-    on11 = T.OrtTrtSetup.for_bundle(bundle, "fp16", cache_root=tmp_path, generation=11)
+    on11 = T.OrtTrtSetup.for_bundle(trt_bundle, "fp16", cache_root=tmp_path, generation=11)
     assert {p: s.file for p, s in on11.specs.items()} == {"encoder": "encoder.fp16.onnx",
                                                            "decoder": "decoder.fp16.onnx"}
     assert on11.provider_options("encoder", 0)["trt_fp16_enable"] is False  # the graph carries the precision
-    on10 = T.OrtTrtSetup.for_bundle(bundle, "fp16", cache_root=tmp_path, generation=10)
+    on10 = T.OrtTrtSetup.for_bundle(trt_bundle, "fp16", cache_root=tmp_path, generation=10)
     assert on10.specs["encoder"].file == "encoder.onnx" and on10.provider_options("decoder", 1)["trt_fp16_enable"]
-    unknown = T.OrtTrtSetup.for_bundle(bundle, "fp16", cache_root=tmp_path, detect=lambda: None)
+    unknown = T.OrtTrtSetup.for_bundle(trt_bundle, "fp16", cache_root=tmp_path, detect=lambda: None)
     assert unknown.specs["encoder"].file == "encoder.fp16.onnx"  # right on either generation
-    old = T.OrtTrtSetup.for_bundle(fp32_only_bundle, "fp16", cache_root=tmp_path, detect=lambda: None)
+    old = T.OrtTrtSetup.for_bundle(trt_fp32_only_bundle, "fp16", cache_root=tmp_path, detect=lambda: None)
     assert old.specs["encoder"].file == "encoder.onnx" and old.fp16_flag("encoder")
     with pytest.raises(BundleError, match="TensorRT 11 builds strongly typed networks.*--precision fp16"):
-        T.OrtTrtSetup.for_bundle(fp32_only_bundle, "fp16", cache_root=tmp_path, generation=11)
-    fp32 = T.OrtTrtSetup.for_bundle(bundle, "fp32", cache_root=tmp_path, generation=11)
+        T.OrtTrtSetup.for_bundle(trt_fp32_only_bundle, "fp16", cache_root=tmp_path, generation=11)
+    fp32 = T.OrtTrtSetup.for_bundle(trt_bundle, "fp32", cache_root=tmp_path, generation=11)
     assert fp32.specs["encoder"].file == "encoder.onnx" and not fp32.fp16_flag("encoder")
     with pytest.raises(InputError, match="trt_generation must be 10 or 11"):
-        T.OrtTrtSetup.for_bundle(bundle, "fp32", generation=9)
+        T.OrtTrtSetup.for_bundle(trt_bundle, "fp32", generation=9)
     with pytest.raises(InputError, match="--device tensorrt runs fp32, fp16 or int8, not 'bf16'"):
-        T.OrtTrtSetup.for_bundle(bundle, "bf16")
+        T.OrtTrtSetup.for_bundle(trt_bundle, "bf16")
 
 
-def test_ort_tensorrt_provider_has_one_engine_cache_folder_per_profile(bundle, tmp_path):
-    a = T.OrtTrtSetup.for_bundle(bundle, "fp32", max_batch=8, cache_root=tmp_path, generation=10)
-    same = T.OrtTrtSetup.for_bundle(bundle, "fp32", max_batch=8, cache_root=tmp_path, generation=10)
-    other = T.OrtTrtSetup.for_bundle(bundle, "fp32", max_batch=64, cache_root=tmp_path, generation=10)
-    half = T.OrtTrtSetup.for_bundle(bundle, "fp16", max_batch=8, cache_root=tmp_path, generation=10)
+def test_ort_tensorrt_provider_has_one_engine_cache_folder_per_profile(trt_bundle, tmp_path):
+    a = T.OrtTrtSetup.for_bundle(trt_bundle, "fp32", max_batch=8, cache_root=tmp_path, generation=10)
+    same = T.OrtTrtSetup.for_bundle(trt_bundle, "fp32", max_batch=8, cache_root=tmp_path, generation=10)
+    other = T.OrtTrtSetup.for_bundle(trt_bundle, "fp32", max_batch=64, cache_root=tmp_path, generation=10)
+    half = T.OrtTrtSetup.for_bundle(trt_bundle, "fp16", max_batch=8, cache_root=tmp_path, generation=10)
     assert a.cache_dir == same.cache_dir and a.cache_dir.parent == tmp_path
     assert len({a.cache_dir, other.cache_dir, half.cache_dir}) == 3
     assert a.cache_dir.name.startswith("fp32-b8-v1-16-")
@@ -485,7 +482,7 @@ def test_ort_tensorrt_provider_has_one_engine_cache_folder_per_profile(bundle, t
     assert a.cache_dir.is_dir() and a.describe()["profile"]["max_batch"] == 8
     blocked = tmp_path / "file"
     blocked.write_text("x")
-    bad = T.OrtTrtSetup.for_bundle(bundle, "fp32", cache_root=blocked, generation=10)
+    bad = T.OrtTrtSetup.for_bundle(trt_bundle, "fp32", cache_root=blocked, generation=10)
     with pytest.raises(InputError, match="cannot create the TensorRT engine cache"):
         bad.provider_options("encoder", 0)
 

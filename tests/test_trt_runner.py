@@ -13,21 +13,17 @@ import types
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
-from mae_deploy.errors import BundleError, DeviceUnavailable, InputError, MissingDependency
-from mae_deploy.masking import random_masking
-from mae_deploy.runners import create_runner
-from mae_deploy.runners import trt as T
-
-pytest.register_assert_rewrite("trt_fakes")  # before the import below: its asserts report values
-from trt_fakes import (  # noqa: E402
+from trt_fakes import (
     ENGINE_MAGIC,
     FakeCudart,
     FakeTrt,
     install,
 )
 
-pytest_plugins = ("trt_fakes",)  # its fixtures: bundle, bundle_dir, fp32_only_bundle, fakes
+from mae_deploy.errors import BundleError, DeviceUnavailable, InputError, MissingDependency
+from mae_deploy.masking import random_masking
+from mae_deploy.runners import create_runner
+from mae_deploy.runners import trt as T
 
 
 def _invoke(args: list[str]):
@@ -36,19 +32,19 @@ def _invoke(args: list[str]):
     return CliRunner().invoke(main, args)
 
 
-def test_build_engine_command_without_tensorrt(bundle_dir):
-    res = _invoke(["build-engine", str(bundle_dir)])
+def test_build_engine_command_without_tensorrt(trt_bundle_dir):
+    res = _invoke(["build-engine", str(trt_bundle_dir)])
     assert res.exit_code == 6
     assert "error: the trt backend needs the package 'tensorrt'" in res.output
     assert "pip install 'mae-deploy[trt]'" in res.output
 
 
-def test_missing_cuda_python_names_the_extra(monkeypatch, bundle):
+def test_missing_cuda_python_names_the_extra(monkeypatch, trt_bundle):
     monkeypatch.setitem(sys.modules, "tensorrt", FakeTrt("10.13.1"))
     for name in ("cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudart"):
         monkeypatch.setitem(sys.modules, name, None)  # makes `import` fail like an absent package
     with pytest.raises(MissingDependency, match=r"needs the package 'cuda-python'.*mae-deploy\[trt\]"):
-        T.TrtRunner(bundle)
+        T.TrtRunner(trt_bundle)
 
 
 def test_real_cuda_python_without_a_gpu_is_device_unavailable():
@@ -58,20 +54,20 @@ def test_real_cuda_python_without_a_gpu_is_device_unavailable():
         T.cuda_device_name(cudart, 0)
 
 
-def test_device_errors(monkeypatch, bundle):
+def test_device_errors(monkeypatch, trt_bundle):
     install(monkeypatch, FakeTrt("10.13.1"), FakeCudart(devices=0))
     with pytest.raises(DeviceUnavailable, match="needs a CUDA GPU and none is visible"):
-        T.TrtRunner(bundle)
+        T.TrtRunner(trt_bundle)
     install(monkeypatch, FakeTrt("10.13.1"), FakeCudart(devices=1))
     with pytest.raises(DeviceUnavailable, match=r"cuda:3 does not exist: 1 CUDA device\(s\) visible"):
-        T.TrtRunner(bundle, device="cuda:3")
+        T.TrtRunner(trt_bundle, device="cuda:3")
     with pytest.raises(InputError, match="runs on cuda or cuda:N, not 'cpu'"):
-        T.TrtRunner(bundle, device="cpu")
+        T.TrtRunner(trt_bundle, device="cpu")
     with pytest.raises(InputError, match="int8 graphs are ONNX Runtime dynamic quantisation"):
-        T.TrtRunner(bundle, precision="int8")
+        T.TrtRunner(trt_bundle, precision="int8")
     monkeypatch.setitem(sys.modules, "tensorrt", FakeTrt("8.6.1"))
     with pytest.raises(T.UnsupportedTensorRT, match="TensorRT 8.6.1 is installed"):
-        T.TrtRunner(bundle)
+        T.TrtRunner(trt_bundle)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -80,16 +76,17 @@ def test_device_errors(monkeypatch, bundle):
 
 
 @pytest.fixture(scope="module")
-def ort_reference(bundle):
+def ort_reference(trt_bundle):
     from mae_deploy.runners.ort import OrtRunner
 
-    return OrtRunner(bundle, device="cpu")
+    return OrtRunner(trt_bundle, device="cpu")
 
 
-def test_runner_matches_onnxruntime_and_reuses_max_sized_buffers(fakes, bundle, ort_reference, tmp_path):
-    trt, cudart = fakes
+def test_runner_matches_onnxruntime_and_reuses_max_sized_buffers(installed_trt_fakes, trt_bundle, ort_reference,
+                                                                 tmp_path):
+    trt, cudart = installed_trt_fakes
     rng = np.random.default_rng(0)
-    runner = create_runner(bundle, "trt", device="cuda", cache_dir=tmp_path, max_batch=4, progress=False)
+    runner = create_runner(trt_bundle, "trt", device="cuda", cache_dir=tmp_path, max_batch=4, progress=False)
     assert runner.has_decoder and runner.info.details["gpu"] == "Fake GPU 80GB (sm_90)"
     x = rng.standard_normal((6, 3, 32, 32)).astype(np.float32)
     ids_keep, ids_restore, _ = random_masking(6, 16, 0.75, rng)
@@ -121,14 +118,14 @@ def test_runner_matches_onnxruntime_and_reuses_max_sized_buffers(fakes, bundle, 
     assert cudart.memory == {} and cudart.streams == set()  # every buffer and stream released
 
     # A second runner with the same options finds the cached engines.
-    again = T.TrtRunner(bundle, cache_dir=tmp_path, max_batch=4, progress=False).load()
+    again = T.TrtRunner(trt_bundle, cache_dir=tmp_path, max_batch=4, progress=False).load()
     assert again.info.details["built"] == {"encoder": False, "decoder": False}
     np.testing.assert_allclose(again.encode(x, ids_keep), latent, atol=1e-6)
     again.close()
 
 
-def test_runner_validates_and_enforces_the_profile(fakes, bundle, tmp_path):
-    runner = T.TrtRunner(bundle, cache_dir=tmp_path, max_visible="L/4", progress=False)
+def test_runner_validates_and_enforces_the_profile(installed_trt_fakes, trt_bundle, tmp_path):
+    runner = T.TrtRunner(trt_bundle, cache_dir=tmp_path, max_visible="L/4", progress=False)
     x = np.zeros((2, 3, 32, 32), np.float32)
     with pytest.raises(InputError, match="built for 1..4 visible tokens, but this call has 16"):
         runner.encode(x, np.tile(np.arange(16), (2, 1)))
@@ -142,21 +139,22 @@ def test_runner_validates_and_enforces_the_profile(fakes, bundle, tmp_path):
     runner.close()
 
 
-def test_runner_rebuilds_a_corrupt_cached_engine(fakes, bundle, tmp_path):
-    first = T.TrtRunner(bundle, cache_dir=tmp_path, max_batch=2, progress=False)
+def test_runner_rebuilds_a_corrupt_cached_engine(installed_trt_fakes, trt_bundle, tmp_path):
+    first = T.TrtRunner(trt_bundle, cache_dir=tmp_path, max_batch=2, progress=False)
     path = first.engine("encoder").paths.engine
     path.write_bytes(b"truncated engine")
-    second = T.TrtRunner(bundle, cache_dir=tmp_path, max_batch=2, progress=False)
+    second = T.TrtRunner(trt_bundle, cache_dir=tmp_path, max_batch=2, progress=False)
     out = second.encode(np.zeros((1, 3, 32, 32), np.float32), np.array([[0, 5]]))
     assert out.shape == (1, 3, 32) and second.info.details["built"]["encoder"] is True
     assert path.read_bytes().startswith(ENGINE_MAGIC)
     second.close()
 
 
-def test_runner_on_tensorrt_11_uses_the_fp16_variant(monkeypatch, bundle, fp32_only_bundle, ort_reference, tmp_path):
+def test_runner_on_tensorrt_11_uses_the_fp16_variant(monkeypatch, trt_bundle, trt_fp32_only_bundle, ort_reference,
+                                                     tmp_path):
     cudart = FakeCudart()
     install(monkeypatch, FakeTrt("11.4.0.106", cudart), cudart)
-    runner = T.TrtRunner(bundle, precision="fp16", cache_dir=tmp_path, progress=False)
+    runner = T.TrtRunner(trt_bundle, precision="fp16", cache_dir=tmp_path, progress=False)
     assert runner.info.details["graphs"] == {"encoder": "encoder.fp16.onnx", "decoder": "decoder.fp16.onnx"}
     x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
     ids = np.tile(np.arange(16), (2, 1))
@@ -165,7 +163,7 @@ def test_runner_on_tensorrt_11_uses_the_fp16_variant(monkeypatch, bundle, fp32_o
     assert cos.min() > 0.999  # the fp16 graph really ran (float16 inside), close to fp32
     runner.close()
     with pytest.raises(BundleError, match="re-export with `mae-deploy export CHECKPOINT --out DIR --precision fp16`"):
-        T.TrtRunner(fp32_only_bundle, precision="fp16", cache_dir=tmp_path)
+        T.TrtRunner(trt_fp32_only_bundle, precision="fp16", cache_dir=tmp_path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,9 +171,9 @@ def test_runner_on_tensorrt_11_uses_the_fp16_variant(monkeypatch, bundle, fp32_o
 # --------------------------------------------------------------------------------------------------
 
 
-def test_build_engine_command(fakes, bundle_dir, tmp_path):
+def test_build_engine_command(installed_trt_fakes, trt_bundle_dir, tmp_path):
     cache = tmp_path / "cache"
-    args = ["build-engine", str(bundle_dir), "--cache-dir", str(cache), "--max-batch", "4", "--opt-visible", "L/4"]
+    args = ["build-engine", str(trt_bundle_dir), "--cache-dir", str(cache), "--max-batch", "4", "--opt-visible", "L/4"]
     res = _invoke(args)
     assert res.exit_code == 0, res.output
     out = res.output
@@ -197,8 +195,8 @@ def test_build_engine_command(fakes, bundle_dir, tmp_path):
     (["--max-batch", "2", "--opt-batch", "4"], r"opt_batch 4 must be in 1..max_batch \(2\)"),
     (["--workspace-gb", "0"], "workspace must be positive"),
 ])
-def test_build_engine_command_errors(fakes, bundle_dir, tmp_path, extra, message):
-    res = _invoke(["build-engine", str(bundle_dir), "--cache-dir", str(tmp_path), *extra])
+def test_build_engine_command_errors(installed_trt_fakes, trt_bundle_dir, tmp_path, extra, message):
+    res = _invoke(["build-engine", str(trt_bundle_dir), "--cache-dir", str(tmp_path), *extra])
     assert res.exit_code == 3, res.output
     assert re.search(message, res.output)
 
@@ -209,12 +207,12 @@ def test_build_engine_command_errors(fakes, bundle_dir, tmp_path, extra, message
 # --------------------------------------------------------------------------------------------------
 
 
-def test_threads_is_refused_with_a_reason(fakes, bundle, tmp_path):
+def test_threads_is_refused_with_a_reason(installed_trt_fakes, trt_bundle, tmp_path):
     with pytest.raises(InputError, match="the trt backend has no CPU thread count") as e:
-        create_runner(bundle, "trt", device="cuda", threads=2, cache_dir=tmp_path)
+        create_runner(trt_bundle, "trt", device="cuda", threads=2, cache_dir=tmp_path)
     assert e.value.exit_code == 3
     with pytest.raises(InputError, match="no CPU thread count"):
-        T.TrtRunner(bundle, threads=1)
+        T.TrtRunner(trt_bundle, threads=1)
 
 
 class _Stream:
@@ -256,12 +254,12 @@ def _run_in_thread(fn):
     return box.get("value")
 
 
-def test_every_entry_point_sets_the_device_on_the_calling_thread(monkeypatch, bundle, tmp_path):
+def test_every_entry_point_sets_the_device_on_the_calling_thread(monkeypatch, trt_bundle, tmp_path):
     """The current CUDA device is per thread: a first call from another thread must not build on device 0."""
     cudart = FakeCudart(devices=2)
     trt = FakeTrt("10.13.1", cudart)
     install(monkeypatch, trt, cudart)
-    runner = T.TrtRunner(bundle, device="cuda:1", cache_dir=tmp_path, max_batch=2, progress=False)
+    runner = T.TrtRunner(trt_bundle, device="cuda:1", cache_dir=tmp_path, max_batch=2, progress=False)
     _run_in_thread(lambda: runner.engine("encoder"))
     assert trt.build_devices == [1]
     _run_in_thread(lambda: runner.session("decoder"))  # builds the decoder and allocates its buffers
@@ -284,9 +282,9 @@ class _RecordingLock:
         self.log.append(("release", self.name))
 
 
-def test_close_takes_each_parts_lock(fakes, bundle, tmp_path):
-    runner = T.TrtRunner(bundle, cache_dir=tmp_path, max_batch=2, progress=False).load()
-    _, cudart = fakes
+def test_close_takes_each_parts_lock(installed_trt_fakes, trt_bundle, tmp_path):
+    runner = T.TrtRunner(trt_bundle, cache_dir=tmp_path, max_batch=2, progress=False).load()
+    _, cudart = installed_trt_fakes
     sessions = dict(runner._sessions)
     log = []
     closed = []

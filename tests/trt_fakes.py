@@ -1,8 +1,7 @@
 """Fakes of tensorrt and cuda-python's runtime for the CPU tests of the trt backend, and their bundles.
 
-Import into a test module like the runtime fixtures::
-
-    from trt_fakes import FakeCudart, FakeTrt, bundle, bundle_dir, fakes, fp32_only_bundle, install  # noqa: F401
+The fixtures that install them and export their bundles (``installed_trt_fakes``, ``trt_bundle_dir``,
+``trt_bundle``, ``trt_fp32_only_bundle``) are in tests/conftest.py; test modules import the classes from here.
 
 ``FakeTrt`` / ``FakeCudart`` are small stand-ins that record every call and simulate the documented
 contracts on the host (device memory is a bytearray; the current device is per thread, as in CUDA; an
@@ -21,7 +20,6 @@ import types
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from mae_deploy.bundle import Bundle
 from mae_deploy.runners import trt as T
@@ -393,16 +391,8 @@ class FakeContext:
         return True
 
 
-@pytest.fixture
-def fakes(monkeypatch):
-    """Install FakeTrt (10.x) and FakeCudart as ``tensorrt`` and ``cuda.bindings.runtime``."""
-    cudart = FakeCudart()
-    trt = FakeTrt("10.13.1", cudart)
-    install(monkeypatch, trt, cudart)
-    return trt, cudart
-
-
 def install(monkeypatch, trt, cudart) -> None:
+    """Install ``trt`` and ``cudart`` as ``tensorrt`` and ``cuda.bindings.runtime`` for one test."""
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     bindings = types.ModuleType("cuda.bindings")
     bindings.runtime = cudart
@@ -415,8 +405,8 @@ def install(monkeypatch, trt, cudart) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory) -> Path:
+def export_trt_bundle(out: Path) -> Path:
+    """mae_vit_test (random init) with fp32 and fp16 graphs, exported to ``out``."""
     import torch
 
     from export.bundle_writer import export_bundle
@@ -424,23 +414,16 @@ def bundle_dir(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     model = create_model("mae_vit_test").eval()
-    out = tmp_path_factory.mktemp("trt") / "bundle"
     export_bundle(model, out, precisions=("fp32", "fp16"), verify=False, progress=None)
     return out
 
 
-@pytest.fixture(scope="module")
-def bundle(bundle_dir) -> Bundle:
-    return Bundle.load(bundle_dir)
-
-
-@pytest.fixture(scope="module")
-def fp32_only_bundle(tmp_path_factory, bundle_dir) -> Bundle:
+def fp32_only_copy(bundle_dir: Path, dst: Path) -> Bundle:
+    """A copy of ``bundle_dir`` without its fp16 graphs."""
     import shutil
 
     from mae_deploy.bundle import MANIFEST_NAME, write_manifest
 
-    dst = tmp_path_factory.mktemp("trt32") / "bundle"
     shutil.copytree(bundle_dir, dst)
     m = json.loads((dst / MANIFEST_NAME).read_text())
     for g in [g for g in m["graphs"] if g["precision"] != "fp32"]:
