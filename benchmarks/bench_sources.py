@@ -7,6 +7,12 @@ process, every kind in the same run, reported as ratios to the folder. RSS: a ch
 source of the same total size split into 4, 16 or 64 shards.
 
     python benchmarks/bench_sources.py [--images 2000] [--side 320] [--rounds 5]
+    python benchmarks/bench_sources.py --s3 --images 1000      # the same, read from an S3 endpoint
+
+``--s3`` uploads the three copies to an S3-compatible server started on 127.0.0.1 (moto's, as the tests use)
+and reads them through ``s3://``: where every image of a folder is one request and a shard or row group
+serves many, which is what the kinds are for. A local server has none of a real store's latency, so the
+folder's request overhead is a lower bound here.
 """
 
 from __future__ import annotations
@@ -74,11 +80,40 @@ def rss_child(spec: str) -> float:
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
+def start_s3() -> object:
+    """moto's S3 server on 127.0.0.1 (a free port), the environment pointed at it; returns the server."""
+    import logging
+    import os
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": f"http://{host}:{port}",
+                       "AWS_EC2_METADATA_DISABLED": "true"})
+    return server
+
+
+def upload(tmp: Path, kinds: tuple[str, ...]) -> dict[str, str]:
+    """Each local copy uploaded to s3://bench/<kind>; kind -> URL."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("bench")
+    for kind in kinds:
+        fs.put(str(tmp / kind), f"bench/{kind}", recursive=True)
+    return {kind: f"s3://bench/{kind}" for kind in kinds}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--side", type=int, default=320)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--s3", action="store_true", help="read the copies from an S3 server on 127.0.0.1 (moto)")
     args = ap.parse_args()
     from mae_deploy.sources.pack import write_parquet, write_shards
 
@@ -89,17 +124,25 @@ def main() -> None:
         folder = make_folder(tmp / "folder", args.images, args.side)
         write_shards(folder, tmp / "wds", per_shard=500)
         write_parquet(folder, tmp / "pq", per_file=1000, row_group=128)
-        print(f"# bench_sources: {args.images} JPEGs {args.side}x{args.side * 3 // 4}, one process, CPU: {cpu}")
         kinds = ("folder", "wds", "pq")
+        where = {k: str(tmp / k) for k in kinds}
+        server = start_s3() if args.s3 else None
+        if server is not None:
+            where = upload(tmp, kinds)
+        print(f"# bench_sources: {args.images} JPEGs {args.side}x{args.side * 3 // 4}, one process, CPU: {cpu}"
+              + (", from s3:// (moto on 127.0.0.1)" if server is not None else ", local files"))
         reads = {k: 0.0 for k in kinds}
         rates = {k: 0.0 for k in kinds}
         for _ in range(args.rounds):  # interleaved, best of the rounds: other load on a shared machine is noise
             for name in kinds:
-                reads[name] = max(reads[name], read_rate(str(tmp / name)))
-                rates[name] = max(rates[name], rate(str(tmp / name))[0])
+                reads[name] = max(reads[name], read_rate(where[name]))
+                rates[name] = max(rates[name], rate(where[name])[0])
         for name in kinds:
             print(f"{name:8s} read {reads[name]:9.0f} rows/s ({reads[name] / reads['folder']:.2f}x folder)   "
                   f"read+decode {rates[name]:7.1f} img/s ({rates[name] / rates['folder']:.2f}x folder)")
+        if server is not None:
+            server.stop()
+            return
         for shards in (4, 16, 64):
             d = tmp / f"wds{shards}"
             write_shards(folder, d, per_shard=-(-args.images // shards))
