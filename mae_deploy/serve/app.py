@@ -129,7 +129,9 @@ class RequestFrame:
 
     def _denied(self, scope, headers) -> bool:
         key = self.service.config.api_key
-        return bool(key) and scope["path"] not in _OPEN_PATHS and not hmac.compare_digest(
+        if not key:
+            return False
+        return scope["path"] not in _OPEN_PATHS and not hmac.compare_digest(
             (_client_key(headers) or "").encode(), key.encode())
 
     async def __call__(self, scope, receive, send) -> None:

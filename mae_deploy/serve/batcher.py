@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -70,7 +70,7 @@ def batch_key(part: str, inputs: Sequence[np.ndarray]) -> tuple:
                         for a in inputs))
 
 
-def concatenate(parts: Sequence) -> object:
+def concatenate(parts: Sequence) -> Any:  # np.ndarray or torch.Tensor, as the parts are
     """Arrays of one library along the batch dimension: numpy, or torch tensors (torch imported only then)."""
     if isinstance(parts[0], np.ndarray):
         return np.concatenate(parts)

@@ -16,6 +16,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 import numpy as np
 
@@ -67,7 +68,7 @@ def _short(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not a dimension or a size
 
 
@@ -135,7 +136,8 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
             raise _bad(f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
         if not 0 < n <= len(body):
             raise _bad(f"{HEADER_LENGTH} is {n} but the body has {len(body)} bytes")
-        head, blob = memoryview(body)[:n], memoryview(body)[n:]
+        head: bytes | memoryview = memoryview(body)[:n]
+        blob = memoryview(body)[n:]
     else:
         head, blob = body, memoryview(b"")
     doc = parse_json(head, "bad_request", "the inference request header")
@@ -195,7 +197,7 @@ def encode_infer_response(
     outputs, blobs = [], []
     for name in names:
         arr = np.ascontiguousarray(results[name])
-        entry = {"name": name, "datatype": v2_datatype(arr.dtype), "shape": list(arr.shape)}
+        entry: dict[str, object] = {"name": name, "datatype": v2_datatype(arr.dtype), "shape": list(arr.shape)}
         if name in request.binary_outputs or request.binary_default:
             raw = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
             entry["parameters"] = {"binary_data_size": len(raw)}

@@ -63,14 +63,14 @@ def build_deployment(config: ServeConfig, replicas: int = 1, gpus_per_replica: f
     require("ray", "ray[serve]", extra="ray")
     from ray import serve
 
-    actor = {"num_cpus": cpus_per_replica}
+    actor: dict[str, object] = {"num_cpus": cpus_per_replica}
     if gpus_per_replica:
         actor["num_gpus"] = gpus_per_replica
     if config.api_key_env:  # replicas on other machines do not inherit this shell's environment
         actor["runtime_env"] = {"env_vars": {config.api_key_env: config.api_key}}
     ingress = serve.ingress()(MaeReplica)
-    deployment = serve.deployment(ingress, name="MaeDeploy", num_replicas=replicas, ray_actor_options=actor,
-                                  max_ongoing_requests=max(config.max_queue, 8))
+    deployment = serve.deployment(name="MaeDeploy", num_replicas=replicas, ray_actor_options=actor,
+                                  max_ongoing_requests=max(config.max_queue, 8))(ingress)
     return deployment.bind(config)
 
 

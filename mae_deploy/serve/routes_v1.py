@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 from enum import Enum
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 import orjson
@@ -20,8 +20,9 @@ from mae_deploy.serve.service import RECONSTRUCT_FORMATS, ModelService
 
 router = APIRouter()
 NPY = "application/x-npy"
-Pool = Enum("Pool", {p: p for p in POOLS}, type=str)  # the shared pool names, as an OpenAPI enum
-ReconstructFormat = Enum("ReconstructFormat", {f: f for f in RECONSTRUCT_FORMATS}, type=str)
+# The shared names as OpenAPI enums (members made at run time: mypy cannot list them, hence Pool["cls"] below).
+Pool = Enum("Pool", {p: p for p in POOLS}, type=str)  # type: ignore[misc]
+ReconstructFormat = Enum("ReconstructFormat", {f: f for f in RECONSTRUCT_FORMATS}, type=str)  # type: ignore[misc]
 
 
 class ErrorDetail(BaseModel):
@@ -45,7 +46,7 @@ class FeaturesResponse(BaseModel):
     data: list[Embedding]
 
 
-_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 413, 415, 503, 504)}
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (400, 401, 413, 415, 503, 504)}
 _IMAGE_BODY = {
     "requestBody": {
         "required": True,
@@ -120,7 +121,7 @@ async def models(request: Request) -> dict:
              response_model=FeaturesResponse, responses={**_ERRORS, 200: {"content": {NPY: {}}}},
              openapi_extra=_IMAGE_BODY)
 async def features(request: Request,
-                   pool: Annotated[Pool, Query(description="cls, mean or tokens")] = Pool.cls):
+                   pool: Annotated[Pool, Query(description="cls, mean or tokens")] = Pool["cls"]):
     """Features equal the offline FeatureExtractor on the same image. ``Accept: application/x-npy`` returns
     the float32 array as an .npy file instead of JSON."""
     svc = _service(request)
@@ -176,7 +177,7 @@ async def reconstruct(
     mask_ratio: Annotated[float, Query(ge=0.0, lt=1.0, description="fraction of patches removed")] = 0.75,
     seed: Annotated[int, Query(description="mask seed (as `mae-deploy reconstruct --seed`)")] = 0,
     format: Annotated[ReconstructFormat, Query(description="png: the picture; npz: mask, ids, pred")] = (  # noqa: A002
-        ReconstructFormat.png
+        ReconstructFormat["png"]
     ),
 ) -> Response:
     """The same picture `mae-deploy reconstruct` writes; ``format=npz`` returns the arrays instead."""

@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import time
+from typing import Any
 
 from mae_deploy.errors import InputError, MaeDeployError, MissingDependency
 from mae_deploy.serve.config import ServeConfig
@@ -20,7 +21,7 @@ log = logging.getLogger("mae_deploy.serve")
 SERVE_EXTRA = "pip install 'mae-deploy[serve]'"
 
 
-def require(module: str, package: str | None = None, extra: str = "serve"):
+def require(module: str, package: str | None = None, extra: str = "serve") -> Any:
     """``import module`` or MissingDependency naming the extra that installs it."""
     import importlib
 
@@ -87,8 +88,10 @@ def _ignore_sigterm(signum, frame) -> None:
 
 def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8080, runner=None) -> None:
     """Serve ``config`` on host:port until SIGTERM/SIGINT (blocking). Raises the load error, if any."""
-    uvicorn = require("uvicorn")
+    require("uvicorn")
     require_app_deps()
+    import uvicorn
+
     from mae_deploy.serve.app import create_app
     from mae_deploy.serve.connections import uvicorn_config
     from mae_deploy.serve.service import ModelService
@@ -127,9 +130,9 @@ def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8080, r
     finally:
         signal.signal(signal.SIGTERM, previous)
     if failure:
-        e = failure[0]
-        if isinstance(e, MaeDeployError):
-            raise e
-        raise MaeDeployError(f"the model failed to load: {type(e).__name__}: {e}") from e
+        err = failure[0]
+        if isinstance(err, MaeDeployError):
+            raise err
+        raise MaeDeployError(f"the model failed to load: {type(err).__name__}: {err}") from err
     if not server.started:
         raise MaeDeployError(f"the server could not start on {host}:{port} (is the port in use? see the log above)")

@@ -19,6 +19,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -42,6 +43,9 @@ from mae_deploy.serve.errors import ApiError, bad_input, not_ready, overloaded, 
 from mae_deploy.serve.images import decode_image, preprocess
 from mae_deploy.serve.metrics import ServeMetrics, add_timing, timed
 from mae_deploy.serve.protocol_v2 import InferRequest, tensor_metadata
+
+if TYPE_CHECKING:
+    from mae_deploy.serve.device_images import DeviceImageDecoder
 
 log = logging.getLogger("mae_deploy.serve")
 
@@ -98,7 +102,7 @@ class ModelService:
         self.batcher: MicroBatcher | None = None
         self.executor = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="mae-decode")
         self.state = "loading"  # loading -> ready -> draining; or failed
-        self.device_images = None  # --decoder torch: JPEGs decoded on the runner's device
+        self.device_images: DeviceImageDecoder | None = None  # --decoder torch: JPEGs decoded on the runner's device
         self.classifier = None  # a Classifier (class names, top-k) when the bundle has a classifier graph
         self._inflight = 0  # images admitted and not yet answered (decoding, queued or running)
         self._inflight_lock = threading.Lock()
@@ -250,6 +254,7 @@ class ModelService:
         return await self._in_thread(preprocess, blobs, self.preprocessor, deadline=deadline, reserved=reserved)
 
     async def _batched(self, part: str, inputs: tuple, deadline: float) -> np.ndarray:
+        assert self.batcher is not None  # start() made it before the service took requests
         try:
             return await self.batcher.run_async(part, inputs, timeout=_left(deadline),
                                                 on_ran=lambda s: add_timing("runner", s * 1000))
@@ -330,6 +335,7 @@ class ModelService:
         from mae_deploy.reconstruct import Reconstructor
 
         image = decode_image(blob, self.preprocessor, "(request body)")
+        assert self.batcher is not None  # start() made it before the service took requests
         proxy = BatchedRunner(self.runner, self.batcher, deadline)
         with Reconstructor(self.bundle, runner=proxy, preprocessor=self.preprocessor, batch_size=1) as rec:
             result = rec.reconstruct([image], mask_ratio=mask_ratio, seed=seed)[0]
