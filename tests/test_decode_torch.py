@@ -155,7 +155,6 @@ def test_the_cli_takes_decoder(extract_images, extract_bundle_dir, tmp_path):
     one = tmp_path / "one.txt"
     one.write_text(str(root / made["good"][0]) + "\n")
     r = CliRunner().invoke(main, ["extract", str(one), "--bundle", str(extract_bundle_dir), "--out",
-                                  str(tmp_path / "out"),
-                                  "--decoder", "torch", "--workers", "0", "--no-progress"])
+                                  str(tmp_path / "out"), "--decoder", "torch", "--workers", "0", "--no-progress"])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["settings"]["decoder"] == "torch"

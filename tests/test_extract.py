@@ -172,8 +172,7 @@ def test_sigkill_midway_then_resume_equals_clean_run(extract_clean_run, extract_
     ref_dir, ref = extract_clean_run
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "mae_deploy.cli", "extract", str(root), "--bundle", str(extract_bundle_dir), "--out",
-           str(out),
-           "--batch-size", str(RUN["batch_size"]), "--shard-size", str(RUN["shard_size"]),
+           str(out), "--batch-size", str(RUN["batch_size"]), "--shard-size", str(RUN["shard_size"]),
            "--workers", str(RUN["workers"]), "--no-progress"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     children = []
@@ -326,8 +325,7 @@ def test_tokens_float16_in_a_thread(extract_images, extract_bundle_dir, tmp_path
     root, _ = extract_images
     out = tmp_path / "tok"
     summary = extract_features(root / "odd", extract_bundle_dir, out, progress=False, pool="tokens", dtype="float16",
-                               workers=0,
-                               transfer="float32", batch_size=5)
+                               workers=0, transfer="float32", batch_size=5)
     f = open_features(out)
     assert f.shape == (summary.features, 17, 32) and f.dtype == np.float16 and f.shards[0].dtype == np.float16
     with FeatureExtractor(extract_bundle_dir, pool="tokens") as fx:
@@ -378,8 +376,7 @@ def test_cli_exit_codes(extract_images, extract_bundle_dir, tmp_path):
     assert "extracted, 0 failed" in ok.output and "img/s" in ok.output
 
     partial = _cli(str(root / "broken"), "--bundle", str(extract_bundle_dir), "--out", str(tmp_path / "bad"),
-                   "--workers", "0",
-                   "--no-progress")
+                   "--workers", "0", "--no-progress")
     assert partial.exit_code == 4, partial.output
     assert f"{len(BROKEN)} of {len(BROKEN)} inputs failed" in partial.output
 

@@ -64,8 +64,7 @@ def test_a_second_job_into_the_same_out_is_refused_with_the_holders_pid(extract_
         # without this, a quiet machine let the first finish before the second's imports were done.
         first.send_signal(signal.SIGSTOP)
         second = subprocess.run(_cli_cmd(root, extract_bundle_dir, out, "--pool", "mean"), cwd=REPO,
-                                capture_output=True,
-                                text=True, timeout=120)
+                                capture_output=True, text=True, timeout=120)
         still_running = first.poll() is None
     finally:
         first.send_signal(signal.SIGCONT)

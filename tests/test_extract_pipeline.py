@@ -84,8 +84,7 @@ def test_no_room_for_slots_falls_back_to_pipes(extract_images, extract_bundle_di
     root, made = extract_images
     monkeypatch.setattr(SharedSlots, "create", classmethod(lambda cls, count, nbytes: None))
     pool = DecodePool(iter(_tasks(root, made, 4)), _decoder_args(Bundle.load(extract_bundle_dir), "float32"),
-                      MAX_PIXELS, workers=1,
-                      max_in_flight=2, batch_size=4)
+                      MAX_PIXELS, workers=1, max_in_flight=2, batch_size=4)
     assert pool.transport == "pipe"
     assert sum(len(r) for r, _, _ in _decode_all(pool)) == 4
 

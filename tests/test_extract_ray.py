@@ -43,9 +43,9 @@ def test_missing_ray_is_exit_6_with_the_install_line(extract_images, extract_bun
 def test_an_unreachable_ray_address_is_exit_7_naming_it(extract_images, extract_bundle_dir, tmp_path):
     root, _ = extract_images
     r = subprocess.run([sys.executable, "-m", "mae_deploy.cli", "extract", str(root / "odd"), "--bundle",
-                        str(extract_bundle_dir),
-                        "--out", str(tmp_path / "out"), "--engine", "ray", "--ray-address", "127.0.0.1:1",
-                        "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=300)
+                        str(extract_bundle_dir), "--out", str(tmp_path / "out"), "--engine", "ray",
+                        "--ray-address", "127.0.0.1:1", "--no-progress"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 7, r.stderr
     assert "127.0.0.1:1" in r.stderr and "Traceback" not in r.stderr
 
@@ -74,9 +74,8 @@ def test_sigkill_of_the_driver_then_the_same_command_gives_the_clean_result(ray_
     ref_dir, _ = extract_clean_run
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "mae_deploy.cli", "extract", str(root), "--bundle", str(extract_bundle_dir), "--out",
-           str(out),
-           "--batch-size", str(RUN["batch_size"]), "--shard-size", str(RUN["shard_size"]), "--engine", "ray",
-           "--ray-address", ray_local, "--no-progress"]
+           str(out), "--batch-size", str(RUN["batch_size"]), "--shard-size", str(RUN["shard_size"]),
+           "--engine", "ray", "--ray-address", ray_local, "--no-progress"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 300
@@ -145,9 +144,9 @@ def test_an_unreachable_ray_address_from_the_environment_is_exit_7_naming_it(ext
                                                                              tmp_path):
     root, _ = extract_images
     r = subprocess.run([sys.executable, "-m", "mae_deploy.cli", "extract", str(root / "odd"), "--bundle",
-                        str(extract_bundle_dir),
-                        "--out", str(tmp_path / "out"), "--engine", "ray", "--no-progress"], cwd=REPO,
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"})
+                        str(extract_bundle_dir), "--out", str(tmp_path / "out"), "--engine", "ray", "--no-progress"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"})
     assert r.returncode == 7, r.stderr
     assert "127.0.0.1:1" in r.stderr and "RAY_ADDRESS" in r.stderr and "Traceback" not in r.stderr
 

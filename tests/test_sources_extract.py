@@ -88,8 +88,7 @@ def test_cli_columns_and_exit_codes(s3_source_data, source_data, extract_bundle_
     runner = CliRunner()
     base = ["--bundle", str(extract_bundle_dir), "--batch-size", "4", "--workers", "0", "--no-progress"]
     res = runner.invoke(main, ["extract", s3_source_data["parquet"], "--out", str(tmp_path / "ids"), "--id-column",
-                               "id",
-                               "--image-column", "image", *base])
+                               "id", "--image-column", "image", *base])
     assert res.exit_code == 0, res.output
     assert open_features(tmp_path / "ids").paths == [key for key, _, _ in source_data["images"]]
     res = runner.invoke(main, ["extract", "s3://no-such-bucket/shards/", "--out", str(tmp_path / "o"), *base])
