@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from typing import Protocol, cast
 
 import numpy as np
 from PIL import Image
@@ -26,6 +27,12 @@ from mae_deploy.sources import Source
 Prediction = list[tuple[str, float]]  # (label, probability), most probable first
 
 
+class ClassifyingRunner(Protocol):
+    """What a Classifier needs of its runner besides :class:`Runner` (every BaseRunner has it; some refuse)."""
+
+    def classify(self, pixel_values: np.ndarray) -> np.ndarray: ...
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax in float64 (stable for large logits), returned as float64."""
     z = np.asarray(logits, dtype=np.float64)
@@ -40,10 +47,11 @@ def top_k_indices(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 def _as_list(images: ImageLike | Iterable[ImageLike]) -> Iterable[ImageLike]:
-    if isinstance(images, np.ndarray) and images.ndim == 4:
-        return list(images)
-    single_array = isinstance(images, np.ndarray) and images.ndim in (2, 3)
-    if isinstance(images, (str, os.PathLike, Image.Image)) or single_array:
+    if isinstance(images, np.ndarray):
+        if images.ndim == 4:
+            return list(images)
+        return [images] if images.ndim in (2, 3) else images
+    if isinstance(images, (str, os.PathLike, Image.Image)):
         return [images]
     return images
 
@@ -91,7 +99,7 @@ class Classifier(Pipeline):
         self._check_open()
         b = self.bundle
         x = check_pixel_values(pixel_values, b.in_chans, b.image_size)
-        logits = np.asarray(self.runner.classify(x), dtype=np.float32)
+        logits = np.asarray(cast(ClassifyingRunner, self.runner).classify(x), dtype=np.float32)
         if logits.shape != (x.shape[0], self.num_classes):
             raise BundleError(f"the classifier returned logits of shape {logits.shape}; expected "
                               f"({x.shape[0]}, {self.num_classes}): is the bundle's classifier.onnx damaged?")
@@ -123,11 +131,13 @@ def _as_sources(inputs: Source | Sequence[Source] | Sequence[str | os.PathLike])
     if isinstance(inputs, Source):
         return [inputs]
     items = list(inputs)
-    if all(isinstance(i, Source) for i in items):
-        return items
-    if any(isinstance(i, Source) for i in items):
+    sources = [i for i in items if isinstance(i, Source)]
+    if len(sources) == len(items):
+        return sources
+    if sources:
         raise InputError("give classify_files Sources or image paths, not a mix of both")
-    return [Source(spec="paths", kind="list", paths=tuple(os.fspath(p) for p in items))]
+    paths = [i for i in items if not isinstance(i, Source)]
+    return [Source(spec="paths", kind="list", paths=tuple(os.fspath(p) for p in paths))]
 
 
 def classify_files(classifier: Classifier, inputs: Source | Sequence[Source] | Sequence[str | os.PathLike],

@@ -15,8 +15,10 @@ writes. Images are read and decoded as every command reads them (:mod:`mae_deplo
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -65,7 +67,9 @@ def list_image_folder(root: str | os.PathLike, class_names: list[str]) -> Labell
         hint = " (this looks like a dataset root: give its val/ folder)" if {"train", "val"} & set(unknown) else ""
         raise InputError(f"{root}: folders {unknown[:5]} name no class of the classifier "
                          f"(it knows {class_names[:5]}{'...' if len(class_names) > 5 else ''}){hint}")
-    paths, targets, classes = [], [], []
+    paths: list[str] = []
+    targets: list[int] = []
+    classes: list[str] = []
     for f in folders:
         try:
             found = list_source(f).paths
@@ -104,6 +108,7 @@ def list_labelled(spec: str | os.PathLike, class_names: list[str], *, label_colu
                              "--image-column apply to Parquet")
         return list_image_folder(local, class_names)
     src = list_source(spec, image_column=image_column)
+    values: Sequence[object]
     if src.kind == "webdataset":
         if label_column is not None:
             raise InputError(f"{spec} is WebDataset shards: labels come from each sample's .cls member; "
@@ -121,8 +126,9 @@ def list_labelled(spec: str | os.PathLike, class_names: list[str], *, label_colu
                          f"{src.paths[bad[0]]}, has {what} (the classifier knows {len(class_names)} classes: "
                          f"indices 0..{len(class_names) - 1} or the names {class_names[:5]}"
                          f"{'...' if len(class_names) > 5 else ''})")
-    classes = [class_names[i] for i in sorted(set(targets))]
-    return LabelledImages(str(spec), classes, list(src.paths), targets, src)
+    known = cast("list[int]", targets)  # no None left: checked above
+    classes = [class_names[i] for i in sorted(set(known))]
+    return LabelledImages(str(spec), classes, list(src.paths), known, src)
 
 
 @dataclass
@@ -169,7 +175,7 @@ class EvalReport:
                  "| model | top-1 % | top-5 % | top-1 vs first | same top-1 as first |",
                  "| --- | ---: | ---: | ---: | ---: |"]
         for s in self.scores:
-            delta = "" if s is first else f"{s.top1 - first.top1:+.2f}"
+            delta = "" if s is first or first is None else f"{s.top1 - first.top1:+.2f}"
             agree = "" if s.agreement is None or s is first else f"{s.agreement:.2f} %"
             lines.append(f"| {s.name} | {s.top1:.2f} | {s.top5:.2f} | {delta} | {agree} |")
         if self.failed:

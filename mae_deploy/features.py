@@ -8,7 +8,7 @@ comes back.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from itertools import islice
 
 import numpy as np
@@ -92,7 +92,7 @@ class FeatureExtractor(Pipeline):
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(images) if hasattr(images, "__len__") else None, unit="img", desc="features")
+            bar = tqdm(total=len(images) if isinstance(images, Sized) else None, unit="img", desc="features")
         out = []
         try:
             for chunk in _chunks(images, self.batch_size):

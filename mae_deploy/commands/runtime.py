@@ -122,8 +122,8 @@ def reconstruct(images, bundle_path, out, mask_ratio, seed, backend, device, pre
         click.echo(line)
     providers = f" [{', '.join(info.providers)}]" if info.providers else ""
     click.echo(f"{len(wrote)} of {len(paths)} images on {info.backend}/{info.device}{providers}, {info.precision}")
-    for e in failed:
-        click.secho(f"failed: {e}", fg="red", err=True)
+    for err in failed:
+        click.secho(f"failed: {err}", fg="red", err=True)
     if failed and not wrote:
         raise failed[0] if len(failed) == 1 else InputError(f"all {len(failed)} images failed; first: {failed[0]}")
     if failed:

@@ -14,6 +14,7 @@ Schema: Triton's ``ModelConfig`` (model_config.proto). These dicts are checked a
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from mae_deploy.bundle import GraphSpec, TensorSpec
@@ -119,7 +120,7 @@ def onnx_model_config(
 
 
 def python_model_config(name: str, inputs: list[dict], outputs: list[dict], s: Scheduling,
-                        parameters: dict[str, object]) -> dict:
+                        parameters: Mapping[str, object]) -> dict:
     """config.pbtxt of a Python-backend model (CPU instances; parameters as JSON-free strings)."""
     params = [{"key": k, "value": {"string_value": v if isinstance(v, str) else json.dumps(v)}}
               for k, v in parameters.items()]
