@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mae_deploy.bench.machine import cpu_model_and_flags, int8_isa, machine_info
-from mae_deploy.bench.report import _machine_line
+from mae_deploy.bench.report import machine_line
 
 
 @pytest.mark.parametrize(("flags", "isa"), [
@@ -22,4 +22,4 @@ def test_int8_isa_is_the_best_present(flags, isa):
 def test_machine_info_and_its_line_name_the_int8_isa():
     m = machine_info(libraries=())
     assert m["int8_isa"] == int8_isa(cpu_model_and_flags()[1])
-    assert f"int8 on {m['int8_isa']}" in _machine_line({"machine": m})
+    assert f"int8 on {m['int8_isa']}" in machine_line({"machine": m})

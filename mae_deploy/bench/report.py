@@ -88,7 +88,7 @@ def _pct(comp: dict | None, above: str = " (above peak)") -> str:
     return "-" if frac is None else f"{100 * frac:.0f} %" + (above if frac > 1 else "")
 
 
-def _machine_line(results: dict) -> str:
+def machine_line(results: dict) -> str:
     m = results["machine"]
     gpu = "; ".join(f"{g['name']} (driver {g['driver']})" for g in m.get("gpus") or []) or "no GPU"
     flags = f" [{' '.join(m['cpu_flags'])}]" if m.get("cpu_flags") else ""
@@ -147,7 +147,7 @@ def markdown_table(results: dict) -> str:
     cfg, ref = results["config"], results["reference"]
     libs = ", ".join(f"{k} {v}" for k, v in results["machine"]["libraries"].items())
     lines = [
-        f"Measured {results['created']} on {_machine_line(results)}; {libs}.",
+        f"Measured {results['created']} on {machine_line(results)}; {libs}.",
         f"Threads pinned to {cfg['threads']}; warm-up {cfg['warmup']}; "
         + (f"{cfg['iters']} iterations" if cfg.get("iters") else f"{cfg['duration']} s per row")
         + f"; reference: {ref['name'] or 'none'}"
@@ -205,7 +205,7 @@ def format_summary(results: dict) -> str:
     la = results.get("load_average") or {}
     lines = [
         f"=== Performance summary: {b['name']} (L={b['num_patches']}), {results['created']} ===",
-        f"machine   {_machine_line(results)}",
+        f"machine   {machine_line(results)}",
         f"threads   pinned to {cfg['threads']} (ORT intra-op {cfg['threads']}, inter-op 1; torch, OpenVINO "
         f"{cfg['threads']})",
         f"timing    wall-clock per call, warm-up {cfg['warmup']} excluded, {iters}; latency in ms",
