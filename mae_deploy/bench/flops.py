@@ -38,7 +38,7 @@ def block_flops(tokens: int, dim: int, mlp_hidden: int) -> int:
     return 2 * (4 * n * d * d + 2 * n * d * h + 2 * n * n * d)
 
 
-def _arch(arch: Mapping) -> tuple[int, int, int, int, int]:
+def arch_dims(arch: Mapping) -> tuple[int, int, int, int, int]:
     """(L, patch_dim, D, depth, H) from a bundle's or checkpoint's architecture dict."""
     try:
         grid = int(arch["img_size"]) // int(arch["patch_size"])
@@ -56,7 +56,7 @@ def _check_visible(visible: int, num_patches: int) -> None:
 
 def encoder_flops(arch: Mapping, visible: int | None = None) -> int:
     """FLOPs of the encoder for one image with ``visible`` tokens kept (None: all L)."""
-    L, patch_dim, d, depth, h = _arch(arch)
+    L, patch_dim, d, depth, h = arch_dims(arch)
     k = L if visible is None else int(visible)
     _check_visible(k, L)
     return 2 * L * patch_dim * d + depth * block_flops(k + 1, d, h)
@@ -64,7 +64,7 @@ def encoder_flops(arch: Mapping, visible: int | None = None) -> int:
 
 def decoder_flops(arch: Mapping, visible: int | None = None) -> int:
     """FLOPs of the decoder for one image whose latent holds ``visible`` tokens (None: all L)."""
-    L, patch_dim, d, _, _ = _arch(arch)
+    L, patch_dim, d, _, _ = arch_dims(arch)
     k = L if visible is None else int(visible)
     _check_visible(k, L)
     dd, depth = int(arch.get("decoder_embed_dim") or 0), int(arch.get("decoder_depth") or 0)

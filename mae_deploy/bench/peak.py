@@ -62,9 +62,9 @@ def model_shapes(arch: Mapping, batch: int, visible: int, decoder: bool = False)
     on batch x (L + 1) tokens. Attention's own products (per head, 64 wide) are left out: no engine reaches
     its peak on them, and the peak is a best-of.
     """
-    from mae_deploy.bench.flops import _arch
+    from mae_deploy.bench.flops import arch_dims
 
-    L, patch_dim, d, _, h = _arch(arch)
+    L, patch_dim, d, _, h = arch_dims(arch)
     t = batch * (visible + 1)
     shapes = [_shape(t, d, 3 * d, "encoder qkv"), _shape(t, d, d, "encoder proj"), _shape(t, d, h, "encoder fc1"),
               _shape(t, h, d, "encoder fc2"), _shape(batch * L, patch_dim, d, "patch embedding")]
