@@ -228,7 +228,7 @@ def parent_ceiling(lst: Path, bundle: Path, cache: Path, *, workers: int, batch_
     import mae_deploy.extract.decode as decode
     import mae_deploy.extract.local as local
     from mae_deploy.bundle import Bundle
-    from mae_deploy.extract.workers import DecodePool
+    from mae_deploy.extract.workers import DecodeWorkers
 
     b = Bundle.load(bundle)
     args = {"preprocessing": b.preprocessing, "in_chans": b.in_chans, "min_side": 16, "max_pixels": 0,
@@ -236,16 +236,16 @@ def parent_ceiling(lst: Path, bundle: Path, cache: Path, *, workers: int, batch_
     cached = decode.Decoder(**args)
     shape, dtype = cached.pixel_layout()
     image = np.random.default_rng(0).integers(0, 255, shape).astype(dtype)
-    original_decode, original_pool = decode.Decoder.decode_one, local.DecodePool
+    original_decode, original_pool = decode.Decoder.decode_one, local.DecodeWorkers
     decode.Decoder.decode_one = lambda self, row, path: image
-    local.DecodePool = functools.partial(DecodePool, shared_memory=shared_memory)
+    local.DecodeWorkers = functools.partial(DecodeWorkers, shared_memory=shared_memory)
     try:
         r0 = resource.getrusage(resource.RUSAGE_SELF)
         r = run_job(lst, bundle, cache, backend="null", workers=workers, batch_size=batch_size, transfer=transfer,
                     start_method="fork")
         r1 = resource.getrusage(resource.RUSAGE_SELF)
     finally:
-        decode.Decoder.decode_one, local.DecodePool = original_decode, original_pool
+        decode.Decoder.decode_one, local.DecodeWorkers = original_decode, original_pool
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     return {"transport": "shared_memory" if shared_memory else "pipe", "transfer": transfer,
             "parent_cpu_s": cpu, "img_per_parent_cpu_s": r["images"] / cpu, **r}

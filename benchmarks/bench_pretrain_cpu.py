@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mae_deploy.bench import machine_info  # noqa: E402
-from training.engine import autocast  # noqa: E402
+from training.loop import autocast  # noqa: E402
 from training.model import create_model  # noqa: E402
 from training.optim import make_adamw, param_groups_weight_decay  # noqa: E402
 from training.pretrain import MaskTokenMAE  # noqa: E402

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from mae_deploy.bench import machine_info  # noqa: E402
 from mae_deploy.fileio import atomic_write_json, atomic_write_text  # noqa: E402
 from training.compiled import begin_step, resolve_compile_mode  # noqa: E402
-from training.engine import autocast, resolve_precision  # noqa: E402
+from training.loop import autocast, resolve_precision  # noqa: E402
 from training.model import MaskedAutoencoderViT, get_config  # noqa: E402
 from training.optim import make_adamw, param_groups_weight_decay  # noqa: E402
 from training.pretrain import MaskTokenMAE  # noqa: E402
@@ -430,7 +430,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    from training.engine import check_device
+    from training.loop import check_device
 
     check_device(args.device)
     device = torch.device(args.device)

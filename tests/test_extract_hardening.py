@@ -103,7 +103,7 @@ def test_the_lock_is_released_when_its_holder_dies(tmp_path):
 def test_a_send_to_a_dead_worker_requeues_the_work_and_replaces_it(extract_images, extract_bundle_dir):
     """A worker already dead when the parent sends it a task: BrokenPipeError used to end the job."""
     from mae_deploy.bundle import Bundle
-    from mae_deploy.extract.workers import DecodePool, Task
+    from mae_deploy.extract.workers import DecodeWorkers, Task
 
     root, made = extract_images
     b = Bundle.load(extract_bundle_dir)
@@ -111,7 +111,7 @@ def test_a_send_to_a_dead_worker_requeues_the_work_and_replaces_it(extract_image
     tasks = [Task(0, [(i, paths[i]) for i in range(j, j + 4)], j == 8) for j in (0, 4, 8)]
     args = {"preprocessing": b.preprocessing, "in_chans": b.in_chans, "min_side": 16, "max_pixels": 0,
             "transfer": "uint8"}
-    pool = DecodePool(iter(tasks), args, 0, workers=1, max_in_flight=4)
+    pool = DecodeWorkers(iter(tasks), args, 0, workers=1, max_in_flight=4)
     try:
         [victim] = pool._pool
         victim.proc.kill()

@@ -17,7 +17,7 @@ from mae_deploy.bundle import Bundle
 from mae_deploy.extract import extract_features
 from mae_deploy.extract.decode import normalize_batch
 from mae_deploy.extract.slots import SharedSlots
-from mae_deploy.extract.workers import DecodePool, Task
+from mae_deploy.extract.workers import DecodeWorkers, Task
 from mae_deploy.names import BACKENDS, DIAGNOSTIC_BACKENDS
 from mae_deploy.preprocess import Preprocessor
 from mae_deploy.runners import create_runner
@@ -38,7 +38,7 @@ def _tasks(root, made, n_good: int = 14) -> list[Task]:
     return [Task(0, rows[i:i + 4], i + 4 >= len(rows)) for i in range(0, len(rows), 4)]
 
 
-def _decode_all(pool: DecodePool) -> list[tuple[list, np.ndarray | None, list]]:
+def _decode_all(pool: DecodeWorkers) -> list[tuple[list, np.ndarray | None, list]]:
     """Every batch's rows, a copy of its pixels (views die with the next batch) and failures."""
     try:
         return [(d.rows, None if d.pixels is None else d.pixels.copy(), d.failures) for _, d in pool]
@@ -64,12 +64,12 @@ def test_shared_memory_delivers_what_pipes_deliver(extract_images, extract_bundl
     root, made = extract_images
     b = Bundle.load(extract_bundle_dir)
     args = _decoder_args(b, transfer)
-    shm = DecodePool(iter(_tasks(root, made)), args, MAX_PIXELS, workers=2, max_in_flight=3, batch_size=4)
+    shm = DecodeWorkers(iter(_tasks(root, made)), args, MAX_PIXELS, workers=2, max_in_flight=3, batch_size=4)
     names = shm._slots.names
     assert shm.transport == "shared_memory" and len(names) == 4  # batches in flight + the one being consumed
     via_shm = _decode_all(shm)
     assert not any(os.path.exists(f"/dev/shm/{n}") for n in names)  # unlinked on close
-    pipe = DecodePool(iter(_tasks(root, made)), args, MAX_PIXELS, workers=2, max_in_flight=3, batch_size=4,
+    pipe = DecodeWorkers(iter(_tasks(root, made)), args, MAX_PIXELS, workers=2, max_in_flight=3, batch_size=4,
                       shared_memory=False)
     assert pipe.transport == "pipe"
     via_pipe = _decode_all(pipe)
@@ -83,7 +83,7 @@ def test_shared_memory_delivers_what_pipes_deliver(extract_images, extract_bundl
 def test_no_room_for_slots_falls_back_to_pipes(extract_images, extract_bundle_dir, monkeypatch):
     root, made = extract_images
     monkeypatch.setattr(SharedSlots, "create", classmethod(lambda cls, count, nbytes: None))
-    pool = DecodePool(iter(_tasks(root, made, 4)), _decoder_args(Bundle.load(extract_bundle_dir), "float32"),
+    pool = DecodeWorkers(iter(_tasks(root, made, 4)), _decoder_args(Bundle.load(extract_bundle_dir), "float32"),
                       MAX_PIXELS, workers=1, max_in_flight=2, batch_size=4)
     assert pool.transport == "pipe"
     assert sum(len(r) for r, _, _ in _decode_all(pool)) == 4
@@ -118,7 +118,7 @@ def test_every_transfer_and_transport_writes_the_same_output(extract_images, ext
     s = extract_features(root, extract_bundle_dir, tmp_path / "u8", progress=False, transfer="uint8", **RUN)
     assert s.timings["first_batch_s"] > 0
     assert result_files(tmp_path / "u8") == result_files(ref_dir)
-    monkeypatch.setattr(local, "DecodePool", functools.partial(DecodePool, shared_memory=False))
+    monkeypatch.setattr(local, "DecodeWorkers", functools.partial(DecodeWorkers, shared_memory=False))
     extract_features(root, extract_bundle_dir, tmp_path / "pipe", progress=False, **RUN)
     assert result_files(tmp_path / "pipe") == result_files(ref_dir)
     manifest = json.loads((tmp_path / "pipe" / "manifest.json").read_text())

@@ -26,7 +26,7 @@ from training.data import (
     pretrain_transform,
     write_digits_imagefolder,
 )
-from training.engine import NonFiniteLossError, build_classifier
+from training.loop import NonFiniteLossError, build_classifier
 from training.model import MaskedAutoencoderViT, VisionTransformer, create_model
 from training.optim import (
     LARS,

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mae_deploy.errors import InputError
-from training import engine, pretrain
+from training import loop, pretrain
 from training.checkpoints import load_model, save_native
 from training.compiled import compile_note, eager_module, plain_state_dict, resolve_compile_mode
 from training.data import write_digits_imagefolder
@@ -41,7 +41,7 @@ def _pretrain(digits: Path, out: Path, epochs: int, *extra: str, monkeypatch) ->
         seen.append(value)
         return value
 
-    monkeypatch.setattr(engine, "all_reduce_mean", record)
+    monkeypatch.setattr(loop, "all_reduce_mean", record)
     args = pretrain.get_args_parser().parse_args(
         [*DEMO, "--epochs", str(epochs), "--data_path", str(digits), "--output_dir", str(out), *extra])
     pretrain.main(args)
@@ -114,12 +114,12 @@ def test_compile_mode_auto_uses_cuda_graphs_only_where_shapes_and_buffers_repeat
 def test_auto_precision_is_bf16_on_gpus_that_have_it(monkeypatch):
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert engine.resolve_precision("auto", cuda) == "bf16"
-    assert engine.make_scaler("bf16", cuda) is None
+    assert loop.resolve_precision("auto", cuda) == "bf16"
+    assert loop.make_scaler("bf16", cuda) is None
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert engine.resolve_precision("auto", cuda) == "fp16"  # pre-Ampere: the official fp16 + grad scaler
-    assert engine.resolve_precision("fp16", cuda) == "fp16"
-    assert engine.resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert loop.resolve_precision("auto", cuda) == "fp16"  # pre-Ampere: the official fp16 + grad scaler
+    assert loop.resolve_precision("fp16", cuda) == "fp16"
+    assert loop.resolve_precision("auto", torch.device("cpu")) == "fp32"
 
 
 def _load_bench():

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mae_deploy.errors import InputError
-from training import data, engine, optim, options
+from training import data, loop, optim, options
 from training.compiled import compile_note, prepare_model
 from training.distributed import ShardSampler, cleanup, init_distributed, train_sampler
 
@@ -34,7 +34,7 @@ def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> tor
 
 
 def main(args: argparse.Namespace) -> None:
-    engine.check_run_args(args)  # bad options fail here, before data, model or process group
+    loop.check_run_args(args)  # bad options fail here, before data, model or process group
     info = init_distributed(args.device)
     try:
         train(args, info)
@@ -44,7 +44,7 @@ def main(args: argparse.Namespace) -> None:
 
 def train(args: argparse.Namespace, info) -> None:
     _check_unsupported(args)
-    say, device, precision, out = engine.start_run(args, info)
+    say, device, precision, out = loop.start_run(args, info)
 
     # Data (a checkpoint decides the channel count).
     in_chans = args.in_chans
@@ -72,7 +72,7 @@ def train(args: argparse.Namespace, info) -> None:
                                  args.smoothing)
 
     # Model, layer-wise lr decay, AdamW.
-    model = engine.build_classifier(args.finetune, args.model, nb_classes, args.global_pool, args.input_size,
+    model = loop.build_classifier(args.finetune, args.model, nb_classes, args.global_pool, args.input_size,
                                     in_chans, drop_path=args.drop_path, log=say)
     model.to(device)
     eff_batch = args.batch_size * args.accum_iter * info.world_size
@@ -80,7 +80,7 @@ def train(args: argparse.Namespace, info) -> None:
         args.lr = optim.effective_lr(args.blr, args.batch_size, args.accum_iter, info.world_size)
     groups = optim.param_groups_layer_decay(model, args.weight_decay, args.layer_decay)
     optimizer = optim.make_adamw(groups, args.lr, device)
-    scaler = engine.make_scaler(precision, device)
+    scaler = loop.make_scaler(precision, device)
     # DDP under torchrun, then torch.compile with --compile; `model` stays the eager module (checkpoints).
     ddp = prepare_model(model, info, args.compile, args.compile_mode, args.accum_iter)
 
@@ -89,16 +89,16 @@ def train(args: argparse.Namespace, info) -> None:
     else:
         criterion = nn.CrossEntropyLoss(label_smoothing=args.smoothing)
 
-    start = engine.resume_path(args.resume, out)
+    start = loop.resume_path(args.resume, out)
     extra = {"best_acc1": 0.0}
     if start is not None:
-        args.start_epoch, extra = engine.load_training_checkpoint(start, model, optimizer, scaler, info)
+        args.start_epoch, extra = loop.load_training_checkpoint(start, model, optimizer, scaler, info)
         say(f"resumed from {start}: continuing at epoch {args.start_epoch}")
     if args.eval:
-        test = engine.evaluate(ddp, val_loader, info, precision)
-        say(engine.format_record({f"test_{k}": v for k, v in test.items()}))
+        test = loop.evaluate(ddp, val_loader, info, precision)
+        say(loop.format_record({f"test_{k}": v for k, v in test.items()}))
         return
-    metrics = engine.MetricsLog(out, args.log_dir, info)
+    metrics = loop.MetricsLog(out, args.log_dir, info)
     say(f"fine-tuning: {len(train_set)} train / {len(val_set)} val images, {nb_classes} classes, "
         f"lr {args.lr:.3e} (blr {args.blr:.3e} x {eff_batch} / 256), layer decay {args.layer_decay}, "
         f"{args.epochs} epochs, {precision} on {device}{compile_note(ddp)}")
@@ -111,29 +111,29 @@ def train(args: argparse.Namespace, info) -> None:
 
     last = out / "checkpoint-last.pth" if out else None
     t0 = time.perf_counter()
-    step = engine.TrainingStep(ddp, optimizer, compute_loss, set_lr, info, precision=precision, scaler=scaler,
+    step = loop.TrainingStep(ddp, optimizer, compute_loss, set_lr, info, precision=precision, scaler=scaler,
                                accum_iter=args.accum_iter, clip_grad=args.clip_grad, metrics=metrics,
                                batch_transform=mixup)
     for epoch in range(args.start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         kept = str(last) if last and last.exists() else None
-        stats = engine.train_one_epoch(step, loader, epoch, kept, desc=f"finetune {epoch + 1}/{args.epochs}")
-        test = engine.evaluate(ddp, val_loader, info, precision)
+        stats = loop.train_one_epoch(step, loader, epoch, kept, desc=f"finetune {epoch + 1}/{args.epochs}")
+        test = loop.evaluate(ddp, val_loader, info, precision)
         is_best = test["acc1"] > extra.get("best_acc1", 0.0)
         extra["best_acc1"] = max(extra.get("best_acc1", 0.0), test["acc1"])
         if out is not None:
-            engine.save_training_checkpoint(last, ddp, optimizer, scaler, epoch, args, info, extra)
+            loop.save_training_checkpoint(last, ddp, optimizer, scaler, epoch, args, info, extra)
             if info.is_main and (epoch % args.save_freq == 0 or epoch + 1 == args.epochs):
-                engine.keep_checkpoint(last, epoch)
+                loop.keep_checkpoint(last, epoch)
             if info.is_main and is_best:
                 from training.checkpoints import save_native
 
-                engine.keep_checkpoint(last, "best")
+                loop.keep_checkpoint(last, "best")
                 save_native(model, out / "model-best", overwrite=True, class_names=train_set.classes,
                             source={"format": "mae-deploy finetune", "epoch": epoch, "acc1": test["acc1"]})
         record = {"epoch": epoch, **stats, **{f"test_{k}": v for k, v in test.items()}, "best_acc1": extra["best_acc1"]}
         metrics.epoch(record)
-        say(engine.format_record(record))
+        say(loop.format_record(record))
     metrics.close()
 
     if out is not None and info.is_main:
@@ -146,7 +146,7 @@ def train(args: argparse.Namespace, info) -> None:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    engine.run_cli(main, get_args_parser(), argv)
+    loop.run_cli(main, get_args_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mae_deploy.errors import InputError
-from training import data, engine, optim, options
+from training import data, loop, optim, options
 from training.compiled import compile_note, prepare_model
 from training.distributed import ShardSampler, cleanup, init_distributed, train_sampler
 from training.model import VisionTransformer
@@ -38,7 +38,7 @@ def fold_probe_head(model: VisionTransformer) -> VisionTransformer:
 
 
 def main(args: argparse.Namespace) -> None:
-    engine.check_run_args(args)  # bad options fail here, before data, model or process group
+    loop.check_run_args(args)  # bad options fail here, before data, model or process group
     info = init_distributed(args.device)
     try:
         train(args, info)
@@ -47,7 +47,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 def train(args: argparse.Namespace, info) -> None:
-    say, device, precision, out = engine.start_run(args, info)
+    say, device, precision, out = loop.start_run(args, info)
 
     # Model first: a checkpoint decides the channel count the data must be read with.
     in_chans = args.in_chans
@@ -69,7 +69,7 @@ def train(args: argparse.Namespace, info) -> None:
     val_loader = torch.utils.data.DataLoader(val_set, sampler=ShardSampler(val_set, info), batch_size=args.batch_size,
                                              num_workers=args.num_workers, pin_memory=pin)
 
-    model = engine.build_classifier(args.finetune, args.model, nb_classes, args.global_pool, args.input_size,
+    model = loop.build_classifier(args.finetune, args.model, nb_classes, args.global_pool, args.input_size,
                                     in_chans, log=say)
     # The probe: BatchNorm without affine + linear head (std 0.01 init); everything else frozen.
     nn.init.trunc_normal_(model.head.weight, std=0.01)
@@ -84,16 +84,16 @@ def train(args: argparse.Namespace, info) -> None:
     # DDP under torchrun, then torch.compile with --compile; `model` stays the eager module (checkpoints).
     ddp = prepare_model(model, info, args.compile, args.compile_mode, args.accum_iter)
 
-    start = engine.resume_path(args.resume, out)
+    start = loop.resume_path(args.resume, out)
     extra = {"best_acc1": 0.0}
     if start is not None:
-        args.start_epoch, extra = engine.load_training_checkpoint(start, model, optimizer, None, info)
+        args.start_epoch, extra = loop.load_training_checkpoint(start, model, optimizer, None, info)
         say(f"resumed from {start}: continuing at epoch {args.start_epoch}")
     if args.eval:
-        test = engine.evaluate(ddp, val_loader, info, precision)
-        say(engine.format_record({f"test_{k}": v for k, v in test.items()}))
+        test = loop.evaluate(ddp, val_loader, info, precision)
+        say(loop.format_record({f"test_{k}": v for k, v in test.items()}))
         return
-    metrics = engine.MetricsLog(out, args.log_dir, info)
+    metrics = loop.MetricsLog(out, args.log_dir, info)
     say(f"linear probe: {len(train_set)} train / {len(val_set)} val images, {nb_classes} classes, "
         f"{'mean-pool' if args.global_pool else 'cls-token'} features, lr {args.lr:.3e} "
         f"(blr {args.blr:.3e} x {eff_batch} / 256), {args.epochs} epochs, {precision} on {device}{compile_note(ddp)}")
@@ -108,21 +108,21 @@ def train(args: argparse.Namespace, info) -> None:
 
     last = out / "checkpoint-last.pth" if out else None
     t0 = time.perf_counter()
-    step = engine.TrainingStep(ddp, optimizer, compute_loss, set_lr, info, precision=precision,
+    step = loop.TrainingStep(ddp, optimizer, compute_loss, set_lr, info, precision=precision,
                                accum_iter=args.accum_iter, metrics=metrics)
     for epoch in range(args.start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         kept = str(last) if last and last.exists() else None
-        stats = engine.train_one_epoch(step, loader, epoch, kept, desc=f"linprobe {epoch + 1}/{args.epochs}")
-        test = engine.evaluate(ddp, val_loader, info, precision)
+        stats = loop.train_one_epoch(step, loader, epoch, kept, desc=f"linprobe {epoch + 1}/{args.epochs}")
+        test = loop.evaluate(ddp, val_loader, info, precision)
         extra["best_acc1"] = max(extra.get("best_acc1", 0.0), test["acc1"])
         if out is not None:
-            engine.save_training_checkpoint(last, ddp, optimizer, None, epoch, args, info, extra)
+            loop.save_training_checkpoint(last, ddp, optimizer, None, epoch, args, info, extra)
             if info.is_main and (epoch % args.save_freq == 0 or epoch + 1 == args.epochs):
-                engine.keep_checkpoint(last, epoch)
+                loop.keep_checkpoint(last, epoch)
         record = {"epoch": epoch, **stats, **{f"test_{k}": v for k, v in test.items()}, "best_acc1": extra["best_acc1"]}
         metrics.epoch(record)
-        say(engine.format_record(record))
+        say(loop.format_record(record))
     metrics.close()
 
     if out is not None and info.is_main:
@@ -137,7 +137,7 @@ def train(args: argparse.Namespace, info) -> None:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    engine.run_cli(main, get_args_parser(), argv)
+    loop.run_cli(main, get_args_parser(), argv)
 
 
 if __name__ == "__main__":

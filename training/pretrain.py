@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mae_deploy.errors import InputError
-from training import data, engine, optim, options
+from training import data, loop, optim, options
 from training.compiled import compile_note, prepare_model
 from training.distributed import cleanup, init_distributed, train_sampler
 from training.model import MaskedAutoencoderViT, create_model, random_masking
@@ -58,7 +58,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    engine.check_run_args(args)  # bad options fail here, before data, model or process group
+    loop.check_run_args(args)  # bad options fail here, before data, model or process group
     info = init_distributed(args.device)
     try:
         train(args, info)
@@ -67,7 +67,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 def train(args: argparse.Namespace, info) -> None:
-    say, device, precision, out = engine.start_run(args, info)
+    say, device, precision, out = loop.start_run(args, info)
 
     # Data: the official augmentation, in the workers or (--gpu_decode) on the device; the sampler's order
     # depends only on (seed, epoch).
@@ -88,7 +88,7 @@ def train(args: argparse.Namespace, info) -> None:
                                              num_workers=args.num_workers, pin_memory=pin)
 
     # Model and optimizer.
-    name = engine.registry_name(args.model)
+    name = loop.registry_name(args.model)
     model = create_model(name, img_size=args.input_size, in_chans=args.in_chans, norm_pix_loss=args.norm_pix_loss)
     if args.mask_token_encoder:
         model = MaskTokenMAE(model.config)
@@ -100,16 +100,16 @@ def train(args: argparse.Namespace, info) -> None:
         args.lr = optim.effective_lr(args.blr, args.batch_size, args.accum_iter, info.world_size)
     optimizer = optim.make_adamw(optim.param_groups_weight_decay(model, args.weight_decay), args.lr, device,
                                  betas=(0.9, 0.95))
-    scaler = engine.make_scaler(precision, device)
+    scaler = loop.make_scaler(precision, device)
     # DDP under torchrun, then torch.compile with --compile; `model` stays the eager module (checkpoints).
     ddp = prepare_model(model, info, args.compile, args.compile_mode, args.accum_iter)
 
-    start = engine.resume_path(args.resume, out)
+    start = loop.resume_path(args.resume, out)
     extra = {}
     if start is not None:
-        args.start_epoch, extra = engine.load_training_checkpoint(start, model, optimizer, scaler, info)
+        args.start_epoch, extra = loop.load_training_checkpoint(start, model, optimizer, scaler, info)
         say(f"resumed from {start}: continuing at epoch {args.start_epoch}")
-    metrics = engine.MetricsLog(out, args.log_dir, info)
+    metrics = loop.MetricsLog(out, args.log_dir, info)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"pretraining {name}{' (mask-token encoder baseline)' if args.mask_token_encoder else ''}: "
         f"{n_params / 1e6:.2f}M parameters, {len(dataset)} images, {len(loader)} steps/epoch, "
@@ -133,19 +133,19 @@ def train(args: argparse.Namespace, info) -> None:
 
     last = out / "checkpoint-last.pth" if out else None
     t0 = time.perf_counter()
-    step = engine.TrainingStep(ddp, optimizer, compute_loss, set_lr, info, precision=precision, scaler=scaler,
+    step = loop.TrainingStep(ddp, optimizer, compute_loss, set_lr, info, precision=precision, scaler=scaler,
                                accum_iter=args.accum_iter, metrics=metrics)
     for epoch in range(args.start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         kept = str(last) if last and last.exists() else None
-        stats = engine.train_one_epoch(step, loader, epoch, kept, desc=f"pretrain {epoch + 1}/{args.epochs}")
+        stats = loop.train_one_epoch(step, loader, epoch, kept, desc=f"pretrain {epoch + 1}/{args.epochs}")
         if out is not None:
-            engine.save_training_checkpoint(last, ddp, optimizer, scaler, epoch, args, info, extra)
+            loop.save_training_checkpoint(last, ddp, optimizer, scaler, epoch, args, info, extra)
             if info.is_main and (epoch % args.save_freq == 0 or epoch + 1 == args.epochs):
-                engine.keep_checkpoint(last, epoch)
+                loop.keep_checkpoint(last, epoch)
         record = {"epoch": epoch, **stats}
         metrics.epoch(record)
-        say(engine.format_record(record))
+        say(loop.format_record(record))
     metrics.close()
 
     if out is not None and info.is_main:
@@ -160,7 +160,7 @@ def train(args: argparse.Namespace, info) -> None:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    engine.run_cli(main, get_args_parser(), argv)
+    loop.run_cli(main, get_args_parser(), argv)
 
 
 if __name__ == "__main__":

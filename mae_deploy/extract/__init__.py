@@ -18,7 +18,7 @@ Failure reasons in errors.jsonl (:data:`FAILURE_REASONS`): ``empty`` (zero bytes
 side below ``min_side``), ``decompression_bomb`` (more pixels than ``max_pixels``, default Pillow's
 ``Image.MAX_IMAGE_PIXELS``), ``unreadable`` (missing file, permissions, a directory, not a regular file such
 as a FIFO or a device), ``decoder_crashed`` (decoding it killed the worker process: a crash in a decoder, or
-out of memory; see :class:`~.workers.DecodePool`), ``missing_image`` (a WebDataset sample without an image
+out of memory; see :class:`~.workers.DecodeWorkers`), ``missing_image`` (a WebDataset sample without an image
 member, a Parquet row whose image column is null; see :mod:`mae_deploy.sources`).
 
 Exit status (CLI): 0 when every input succeeded; 4 (:class:`~mae_deploy.errors.PartialFailure`) when the

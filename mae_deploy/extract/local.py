@@ -20,7 +20,7 @@ import numpy as np
 from mae_deploy.extract.decode import normalize_batch
 from mae_deploy.extract.engine import BatchResult, runner_info
 from mae_deploy.extract.plan import JobPlan
-from mae_deploy.extract.workers import DecodePool, DecodeStage, Task, ThreadDecode
+from mae_deploy.extract.workers import DecodeStage, DecodeWorkers, Task, ThreadDecode
 
 
 class LocalEngine:
@@ -43,7 +43,7 @@ class LocalEngine:
         args = plan.decoder_args(transfer)
         self.device_batcher = None
         # Workers start first: their start-up (imports) overlaps with creating the inference session.
-        self.stage: DecodeStage = (DecodePool(tasks, args, plan.max_pixels, workers, 2 * workers + 2, start_method,
+        self.stage: DecodeStage = (DecodeWorkers(tasks, args, plan.max_pixels, workers, 2 * workers + 2, start_method,
                                  batch_size=batch_size) if workers > 0 else ThreadDecode(tasks, args, 2))
         self.settings = {"backend": backend, "device": device, "batch_size": batch_size, "workers": workers,
                          "transfer": transfer, "transport": self.stage.transport, "decoder": plan.decoder}

@@ -1,6 +1,6 @@
 """Decode workers for the local engine: batches of paths in, decoded batches out, in task order.
 
-:class:`DecodePool` runs worker processes; :class:`ThreadDecode` decodes in one background thread
+:class:`DecodeWorkers` runs worker processes; :class:`ThreadDecode` decodes in one background thread
 (``workers=0``). Both yield ``(task, Decoded)`` in the order of the tasks, with at most ``max_in_flight``
 batches decoded ahead of the consumer, so memory stays flat.
 
@@ -49,7 +49,7 @@ class Task:
 
 
 class DecodeStage(Protocol):
-    """What the local engine needs of a decode stage (:class:`DecodePool` or :class:`ThreadDecode`)."""
+    """What the local engine needs of a decode stage (:class:`DecodeWorkers` or :class:`ThreadDecode`)."""
 
     restarts: int
     transport: str  # how pixels reach the consumer: "shared_memory", "pipe" or "thread"
@@ -132,7 +132,7 @@ class _Worker:
         self.result_conn.close()
 
 
-class DecodePool:
+class DecodeWorkers:
     """Decoded batches in task order from worker processes, replacing workers that die.
 
     The parent hands each worker at most two tasks through the worker's own pipe, so it always knows which
@@ -183,7 +183,7 @@ class DecodePool:
 
     def __iter__(self) -> Iterator[tuple[Task, Decoded]]:
         if self._closed:
-            raise RuntimeError("this DecodePool is closed; create a new one")
+            raise RuntimeError("this DecodeWorkers is closed; create a new one")
         self._assign()
         while self._next_seq < self._submitted:
             while self._next_seq not in self._done:
