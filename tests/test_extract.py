@@ -86,7 +86,7 @@ def test_split_rows_is_contiguous_balanced_and_complete(n, s):
     parts = [split_rows(n, s, i) for i in range(s)]
     assert [r for p in parts for r in p] == list(range(n))
     assert max(len(p) for p in parts) - min(len(p) for p in parts) <= 1
-    with pytest.raises(InputError, match="shard-index"):
+    with pytest.raises(InputError, match="part-index"):
         split_rows(n, s, s)
 
 
@@ -277,7 +277,7 @@ def test_parts_together_equal_a_single_run(extract_clean_run, extract_images, ex
     dirs = []
     for i in range(3):
         d = tmp_path / f"part-{i}"
-        s = extract_features(root, extract_bundle_dir, d, progress=False, num_shards=3, shard_index=i, batch_size=8,
+        s = extract_features(root, extract_bundle_dir, d, progress=False, num_parts=3, part_index=i, batch_size=8,
                              shard_size=40, workers=0)
         assert s.inputs == len(split_rows(ref.inputs, 3, i))
         dirs.append(d)
@@ -351,7 +351,7 @@ def test_empty_part_is_an_empty_complete_output(extract_images, extract_bundle_d
     root, _ = extract_images
     lst = tmp_path / "two.txt"
     lst.write_text(f"{root / 'img0000.jpg'}\n{root / 'img0001.png'}\n")
-    s = extract_features(lst, extract_bundle_dir, tmp_path / "p2", progress=False, num_shards=3, shard_index=0,
+    s = extract_features(lst, extract_bundle_dir, tmp_path / "p2", progress=False, num_parts=3, part_index=0,
                          workers=0)
     assert s.inputs == 0 and s.ok
     assert len(open_features(tmp_path / "p2")) == 0
@@ -392,7 +392,8 @@ def test_cli_exit_codes(extract_images, extract_bundle_dir, tmp_path):
     assert empty.exit_code == 3 and "holds no images" in empty.output
 
     help_ = _cli("--help")
-    assert help_.exit_code == 0 and "--num-shards" in help_.output and "Exit codes" in help_.output
+    assert help_.exit_code == 0 and "--num-parts" in help_.output and "Exit codes" in help_.output
+    assert "--num-shards" in help_.output  # the older name still works
 
 
 def test_supported_extensions_are_documented():

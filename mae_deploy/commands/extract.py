@@ -31,9 +31,11 @@ from mae_deploy.names import BACKENDS, DECODERS, POOLS
               help="Stored feature dtype.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=None,
               help="Inputs per shard [default: 10000, fewer for tokens so a shard stays under 256 MiB].")
-@click.option("--num-shards", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Split SOURCE into this many contiguous parts (one per launcher task) ...")
-@click.option("--shard-index", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--num-parts", "--num-shards", "num_parts", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Split SOURCE into this many contiguous parts (one per launcher task) ... [--num-shards: the "
+                   "older name]")
+@click.option("--part-index", "--shard-index", "part_index", type=click.IntRange(min=0), default=0,
+              show_default=True,
               help="... and process this part (e.g. $SLURM_ARRAY_TASK_ID, $JOB_COMPLETION_INDEX).")
 @click.option("--strict", is_flag=True, help="Stop at the first input that fails (exit 3) instead of listing it.")
 @click.option("--min-side", type=click.IntRange(min=1), default=16, show_default=True,

@@ -56,9 +56,20 @@ from mae_deploy.fileio import atomic_write, fsync_dir, write_temp
 
 # Settings that decide the bytes of the output: resuming with any of them changed is refused.
 BINDING_SETTINGS = (
-    "pool", "dtype", "shard_size", "min_side", "max_pixels", "num_shards", "shard_index", "exact_resize",
+    "pool", "dtype", "shard_size", "min_side", "max_pixels", "num_parts", "part_index", "exact_resize",
     "decoder",
 )
+# Manifests written before the source split was called "parts" (output files are the only "shards").
+RENAMED_SETTINGS = {"num_shards": "num_parts", "shard_index": "part_index"}
+
+
+def job_settings(manifest: dict) -> dict:
+    """A manifest's settings under today's names (older manifests said num_shards / shard_index)."""
+    settings = dict(manifest.get("settings", {}))
+    for old, new in RENAMED_SETTINGS.items():
+        if old in settings and new not in settings:
+            settings[new] = settings.pop(old)
+    return settings
 
 
 @dataclass
@@ -178,9 +189,10 @@ def settings_mismatch(old: dict, new: dict) -> list[str]:
             f"source: was {os_.get('spec')!r} ({os_.get('num_inputs')} inputs), now {ns['spec']!r} "
             f"({ns['num_inputs']} inputs){'' if os_.get('spec') != ns['spec'] else ' (its files changed)'}"
         )
+    previous = job_settings(old)
     for key in BINDING_SETTINGS:
-        if old.get("settings", {}).get(key) != new["settings"][key]:
-            out.append(f"{key}: was {old.get('settings', {}).get(key)!r}, now {new['settings'][key]!r}")
+        if previous.get(key) != new["settings"][key]:
+            out.append(f"{key}: was {previous.get(key)!r}, now {new['settings'][key]!r}")
     return out
 
 
@@ -220,6 +232,7 @@ def refuse_foreign(out: Path) -> None:
 
 
 def prepare_output(out: Path, manifest: dict, num_shards: int) -> ResumeState:
+    """``num_shards``: output shard files this job writes."""
     """Under the directory's lock: check ``out`` holds this job, find the good shards, remove the rest."""
     previous = _check_reuse(out, manifest)
     recorded = {int(k): v for k, v in ((previous or {}).get("shards") or {}).items()}

@@ -189,7 +189,7 @@ def extract_features(
     options: ExtractOptions | None = None,
     **settings,
 ) -> ExtractSummary:
-    """Extract features of every image of ``source`` (part ``shard_index`` of ``num_shards``) into ``out_dir``.
+    """Extract features of every image of ``source`` (part ``part_index`` of ``num_parts``) into ``out_dir``.
 
     Settings come in ``options`` (an :class:`ExtractOptions`, what ``mae-deploy extract`` builds) and/or as
     keywords that override its fields (``extract_features(src, bundle, out, backend="torch", pool="mean")``).
@@ -235,13 +235,13 @@ def extract_features(
     if not isinstance(bundle, Bundle):
         bundle = Bundle.load(bundle)
     src = source if isinstance(source, Source) else list_source(source)
-    part = split_rows(len(src), o.num_shards, o.shard_index)
+    part = split_rows(len(src), o.num_parts, o.part_index)
     out = check_writable(out_dir, what="--out", directory=True)
     refuse_foreign(out)
     out.mkdir(parents=True, exist_ok=True)
     with OutputLock(out):
         plan = make_plan(bundle, src, part, out, pool=o.pool, dtype=o.dtype, shard_size=o.shard_size,
-                         num_shards=o.num_shards, shard_index=o.shard_index, min_side=o.min_side,
+                         num_parts=o.num_parts, part_index=o.part_index, min_side=o.min_side,
                          max_pixels=max_pixels, precision=o.precision, exact_resize=o.exact_resize, decoder=decoder)
         state = prepare_output(out, plan.manifest, len(plan.shard_rows))
         job = _Job(plan, state, t_start, started)

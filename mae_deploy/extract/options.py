@@ -23,8 +23,8 @@ class ExtractOptions:
     pool: str = "cls"
     dtype: str = "float32"
     shard_size: int | None = None  # None: 10,000 inputs (fewer for tokens), or the existing job's when resuming
-    num_shards: int = 1  # parts of the source (one per launcher task) ...
-    shard_index: int = 0  # ... and the part this job runs
+    num_parts: int = 1  # parts of the source (one per launcher task) ...
+    part_index: int = 0  # ... and the part this job runs
     # inputs
     strict: bool = False  # stop at the first input that fails
     min_side: int = 16

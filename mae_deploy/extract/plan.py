@@ -106,7 +106,7 @@ class JobPlan:
 
 
 def make_plan(bundle: Bundle, src: Source, part: range, out: Path, *, pool: str, dtype: str,
-              shard_size: int | None, num_shards: int, shard_index: int, min_side: int, max_pixels: int,
+              shard_size: int | None, num_parts: int, part_index: int, min_side: int, max_pixels: int,
               precision: str, exact_resize: bool = False, decoder: str = "pil") -> JobPlan:
     """The plan of a job into ``out`` (read under its lock: an existing job's shard size is reused)."""
     L, D = bundle.num_patches, bundle.embed_dim
@@ -130,7 +130,7 @@ def make_plan(bundle: Bundle, src: Source, part: range, out: Path, *, pool: str,
         "source": {"spec": src.spec, "kind": src.kind, "fingerprint": src.fingerprint, "num_inputs": len(src),
                    "rows": [part.start, part.stop]},
         "settings": {"pool": pool, "dtype": dtype, "shard_size": shard_size, "min_side": min_side,
-                     "max_pixels": max_pixels, "num_shards": num_shards, "shard_index": shard_index,
+                     "max_pixels": max_pixels, "num_parts": num_parts, "part_index": part_index,
                      "exact_resize": bool(exact_resize), "decoder": decoder},
         "feature_shape": list(feature_shape),
         "layout": {"features": "shard-{k:05d}.npy", "index": "shard-{k:05d}.index.jsonl", "errors": ERRORS_NAME,

@@ -1,6 +1,6 @@
 """Reading results: the shards of one or more output directories as one lazily concatenated array.
 
-:func:`open_features` memory-maps the shards of a directory (or of the parts of a ``--num-shards`` job) and
+:func:`open_features` memory-maps the shards of a directory (or of the parts of a ``--num-parts`` job) and
 returns a :class:`Features` array plus paths and global rows, in source order. Every shard is checked for
 truncation (size against its .npy header) and against its index; ``verify=True`` also checks each file's
 sha256 against the manifest. A damaged shard is an InputError naming the file.
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mae_deploy.errors import InputError
+from mae_deploy.extract.commit import job_settings
 from mae_deploy.extract.layout import (
     MANIFEST_NAME,
     check_shard_files,
@@ -149,7 +150,7 @@ def open_features(dir_or_dirs, allow_incomplete: bool = False, verify: bool = Fa
     """Memory-map the features of an extraction output directory, or of the parts of one job.
 
     ``dir_or_dirs``: a directory, a glob of directories (``"feats/part-*"``) or a list. Parts must come from
-    the same job (source, bundle, pool, dtype, number of parts); they are ordered by ``--shard-index``, so
+    the same job (source, bundle, pool, dtype, number of parts); they are ordered by ``--part-index``, so
     positions follow the source order. A directory whose job has not finished is an InputError unless
     ``allow_incomplete`` (then its committed shards are read). Each shard's size, header and index are
     checked (cheap); ``verify=True`` also hashes every file against the manifest's sha256 (reads everything).
@@ -169,20 +170,20 @@ def open_features(dir_or_dirs, allow_incomplete: bool = False, verify: bool = Fa
         parts.append((d, m))
     first = parts[0][1]
     key = lambda m: (m["source"]["fingerprint"], m["bundle"]["fingerprint"], m["settings"]["pool"],  # noqa: E731
-                     m["settings"]["dtype"], m["settings"]["num_shards"])
+                     m["settings"]["dtype"], job_settings(m)["num_parts"])
     for d, m in parts[1:]:
         if key(m) != key(first):
             raise InputError(
-                f"{d} and {parts[0][0]} are not parts of the same job (source, bundle, pool, dtype or --num-shards "
+                f"{d} and {parts[0][0]} are not parts of the same job (source, bundle, pool, dtype or --num-parts "
                 "differ); open them separately"
             )
     seen: dict[int, Path] = {}
     for d, m in parts:
-        i = m["settings"]["shard_index"]
+        i = job_settings(m)["part_index"]
         if i in seen:
             raise InputError(f"{d} and {seen[i]} are both part {i}; pass each part once")
         seen[i] = d
-    parts.sort(key=lambda dm: dm[1]["settings"]["shard_index"])
+    parts.sort(key=lambda dm: job_settings(dm[1])["part_index"])
 
     shards: list[np.ndarray] = []
     paths: list[str] = []

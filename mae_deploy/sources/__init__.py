@@ -168,12 +168,12 @@ def list_source(spec: str | os.PathLike, *, image_column: str | None = None,
     return Source(spec=s, kind=kind, paths=tuple(entries))
 
 
-def split_rows(num_rows: int, num_shards: int = 1, shard_index: int = 0) -> range:
-    """Global rows of part ``shard_index`` of ``num_shards``: a contiguous, balanced range."""
-    if num_shards < 1:
-        raise InputError(f"--num-shards must be at least 1, got {num_shards}")
-    if not 0 <= shard_index < num_shards:
+def split_rows(num_rows: int, num_parts: int = 1, part_index: int = 0) -> range:
+    """Global rows of part ``part_index`` of ``num_parts``: a contiguous, balanced range."""
+    if num_parts < 1:
+        raise InputError(f"--num-parts must be at least 1, got {num_parts}")
+    if not 0 <= part_index < num_parts:
         raise InputError(
-            f"--shard-index must be in 0..{num_shards - 1} for --num-shards {num_shards}, got {shard_index}"
+            f"--part-index must be in 0..{num_parts - 1} for --num-parts {num_parts}, got {part_index}"
         )
-    return range(shard_index * num_rows // num_shards, (shard_index + 1) * num_rows // num_shards)
+    return range(part_index * num_rows // num_parts, (part_index + 1) * num_rows // num_parts)
