@@ -40,6 +40,7 @@ def visible_counts(num_patches: int, visible: Sequence[int] | None = None,
                 )
             out.append(int(k))
     else:
+        assert mask_ratios is not None  # defaulted above when neither was given
         for r in mask_ratios:
             if not 0.0 <= r < 1.0:
                 raise InputError(f"mask ratio {r} is outside [0, 1)")

@@ -48,7 +48,7 @@ def default_threads() -> int:
 
 def cpu_model_and_flags() -> tuple[str, list[str]]:
     """CPU model name and the SIMD/matrix flags that decide ViT speed (from /proc/cpuinfo where present)."""
-    model, flags = platform.processor() or platform.machine(), []
+    model, flags = platform.processor() or platform.machine(), list[str]()
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -105,7 +105,7 @@ def machine_info(libraries: Iterable[str] = LIBRARIES) -> dict:
     except ImportError:
         cores, memory_gb = None, None
     try:
-        allowed = len(os.sched_getaffinity(0))
+        allowed: int | None = len(os.sched_getaffinity(0))
     except AttributeError:
         allowed = os.cpu_count()
     return {

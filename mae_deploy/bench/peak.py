@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -95,7 +96,7 @@ def _onnx_matmul(m: int, k: int, n: int, precision: str) -> tuple[bytes, np.ndar
         raise MaeDeployError("the MatMul probe graph is built with the onnx package: pip install onnx") from e
     rng = np.random.default_rng(0)
     if precision == "int8":  # ORT's dynamic int8 graphs
-        a = rng.integers(0, 255, (m, k), dtype=np.uint8)
+        a: np.ndarray = rng.integers(0, 255, (m, k), dtype=np.uint8)
         w = numpy_helper.from_array(rng.integers(-127, 127, (k, n), dtype=np.int8), "W")
         node = helper.make_node("MatMulInteger", ["A", "W"], ["Y"])
         inputs, out_type, op = [helper.make_tensor_value_info("A", TensorProto.UINT8, [m, k])], TensorProto.INT32, \
@@ -211,7 +212,7 @@ def probe_peak(backend: str, precision: str, device: str, threads: int, *, size:
     else:
         todo = probe_shapes(device, shapes or ())
     budget = _BUDGET_S[kind] if budget_s is None else budget_s
-    out = dict.fromkeys(PROBE_KEYS)
+    out: dict[str, Any] = dict.fromkeys(PROBE_KEYS)
     out.update(backend=backend, precision=precision, device=device, unit=unit_for(precision), budget_s=budget,
                shapes=todo)
     make = _PROBES.get(backend)
@@ -304,9 +305,9 @@ def compute(flops: int, p50_ms: float, probe: dict | None, precision: str) -> di
     that hit the probes harder than the row, or a kernel the probe shapes do not reach).
     """
     achieved = flops / (p50_ms / 1000) / 1e9
-    ok = probe is not None and probe.get("status") == "ok"
-    fraction = achieved / probe["peak"] if ok else None
-    note = None if ok else (probe["reason"] if probe else "peak not probed (--no-peak)")
+    ok_probe = probe if probe is not None and probe.get("status") == "ok" else None
+    fraction = achieved / ok_probe["peak"] if ok_probe is not None else None
+    note = None if ok_probe is not None else (probe["reason"] if probe else "peak not probed (--no-peak)")
     if fraction is not None and fraction > 1:
         note = (f"above the probed peak ({100 * fraction:.0f} %): noise, load that hit the probes harder than the "
                 "row, or a kernel the probe shapes do not reach")
@@ -314,8 +315,8 @@ def compute(flops: int, p50_ms: float, probe: dict | None, precision: str) -> di
         "flops": int(flops),
         "unit": unit_for(precision),
         "achieved": achieved,
-        "peak": probe["peak"] if ok else None,
+        "peak": ok_probe["peak"] if ok_probe is not None else None,
         "fraction_of_peak": fraction,
-        "peak_probe": probe_name(probe) if ok else None,
+        "peak_probe": probe_name(ok_probe) if ok_probe is not None else None,
         "note": note,
     }

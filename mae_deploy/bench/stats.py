@@ -6,6 +6,7 @@ import gc
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import cast
 
 import numpy as np
 
@@ -45,7 +46,7 @@ def latency_stats(samples_ms: Iterable[float]) -> dict[str, float]:
     }
 
 
-def agreement(output: np.ndarray, reference: np.ndarray, reference_name: str) -> dict:
+def agreement(output: np.ndarray, reference: np.ndarray, reference_name: str | None) -> dict:
     """Max/mean absolute difference and the lowest per-image cosine similarity against the reference."""
     if output.shape != reference.shape:
         raise InputError(f"output shape {output.shape} differs from the reference's {reference.shape}")
@@ -90,7 +91,7 @@ def time_calls(fn: Callable[[], object], warmup: int, iters: int | None, duratio
             if iters is not None:
                 if len(samples) >= iters:
                     break
-            elif time.perf_counter() - start >= duration:
+            elif time.perf_counter() - start >= cast(float, duration):  # iters None: duration is given
                 break
     finally:
         if was_enabled:

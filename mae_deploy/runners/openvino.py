@@ -25,10 +25,11 @@ shared by threads (calls on a part are serialised).
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import numpy as np
 
-from mae_deploy.bundle import Bundle
+from mae_deploy.bundle import Bundle, GraphSpec
 from mae_deploy.errors import BundleError, DeviceUnavailable, InputError, MissingDependency
 from mae_deploy.names import CALIBRATED_PRECISIONS, DECODER, ENCODER, INT8_NNCF, INT8_QDQ, OPENVINO_PRECISIONS
 from mae_deploy.runners.base import PART_INPUTS as _INPUTS
@@ -127,7 +128,8 @@ class OpenVinoRunner(BaseRunner):
         self.bundle, self.device, self.precision, self.hint = bundle, "cpu", precision, hint
         # Resolve the graph files before loading OpenVINO, so a bundle without a Q/DQ graph fails fast.
         variants = {part: graph_precision(bundle, part, precision) for part in (ENCODER, DECODER)}
-        self._specs = {part: bundle.graph(part, v) if v else None for part, v in variants.items()}
+        self._specs: dict[str, GraphSpec | None] = {part: bundle.graph(part, v) if v else None
+                                                    for part, v in variants.items()}
         self.ov = import_openvino()
         self.core = self.ov.Core()
         if precision == "bf16" and not cpu_supports_bf16(self.core):
@@ -137,13 +139,15 @@ class OpenVinoRunner(BaseRunner):
                 f"one offers {caps}; use --precision fp32 (or int8 with a Q/DQ graph) here"
             )
         self.config = compile_config(precision, self.threads, hint, self.num_streams)
-        self._compiled: dict[str, object] = {}
-        self._requests: dict[str, object] = {}
+        self._compiled: dict[str, Any] = {}  # part -> openvino.CompiledModel
+        self._requests: dict[str, Any] = {}  # part -> its openvino.InferRequest
         self._locks = {ENCODER: threading.Lock(), DECODER: threading.Lock()}
 
     # -- compiling --------------------------------------------------------------------------------
     def _compile(self, part: str):
-        path = self.bundle.path / self._specs[part].file
+        spec = self._specs[part]
+        assert spec is not None  # request() compiles only the parts this runner has
+        path = self.bundle.path / spec.file
         try:
             model = self.core.read_model(str(path))
         except Exception as e:  # OpenVINO raises RuntimeError subclasses with the frontend's message
