@@ -12,7 +12,7 @@ saved as a native checkpoint; the eight skimage.data photos as JPEG (q95, RGB) f
 ``mae-deploy export --precision fp32,int8,int8-qdq,int8-nncf --reference-weights`` (the CLI, parity grid
 included). ``own-nncf``: OpenVINO's own NNCF (``nncf.quantize`` on the ``ov.Model`` read from the fp32
 encoder.onnx, transformer preset, the same photos through the bundle's preprocessing) timed interleaved,
-round by round, with OpenVINO on the bundle's int8 graphs and PyTorch eager fp32, batch 8, all tokens; best
+round by round, with OpenVINO and ONNX Runtime on the bundle's graphs and PyTorch eager fp32, batch 8, all tokens; best
 call per path (a loaded machine's medians measure the other processes), pooled cosine against torch fp32.
 ``digits``: the demo's recipe (scripts/demo.py: MAE pretraining of mae_vit_tiny_patch4 on the digits, then
 a linear probe), shortened by the epoch options; the classifier exported with every int8 variant, calibrated
@@ -118,9 +118,10 @@ def own_nncf(out: Path, rounds: int, threads: int, batch: int = 8) -> dict:
     torch.set_num_threads(threads)
     eager = create_runner(bundle, backend="torch", precision="fp32", threads=threads)
     calls["PyTorch eager fp32"] = lambda: eager.encode(x, keep)
-    for precision in ("fp32", "bf16", "int8"):
-        runner = create_runner(bundle, backend="openvino", precision=precision, threads=threads)
-        calls[f"OpenVINO {precision} (bundle)"] = (lambda r: lambda: r.encode(x, keep))(runner)
+    for backend, precision in (("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8"), ("ort", "int8"),
+                               ("ort", "int8-nncf")):
+        runner = create_runner(bundle, backend=backend, precision=precision, threads=threads)
+        calls[f"{backend} {precision} (bundle)"] = (lambda r: lambda: r.encode(x, keep))(runner)
 
     core = ov.Core()
     t0 = time.perf_counter()
