@@ -53,6 +53,7 @@ one Cast, as ONNX Runtime 1.32 does itself).
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import tempfile
@@ -176,16 +177,38 @@ def _one_node_per_output(model: onnx.ModelProto) -> None:
 
 def _topologically_sorted(model: onnx.ModelProto) -> onnx.ModelProto:
     """The fp16 converter appends its boundary Casts at the end of the node list; ONNX requires
-    topological order (onnx.checker rejects the file otherwise)."""
-    import onnx_ir as ir
-
-    m = ir.from_proto(model)
-    m.graph.sort()
-    out = ir.to_proto(m)
+    topological order (onnx.checker rejects the file otherwise). Sorted in place, keeping the given order
+    where it is already valid: only the node list is rebuilt, never the initializers (a copy of the model
+    through onnx_ir held the ViT-H encoder's fp16 weights twice, +1.2 GB at the export's peak)."""
+    graph = model.graph
+    nodes = list(graph.node)
+    produced = {name for node in nodes for name in node.output}
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    waiting = {i: {n for n in node.input if n in produced and n not in ready} for i, node in enumerate(nodes)}
+    readers: dict[str, list[int]] = {}
+    for i, missing in waiting.items():
+        for name in missing:
+            readers.setdefault(name, []).append(i)
+    order, queue = [], [i for i in range(len(nodes)) if not waiting[i]]
+    heapq.heapify(queue)  # the lowest original index first: a valid order stays as it was
+    while queue:
+        i = heapq.heappop(queue)
+        order.append(i)
+        for name in nodes[i].output:
+            for j in readers.pop(name, ()):
+                waiting[j].discard(name)
+                if not waiting[j]:
+                    heapq.heappush(queue, j)
+    if len(order) != len(nodes):
+        raise VerificationError("the fp16 graph has a cycle or a value no node produces; this is a bug in the "
+                                "conversion: export without fp16 and report it")
+    sorted_nodes = [nodes[i] for i in order]
+    del graph.node[:]
+    graph.node.extend(sorted_nodes)
     # The converter leaves stale value_info types behind (float where it now produces float16); drop the
     # intermediate annotations so shape inference (and onnx.checker) re-derive them from the ops.
-    del out.graph.value_info[:]
-    return out
+    del graph.value_info[:]
+    return model
 
 
 def _save(model: onnx.ModelProto, dst: Path, external_data: bool) -> None:
