@@ -69,7 +69,8 @@ def _floats(ctx, param, value):
               help="Check every row's output against torch fp32 (or ORT fp32 when no weights are at hand).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random inputs and masks (>= 0).")
 @click.option("--peak/--no-peak", default=True, show_default=True,
-              help="Probe each backend's MatMul peak per precision (about 1 s each) and show each row's share of it.")
+              help="Probe each backend's MatMul peak per precision (the best of several GEMM shapes, the bundle's "
+                   "own first; 1-3.5 s each) and show each row's share of it.")
 @click.option("--out", "out_json", default=None, type=click.Path(path_type=Path), help="Results JSON.")
 @click.option("--csv", "out_csv", default=None, type=click.Path(path_type=Path), help="Results CSV.")
 @click.option("--markdown", "out_md", default=None, type=click.Path(path_type=Path), help="Results Markdown table.")
