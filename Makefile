@@ -20,12 +20,14 @@ demo: $(STAMP)
 # pytest and CLI subprocess otherwise recompiles the project and re-rewrites the test files (~3 s a worker).
 test: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 	env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest -q -n 2 --dist loadfile
 
 # mypy: mae_deploy/ with pyproject's [tool.mypy]; ~25 s cold, under 2 s from its cache (.mypy_cache).
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
 bench: $(STAMP)

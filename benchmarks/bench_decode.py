@@ -176,15 +176,25 @@ def markdown(r: dict) -> str:
     ]
     for name, t in r["throughput"].items():
         a = r.get("accuracy", {}).get(name)
-        acc = (f"{a['cos_mean']:.6f} | {a['cos_cls']:.6f} | {a['cos_token_min']:.5f} | {a['pixel_max_abs']:.4f} | "
-               f"{a['pixel_mean_abs']:.5f}") if a else "- | - | - | - | -"
-        lines.append(f"| {name} | {r['file_mb'][name]:.2f} MB | {t['exact']:.2f} ({t['exact_wall']:.2f}) | "
-                     f"{t['fast']:.2f} ({t['fast_wall']:.2f}) | **{t['ratio']:.2f}x** ({t['ratio_wall']:.2f}x) "
-                     f"| {acc} |")
+        acc = (
+            (
+                f"{a['cos_mean']:.6f} | {a['cos_cls']:.6f} | {a['cos_token_min']:.5f} | {a['pixel_max_abs']:.4f} | "
+                f"{a['pixel_mean_abs']:.5f}"
+            )
+            if a
+            else "- | - | - | - | -"
+        )
+        lines.append(
+            f"| {name} | {r['file_mb'][name]:.2f} MB | {t['exact']:.2f} ({t['exact_wall']:.2f}) | "
+            f"{t['fast']:.2f} ({t['fast_wall']:.2f}) | **{t['ratio']:.2f}x** ({t['ratio_wall']:.2f}x) "
+            f"| {acc} |"
+        )
     other = [a["cos_mean_other_photos"] for a in r.get("accuracy", {}).values() if a["cos_mean_other_photos"]]
     if other:
-        lines.append(f"\nFor scale: the mean-pooled features of two *different* photos have cosine up to "
-                     f"{max(other):.4f} with this random-init encoder, so 1 - cosine is the figure to compare.")
+        lines.append(
+            f"\nFor scale: the mean-pooled features of two *different* photos have cosine up to "
+            f"{max(other):.4f} with this random-init encoder, so 1 - cosine is the figure to compare."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -199,9 +209,13 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         sets = make_sets(Path(tmp))
-        r = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu_model_and_flags()[0],
-             "rounds": args.rounds, "throughput": {},
-             "file_mb": {s: float(np.mean([p.stat().st_size for p in ps])) / 1e6 for s, ps in sets.items()}}
+        r = {
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "cpu": cpu_model_and_flags()[0],
+            "rounds": args.rounds,
+            "throughput": {},
+            "file_mb": {s: float(np.mean([p.stat().st_size for p in ps])) / 1e6 for s, ps in sets.items()},
+        }
         if not args.no_accuracy:  # before pinning: the export and the encoder may use every CPU
             bundle = args.bundle or export_vit_base(Path(tmp) / "vitb")
             r["accuracy"] = accuracy(bundle, sets)

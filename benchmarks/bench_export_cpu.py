@@ -32,8 +32,18 @@ from mae_deploy.bench import CpuShare, cpu_model_and_flags  # noqa: E402
 from mae_deploy.fileio import atomic_write_text  # noqa: E402
 
 HEADING = "## Export: encoder latency (issue #3)"
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "cat", "hubble_deep_field", "immunohistochemistry",
-          "retina", "coins", "camera")  # the last two are greyscale: replicated to 3 channels
+PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "cat",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "coins",
+    "camera",
+)  # the last two are greyscale: replicated to 3 channels
 
 
 def cpu_model() -> str:
@@ -50,10 +60,14 @@ def photos(batch: int, size: int = 224) -> np.ndarray:
     import torchvision.transforms as T
     from PIL import Image
 
-    tf = T.Compose([
-        T.Resize(round(size / 0.875), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor(),
-        T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-    ])
+    tf = T.Compose(
+        [
+            T.Resize(round(size / 0.875), interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(size),
+            T.ToTensor(),
+            T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ]
+    )
     imgs = [tf(Image.fromarray(getattr(skimage.data, n)()).convert("RGB")).numpy() for n in PHOTOS[:batch]]
     while len(imgs) < batch:  # more than the photos we have: reuse them flipped
         imgs.append(imgs[len(imgs) - len(PHOTOS)][:, :, ::-1].copy())
@@ -144,12 +158,16 @@ def main() -> int:
     lines.append(f"### {date}: ViT-B/16 encoder, batch {args.batch}, {args.threads} threads")
     lines.append("")
     torch_version = torch.__version__.split("+")[0]
-    lines.append(f"Machine: {cpu_model()} ({os.cpu_count()} logical CPUs; {cpu_flags()}); Python "
-                 f"{platform.python_version()}, torch {torch_version}, onnxruntime {ort.__version__}. "
-                 f"Export (encoder fp32 + int8, with the parity grid) took {export_s:.0f}s. {args.rounds} timed rounds "
-                 f"after {args.warmup} warm-up, backends interleaved; median (best) per call.")
-    lines.append(f"Other processes used {others:.2f} cores on average during the {bench_s:.0f}s of timing "
-                 f"({'contention present' if others > 0.2 else 'quiet machine'}).")
+    lines.append(
+        f"Machine: {cpu_model()} ({os.cpu_count()} logical CPUs; {cpu_flags()}); Python "
+        f"{platform.python_version()}, torch {torch_version}, onnxruntime {ort.__version__}. "
+        f"Export (encoder fp32 + int8, with the parity grid) took {export_s:.0f}s. {args.rounds} timed rounds "
+        f"after {args.warmup} warm-up, backends interleaved; median (best) per call."
+    )
+    lines.append(
+        f"Other processes used {others:.2f} cores on average during the {bench_s:.0f}s of timing "
+        f"({'contention present' if others > 0.2 else 'quiet machine'})."
+    )
     lines.append("")
     lines.append("| backend | visible 196 (s) | visible 49 (s) | 49 / 196 | speed-up vs torch @196 | @49 |")
     lines.append("|---|---|---|---|---|---|")
@@ -157,16 +175,22 @@ def main() -> int:
         r = med[(b, 49)] / med[(b, 196)]
         s196 = med[("torch-eager", 196)] / med[(b, 196)]
         s49 = med[("torch-eager", 49)] / med[(b, 49)]
-        lines.append(f"| {b} | {med[(b, 196)]:.3f} ({best[(b, 196)]:.3f}) | {med[(b, 49)]:.3f} ({best[(b, 49)]:.3f}) "
-                     f"| {r:.3f} | {s196:.2f}x | {s49:.2f}x |")
+        lines.append(
+            f"| {b} | {med[(b, 196)]:.3f} ({best[(b, 196)]:.3f}) | {med[(b, 49)]:.3f} ({best[(b, 49)]:.3f}) "
+            f"| {r:.3f} | {s196:.2f}x | {s49:.2f}x |"
+        )
     lines.append("")
-    lines.append(f"int8 vs PyTorch fp32, mean-pooled feature cosine over {args.batch} photos: visible 196 min "
-                 f"{cos[196].min():.5f} (mean {cos[196].mean():.5f}); visible 49 min {cos[49].min():.5f} "
-                 f"(mean {cos[49].mean():.5f}). ORT fp32 vs PyTorch max |diff|: {diff32[196]:.1e} (196), "
-                 f"{diff32[49]:.1e} (49).")
-    lines.append("Note: random-init weights (no trained checkpoint is available offline); trained ViTs have "
-                 "larger activation outliers, so the int8 cosine of a real checkpoint can be lower. "
-                 "`mae-deploy export` re-measures it on every export and refuses int8 below 0.99.")
+    lines.append(
+        f"int8 vs PyTorch fp32, mean-pooled feature cosine over {args.batch} photos: visible 196 min "
+        f"{cos[196].min():.5f} (mean {cos[196].mean():.5f}); visible 49 min {cos[49].min():.5f} "
+        f"(mean {cos[49].mean():.5f}). ORT fp32 vs PyTorch max |diff|: {diff32[196]:.1e} (196), "
+        f"{diff32[49]:.1e} (49)."
+    )
+    lines.append(
+        "Note: random-init weights (no trained checkpoint is available offline); trained ViTs have "
+        "larger activation outliers, so the int8 cosine of a real checkpoint can be lower. "
+        "`mae-deploy export` re-measures it on every export and refuses int8 below 0.99."
+    )
     lines.append("")
 
     def speedups(t: dict) -> tuple[float, float, float, dict]:
@@ -182,15 +206,23 @@ def main() -> int:
         return "**met**" if ok else "**not met**"
 
     lines.append("Targets (judged on medians; best-of-rounds in brackets):")
-    lines.append(f"- ORT fp32 >= 1.1x PyTorch eager: {s32:.2f}x ({b32:.2f}x) (the worse of the two visible counts) "
-                 f"{verdict(s32 >= 1.1)}")
-    lines.append(f"- int8 >= 3x PyTorch fp32 with cosine >= 0.99: {s8:.2f}x ({b8:.2f}x), min cosine {min_cos:.5f} "
-                 f"{verdict(s8 >= 3 and min_cos >= 0.99)}")
-    lines.append("- visible 49 <= 0.27x of visible 196: " + ", ".join(
-        f"{b} {ratios[b]:.3f} ({bratios[b]:.3f}) {verdict(ratios[b] <= 0.27)}" for b in backends))
+    lines.append(
+        f"- ORT fp32 >= 1.1x PyTorch eager: {s32:.2f}x ({b32:.2f}x) (the worse of the two visible counts) "
+        f"{verdict(s32 >= 1.1)}"
+    )
+    lines.append(
+        f"- int8 >= 3x PyTorch fp32 with cosine >= 0.99: {s8:.2f}x ({b8:.2f}x), min cosine {min_cos:.5f} "
+        f"{verdict(s8 >= 3 and min_cos >= 0.99)}"
+    )
+    lines.append(
+        "- visible 49 <= 0.27x of visible 196: "
+        + ", ".join(f"{b} {ratios[b]:.3f} ({bratios[b]:.3f}) {verdict(ratios[b] <= 0.27)}" for b in backends)
+    )
     if others > 0.2:
-        lines.append(f"- Contention: other processes averaged {others:.2f} cores of {os.cpu_count()} while timing; "
-                     "absolute times are pessimistic, ratios (interleaved rounds) less so.")
+        lines.append(
+            f"- Contention: other processes averaged {others:.2f} cores of {os.cpu_count()} while timing; "
+            "absolute times are pessimistic, ratios (interleaved rounds) less so."
+        )
     text = "\n".join(lines) + "\n"
     print(text)
 

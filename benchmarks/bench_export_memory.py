@@ -39,10 +39,12 @@ def build_checkpoint(model: str, dst: Path, fmt: str = "native") -> Path:
         dst = dst.with_suffix(".pth")
     if (dst / "config.json").is_file() or dst.is_file():
         return dst
-    save = ("save_native(m, sys.argv[2], overwrite=True)" if fmt == "native" else "save_official(m, sys.argv[2])")
-    code = ("import sys, torch; from training.model import create_model; "
-            "from training.checkpoints import save_native, save_official; torch.manual_seed(0); "
-            f"m = create_model(sys.argv[1]).eval(); {save}")
+    save = "save_native(m, sys.argv[2], overwrite=True)" if fmt == "native" else "save_official(m, sys.argv[2])"
+    code = (
+        "import sys, torch; from training.model import create_model; "
+        "from training.checkpoints import save_native, save_official; torch.manual_seed(0); "
+        f"m = create_model(sys.argv[1]).eval(); {save}"
+    )
     subprocess.run([sys.executable, "-c", code, model, str(dst)], cwd=ROOT, check=True)
     return dst
 
@@ -91,23 +93,45 @@ class RssSampler(threading.Thread):
 
 
 def run_export(ckpt: Path, out: Path, precision: str, extra: list[str]) -> dict:
-    return run_sampled([sys.executable, "-m", "mae_deploy.cli", "export", str(ckpt), "--out", str(out),
-                        "--overwrite", "--precision", precision, *extra])
+    return run_sampled(
+        [
+            sys.executable,
+            "-m",
+            "mae_deploy.cli",
+            "export",
+            str(ckpt),
+            "--out",
+            str(out),
+            "--overwrite",
+            "--precision",
+            precision,
+            *extra,
+        ]
+    )
 
 
 def run_load(ckpt: Path) -> dict:
     """``load_model`` alone in a child process: the loading's peak (the model it returns included)."""
-    code = ("import sys; from training.checkpoints import load_model; print('PyTorch imported', flush=True); "
-            "model, ck = load_model(sys.argv[1]); print('loaded', ck.format, sum(p.numel() for p in "
-            "model.parameters()), 'parameters', flush=True)")
+    code = (
+        "import sys; from training.checkpoints import load_model; print('PyTorch imported', flush=True); "
+        "model, ck = load_model(sys.argv[1]); print('loaded', ck.format, sum(p.numel() for p in "
+        "model.parameters()), 'parameters', flush=True)"
+    )
     return run_sampled([sys.executable, "-c", code, str(ckpt)])
 
 
 def run_sampled(cmd: list[str]) -> dict:
     """Run ``cmd``, sampling its RSS; each progress line it prints starts a stage."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     sampler = RssSampler(proc.pid)
     sampler.start()
     log = []
@@ -115,16 +139,24 @@ def run_sampled(cmd: list[str]) -> dict:
     for line in proc.stdout:
         line = line.rstrip()
         log.append(line)
-        print(f"[{time.perf_counter() - t0:7.1f}s rss {sampler.rss() / GB:5.2f} GB, peak so far "
-              f"{sampler.peak / GB:5.2f} GB] {line}", flush=True)
-        if line.strip().startswith(("exporting", "encoder", "decoder", "classifier", "reference", "calibration",
-                                        "PyTorch", "loaded")):
+        print(
+            f"[{time.perf_counter() - t0:7.1f}s rss {sampler.rss() / GB:5.2f} GB, peak so far "
+            f"{sampler.peak / GB:5.2f} GB] {line}",
+            flush=True,
+        )
+        if line.strip().startswith(
+            ("exporting", "encoder", "decoder", "classifier", "reference", "calibration", "PyTorch", "loaded")
+        ):
             sampler.set_stage(f"after: {line.strip()[:70]}")
     rc = proc.wait()
     sampler.stop()
-    return {"returncode": rc, "seconds": round(time.perf_counter() - t0, 1), "peak_rss_gb": round(sampler.peak / GB, 2),
-            "stages": [{"stage": s, "peak_rss_gb": round(sampler.peaks[s] / GB, 2)} for s in sampler.order],
-            "log_tail": log[-12:]}
+    return {
+        "returncode": rc,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "peak_rss_gb": round(sampler.peak / GB, 2),
+        "stages": [{"stage": s, "peak_rss_gb": round(sampler.peaks[s] / GB, 2)} for s in sampler.order],
+        "log_tail": log[-12:],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,8 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench-export-mem"))
     ap.add_argument("--json", type=Path, default=None, help="write the result here")
     ap.add_argument("--skip-verify", action="store_true", help="skip the parity grid (not the benchmark's case)")
-    ap.add_argument("--format", choices=["native", "official"], default="native",
-                    help="checkpoint written: native directory or official {'model': state_dict} .pth")
+    ap.add_argument(
+        "--format",
+        choices=["native", "official"],
+        default="native",
+        help="checkpoint written: native directory or official {'model': state_dict} .pth",
+    )
     ap.add_argument("--load-only", action="store_true", help="measure load_model of the checkpoint, not the export")
     ap.add_argument("--delete", action="store_true", help="delete the checkpoint afterwards")
     args = ap.parse_args(argv)
@@ -143,17 +179,29 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = build_checkpoint(args.model, args.workdir / f"{args.model}-ckpt", args.format)
     extra = ["--skip-verify"] if args.skip_verify else []
     try:
-        run = (run_load(ckpt) if args.load_only
-               else run_export(ckpt, args.workdir / f"{args.model}-bundle", args.precision, extra))
+        run = (
+            run_load(ckpt)
+            if args.load_only
+            else run_export(ckpt, args.workdir / f"{args.model}-bundle", args.precision, extra)
+        )
     finally:
         if args.delete:
             shutil.rmtree(ckpt) if ckpt.is_dir() else ckpt.unlink()
     what = "load_model" if args.load_only else "export"
-    result = {"model": args.model, "format": args.format, "measured": what, "precision": args.precision,
-              "cpu_count": os.cpu_count(), "total_memory_gb": round(psutil.virtual_memory().total / GB, 1), **run}
-    print(f"\n{args.model} ({args.format}) {what}"
-          f"{'' if args.load_only else ' --precision ' + args.precision}: peak RSS {result['peak_rss_gb']:.2f} GB "
-          f"in {result['seconds']:.0f}s (exit {result['returncode']})")
+    result = {
+        "model": args.model,
+        "format": args.format,
+        "measured": what,
+        "precision": args.precision,
+        "cpu_count": os.cpu_count(),
+        "total_memory_gb": round(psutil.virtual_memory().total / GB, 1),
+        **run,
+    }
+    print(
+        f"\n{args.model} ({args.format}) {what}"
+        f"{'' if args.load_only else ' --precision ' + args.precision}: peak RSS {result['peak_rss_gb']:.2f} GB "
+        f"in {result['seconds']:.0f}s (exit {result['returncode']})"
+    )
     for s in result["stages"]:
         print(f"  {s['peak_rss_gb']:6.2f} GB  {s['stage']}")
     if args.json:

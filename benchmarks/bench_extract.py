@@ -67,8 +67,14 @@ def export(name: str, dst: Path, reference_weights: bool = False) -> Path:
     from training.model import create_model
 
     torch.manual_seed(0)
-    export_bundle(create_model(name).eval(), dst, parts=["encoder"], verify=False, progress=None,
-                  reference_weights=reference_weights)
+    export_bundle(
+        create_model(name).eval(),
+        dst,
+        parts=["encoder"],
+        verify=False,
+        progress=None,
+        reference_weights=reference_weights,
+    )
     return dst
 
 
@@ -78,8 +84,10 @@ def make_jpegs(dst: Path, n: int, size: tuple[int, int], seed: int = 0) -> list[
     from skimage import data
 
     dst.mkdir(parents=True, exist_ok=True)
-    photos = [Image.fromarray(getattr(data, k)()).convert("RGB") for k in
-              ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")]
+    photos = [
+        Image.fromarray(getattr(data, k)()).convert("RGB")
+        for k in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
+    ]
     rng = np.random.default_rng(seed)
     paths = []
     for i in range(n):
@@ -144,8 +152,7 @@ def peak_rss_of_job(cmd: list[str]) -> dict:
     err = proc.stderr.read().decode()
     if proc.wait() not in (0, 4):
         raise RuntimeError(f"{cmd} failed:\n{err}")
-    return {"peak_tree_mib": peak_tree / 2**20, "peak_main_mib": peak_main / 2**20,
-            "wall_s": time.perf_counter() - t0}
+    return {"peak_tree_mib": peak_tree / 2**20, "peak_main_mib": peak_main / 2**20, "wall_s": time.perf_counter() - t0}
 
 
 def small_job_rss(cache: Path, n: int, prefix: str, *extra: str) -> dict:
@@ -156,8 +163,23 @@ def small_job_rss(cache: Path, n: int, prefix: str, *extra: str) -> dict:
     lst = cache / f"small_{n}.txt"
     lst.write_text("\n".join(paths[:n]) + "\n")
     out = Path(tempfile.mkdtemp(prefix=f"{prefix}{n}-", dir=cache))
-    return peak_rss_of_job([sys.executable, "-m", "mae_deploy.cli", "extract", str(lst), "--bundle", str(tiny),
-                            "--out", str(out), "--no-progress", "--shard-size", "1000", *extra])
+    return peak_rss_of_job(
+        [
+            sys.executable,
+            "-m",
+            "mae_deploy.cli",
+            "extract",
+            str(lst),
+            "--bundle",
+            str(tiny),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--shard-size",
+            "1000",
+            *extra,
+        ]
+    )
 
 
 # -- issue #21: the pipeline's own capacity ------------------------------------------------------------------
@@ -184,7 +206,7 @@ def decode_capacity(paths: list[str], decoder_args: dict, workers: int, batch_si
     from concurrent.futures import ProcessPoolExecutor
     from itertools import repeat
 
-    chunks = [list(enumerate(paths[i:i + batch_size], i)) for i in range(0, len(paths), batch_size)]
+    chunks = [list(enumerate(paths[i : i + batch_size], i)) for i in range(0, len(paths), batch_size)]
     with ProcessPoolExecutor(max(1, workers), mp_context=mp.get_context("spawn")) as ex:
         list(ex.map(_warm, range(max(1, workers))))
         t0 = time.perf_counter()
@@ -205,17 +227,29 @@ def run_job(lst: Path, bundle: Path, cache: Path, **kw) -> dict:
     t = s.timings
     first = min(kw.get("batch_size", 32), s.processed - 1)
     steady = (s.processed - first) / (s.wall_s - t["startup_s"] - t["first_batch_s"])
-    per_img = {k.removesuffix("_s") + "_ms_per_img": 1e3 * v / max(1, s.processed) for k, v in t.items()
-               if k.endswith("_s") and k not in ("startup_s", "first_batch_s")}
+    per_img = {
+        k.removesuffix("_s") + "_ms_per_img": 1e3 * v / max(1, s.processed)
+        for k, v in t.items()
+        if k.endswith("_s") and k not in ("startup_s", "first_batch_s")
+    }
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
-    return {"images": s.processed, "failed": s.failed, "wall_s": s.wall_s, "img_s": s.images_per_s,
-            "steady_img_s": steady, "startup_s": t["startup_s"], "first_batch_s": t["first_batch_s"], **per_img}
+    return {
+        "images": s.processed,
+        "failed": s.failed,
+        "wall_s": s.wall_s,
+        "img_s": s.images_per_s,
+        "steady_img_s": steady,
+        "startup_s": t["startup_s"],
+        "first_batch_s": t["first_batch_s"],
+        **per_img,
+    }
 
 
-def parent_ceiling(lst: Path, bundle: Path, cache: Path, *, workers: int, batch_size: int, transfer: str,
-                   shared_memory: bool) -> dict:
+def parent_ceiling(
+    lst: Path, bundle: Path, cache: Path, *, workers: int, batch_size: int, transfer: str, shared_memory: bool
+) -> dict:
     """Pre-decoded images into the null runner: what the parent alone can take in.
 
     The workers (forked, so they inherit the patch) hand over one cached model image per row instead of
@@ -231,8 +265,13 @@ def parent_ceiling(lst: Path, bundle: Path, cache: Path, *, workers: int, batch_
     from mae_deploy.extract.workers import DecodeWorkers
 
     b = Bundle.load(bundle)
-    args = {"preprocessing": b.preprocessing, "in_chans": b.in_chans, "min_side": 16, "max_pixels": 0,
-            "transfer": transfer}
+    args = {
+        "preprocessing": b.preprocessing,
+        "in_chans": b.in_chans,
+        "min_side": 16,
+        "max_pixels": 0,
+        "transfer": transfer,
+    }
     cached = decode.Decoder(**args)
     shape, dtype = cached.pixel_layout()
     image = np.random.default_rng(0).integers(0, 255, shape).astype(dtype)
@@ -241,14 +280,27 @@ def parent_ceiling(lst: Path, bundle: Path, cache: Path, *, workers: int, batch_
     local.DecodeWorkers = functools.partial(DecodeWorkers, shared_memory=shared_memory)
     try:
         r0 = resource.getrusage(resource.RUSAGE_SELF)
-        r = run_job(lst, bundle, cache, backend="null", workers=workers, batch_size=batch_size, transfer=transfer,
-                    start_method="fork")
+        r = run_job(
+            lst,
+            bundle,
+            cache,
+            backend="null",
+            workers=workers,
+            batch_size=batch_size,
+            transfer=transfer,
+            start_method="fork",
+        )
         r1 = resource.getrusage(resource.RUSAGE_SELF)
     finally:
         decode.Decoder.decode_one, local.DecodeWorkers = original_decode, original_pool
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-    return {"transport": "shared_memory" if shared_memory else "pipe", "transfer": transfer,
-            "parent_cpu_s": cpu, "img_per_parent_cpu_s": r["images"] / cpu, **r}
+    return {
+        "transport": "shared_memory" if shared_memory else "pipe",
+        "transfer": transfer,
+        "parent_cpu_s": cpu,
+        "img_per_parent_cpu_s": r["images"] / cpu,
+        **r,
+    }
 
 
 def null_bundle(cache: Path) -> Path:
@@ -262,8 +314,13 @@ def null_bundle(cache: Path) -> Path:
     from training.model import create_model
 
     torch.manual_seed(0)
-    export_bundle(create_model("mae_vit_test", img_size=224, patch_size=16).eval(), dst, parts=["encoder"],
-                  verify=False, progress=None)
+    export_bundle(
+        create_model("mae_vit_test", img_size=224, patch_size=16).eval(),
+        dst,
+        parts=["encoder"],
+        verify=False,
+        progress=None,
+    )
     return dst
 
 
@@ -282,14 +339,33 @@ def pipeline_bench(args, cache: Path, size: tuple[int, int]) -> dict:
     workers = default_workers() if workers is None else workers
     b = Bundle.load(bundle)
     transfer = args.transfer
-    decoder_args = {"preprocessing": b.preprocessing, "in_chans": b.in_chans, "min_side": 16,
-                    "max_pixels": 89_478_485, "transfer": transfer}
-    res: dict = {"runner": args.runner, "device": args.device, "precision": args.precision,
-                 "decoder": args.decoder, "model": "null (tiny 224x224 bundle)" if args.runner == "null" else
-                 args.model, "images": len(paths), "size": f"{w}x{h}", "batch_size": args.batch_size,
-                 "workers": workers, "transfer": transfer}
-    job = {"backend": args.runner, "device": args.device, "precision": args.precision, "workers": workers,
-           "batch_size": args.batch_size, "transfer": transfer}
+    decoder_args = {
+        "preprocessing": b.preprocessing,
+        "in_chans": b.in_chans,
+        "min_side": 16,
+        "max_pixels": 89_478_485,
+        "transfer": transfer,
+    }
+    res: dict = {
+        "runner": args.runner,
+        "device": args.device,
+        "precision": args.precision,
+        "decoder": args.decoder,
+        "model": "null (tiny 224x224 bundle)" if args.runner == "null" else args.model,
+        "images": len(paths),
+        "size": f"{w}x{h}",
+        "batch_size": args.batch_size,
+        "workers": workers,
+        "transfer": transfer,
+    }
+    job = {
+        "backend": args.runner,
+        "device": args.device,
+        "precision": args.precision,
+        "workers": workers,
+        "batch_size": args.batch_size,
+        "transfer": transfer,
+    }
     if args.decoder != "pil":
         job["decoder"] = args.decoder
     if args.runner != "null":
@@ -307,8 +383,11 @@ def pipeline_bench(args, cache: Path, size: tuple[int, int]) -> dict:
         res["decode_capacity_runs"] = [before, decode_capacity(paths, decoder_args, workers, args.batch_size)]
         res["decode_capacity_img_s"] = max(res["decode_capacity_runs"])
         res["pipeline_vs_decode"] = res["pipeline_img_s"] / res["decode_capacity_img_s"]
-        print(f"decode capacity ({workers} workers): {res['decode_capacity_img_s']:.1f} img/s; pipeline / decode "
-              f"= {res['pipeline_vs_decode']:.3f}", flush=True)
+        print(
+            f"decode capacity ({workers} workers): {res['decode_capacity_img_s']:.1f} img/s; pipeline / decode "
+            f"= {res['pipeline_vs_decode']:.3f}",
+            flush=True,
+        )
     if "model_only_img_s" in res:
         res["pipeline_vs_model"] = res["pipeline_img_s"] / res["model_only_img_s"]
         print(f"pipeline / model only = {res['pipeline_vs_model']:.3f}", flush=True)
@@ -319,11 +398,21 @@ def pipeline_bench(args, cache: Path, size: tuple[int, int]) -> dict:
         res["parent_ceiling"] = []
         for shared_memory in (True, False):
             for tr in ("float32", "uint8"):
-                r = parent_ceiling(big, nb, cache, workers=workers, batch_size=args.batch_size, transfer=tr,
-                                   shared_memory=shared_memory)
+                r = parent_ceiling(
+                    big,
+                    nb,
+                    cache,
+                    workers=workers,
+                    batch_size=args.batch_size,
+                    transfer=tr,
+                    shared_memory=shared_memory,
+                )
                 res["parent_ceiling"].append(r)
-                print(f"parent ceiling {r['transport']}/{tr}: {r['img_per_parent_cpu_s']:.0f} img per parent CPU-s, "
-                      f"{r['steady_img_s']:.0f} img/s wall", flush=True)
+                print(
+                    f"parent ceiling {r['transport']}/{tr}: {r['img_per_parent_cpu_s']:.0f} img per parent CPU-s, "
+                    f"{r['steady_img_s']:.0f} img/s wall",
+                    flush=True,
+                )
     return res
 
 
@@ -331,8 +420,9 @@ def model_only_rate(bundle: Path, args) -> float:
     """img/s of FeatureExtractor.extract_pixels on one preprocessed batch (host float32), after warm-up."""
     from mae_deploy.features import FeatureExtractor
 
-    with FeatureExtractor(bundle, backend=args.runner, device=args.device, precision=args.precision,
-                          batch_size=args.batch_size) as fx:
+    with FeatureExtractor(
+        bundle, backend=args.runner, device=args.device, precision=args.precision, batch_size=args.batch_size
+    ) as fx:
         b = fx.bundle
         x = np.random.default_rng(0).standard_normal((args.batch_size, b.in_chans, b.image_size, b.image_size))
         x = x.astype(np.float32)
@@ -351,28 +441,42 @@ def _rounded(d: dict) -> dict:
 
 def pipeline_lines(r: dict, x: dict) -> list[str]:
     """RESULTS.md lines of one --runner run."""
-    lines = [f"\nPipeline capacity (issue #21), `--runner {x['runner']}` ({x['model']}), device {x['device']}, "
-             f"{x['precision']}, decoder {x['decoder']}, transfer {x['transfer']}: {x['images']} JPEGs of {x['size']}, "
-             f"batch {x['batch_size']}, {x['workers']} decode workers.\n"]
+    lines = [
+        f"\nPipeline capacity (issue #21), `--runner {x['runner']}` ({x['model']}), device {x['device']}, "
+        f"{x['precision']}, decoder {x['decoder']}, transfer {x['transfer']}: {x['images']} JPEGs of {x['size']}, "
+        f"batch {x['batch_size']}, {x['workers']} decode workers.\n"
+    ]
     p = x["pipeline"]
     stages = ", ".join(f"{k.removesuffix('_ms_per_img')} {v:.3f}" for k, v in p.items() if k.endswith("_ms_per_img"))
-    lines.append(f"- pipeline (steady, after start-up): **{x['pipeline_img_s']:.1f} img/s** (wall incl. start-up "
-                 f"{p['img_s']:.1f}); per image, ms: {stages}")
+    lines.append(
+        f"- pipeline (steady, after start-up): **{x['pipeline_img_s']:.1f} img/s** (wall incl. start-up "
+        f"{p['img_s']:.1f}); per image, ms: {stages}"
+    )
     if "decode_capacity_img_s" in x:
-        lines.append(f"- decode capacity (the same {x['workers']} workers decoding, nothing downstream): "
-                     f"{x['decode_capacity_img_s']:.1f} img/s; **pipeline / decode = {x['pipeline_vs_decode']:.3f}** "
-                     "(target >= 0.9)")
+        lines.append(
+            f"- decode capacity (the same {x['workers']} workers decoding, nothing downstream): "
+            f"{x['decode_capacity_img_s']:.1f} img/s; **pipeline / decode = {x['pipeline_vs_decode']:.3f}** "
+            "(target >= 0.9)"
+        )
     if "model_only_img_s" in x:
-        lines.append(f"- encoder alone (extract_pixels, host float32 batch): {x['model_only_img_s']:.1f} img/s; "
-                     f"**pipeline / encoder = {x['pipeline_vs_model']:.3f}**")
+        lines.append(
+            f"- encoder alone (extract_pixels, host float32 batch): {x['model_only_img_s']:.1f} img/s; "
+            f"**pipeline / encoder = {x['pipeline_vs_model']:.3f}**"
+        )
     if x.get("parent_ceiling"):
-        lines += ["", "Parent ceiling: pre-decoded images (forked workers hand over a cached model image) into the "
-                  "null runner; the parent's CPU time (all its threads, not the workers') per image:", "",
-                  "| transport | transfer | img per parent CPU-second | wall img/s | parent CPU s | images |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Parent ceiling: pre-decoded images (forked workers hand over a cached model image) into the "
+            "null runner; the parent's CPU time (all its threads, not the workers') per image:",
+            "",
+            "| transport | transfer | img per parent CPU-second | wall img/s | parent CPU s | images |",
+            "|---|---|---|---|---|---|",
+        ]
         for c in x["parent_ceiling"]:
-            lines.append(f"| {c['transport']} | {c['transfer']} | {c['img_per_parent_cpu_s']:.0f} | "
-                         f"{c['steady_img_s']:.0f} | {c['parent_cpu_s']:.2f} | {c['images']} |")
+            lines.append(
+                f"| {c['transport']} | {c['transfer']} | {c['img_per_parent_cpu_s']:.0f} | "
+                f"{c['steady_img_s']:.0f} | {c['parent_cpu_s']:.2f} | {c['images']} |"
+            )
     return lines
 
 
@@ -381,16 +485,23 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=400, help="JPEGs for the ViT-B throughput runs")
     ap.add_argument("--size", default="500x375", help="JPEG size WxH (ImageNet's typical is ~500x375)")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--workers", default=None,
-                    help="decode worker counts to compare [0,1,2]; --runner: one count [cores - 1, at most 8]")
+    ap.add_argument(
+        "--workers",
+        default=None,
+        help="decode worker counts to compare [0,1,2]; --runner: one count [cores - 1, at most 8]",
+    )
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "mae-deploy-bench-extract")
     ap.add_argument("--no-append", action="store_true", help="print results only")
     ap.add_argument("--ray", action="store_true", help="also compare --engine ray with --engine local")
     ap.add_argument("--ray-model", default="mae_vit_base_patch16", help="model for the Ray comparison")
-    ap.add_argument("--runner", choices=["null", "ort", "torch", "trt"], default=None,
-                    help="issue #21: pipeline capacity with this runner (null: a diagnostic returning zeros)")
+    ap.add_argument(
+        "--runner",
+        choices=["null", "ort", "torch", "trt"],
+        default=None,
+        help="issue #21: pipeline capacity with this runner (null: a diagnostic returning zeros)",
+    )
     ap.add_argument("--model", default="mae_vit_base_patch16", help="--runner other than null: the model")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="fp32")
@@ -406,8 +517,12 @@ def main() -> None:
     cache = args.cache
     cache.mkdir(parents=True, exist_ok=True)
     w, h = map(int, args.size.split("x"))
-    results: dict = {"date": dt.date.today().isoformat(), "cpu": cpu_model(), "cores": os.cpu_count(),
-                     "loadavg_before": os.getloadavg()[0]}
+    results: dict = {
+        "date": dt.date.today().isoformat(),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "loadavg_before": os.getloadavg()[0],
+    }
 
     if not args.skip_throughput:
         bundle = export("mae_vit_base_patch16", cache / "vit_b16")
@@ -423,12 +538,20 @@ def main() -> None:
             r = end_to_end(lst, bundle, out, batch_size=args.batch_size, workers=workers)
             r["workers"] = workers
             runs.append(r)
-            print(f"end-to-end workers={workers}: {r['img_s']:.2f} img/s (steady {r['steady_img_s']:.2f}), "
-                  f"timings {json.dumps({k: round(v, 2) for k, v in r.items() if k.endswith('_s')})}", flush=True)
+            print(
+                f"end-to-end workers={workers}: {r['img_s']:.2f} img/s (steady {r['steady_img_s']:.2f}), "
+                f"timings {json.dumps({k: round(v, 2) for k, v in r.items() if k.endswith('_s')})}",
+                flush=True,
+            )
         after = model_only(bundle, args.batch_size, 20, {})
         print(f"model-only (after): {after:.2f} img/s", flush=True)
-        results["throughput"] = {"model_only_img_s": [before, after], "runs": runs, "images": args.images,
-                                 "size": args.size, "batch_size": args.batch_size}
+        results["throughput"] = {
+            "model_only_img_s": [before, after],
+            "runs": runs,
+            "images": args.images,
+            "size": args.size,
+            "batch_size": args.batch_size,
+        }
 
     if not args.skip_memory:
         mem = {}
@@ -468,10 +591,14 @@ def ray_vs_local(args, cache: Path, size: tuple[int, int]) -> dict:
     ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
     try:
         address = ray.get_runtime_context().gcs_address
-        configs = [("local", {"engine": "local"}),
-                   ("ray, 1 actor", {"engine": "ray", "actors": 1, "cpus_per_actor": 1, "threads": cores}),
-                   ("ray, 2 actors", {"engine": "ray", "actors": 2, "cpus_per_actor": (cores - 1) / 2,
-                                      "threads": max(1, (cores - 1) // 2)})]
+        configs = [
+            ("local", {"engine": "local"}),
+            ("ray, 1 actor", {"engine": "ray", "actors": 1, "cpus_per_actor": 1, "threads": cores}),
+            (
+                "ray, 2 actors",
+                {"engine": "ray", "actors": 2, "cpus_per_actor": (cores - 1) / 2, "threads": max(1, (cores - 1) // 2)},
+            ),
+        ]
         runs = []
         for name, kw in configs:
             out = Path(tempfile.mkdtemp(prefix="ray-", dir=cache))
@@ -485,39 +612,59 @@ def ray_vs_local(args, cache: Path, size: tuple[int, int]) -> dict:
             print(f"Ray driver RSS {n} images: {rss[n]['peak_main_mib']:.1f} MiB", flush=True)
     finally:
         ray.shutdown()
-    return {"model": args.ray_model, "images": args.images, "size": f"{size[0]}x{size[1]}",
-            "batch_size": args.batch_size, "cores": cores, "runs": runs, "driver_rss": rss}
+    return {
+        "model": args.ray_model,
+        "images": args.images,
+        "size": f"{size[0]}x{size[1]}",
+        "batch_size": args.batch_size,
+        "cores": cores,
+        "runs": runs,
+        "driver_rss": rss,
+    }
 
 
 def append_results(r: dict) -> None:
-    lines = [f"\n### {r['date']}, {r['cpu']} ({r['cores']} cores), load average {r['loadavg_before']:.2f} before / "
-             f"{r['loadavg_after']:.2f} after\n"]
+    lines = [
+        f"\n### {r['date']}, {r['cpu']} ({r['cores']} cores), load average {r['loadavg_before']:.2f} before / "
+        f"{r['loadavg_after']:.2f} after\n"
+    ]
     if "throughput" in r:
         t = r["throughput"]
         best = max(t["model_only_img_s"])
-        lines.append(f"ViT-B/16 (random init, ORT CPU fp32, default threads), {t['images']} JPEGs of {t['size']}, "
-                     f"batch {t['batch_size']}, cls pooling, float32 shards.\n")
-        lines.append(f"Model only (runner.encode on preprocessed batches): {t['model_only_img_s'][0]:.2f} img/s "
-                     f"before, {t['model_only_img_s'][1]:.2f} after; ratios use the better, {best:.2f}.\n")
-        lines.append("| decode workers | end-to-end img/s (wall incl. start-up) | ratio | steady img/s | ratio "
-                     "| start-up s | waiting for decode s | inference s | write s |")
+        lines.append(
+            f"ViT-B/16 (random init, ORT CPU fp32, default threads), {t['images']} JPEGs of {t['size']}, "
+            f"batch {t['batch_size']}, cls pooling, float32 shards.\n"
+        )
+        lines.append(
+            f"Model only (runner.encode on preprocessed batches): {t['model_only_img_s'][0]:.2f} img/s "
+            f"before, {t['model_only_img_s'][1]:.2f} after; ratios use the better, {best:.2f}.\n"
+        )
+        lines.append(
+            "| decode workers | end-to-end img/s (wall incl. start-up) | ratio | steady img/s | ratio "
+            "| start-up s | waiting for decode s | inference s | write s |"
+        )
         lines.append("|---|---|---|---|---|---|---|---|---|")
         for x in t["runs"]:
             lines.append(
                 f"| {x['workers']}{' (thread)' if x['workers'] == 0 else ''} | {x['img_s']:.2f} | "
                 f"{x['img_s'] / best:.1%} | {x['steady_img_s']:.2f} | {x['steady_img_s'] / best:.1%} | "
-                f"{x['startup_s']:.2f} | {x['decode_wait_s']:.2f} | {x['inference_s']:.2f} | {x['write_s']:.2f} |")
+                f"{x['startup_s']:.2f} | {x['decode_wait_s']:.2f} | {x['inference_s']:.2f} | {x['write_s']:.2f} |"
+            )
     if "memory" in r:
         m = r["memory"]
         a, b = m[1_000], m[10_000]
-        lines.append("\nPeak RSS, mae_vit_test, 160x120 JPEGs, default workers, shard size 1000 "
-                     "(main process + decode workers, sampled every 20 ms):\n")
+        lines.append(
+            "\nPeak RSS, mae_vit_test, 160x120 JPEGs, default workers, shard size 1000 "
+            "(main process + decode workers, sampled every 20 ms):\n"
+        )
         lines.append("| images | peak RSS, whole job (MiB) | peak RSS, main process (MiB) | wall s |")
         lines.append("|---|---|---|---|")
         for n, x in ((1_000, a), (10_000, b)):
             lines.append(f"| {n:,} | {x['peak_tree_mib']:.1f} | {x['peak_main_mib']:.1f} | {x['wall_s']:.1f} |")
-        lines.append(f"\n10k / 1k: whole job {b['peak_tree_mib'] / a['peak_tree_mib'] - 1:+.1%}, main process "
-                     f"{b['peak_main_mib'] / a['peak_main_mib'] - 1:+.1%}.")
+        lines.append(
+            f"\n10k / 1k: whole job {b['peak_tree_mib'] / a['peak_tree_mib'] - 1:+.1%}, main process "
+            f"{b['peak_main_mib'] / a['peak_main_mib'] - 1:+.1%}."
+        )
     if "ray" in r:
         lines += ray_lines(r["ray"])
     if "pipeline" in r:
@@ -537,18 +684,25 @@ def append_results(r: dict) -> None:
 
 def ray_lines(x: dict) -> list[str]:
     local = x["runs"][0]
-    lines = [f"\nRay Data engine vs local (issue #13): {x['model']} (random init, ORT CPU fp32), {x['images']} JPEGs "
-             f"of {x['size']}, batch {x['batch_size']}, cls pooling; local Ray with {x['cores']} CPUs started "
-             "before the timed runs. Wall time includes each job's own start-up (Ray: actors loading the model).\n",
-             "| engine | img/s (wall) | vs local | steady img/s | vs local | start-up s |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"\nRay Data engine vs local (issue #13): {x['model']} (random init, ORT CPU fp32), {x['images']} JPEGs "
+        f"of {x['size']}, batch {x['batch_size']}, cls pooling; local Ray with {x['cores']} CPUs started "
+        "before the timed runs. Wall time includes each job's own start-up (Ray: actors loading the model).\n",
+        "| engine | img/s (wall) | vs local | steady img/s | vs local | start-up s |",
+        "|---|---|---|---|---|---|",
+    ]
     for run in x["runs"]:
-        lines.append(f"| {run['engine']} | {run['img_s']:.2f} | {run['img_s'] / local['img_s']:.2f}x | "
-                     f"{run['steady_img_s']:.2f} | {run['steady_img_s'] / local['steady_img_s']:.2f}x | "
-                     f"{run['startup_s']:.2f} |")
+        lines.append(
+            f"| {run['engine']} | {run['img_s']:.2f} | {run['img_s'] / local['img_s']:.2f}x | "
+            f"{run['steady_img_s']:.2f} | {run['steady_img_s'] / local['steady_img_s']:.2f}x | "
+            f"{run['startup_s']:.2f} |"
+        )
     a, b = x["driver_rss"][1_000], x["driver_rss"][10_000]
-    lines.append(f"\nRay driver peak RSS (the CLI process alone, mae_vit_test, 160x120 JPEGs): 1,000 images "
-                 f"{a['peak_main_mib']:.1f} MiB, 10,000 images {b['peak_main_mib']:.1f} MiB "
-                 f"({b['peak_main_mib'] / a['peak_main_mib'] - 1:+.1%}).")
+    lines.append(
+        f"\nRay driver peak RSS (the CLI process alone, mae_vit_test, 160x120 JPEGs): 1,000 images "
+        f"{a['peak_main_mib']:.1f} MiB, 10,000 images {b['peak_main_mib']:.1f} MiB "
+        f"({b['peak_main_mib'] / a['peak_main_mib'] - 1:+.1%})."
+    )
     return lines
 
 

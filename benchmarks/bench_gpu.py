@@ -52,8 +52,15 @@ def _export(model_name: str, dst: Path, precisions: tuple[str, ...]) -> Path:
     from training.model import create_model
 
     torch.manual_seed(0)
-    export_bundle(create_model(model_name).eval(), dst, parts=["encoder"], precisions=precisions,
-                  reference_weights=True, verify=False, progress=None)
+    export_bundle(
+        create_model(model_name).eval(),
+        dst,
+        parts=["encoder"],
+        precisions=precisions,
+        reference_weights=True,
+        verify=False,
+        progress=None,
+    )
     return dst
 
 
@@ -98,9 +105,15 @@ def measure(args) -> dict:
     for batch in args.batch_sizes:
         rows += _batch_rows(bundle, batch, args, precisions)
     _add_ratios(rows)
-    return {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"), "device": device,
-            "gpu": torch.cuda.get_device_name(device) if cuda else None, "model": args.model,
-            "versions": _versions(), "rows": rows, "verdicts": _verdicts(rows)}
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "device": device,
+        "gpu": torch.cuda.get_device_name(device) if cuda else None,
+        "model": args.model,
+        "versions": _versions(),
+        "rows": rows,
+        "verdicts": _verdicts(rows),
+    }
 
 
 def _batch_rows(bundle, batch: int, args, precisions: tuple[str, ...]) -> list[dict]:
@@ -155,9 +168,16 @@ def _batch_rows(bundle, batch: int, args, precisions: tuple[str, ...]) -> list[d
     timm_vit = _timm_encoder(model, device) if args.peers else None
     if timm_vit is not None:
         prec = autocast[0]
-        cases.append(("timm", prec, "device-only",
-                      lambda d=torch.bfloat16 if prec == "bf16" else torch.float16: eager(
-                          d, lambda x, _ids: timm_vit.forward_features(x))))
+        cases.append(
+            (
+                "timm",
+                prec,
+                "device-only",
+                lambda d=torch.bfloat16 if prec == "bf16" else torch.float16: eager(
+                    d, lambda x, _ids: timm_vit.forward_features(x)
+                ),
+            )
+        )
     seconds: dict[int, list[float]] = {i: [] for i in range(len(cases))}
     try:
         for _ in range(args.rounds):
@@ -185,8 +205,9 @@ def _verdicts(rows: list[dict]) -> dict:
     ours = [r for r in rows if r["kind"] in ("device-only", "runner") and r["path"] != "timm"]
     timm = [r for r in rows if r["path"] == "timm"]
     best = max(ours, key=lambda r: r["img_s"], default=None)
-    out: dict = {"fastest": None if best is None else {k: best[k] for k in ("path", "precision", "kind", "batch",
-                                                                            "img_s")}}
+    out: dict = {
+        "fastest": None if best is None else {k: best[k] for k in ("path", "precision", "kind", "batch", "img_s")}
+    }
     shares = [r["share"] for r in rows if r.get("share") is not None and r["batch"] == 64]
     out["runner_share_batch64_min"] = min(shares) if shares else None
     if best is not None and timm:
@@ -211,29 +232,42 @@ def markdown(res: dict, extract: dict | None = None, pretrain: str | None = None
     """One table for RESULTS.md: the inference rows, then the extraction and pretraining numbers if given."""
     where = res["gpu"] or "CPU"
     vers = ", ".join(f"{k} {v}" for k, v in res["versions"].items() if v)
-    lines = [f"### {res['date']} UTC, {where} ({res['model']}; {vers})", "",
-             "| path | precision | batch | kind | ms/batch | img/s | runner / device-only |",
-             "|---|---|---:|---|---:|---:|---:|"]
+    lines = [
+        f"### {res['date']} UTC, {where} ({res['model']}; {vers})",
+        "",
+        "| path | precision | batch | kind | ms/batch | img/s | runner / device-only |",
+        "|---|---|---:|---|---:|---:|---:|",
+    ]
     for r in res["rows"]:
         if r["kind"] == "skipped":
             lines.append(f"| {r['path']} | {r['precision']} | {r['batch']} | not run: {r['why'][:80]} | | | |")
             continue
         share = f"{r['share']:.2f}" if r.get("share") is not None else ""
-        lines.append(f"| {r['path']} | {r['precision']} | {r['batch']} | {r['kind']} | {r['ms']:.2f} | "
-                     f"{r['img_s']:,.0f} | {share} |")
+        lines.append(
+            f"| {r['path']} | {r['precision']} | {r['batch']} | {r['kind']} | {r['ms']:.2f} | "
+            f"{r['img_s']:,.0f} | {share} |"
+        )
     v = res["verdicts"]
     lines.append("")
     if v.get("fastest"):
         f = v["fastest"]
-        lines.append(f"Fastest: {f['path']} {f['precision']} {f['kind']} at batch {f['batch']}: {f['img_s']:,.0f} img/s"
-                     + (f", {v['fastest_vs_timm']:.2f}x timm (goal {PEER_GOAL}x)" if "fastest_vs_timm" in v else ""))
+        lines.append(
+            f"Fastest: {f['path']} {f['precision']} {f['kind']} at batch {f['batch']}: {f['img_s']:,.0f} img/s"
+            + (f", {v['fastest_vs_timm']:.2f}x timm (goal {PEER_GOAL}x)" if "fastest_vs_timm" in v else "")
+        )
     if v.get("runner_share_batch64_min") is not None:
-        lines.append(f"Runner call / device-only at batch 64, worst row: {v['runner_share_batch64_min']:.2f} "
-                     f"(goal {RUNNER_SHARE_GOAL})")
+        lines.append(
+            f"Runner call / device-only at batch 64, worst row: {v['runner_share_batch64_min']:.2f} "
+            f"(goal {RUNNER_SHARE_GOAL})"
+        )
     if extract:
         lines.append("")
-        lines.append("Extraction end to end: " + ", ".join(f"{k} {val:,.0f}" if isinstance(val, (int, float))
-                                                             else f"{k} {val}" for k, val in extract.items()))
+        lines.append(
+            "Extraction end to end: "
+            + ", ".join(
+                f"{k} {val:,.0f}" if isinstance(val, (int, float)) else f"{k} {val}" for k, val in extract.items()
+            )
+        )
     if pretrain:  # bench_pretrain_gpu.py's own Markdown, as it wrote it
         lines += ["", "Pretraining (benchmarks/bench_pretrain_gpu.py):", "", pretrain.strip()]
     return "\n".join(lines) + "\n"
@@ -256,8 +290,9 @@ def append_section(body: str, results: Path | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (a smoke run)")
     p.add_argument("--model", default="mae_vit_base_patch16")
     p.add_argument("--bundle", default=None, help="reuse an exported bundle (fp32 + fp16 encoder, reference/)")
@@ -280,8 +315,10 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             if not torch.cuda.is_available():
-                print("no CUDA device: torch.cuda.is_available() is False (use --device cpu for a smoke run)",
-                      file=sys.stderr)
+                print(
+                    "no CUDA device: torch.cuda.is_available() is False (use --device cpu for a smoke run)",
+                    file=sys.stderr,
+                )
                 return 7
         res = measure(args)
     extract = json.loads(Path(args.extract_json).read_text()) if args.extract_json else None

@@ -43,7 +43,7 @@ def run(bundle_dir: Path, val: Path, batch: int = 64) -> dict:
     paths, labels, classes = labelled_images(val)
     if bundle.class_names and bundle.class_names != classes:
         raise SystemExit(f"the bundle's classes {bundle.class_names} differ from {val}'s {classes}")
-    x = np.concatenate([pre(paths[i:i + batch]) for i in range(0, len(paths), batch)])
+    x = np.concatenate([pre(paths[i : i + batch]) for i in range(0, len(paths), batch)])
     L = bundle.num_patches
     feats, logits = {}, {}
     for precision in PRECISIONS:
@@ -51,7 +51,7 @@ def run(bundle_dir: Path, val: Path, batch: int = 64) -> dict:
         cls = ort_session(bundle.graph_path("classifier", precision))
         f, lg = [], []
         for i in range(0, len(x), batch):
-            xb = x[i:i + batch]
+            xb = x[i : i + batch]
             ids = np.tile(np.arange(L, dtype=np.int64), (len(xb), 1))
             f.append(enc.run(None, {"pixel_values": xb, "ids_keep": ids})[0][:, 1:].mean(axis=1))
             lg.append(cls.run(None, {"pixel_values": xb})[0])
@@ -62,9 +62,15 @@ def run(bundle_dir: Path, val: Path, batch: int = 64) -> dict:
         f = feats[precision].astype(np.float64)
         cos = (f * ref_f).sum(1) / (np.linalg.norm(f, axis=1) * np.linalg.norm(ref_f, axis=1))
         top = logits[precision].argmax(axis=1)
-        rows.append({"precision": precision, "feature_cosine_min": float(cos.min()),
-                     "feature_cosine_mean": float(cos.mean()), "top1": float((top == labels).mean() * 100),
-                     "top1_agreement_with_fp32": float((top == ref_top).mean() * 100)})
+        rows.append(
+            {
+                "precision": precision,
+                "feature_cosine_min": float(cos.min()),
+                "feature_cosine_mean": float(cos.mean()),
+                "top1": float((top == labels).mean() * 100),
+                "top1_agreement_with_fp32": float((top == ref_top).mean() * 100),
+            }
+        )
     return {"bundle": str(bundle_dir), "val": str(val), "images": len(paths), "rows": rows}
 
 
@@ -78,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{result['images']} images of {args.val}")
     print(f"{'precision':<10} {'feat cos min':>12} {'feat cos mean':>13} {'top-1 %':>8} {'agree w/ fp32 %':>16}")
     for r in result["rows"]:
-        print(f"{r['precision']:<10} {r['feature_cosine_min']:>12.6f} {r['feature_cosine_mean']:>13.6f} "
-              f"{r['top1']:>8.2f} {r['top1_agreement_with_fp32']:>16.2f}")
+        print(
+            f"{r['precision']:<10} {r['feature_cosine_min']:>12.6f} {r['feature_cosine_mean']:>13.6f} "
+            f"{r['top1']:>8.2f} {r['top1_agreement_with_fp32']:>16.2f}"
+        )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -59,9 +59,24 @@ def prepare(out: Path) -> None:
     save_native(model, out / "checkpoint", parts=["encoder"], overwrite=True)
     cli = Path(sys.executable).with_name("mae-deploy")
     t0 = time.perf_counter()
-    subprocess.run([str(cli), "export", str(out / "checkpoint"), "--out", str(out / "bundle"), "--parts", "encoder",
-                    "--precision", "fp32,int8,int8-qdq,int8-nncf", "--calibration", str(photos),
-                    "--reference-weights", "--overwrite"], check=True)
+    subprocess.run(
+        [
+            str(cli),
+            "export",
+            str(out / "checkpoint"),
+            "--out",
+            str(out / "bundle"),
+            "--parts",
+            "encoder",
+            "--precision",
+            "fp32,int8,int8-qdq,int8-nncf",
+            "--calibration",
+            str(photos),
+            "--reference-weights",
+            "--overwrite",
+        ],
+        check=True,
+    )
     print(f"exported {out / 'bundle'} in {time.perf_counter() - t0:.0f} s")
 
 
@@ -77,13 +92,59 @@ def digits(out: Path, pretrain_epochs: int, probe_epochs: int) -> None:
 
     if not (data / "digits.json").exists():
         run("data", "digits", str(data))
-    run("pretrain", "--model", "mae_vit_tiny_patch4", "--in_chans", "1", "--norm_pix_loss", "--mask_ratio", "0.75",
-        "--batch_size", "64", "--epochs", str(pretrain_epochs), "--warmup_epochs", "2", "--blr", "2e-3",
-        "--data_path", str(data), "--output_dir", str(pre), *common)
-    run("linprobe", "--finetune", str(pre / "model"), "--batch_size", "128", "--epochs", str(probe_epochs),
-        "--warmup_epochs", "2", "--blr", "20", "--data_path", str(data), "--output_dir", str(probe), *common)
-    run("export", str(probe / "model"), "--out", str(bundle), "--precision", "fp32,int8,int8-qdq,int8-nncf",
-        "--calibration", str(data / "train"), "--reference-weights", "--overwrite")
+    run(
+        "pretrain",
+        "--model",
+        "mae_vit_tiny_patch4",
+        "--in_chans",
+        "1",
+        "--norm_pix_loss",
+        "--mask_ratio",
+        "0.75",
+        "--batch_size",
+        "64",
+        "--epochs",
+        str(pretrain_epochs),
+        "--warmup_epochs",
+        "2",
+        "--blr",
+        "2e-3",
+        "--data_path",
+        str(data),
+        "--output_dir",
+        str(pre),
+        *common,
+    )
+    run(
+        "linprobe",
+        "--finetune",
+        str(pre / "model"),
+        "--batch_size",
+        "128",
+        "--epochs",
+        str(probe_epochs),
+        "--warmup_epochs",
+        "2",
+        "--blr",
+        "20",
+        "--data_path",
+        str(data),
+        "--output_dir",
+        str(probe),
+        *common,
+    )
+    run(
+        "export",
+        str(probe / "model"),
+        "--out",
+        str(bundle),
+        "--precision",
+        "fp32,int8,int8-qdq,int8-nncf",
+        "--calibration",
+        str(data / "train"),
+        "--reference-weights",
+        "--overwrite",
+    )
     # ORT only: the openvino backend runs encoders, not the classifier graph.
     run("eval", str(bundle), str(data / "val"), "--threads", "2", "--no-progress", "--out", str(out / "eval.json"))
 
@@ -118,23 +179,28 @@ def own_nncf(out: Path, rounds: int, threads: int, batch: int = 8) -> dict:
     torch.set_num_threads(threads)
     eager = create_runner(bundle, backend="torch", precision="fp32", threads=threads)
     calls["PyTorch eager fp32"] = lambda: eager.encode(x, keep)
-    for backend, precision in (("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8"), ("ort", "int8"),
-                               ("ort", "int8-nncf")):
+    for backend, precision in (
+        ("openvino", "fp32"),
+        ("openvino", "bf16"),
+        ("openvino", "int8"),
+        ("ort", "int8"),
+        ("ort", "int8-nncf"),
+    ):
         runner = create_runner(bundle, backend=backend, precision=precision, threads=threads)
         calls[f"{backend} {precision} (bundle)"] = (lambda r: lambda: r.encode(x, keep))(runner)
 
     core = ov.Core()
     t0 = time.perf_counter()
     fp32 = core.read_model(str(bundle.graph_path("encoder", "fp32")))
-    feeds = [{"pixel_values": x[i:i + 1], "ids_keep": keep[i:i + 1]} for i in range(len(x))]
-    quantized = nncf.quantize(fp32, nncf.Dataset(feeds), model_type=nncf.ModelType.TRANSFORMER,
-                              subset_size=len(feeds))
+    feeds = [{"pixel_values": x[i : i + 1], "ids_keep": keep[i : i + 1]} for i in range(len(x))]
+    quantized = nncf.quantize(fp32, nncf.Dataset(feeds), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(feeds))
     quantize_s = time.perf_counter() - t0
     compiled = core.compile_model(quantized, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
     request = compiled.create_infer_request()
     latent_port = compiled.output("latent")
     calls["OpenVINO int8, OpenVINO's own NNCF"] = lambda: request.infer({"pixel_values": x, "ids_keep": keep})[
-        latent_port].copy()
+        latent_port
+    ].copy()
 
     outputs = {name: call() for name, call in calls.items()}  # first call: warm-up and the checked output
     best = dict.fromkeys(calls, float("inf"))
@@ -145,12 +211,29 @@ def own_nncf(out: Path, rounds: int, threads: int, batch: int = 8) -> dict:
             call()
             best[name] = min(best[name], (time.perf_counter() - t) * 1000)
     ref = outputs["PyTorch eager fp32"]
-    rows = [{"path": name, "best_ms": best[name], "vs_torch_eager": best["PyTorch eager fp32"] / best[name],
-             "pooled_cosine_min": _cosine(outputs[name], ref)} for name in calls]
+    rows = [
+        {
+            "path": name,
+            "best_ms": best[name],
+            "vs_torch_eager": best["PyTorch eager fp32"] / best[name],
+            "pooled_cosine_min": _cosine(outputs[name], ref),
+        }
+        for name in calls
+    ]
     m = machine_info(libraries=("torch", "openvino", "onnxruntime", "nncf"))
-    return {"rounds": rounds, "threads": threads, "batch": len(x), "visible": L, "quantize_s": quantize_s,
-            "cpu": m["cpu_model"], "int8_isa": m["int8_isa"], "cpu_flags": m["cpu_flags"],
-            "libraries": m["libraries"], "load_average": {"start": load_start, "end": load_average()}, "rows": rows}
+    return {
+        "rounds": rounds,
+        "threads": threads,
+        "batch": len(x),
+        "visible": L,
+        "quantize_s": quantize_s,
+        "cpu": m["cpu_model"],
+        "int8_isa": m["int8_isa"],
+        "cpu_flags": m["cpu_flags"],
+        "libraries": m["libraries"],
+        "load_average": {"start": load_start, "end": load_average()},
+        "rows": rows,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,8 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     result = own_nncf(args.dir, args.rounds, args.threads)
     (args.dir / "own_nncf.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{result['cpu']}, int8 on {result['int8_isa']}, {args.threads} threads, batch {result['batch']}, "
-          f"{result['rounds']} interleaved rounds, load average {result['load_average']}")
+    print(
+        f"{result['cpu']}, int8 on {result['int8_isa']}, {args.threads} threads, batch {result['batch']}, "
+        f"{result['rounds']} interleaved rounds, load average {result['load_average']}"
+    )
     print("| path | best ms | vs torch eager fp32 | pooled cosine (min) |\n|---|---:|---:|---:|")
     for r in result["rows"]:
         print(f"| {r['path']} | {r['best_ms']:.0f} | {r['vs_torch_eager']:.2f}x | {r['pooled_cosine_min']:.5f} |")

@@ -48,8 +48,15 @@ def export_vit_b(out: Path, int8: bool) -> Path:
         for n in PHOTOS:
             Image.fromarray(getattr(skimage.data, n)()).convert("RGB").save(calib / f"{n}.png")
     torch.manual_seed(0)
-    export_bundle(create_model("mae_vit_base_patch16").eval(), out, parts=("encoder",), verify=False, progress=None,
-                  precisions=("fp32", "int8", "int8-qdq") if int8 else ("fp32",), calibration=calib)
+    export_bundle(
+        create_model("mae_vit_base_patch16").eval(),
+        out,
+        parts=("encoder",),
+        verify=False,
+        progress=None,
+        precisions=("fp32", "int8", "int8-qdq") if int8 else ("fp32",),
+        calibration=calib,
+    )
     return out
 
 
@@ -113,10 +120,12 @@ def main() -> None:
             from mae_deploy.bench.machine import cpu_model_and_flags
 
         model, flags = cpu_model_and_flags()
-        wide = [f for f in flags if 'avx512' in f or 'amx' in f or 'bf16' in f]
+        wide = [f for f in flags if "avx512" in f or "amx" in f or "bf16" in f]
         print(f"CPU: {model} ({' '.join(wide) or 'no AVX-512'})")
-        print(f"ViT-B/16 encoder, batch {args.batch}, {bundle.num_patches} visible tokens, {args.threads} threads, "
-              f"{args.rounds} interleaved rounds (median)\n")
+        print(
+            f"ViT-B/16 encoder, batch {args.batch}, {bundle.num_patches} visible tokens, {args.threads} threads, "
+            f"{args.rounds} interleaved rounds (median)\n"
+        )
         print("| backend | precision | median ms | vs ORT fp32 | max abs diff | pooled cosine |")
         print("|---|---|---|---|---|---|")
         for k in configs:

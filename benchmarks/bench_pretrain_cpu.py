@@ -85,8 +85,11 @@ def main() -> None:
             dt = time.perf_counter() - t0
             if r >= args.warmup:
                 times[name].append(dt)
-        print(f"round {r + 1}/{args.warmup + args.iters}: "
-              + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items() if v), flush=True)
+        print(
+            f"round {r + 1}/{args.warmup + args.iters}: "
+            + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items() if v),
+            flush=True,
+        )
     load_after = os.getloadavg()
 
     med = {k: statistics.median(v) for k, v in times.items()}

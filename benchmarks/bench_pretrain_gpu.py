@@ -114,8 +114,9 @@ class Variant:
         return statistics.median(self.times_s)
 
 
-def make_step(module: torch.nn.Module, optimizer: torch.optim.Optimizer, imgs: torch.Tensor, num_patches: int,
-              precision: str) -> Callable[[], float]:
+def make_step(
+    module: torch.nn.Module, optimizer: torch.optim.Optimizer, imgs: torch.Tensor, num_patches: int, precision: str
+) -> Callable[[], float]:
     """One training step as training/pretrain.py runs it (noise drawn outside the model)."""
     device = imgs.device
 
@@ -155,8 +156,23 @@ def timed(variant: Variant, steps: int, device: torch.device) -> None:
 # Kind of kernel (or op, on the CPU) by name; the first match wins. Heuristic: names differ per library.
 KERNEL_KINDS = (
     ("attention", ("flash", "fmha", "attention", "sdpa")),
-    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "aten::mm", "aten::addmm", "aten::bmm",
-                "aten::linear", "aten::matmul", "convolution", "conv2d")),
+    (
+        "matmul",
+        (
+            "gemm",
+            "cutlass",
+            "xmma",
+            "nvjet",
+            "cublas",
+            "aten::mm",
+            "aten::addmm",
+            "aten::bmm",
+            "aten::linear",
+            "aten::matmul",
+            "convolution",
+            "conv2d",
+        ),
+    ),
     ("layernorm", ("layer_norm", "layernorm")),
     ("gather/scatter/sort", ("gather", "scatter", "index", "sort", "cat", "where")),
     ("optimizer", ("adam", "foreach", "multi_tensor")),
@@ -206,8 +222,11 @@ def profile_variant(variant: Variant, steps: int, device: torch.device, out_dir:
     slug = variant.name.replace("[M]", "mtok").replace(" ", "_")
     atomic_write_text(out_dir / f"{slug}.txt", table + "\n")
     total = sum(by_kind.values()) or 1.0
-    return {"ms_per_step": total / 1000 / steps, "launches_per_step": launches / steps,
-            "share": {k: v / total for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])}}
+    return {
+        "ms_per_step": total / 1000 / steps,
+        "launches_per_step": launches / steps,
+        "share": {k: v / total for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -215,8 +234,7 @@ def profile_variant(variant: Variant, steps: int, device: torch.device, out_dir:
 # --------------------------------------------------------------------------------------------------
 
 
-def run_config(key: str, decoder_depth: int, args: argparse.Namespace, device: torch.device, precision: str
-               ) -> dict:
+def run_config(key: str, decoder_depth: int, args: argparse.Namespace, device: torch.device, precision: str) -> dict:
     name, label, default_batch = MODELS[key]
     batch = args.batch or default_batch
     cfg = get_config(name, decoder_depth=decoder_depth, norm_pix_loss=True)
@@ -244,30 +262,50 @@ def run_config(key: str, decoder_depth: int, args: argparse.Namespace, device: t
     for r in range(args.rounds):
         for v in variants:
             timed(v, args.steps, device)
-        print(f"  {label} dec {decoder_depth} round {r + 1}/{args.rounds}: "
-              + ", ".join(f"{v.name} {v.times_s[-1] * 1000:.1f} ms" for v in variants), flush=True)
+        print(
+            f"  {label} dec {decoder_depth} round {r + 1}/{args.rounds}: "
+            + ", ".join(f"{v.name} {v.times_s[-1] * 1000:.1f} ms" for v in variants),
+            flush=True,
+        )
     profiles = {}
     if args.profile:
         for v in variants:
-            profiles[v.name] = profile_variant(v, args.profile_steps, device,
-                                               Path(args.profile) / f"{key}_dec{decoder_depth}")
-    rows = [{
-        "variant": v.name, "kind": v.kind, "mode": v.mode, "ms_per_step": v.median_s * 1000,
-        "min_ms_per_step": min(v.times_s) * 1000, "images_per_s": batch / v.median_s,
-        "peak_step_gib": max(v.peak_bytes) / 2**30 if v.peak_bytes else None,
-        "gflop_per_step": v.flops / 1e9, "tflops": v.flops / v.median_s / 1e12,
-        "first_step_s": v.first_step_s, "profile": profiles.get(v.name),
-    } for v in variants]
+            profiles[v.name] = profile_variant(
+                v, args.profile_steps, device, Path(args.profile) / f"{key}_dec{decoder_depth}"
+            )
+    rows = [
+        {
+            "variant": v.name,
+            "kind": v.kind,
+            "mode": v.mode,
+            "ms_per_step": v.median_s * 1000,
+            "min_ms_per_step": min(v.times_s) * 1000,
+            "images_per_s": batch / v.median_s,
+            "peak_step_gib": max(v.peak_bytes) / 2**30 if v.peak_bytes else None,
+            "gflop_per_step": v.flops / 1e9,
+            "tflops": v.flops / v.median_s / 1e12,
+            "first_step_s": v.first_step_s,
+            "profile": profiles.get(v.name),
+        }
+        for v in variants
+    ]
     by = {r["variant"]: r for r in rows}
     best = {k: min((r for r in rows if r["kind"] == k), key=lambda r: r["ms_per_step"]) for k in KINDS}
-    ratio_eager = (by["[M] eager"]["ms_per_step"] / by["MAE eager"]["ms_per_step"]
-                   if "eager" in args.modes else None)
-    return {"model": key, "label": label, "registry": name, "decoder_depth": decoder_depth, "batch": batch,
-            "img_size": cfg.img_size, "compile_mode": compile_mode if "compiled" in args.modes else None,
-            "rows": rows, "ratio_eager": ratio_eager,
-            "ratio_best": best["[M]"]["ms_per_step"] / best["MAE"]["ms_per_step"],
-            "best": {k: best[k]["variant"] for k in KINDS},
-            "paper_table2": PAPER_TABLE2.get((key, decoder_depth))}
+    ratio_eager = by["[M] eager"]["ms_per_step"] / by["MAE eager"]["ms_per_step"] if "eager" in args.modes else None
+    return {
+        "model": key,
+        "label": label,
+        "registry": name,
+        "decoder_depth": decoder_depth,
+        "batch": batch,
+        "img_size": cfg.img_size,
+        "compile_mode": compile_mode if "compiled" in args.modes else None,
+        "rows": rows,
+        "ratio_eager": ratio_eager,
+        "ratio_best": best["[M]"]["ms_per_step"] / best["MAE"]["ms_per_step"],
+        "best": {k: best[k]["variant"] for k in KINDS},
+        "paper_table2": PAPER_TABLE2.get((key, decoder_depth)),
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -324,8 +362,15 @@ def loader_rates(args: argparse.Namespace, device: torch.device, batch: int) -> 
         def sampler(ds):
             return RandomSampler(ds, replacement=True, num_samples=total, generator=torch.Generator().manual_seed(0))
 
-        cpu = DataLoader(cpu_set, batch_size=batch, sampler=sampler(cpu_set), num_workers=workers, drop_last=True,
-                         pin_memory=pin, persistent_workers=False)
+        cpu = DataLoader(
+            cpu_set,
+            batch_size=batch,
+            sampler=sampler(cpu_set),
+            num_workers=workers,
+            drop_last=True,
+            pin_memory=pin,
+            persistent_workers=False,
+        )
         enc = gpu_data.EncodedImageFolder(root, 3, log=None)
         dev = gpu_data.device_decoded_loader(enc, sampler(enc), batch, workers, pin, size, 3, device)
         rates = {"cpu_workers": loader_rate(cpu, device), "device_decode": loader_rate(dev, device)}
@@ -358,16 +403,23 @@ def render_markdown(report: dict) -> str:
     for c in report["configs"]:
         head = f"{c['label']}, dec {c['decoder_depth']}, {c['batch']}"
         for r in c["rows"]:
-            lines.append(f"| {head} | {r['variant']} | {r['ms_per_step']:.1f} | {r['images_per_s']:,.0f} | "
-                         f"{_f(r['peak_step_gib'], '.1f')} | {r['gflop_per_step']:,.4g} | {r['tflops']:.3g} | "
-                         f"{r['tflops'] / peak:.0%} | {r['first_step_s']:.1f} |")
+            lines.append(
+                f"| {head} | {r['variant']} | {r['ms_per_step']:.1f} | {r['images_per_s']:,.0f} | "
+                f"{_f(r['peak_step_gib'], '.1f')} | {r['gflop_per_step']:,.4g} | {r['tflops']:.3g} | "
+                f"{r['tflops'] / peak:.0%} | {r['first_step_s']:.1f} |"
+            )
             head = ""
-    lines += ["", "| model, decoder, batch | MAE / [M] eager | MAE / [M] best vs best | best sides | paper Table 2 |",
-              "| --- | ---: | ---: | --- | ---: |"]
+    lines += [
+        "",
+        "| model, decoder, batch | MAE / [M] eager | MAE / [M] best vs best | best sides | paper Table 2 |",
+        "| --- | ---: | ---: | --- | ---: |",
+    ]
     for c in report["configs"]:
-        lines.append(f"| {c['label']}, dec {c['decoder_depth']}, {c['batch']} | {_f(c['ratio_eager'], '.2f')}x | "
-                     f"{c['ratio_best']:.2f}x | {c['best']['MAE']} vs {c['best']['[M]']} | "
-                     f"{_f(c['paper_table2'], '.1f')}{'x' if c['paper_table2'] else ''} |")
+        lines.append(
+            f"| {c['label']}, dec {c['decoder_depth']}, {c['batch']} | {_f(c['ratio_eager'], '.2f')}x | "
+            f"{c['ratio_best']:.2f}x | {c['best']['MAE']} vs {c['best']['[M]']} | "
+            f"{_f(c['paper_table2'], '.1f')}{'x' if c['paper_table2'] else ''} |"
+        )
     for s in report["skipped"]:
         lines.append(f"\nskipped (over --budget-s {report['budget_s']:.0f}): {s}")
     if not report.get("complete", True):
@@ -375,24 +427,33 @@ def render_markdown(report: dict) -> str:
     loader = report.get("loader")
     if loader:
         rates = loader["images_per_s"]
-        fastest = max((r["images_per_s"] for c in report["configs"] for r in c["rows"] if r["kind"] == "MAE"),
-                      default=None)
+        fastest = max(
+            (r["images_per_s"] for c in report["configs"] for r in c["rows"] if r["kind"] == "MAE"), default=None
+        )
         need = f"; the fastest MAE step above takes {fastest:,.0f} img/s" if fastest else ""
-        lines += ["", f"Data: RandomResizedCrop(0.2-1) + flip + normalise of 500x375 JPEGs to {loader['size']} px, "
-                  f"batch {loader['batch']}: {rates['cpu_workers']:,.0f} img/s in {loader['workers']} CPU workers "
-                  f"(PIL, as today), {rates['device_decode']:,.0f} img/s decoded on the device "
-                  f"(--gpu_decode, the workers only read files){need}."]
+        lines += [
+            "",
+            f"Data: RandomResizedCrop(0.2-1) + flip + normalise of 500x375 JPEGs to {loader['size']} px, "
+            f"batch {loader['batch']}: {rates['cpu_workers']:,.0f} img/s in {loader['workers']} CPU workers "
+            f"(PIL, as today), {rates['device_decode']:,.0f} img/s decoded on the device "
+            f"(--gpu_decode, the workers only read files){need}.",
+        ]
     profiled = [(c, r) for c in report["configs"] for r in c["rows"] if r["profile"]]
     if profiled:
-        lines += ["", "Where the step's time goes (profiler, self time by kind of kernel; tables in "
-                  f"{report['profile_dir']}):", "",
-                  f"| model, decoder | variant | profiled ms/step | {report['launch_unit']}/step | shares |",
-                  "| --- | --- | ---: | ---: | --- |"]
+        lines += [
+            "",
+            f"Where the step's time goes (profiler, self time by kind of kernel; tables in {report['profile_dir']}):",
+            "",
+            f"| model, decoder | variant | profiled ms/step | {report['launch_unit']}/step | shares |",
+            "| --- | --- | ---: | ---: | --- |",
+        ]
         for c, r in profiled:
             p = r["profile"]
             shares = ", ".join(f"{k} {v:.0%}" for k, v in p["share"].items() if v >= 0.01)
-            lines.append(f"| {c['label']}, {c['decoder_depth']} | {r['variant']} | {p['ms_per_step']:.1f} | "
-                         f"{p['launches_per_step']:.0f} | {shares} |")
+            lines.append(
+                f"| {c['label']}, {c['decoder_depth']} | {r['variant']} | {p['ms_per_step']:.1f} | "
+                f"{p['launches_per_step']:.0f} | {shares} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -408,19 +469,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--decoder-depths", nargs="+", type=int, default=[8, 1])
     ap.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     ap.add_argument("--batch", type=int, default=None, help="default per model: B 256, L 128, H 64, tiny 8")
-    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                    help="auto = bf16 on GPUs that have it (as pretrain's --precision auto), fp32 on CPU")
-    ap.add_argument("--compile-mode", default="auto",
-                    help="torch.compile mode of the compiled variants (auto = reduce-overhead on a GPU)")
+    ap.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        help="auto = bf16 on GPUs that have it (as pretrain's --precision auto), fp32 on CPU",
+    )
+    ap.add_argument(
+        "--compile-mode",
+        default="auto",
+        help="torch.compile mode of the compiled variants (auto = reduce-overhead on a GPU)",
+    )
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--steps", type=int, default=5, help="steps per timed round")
     ap.add_argument("--warmup", type=int, default=3, help="untimed rounds after the first step")
-    ap.add_argument("--budget-s", type=float, default=None,
-                    help="start no configuration that would end past this many seconds from the start")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="start no configuration that would end past this many seconds from the start",
+    )
     ap.add_argument("--profile", default=None, metavar="DIR", help="write profiler kernel tables here")
     ap.add_argument("--profile-steps", type=int, default=3)
-    ap.add_argument("--loader-images", type=int, default=0,
-                    help="also measure the data path over this many images (0 = no; e.g. 4096)")
+    ap.add_argument(
+        "--loader-images",
+        type=int,
+        default=0,
+        help="also measure the data path over this many images (0 = no; e.g. 4096)",
+    )
     ap.add_argument("--loader-workers", type=int, default=None, help="DataLoader workers (default: all CPUs)")
     ap.add_argument("--loader-size", type=int, default=224, help="crop size off the GPU (on a GPU: 224)")
     ap.add_argument("--json", default=None, help="write the results as JSON here")
@@ -448,14 +524,28 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"matmul probe {n}^3 {dtype}: {peak:.1f} TFLOP/s on {device_name}", flush=True)
     info = machine_info(["torch", "torchvision"])
     report = {
-        "when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
-        "precision": precision, "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
-        "peak_tflops": peak, "peak_probe": f"{n}^3 {str(dtype).removeprefix('torch.')} matmul",
-        "budget_s": args.budget_s, "skipped": [], "profile_dir": args.profile,
+        "when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "precision": precision,
+        "rounds": args.rounds,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "peak_tflops": peak,
+        "peak_probe": f"{n}^3 {str(dtype).removeprefix('torch.')} matmul",
+        "budget_s": args.budget_s,
+        "skipped": [],
+        "profile_dir": args.profile,
         "launch_unit": "kernel launches" if device.type == "cuda" else "aten ops",
-        "machine": {"device_name": device_name, "cpu_model": info["cpu_model"], "threads": info["threads"],
-                    "gpus": info["gpus"], "libraries": info["libraries"]},
-        "configs": [], "loader": None, "total_s": 0.0,
+        "machine": {
+            "device_name": device_name,
+            "cpu_model": info["cpu_model"],
+            "threads": info["threads"],
+            "gpus": info["gpus"],
+            "libraries": info["libraries"],
+        },
+        "configs": [],
+        "loader": None,
+        "total_s": 0.0,
     }
 
     def write(final: bool) -> str:

@@ -63,8 +63,9 @@ def export(dst: Path) -> Path:
     from training.model import create_model
 
     torch.manual_seed(0)
-    export_bundle(create_model(MODEL).eval(), dst, precisions=("fp32", "int8"), parts=["encoder"], verify=False,
-                  progress=None)
+    export_bundle(
+        create_model(MODEL).eval(), dst, precisions=("fp32", "int8"), parts=["encoder"], verify=False, progress=None
+    )
     return dst
 
 
@@ -74,8 +75,10 @@ def make_jpegs(dst: Path, n: int) -> list[Path]:
     from skimage import data
 
     dst.mkdir(parents=True, exist_ok=True)
-    photos = [Image.fromarray(getattr(data, k)()).convert("RGB") for k in
-              ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")]
+    photos = [
+        Image.fromarray(getattr(data, k)()).convert("RGB")
+        for k in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
+    ]
     rng = np.random.default_rng(0)
     paths = []
     for i in range(n):
@@ -155,8 +158,24 @@ def start_server(bundle: Path, precision: str, log: Path) -> tuple[subprocess.Po
 
     port = _free_port()
     code = "from mae_deploy.commands.serve import serve; serve()"  # the click command itself
-    proc = subprocess.Popen([sys.executable, "-c", code, str(bundle), "--port", str(port), "--precision", precision,
-                             "--max-queue", "1024", "--timeout-s", "600"], cwd=ROOT, stderr=open(log, "w"))  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(bundle),
+            "--port",
+            str(port),
+            "--precision",
+            precision,
+            "--max-queue",
+            "1024",
+            "--timeout-s",
+            "600",
+        ],
+        cwd=ROOT,
+        stderr=open(log, "w"),
+    )  # noqa: SIM115
     url = f"http://127.0.0.1:{port}"
     for _ in range(1200):
         if proc.poll() is not None:
@@ -258,11 +277,17 @@ def load_level(url: str, blobs: list[bytes], clients: int, requests: int) -> dic
     s1, n1 = _batch_stats(url)
     lat = np.array(latencies)
     overhead = lat - np.array(runner)
-    return {"clients": clients, "requests": len(lat), "ips": len(lat) / wall,
-            "p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
-            "p99_ms": float(np.percentile(lat, 99)), "runner_p50_ms": float(np.percentile(runner, 50)),
-            "overhead_p50_ms": float(np.percentile(overhead, 50)),
-            "mean_batch": (s1 - start["sum"]) / max(1.0, n1 - start["count"])}
+    return {
+        "clients": clients,
+        "requests": len(lat),
+        "ips": len(lat) / wall,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p90_ms": float(np.percentile(lat, 90)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "runner_p50_ms": float(np.percentile(runner, 50)),
+        "overhead_p50_ms": float(np.percentile(overhead, 50)),
+        "mean_batch": (s1 - start["sum"]) / max(1.0, n1 - start["count"]),
+    }
 
 
 def run(args) -> dict:
@@ -270,8 +295,12 @@ def run(args) -> dict:
     bundle = export(work / "bundle")
     paths = make_jpegs(work / "jpegs", args.images)
     blobs = [p.read_bytes() for p in paths]
-    out = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": _cpu(),
-           "load_before": os.getloadavg()[0], "precisions": {}}
+    out = {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": _cpu(),
+        "load_before": os.getloadavg()[0],
+        "precisions": {},
+    }
     for precision in args.precisions.split(","):
         print(f"== {precision}: offline", flush=True)
         res = offline(bundle, precision, paths)
@@ -305,26 +334,36 @@ def _cpu() -> str:
 
 
 def markdown(res: dict) -> str:
-    lines = [SECTION, "",
-             "ViT-B/16 encoder (random init), ORT on CPU, single 224x224 JPEG per request; server = "
-             "`mae-deploy serve` defaults (--max-delay-ms 0, --max-batch-size 32) but --timeout-s 600 and --max-queue "
-             "1024 (a slow machine must not turn the measurement into 504s). "
-             f"Measured {res['date']} on {res['cpu']}; load "
-             f"average {res['load_before']:.1f} before, {res['load_after']:.1f} after (other processes share the "
-             "2 cores; clients run on them too).", "",
-             "| precision | clients | requests | images/s | vs offline | p50 ms | p90 ms | p99 ms "
-             "| server runner call p50 ms | latency - runner call p50 ms | mean batch |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        SECTION,
+        "",
+        "ViT-B/16 encoder (random init), ORT on CPU, single 224x224 JPEG per request; server = "
+        "`mae-deploy serve` defaults (--max-delay-ms 0, --max-batch-size 32) but --timeout-s 600 and --max-queue "
+        "1024 (a slow machine must not turn the measurement into 504s). "
+        f"Measured {res['date']} on {res['cpu']}; load "
+        f"average {res['load_before']:.1f} before, {res['load_after']:.1f} after (other processes share the "
+        "2 cores; clients run on them too).",
+        "",
+        "| precision | clients | requests | images/s | vs offline | p50 ms | p90 ms | p99 ms "
+        "| server runner call p50 ms | latency - runner call p50 ms | mean batch |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for prec, r in res["precisions"].items():
-        lines.append(f"| {prec} | offline: encode only, batch 32 (decoded) | | {r['model_ips']:.1f} | 1.00x | "
-                     f"batch-1 encode p50 {r['batch1_p50_ms']:.1f} | | | | | 32 |")
-        lines.append(f"| {prec} | offline: FeatureExtractor.extract, batch 32 | | {r['offline_ips']:.1f} | "
-                     f"{r['offline_ips'] / r['model_ips']:.2f}x | | | | | | 32 |")
+        lines.append(
+            f"| {prec} | offline: encode only, batch 32 (decoded) | | {r['model_ips']:.1f} | 1.00x | "
+            f"batch-1 encode p50 {r['batch1_p50_ms']:.1f} | | | | | 32 |"
+        )
+        lines.append(
+            f"| {prec} | offline: FeatureExtractor.extract, batch 32 | | {r['offline_ips']:.1f} | "
+            f"{r['offline_ips'] / r['model_ips']:.2f}x | | | | | | 32 |"
+        )
         for lv in r["levels"]:
-            lines.append(f"| {prec} | {lv['clients']} | {lv['requests']} | {lv['ips']:.1f} | "
-                         f"{lv['ips'] / r['model_ips']:.2f}x | {lv['p50_ms']:.1f} | {lv['p90_ms']:.1f} | "
-                         f"{lv['p99_ms']:.1f} | {lv['runner_p50_ms']:.1f} | {lv['overhead_p50_ms']:.1f} | "
-                         f"{lv['mean_batch']:.1f} |")
+            lines.append(
+                f"| {prec} | {lv['clients']} | {lv['requests']} | {lv['ips']:.1f} | "
+                f"{lv['ips'] / r['model_ips']:.2f}x | {lv['p50_ms']:.1f} | {lv['p90_ms']:.1f} | "
+                f"{lv['p99_ms']:.1f} | {lv['runner_p50_ms']:.1f} | {lv['overhead_p50_ms']:.1f} | "
+                f"{lv['mean_batch']:.1f} |"
+            )
     lines.append("")
     for prec, r in res["precisions"].items():
         lines.append(_verdict(prec, r))
@@ -344,12 +383,14 @@ def _verdict(prec: str, r: dict) -> str:
     limit = one["runner_p50_ms"] + 5
     before, after = r["batch1_p50_ms"], r.get("batch1_after_p50_ms")
     offline = f"{before:.1f} ms before" + (f", {after:.1f} ms after" if after is not None else "")
-    return (f"- {prec}: 32 clients at {share:.0%} of offline encode-only images/s "
-            f"({many['ips'] / r['offline_ips']:.0%} of FeatureExtractor; target >= 85 %: {_met(share >= 0.85)}). "
-            f"1 client p50 {one['p50_ms']:.1f} ms vs the server's batch-1 runner call {one['runner_p50_ms']:.1f} ms "
-            f"+ 5 ms = {limit:.1f} ms ({_met(one['p50_ms'] <= limit)}); per request, latency minus its runner call: "
-            f"{one['overhead_p50_ms']:.1f} ms p50. Offline batch-1 encode in its own process: {offline} the online "
-            f"levels (the first + 5 ms: {_met(one['p50_ms'] <= before + 5)}).")
+    return (
+        f"- {prec}: 32 clients at {share:.0%} of offline encode-only images/s "
+        f"({many['ips'] / r['offline_ips']:.0%} of FeatureExtractor; target >= 85 %: {_met(share >= 0.85)}). "
+        f"1 client p50 {one['p50_ms']:.1f} ms vs the server's batch-1 runner call {one['runner_p50_ms']:.1f} ms "
+        f"+ 5 ms = {limit:.1f} ms ({_met(one['p50_ms'] <= limit)}); per request, latency minus its runner call: "
+        f"{one['overhead_p50_ms']:.1f} ms p50. Offline batch-1 encode in its own process: {offline} the online "
+        f"levels (the first + 5 ms: {_met(one['p50_ms'] <= before + 5)})."
+    )
 
 
 def main() -> None:

@@ -31,8 +31,14 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-PRE = {"image_size": 224, "resize": "shorter_side_crop", "crop_pct": 0.875, "interpolation": "bicubic",
-       "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+PRE = {
+    "image_size": 224,
+    "resize": "shorter_side_crop",
+    "crop_pct": 0.875,
+    "interpolation": "bicubic",
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+}
 
 
 def make_folder(root: Path, n: int, side: int) -> Path:
@@ -57,7 +63,7 @@ def rate(spec: str) -> tuple[float, int]:
     items = list(enumerate(src.paths))
     t0 = time.perf_counter()
     for a in range(0, len(items), 32):
-        d = dec.decode_batch(items[a:a + 32])
+        d = dec.decode_batch(items[a : a + 32])
         assert not d.failures, d.failures[:1]
     return len(items) / (time.perf_counter() - t0), len(items)
 
@@ -74,9 +80,11 @@ def read_rate(spec: str) -> float:
 
 
 def rss_child(spec: str) -> float:
-    code = (f"import sys, resource; sys.path.insert(0, {str(REPO)!r}); from mae_deploy.sources import list_source; "
-            f"s = list_source({spec!r}); [s.reader.read(r, p) for r, p in enumerate(s.paths)]; "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    code = (
+        f"import sys, resource; sys.path.insert(0, {str(REPO)!r}); from mae_deploy.sources import list_source; "
+        f"s = list_source({spec!r}); [s.reader.read(r, p) for r, p in enumerate(s.paths)]; "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    )
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
@@ -91,9 +99,15 @@ def start_s3() -> object:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": f"http://{host}:{port}",
-                       "AWS_EC2_METADATA_DISABLED": "true"})
+    os.environ.update(
+        {
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL_S3": f"http://{host}:{port}",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+    )
     return server
 
 
@@ -117,8 +131,10 @@ def main() -> None:
     args = ap.parse_args()
     from mae_deploy.sources.pack import write_parquet, write_shards
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         folder = make_folder(tmp / "folder", args.images, args.side)
@@ -129,8 +145,10 @@ def main() -> None:
         server = start_s3() if args.s3 else None
         if server is not None:
             where = upload(tmp, kinds)
-        print(f"# bench_sources: {args.images} JPEGs {args.side}x{args.side * 3 // 4}, one process, CPU: {cpu}"
-              + (", from s3:// (moto on 127.0.0.1)" if server is not None else ", local files"))
+        print(
+            f"# bench_sources: {args.images} JPEGs {args.side}x{args.side * 3 // 4}, one process, CPU: {cpu}"
+            + (", from s3:// (moto on 127.0.0.1)" if server is not None else ", local files")
+        )
         reads = {k: 0.0 for k in kinds}
         rates = {k: 0.0 for k in kinds}
         for _ in range(args.rounds):  # interleaved, best of the rounds: other load on a shared machine is noise
@@ -138,8 +156,10 @@ def main() -> None:
                 reads[name] = max(reads[name], read_rate(where[name]))
                 rates[name] = max(rates[name], rate(where[name])[0])
         for name in kinds:
-            print(f"{name:8s} read {reads[name]:9.0f} rows/s ({reads[name] / reads['folder']:.2f}x folder)   "
-                  f"read+decode {rates[name]:7.1f} img/s ({rates[name] / rates['folder']:.2f}x folder)")
+            print(
+                f"{name:8s} read {reads[name]:9.0f} rows/s ({reads[name] / reads['folder']:.2f}x folder)   "
+                f"read+decode {rates[name]:7.1f} img/s ({rates[name] / rates['folder']:.2f}x folder)"
+            )
         if server is not None:
             server.stop()
             return

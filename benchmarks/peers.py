@@ -75,8 +75,12 @@ def get_bundle(model_name: str, path: Path, seed: int):
 
     try:
         b = Bundle.load(path, verify=False)
-        if (b.name == model_name and b.has_decoder and "int8" in b.precisions("encoder")
-                and (b.path / "reference").is_dir()):
+        if (
+            b.name == model_name
+            and b.has_decoder
+            and "int8" in b.precisions("encoder")
+            and (b.path / "reference").is_dir()
+        ):
             return b
     except BundleError:
         pass
@@ -85,8 +89,9 @@ def get_bundle(model_name: str, path: Path, seed: int):
     model = create_model(model_name).eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     # Both parts: with parts="encoder", reference/ holds the decoder weights too and does not load back.
-    export_bundle(model, path, precisions=("fp32", "int8"), reference_weights=True,
-                  verify=False, overwrite=True, progress=None)
+    export_bundle(
+        model, path, precisions=("fp32", "int8"), reference_weights=True, verify=False, overwrite=True, progress=None
+    )
     return Bundle.load(path, verify=False)
 
 
@@ -99,20 +104,29 @@ def hf_model(model, cfg):
     from training.hf_layout import official_to_hf
 
     hf_cfg = transformers.ViTMAEConfig(
-        hidden_size=cfg.embed_dim, num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads,
-        intermediate_size=int(cfg.embed_dim * cfg.mlp_ratio), image_size=cfg.img_size, patch_size=cfg.patch_size,
-        num_channels=cfg.in_chans, qkv_bias=cfg.qkv_bias, layer_norm_eps=cfg.norm_eps, mask_ratio=0.0,
+        hidden_size=cfg.embed_dim,
+        num_hidden_layers=cfg.depth,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=int(cfg.embed_dim * cfg.mlp_ratio),
+        image_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        num_channels=cfg.in_chans,
+        qkv_bias=cfg.qkv_bias,
+        layer_norm_eps=cfg.norm_eps,
+        mask_ratio=0.0,
     )
-    sd = {k[len("vit."):]: v.contiguous() for k, v in official_to_hf(model.state_dict()).items()
-          if k.startswith("vit.")}
+    sd = {
+        k[len("vit.") :]: v.contiguous() for k, v in official_to_hf(model.state_dict()).items() if k.startswith("vit.")
+    }
     with tempfile.TemporaryDirectory() as d:
         hf_cfg.save_pretrained(d)
         save_file(sd, os.path.join(d, "model.safetensors"))
         m, info = transformers.ViTMAEModel.from_pretrained(d, output_loading_info=True)
     missing = [k for k in info["missing_keys"] if "position" not in k]  # fixed sin-cos, recomputed by HF
     if missing or info["unexpected_keys"]:
-        raise RuntimeError(f"HF ViTMAEModel did not take the weights: missing {missing}, "
-                           f"unexpected {info['unexpected_keys']}")
+        raise RuntimeError(
+            f"HF ViTMAEModel did not take the weights: missing {missing}, unexpected {info['unexpected_keys']}"
+        )
     with torch.no_grad():  # ours are the same sin-cos values; copy so both runs hold identical numbers
         m.embeddings.position_embeddings.copy_(model.pos_embed)
     return m.eval()
@@ -124,8 +138,15 @@ def timm_model(model, cfg):
     import torch
 
     m = tv.VisionTransformer(
-        img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.embed_dim,
-        depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, num_classes=0,
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        in_chans=cfg.in_chans,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        qkv_bias=cfg.qkv_bias,
+        num_classes=0,
         norm_layer=partial(torch.nn.LayerNorm, eps=cfg.norm_eps),
     )
     own = m.state_dict()
@@ -200,8 +221,11 @@ def run(args) -> dict:
         x = rng.standard_normal((b, cfg.in_chans, cfg.img_size, cfg.img_size), np.float32)
         for k in visibles:
             # All tokens in order (noise = position) for K = L, so timm (no masking) sees the same tokens.
-            noise = (np.broadcast_to(np.arange(L, dtype=np.float32), (b, L)).copy() if k == L
-                     else rng.random((b, L), dtype=np.float32))
+            noise = (
+                np.broadcast_to(np.arange(L, dtype=np.float32), (b, L)).copy()
+                if k == L
+                else rng.random((b, L), dtype=np.float32)
+            )
             active = [(n, fn) for n, fn, masks in impls if masks or k == L]
             outputs, samples = {}, {n: [] for n, _ in active}
             for n, fn in active:
@@ -217,18 +241,29 @@ def run(args) -> dict:
             base = _stats(samples[TORCH_EAGER])["p50"]
             for n, _ in active:
                 st = _stats(samples[n])
-                rows.append({
-                    "implementation": n, "batch": b, "visible": k, "iterations": len(samples[n]),
-                    "p50_ms": st["p50"], "mean_ms": st["mean"], "images_per_s": b * 1000 / st["mean"],
-                    "speedup_vs_torch_eager": base / st["p50"],
-                    "max_abs_diff_vs_mae_deploy_torch": float(np.abs(outputs[n] - ref).max()),
-                    "cosine_vs_mae_deploy_torch": agreement(outputs[n], ref, TORCH_EAGER)["cosine"],
-                })
+                rows.append(
+                    {
+                        "implementation": n,
+                        "batch": b,
+                        "visible": k,
+                        "iterations": len(samples[n]),
+                        "p50_ms": st["p50"],
+                        "mean_ms": st["mean"],
+                        "images_per_s": b * 1000 / st["mean"],
+                        "speedup_vs_torch_eager": base / st["p50"],
+                        "max_abs_diff_vs_mae_deploy_torch": float(np.abs(outputs[n] - ref).max()),
+                        "cosine_vs_mae_deploy_torch": agreement(outputs[n], ref, TORCH_EAGER)["cosine"],
+                    }
+                )
                 print(f"  {n:<40} b{b:<3} k{k:<4} p50 {st['p50']:9.2f} ms", flush=True)
     return {
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "model": args.model, "threads": args.threads, "iters": per_round * args.rounds, "warmup": args.warmup,
-        "rounds": args.rounds, "machine": machine_info(["numpy", "onnxruntime", "torch", "transformers", "timm"]),
+        "model": args.model,
+        "threads": args.threads,
+        "iters": per_round * args.rounds,
+        "warmup": args.warmup,
+        "rounds": args.rounds,
+        "machine": machine_info(["numpy", "onnxruntime", "torch", "transformers", "timm"]),
         "load_average": {"start": load_start, "end": load_average(), "other_cpu_share": cpu_share.others()},
         "seconds": time.perf_counter() - t_start,
         "rows": rows,
@@ -246,8 +281,11 @@ def markdown(res: dict) -> str:
         f"{m['cores']} cores / {m['threads']} threads, {m['memory_gb']} GB); {libs}.",
         f"{res['iters']} timed calls per row in {res['rounds']} interleaved rounds after {res['warmup']} warm-up "
         f"calls; other processes used {100 * (la['other_cpu_share'] or 0):.0f} % of the CPU during the run"
-        + (" (contended: absolute times are pessimistic, ratios less affected)."
-           if (la["other_cpu_share"] or 0) > 0.05 else "."),
+        + (
+            " (contended: absolute times are pessimistic, ratios less affected)."
+            if (la["other_cpu_share"] or 0) > 0.05
+            else "."
+        ),
         "",
         "| implementation | batch | visible tokens | p50 ms | mean ms | images/s | speed-up vs torch eager (p50) "
         "| max abs diff vs mae-deploy torch | lowest cosine vs mae-deploy torch |",

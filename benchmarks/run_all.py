@@ -29,9 +29,10 @@ SCRIPTS: dict[str, tuple[list[str], list[str]]] = {
     "bench_export_cpu.py": (["--rounds", "2", "--warmup", "1", "--no-append"], []),
     "bench_extract.py": (["--images", "32", "--workers", "0,1", "--skip-memory", "--no-append"], []),
     "bench_pretrain_cpu.py": (["--iters", "1", "--warmup", "1", "--no-write"], []),
-    "bench_pretrain_gpu.py": (["--device", "cpu", "--models", "tiny", "--modes", "eager", "--rounds", "1",
-                               "--steps", "1", "--warmup", "0"],
-                              ["--device", "cpu", "--models", "tiny", "--rounds", "3"]),  # GPU runs: gpu_check.sh
+    "bench_pretrain_gpu.py": (
+        ["--device", "cpu", "--models", "tiny", "--modes", "eager", "--rounds", "1", "--steps", "1", "--warmup", "0"],
+        ["--device", "cpu", "--models", "tiny", "--rounds", "3"],
+    ),  # GPU runs: gpu_check.sh
     "peers.py": (["--batch-sizes", "1", "--iters", "2", "--rounds", "1", "--warmup", "1"], ["--write"]),
     "bench_openvino.py": (["--rounds", "2", "--warmup", "1"], []),
     "bench_decode.py": (["--rounds", "1", "--repeat", "1", "--no-accuracy"], []),

@@ -48,10 +48,18 @@ ALL_PRECISIONS = ("fp32", *VARIANT_PRECISIONS)
 ALL_PARTS = ("encoder", "decoder", CLASSIFIER)
 # How each quantised precision was made (mae.json "quantization"; runners pick int8 graphs by it).
 QUANTIZATION = {
-    "int8": {"method": "dynamic", "format": "integer-ops", "weights": "int8 symmetric per-channel",
-             "activations": "uint8 per-tensor, ranges computed per call"},
-    INT8_QDQ: {"method": "static", "format": "qdq", "weights": "int8 symmetric per-channel",
-               "activations": "int8 symmetric per-tensor, calibrated"},
+    "int8": {
+        "method": "dynamic",
+        "format": "integer-ops",
+        "weights": "int8 symmetric per-channel",
+        "activations": "uint8 per-tensor, ranges computed per call",
+    },
+    INT8_QDQ: {
+        "method": "static",
+        "format": "qdq",
+        "weights": "int8 symmetric per-channel",
+        "activations": "int8 symmetric per-tensor, calibrated",
+    },
     INT8_NNCF: NncfOptions().describe(),
 }
 
@@ -86,8 +94,13 @@ def _versions() -> dict[str, str]:
     import onnxruntime
     import onnxscript
 
-    return {"mae_deploy": __version__, "torch": torch.__version__.split("+")[0], "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "onnxscript": onnxscript.__version__}
+    return {
+        "mae_deploy": __version__,
+        "torch": torch.__version__.split("+")[0],
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "onnxscript": onnxscript.__version__,
+    }
 
 
 def _source_sha256(path: Path) -> str | None:
@@ -192,12 +205,19 @@ def _load(model_or_checkpoint_path: Model | str | os.PathLike, hints: dict | Non
     _check_finite(model, f"checkpoint {path}")
     notes = list(ckpt.notes)
     if ckpt.is_classifier and ckpt.global_pool:
-        notes.append("fine-tuned classifier checkpoint: the encoder graph returns the tokens before fc_norm "
-                     "(global pool checkpoints have no final norm); classifier.onnx applies pool, fc_norm and head")
+        notes.append(
+            "fine-tuned classifier checkpoint: the encoder graph returns the tokens before fc_norm "
+            "(global pool checkpoints have no final norm); classifier.onnx applies pool, fc_norm and head"
+        )
     source = {"checkpoint": str(path.resolve()), "format": ckpt.format, "sha256": _source_sha256(path)}
     parts = [CLASSIFIER if p == "head" else p for p in ckpt.parts]
-    return _Loaded(model, source, [p for p in ALL_PARTS if p in parts], notes,
-                   list(getattr(ckpt, "class_names", None) or []) or None)
+    return _Loaded(
+        model,
+        source,
+        [p for p in ALL_PARTS if p in parts],
+        notes,
+        list(getattr(ckpt, "class_names", None) or []) or None,
+    )
 
 
 def _wanted_parts(parts: Sequence[str] | str | None, available: list[str]) -> list[str]:
@@ -212,8 +232,10 @@ def _wanted_parts(parts: Sequence[str] | str | None, available: list[str]) -> li
             "*_full / mae_visualize_* checkpoint for reconstruction"
         )
     if CLASSIFIER in wanted and CLASSIFIER not in available:
-        raise InputError("this checkpoint has no classification head: --parts classifier needs a fine-tuned or "
-                         "linear-probe checkpoint (mae-deploy finetune / linprobe)")
+        raise InputError(
+            "this checkpoint has no classification head: --parts classifier needs a fine-tuned or "
+            "linear-probe checkpoint (mae-deploy finetune / linprobe)"
+        )
     return [p for p in ALL_PARTS if p in wanted]  # encoder first
 
 
@@ -295,8 +317,10 @@ def export_bundle(
     wanted_precisions = [p for p in ALL_PRECISIONS if p in requested]  # fp32 first: variants derive from it
     calibrated = [p for p in CALIBRATED_PRECISIONS if p in requested]
     if calibrated and o.calibration is None:
-        raise InputError(f"--precision {calibrated[0]} is calibrated on real images: pass --calibration DIR "
-                         "(a folder, glob or list file of images like those the model will see)")
+        raise InputError(
+            f"--precision {calibrated[0]} is calibrated on real images: pass --calibration DIR "
+            "(a folder, glob or list file of images like those the model will see)"
+        )
     source_path = None if isinstance(model_or_checkpoint_path, torch.nn.Module) else Path(model_or_checkpoint_path)
     _check_destination(out, o.overwrite, source_path)
 
@@ -326,17 +350,21 @@ class _Plan:
             release_memory()
 
 
-def _torch_stage(model: Model, tmp: Path, plan: _Plan, reference_weights: bool, source: dict,
-                 say: Callable[[str], None]) -> dict[str, list]:
+def _torch_stage(
+    model: Model, tmp: Path, plan: _Plan, reference_weights: bool, source: dict, say: Callable[[str], None]
+) -> dict[str, list]:
     """Everything that needs the PyTorch model: the fp32 graphs, PyTorch's reference outputs (part ->
     cases) and the optional reference weights."""
     for part in plan.parts:
         t = time.perf_counter()
-        g = export_graph(model, part, tmp / variant_filename(part, "fp32"), opset=plan.opset,
-                         external_data=plan.external_data)
+        g = export_graph(
+            model, part, tmp / variant_filename(part, "fp32"), opset=plan.opset, external_data=plan.external_data
+        )
         plan.external[part] = bool(g.external_data)
-        say(f"  {g.path.name}: exported in {time.perf_counter() - t:.1f}s"
-            + (f" (weights in {', '.join(g.external_data)})" if g.external_data else ""))
+        say(
+            f"  {g.path.name}: exported in {time.perf_counter() - t:.1f}s"
+            + (f" (weights in {', '.join(g.external_data)})" if g.external_data else "")
+        )
         plan.release_memory()  # the exporter's program holds graph copies until collected
     cases: dict[str, list] = {}
     if plan.verify:
@@ -348,9 +376,13 @@ def _torch_stage(model: Model, tmp: Path, plan: _Plan, reference_weights: bool, 
     if reference_weights:
         from training.checkpoints import save_native
 
-        save_native(model, tmp / "reference", parts=["head" if p == CLASSIFIER else p for p in plan.parts],
-                    source={"format": source["format"], "path": source["checkpoint"], "note": "bundle reference"},
-                    class_names=plan.class_names)
+        save_native(
+            model,
+            tmp / "reference",
+            parts=["head" if p == CLASSIFIER else p for p in plan.parts],
+            source={"format": source["format"], "path": source["checkpoint"], "note": "bundle reference"},
+            class_names=plan.class_names,
+        )
         say("  reference/: native checkpoint for --backend torch")
     return cases
 
@@ -365,15 +397,17 @@ def _reference_outputs(model: Model, parts: list[str], images=None) -> dict[str,
     return cases
 
 
-def _onnx_stage(tmp: Path, plan: _Plan, cases: dict[str, list], num_patches: int,
-                say: Callable[[str], None]) -> dict[tuple[str, str], dict]:
+def _onnx_stage(
+    tmp: Path, plan: _Plan, cases: dict[str, list], num_patches: int, say: Callable[[str], None]
+) -> dict[tuple[str, str], dict]:
     """Verify the fp32 graphs, then make and verify each variant, one graph in memory at a time."""
     skipped = skipped_report("export ran with verification disabled")
     parity: dict[tuple[str, str], dict] = {}
     for part in plan.parts:
         path = tmp / variant_filename(part, "fp32")
-        parity[(part, "fp32")] = (verify_fp32(path, part, cases[part], show_progress=plan.show_progress)
-                                  if plan.verify else skipped)
+        parity[(part, "fp32")] = (
+            verify_fp32(path, part, cases[part], show_progress=plan.show_progress) if plan.verify else skipped
+        )
         if plan.verify:
             say(f"  {path.name}: verified")
         plan.release_memory()
@@ -383,18 +417,30 @@ def _onnx_stage(tmp: Path, plan: _Plan, cases: dict[str, list], num_patches: int
             dst = tmp / variant_filename(part, precision)
             feeds = None
             if precision in CALIBRATED_PRECISIONS and plan.calibration is not None:
-                feeds = part_feeds(part, plan.calibration, num_patches, tmp / variant_filename("encoder", "fp32"),
-                                   masked=precision == INT8_NNCF)
-            make_variant(tmp / variant_filename(part, "fp32"), dst, precision, external_data=plan.external[part],
-                         feeds=feeds)
+                feeds = part_feeds(
+                    part,
+                    plan.calibration,
+                    num_patches,
+                    tmp / variant_filename("encoder", "fp32"),
+                    masked=precision == INT8_NNCF,
+                )
+            make_variant(
+                tmp / variant_filename(part, "fp32"), dst, precision, external_data=plan.external[part], feeds=feeds
+            )
             del feeds
             plan.release_memory()
             check_graph_file(dst)
             say(f"  {dst.name}: converted in {time.perf_counter() - t:.1f}s")
             parity[(part, precision)] = (
-                verify_variant(dst, part, precision, cases.get(f"{part}:{precision}", cases[part]),
-                               show_progress=plan.show_progress)
-                if plan.verify else skipped
+                verify_variant(
+                    dst,
+                    part,
+                    precision,
+                    cases.get(f"{part}:{precision}", cases[part]),
+                    show_progress=plan.show_progress,
+                )
+                if plan.verify
+                else skipped
             )
             if plan.verify and precision in CALIBRATED_PRECISIONS:
                 parity[(part, precision)]["inputs"] = "calibration images"
@@ -411,12 +457,20 @@ def _export_locked(model_or_checkpoint_path, out: Path, o: ExportOptions, t0: fl
     calibration = o.calibration
     loaded = _load(model_or_checkpoint_path, o.checkpoint_hints)
     model, notes = loaded.model, loaded.notes
-    plan = _Plan(_wanted_parts(o.parts, loaded.parts), list(o.precisions), opset, o.external_data, o.verify,
-                 o.progress is not None,
-                 release_between_stages=sum(t.nbytes for t in model.state_dict().values()) >= RELEASE_MIN_BYTES)
+    plan = _Plan(
+        _wanted_parts(o.parts, loaded.parts),
+        list(o.precisions),
+        opset,
+        o.external_data,
+        o.verify,
+        o.progress is not None,
+        release_between_stages=sum(t.nbytes for t in model.state_dict().values()) >= RELEASE_MIN_BYTES,
+    )
     if labels is not None and CLASSIFIER not in plan.parts:
-        raise InputError("--labels names the classes of a classifier, but this export has no classifier graph "
-                         "(the checkpoint has no head)")
+        raise InputError(
+            "--labels names the classes of a classifier, but this export has no classifier graph "
+            "(the checkpoint has no head)"
+        )
     class_names = None
     if CLASSIFIER in plan.parts:
         class_names = resolve_class_names(model.num_classes, loaded.class_names, labels)
@@ -424,19 +478,28 @@ def _export_locked(model_or_checkpoint_path, out: Path, o: ExportOptions, t0: fl
     original_size = model.config.img_size
     if image_size is not None and image_size != original_size:
         model = resize_model(model, image_size)
-        notes.append(f"position embeddings interpolated (bicubic) from {original_size}px "
-                     f"({original_size // model.config.patch_size}x grid) to {image_size}px "
-                     f"({model.config.grid_size}x grid)")
+        notes.append(
+            f"position embeddings interpolated (bicubic) from {original_size}px "
+            f"({original_size // model.config.patch_size}x grid) to {image_size}px "
+            f"({model.config.grid_size}x grid)"
+        )
     cfg = model.config
     preprocessing = default_preprocessing(cfg.img_size, cfg.in_chans)
     if calibration is not None and any(p in plan.precisions for p in CALIBRATED_PRECISIONS):
         plan.calibration = load_calibration(calibration, preprocessing, cfg.in_chans, o.calibration_count)
-        say(f"calibration: {len(plan.calibration.pixel_values)} images from {calibration}"
-            + (f" ({len(plan.calibration.skipped)} unreadable, skipped)" if plan.calibration.skipped else ""))
-    say(f"exporting {cfg.name} ({cfg.img_size}px, L={cfg.num_patches}, parts: {', '.join(plan.parts)}, "
-        f"precisions: {', '.join(plan.precisions)}) -> {out}")
-    arch = {**cfg.to_dict(), "num_classes": getattr(model, "num_classes", 0),
-            "global_pool": bool(getattr(model, "global_pool", False))}
+        say(
+            f"calibration: {len(plan.calibration.pixel_values)} images from {calibration}"
+            + (f" ({len(plan.calibration.skipped)} unreadable, skipped)" if plan.calibration.skipped else "")
+        )
+    say(
+        f"exporting {cfg.name} ({cfg.img_size}px, L={cfg.num_patches}, parts: {', '.join(plan.parts)}, "
+        f"precisions: {', '.join(plan.precisions)}) -> {out}"
+    )
+    arch = {
+        **cfg.to_dict(),
+        "num_classes": getattr(model, "num_classes", 0),
+        "global_pool": bool(getattr(model, "global_pool", False)),
+    }
 
     source = {**loaded.source, "img_size": original_size}
     tmp = staging.staging_dir(out)
@@ -454,9 +517,15 @@ def _export_locked(model_or_checkpoint_path, out: Path, o: ExportOptions, t0: fl
             "norm_pix_loss": cfg.norm_pix_loss,
             "opset": opset,
             "graphs": [
-                _graph_entry(tmp, part, precision, parity[(part, precision)],
-                             plan.calibration.describe() if plan.calibration else None)
-                for part in plan.parts for precision in plan.precisions
+                _graph_entry(
+                    tmp,
+                    part,
+                    precision,
+                    parity[(part, precision)],
+                    plan.calibration.describe() if plan.calibration else None,
+                )
+                for part in plan.parts
+                for precision in plan.precisions
             ],
             "exporter": _versions(),
             "source": source,

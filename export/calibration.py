@@ -42,12 +42,18 @@ class CalibrationSet:
     skipped: list[str] = field(default_factory=list)
 
     def describe(self) -> dict:
-        return {"source": self.source, "images": int(len(self.pixel_values)), "skipped": len(self.skipped),
-                "selection": "evenly spaced over the sorted listing", "method": "minmax"}
+        return {
+            "source": self.source,
+            "images": int(len(self.pixel_values)),
+            "skipped": len(self.skipped),
+            "selection": "evenly spaced over the sorted listing",
+            "method": "minmax",
+        }
 
 
-def load_calibration(directory: str | os.PathLike, preprocessing: dict, in_chans: int,
-                     count: int = DEFAULT_COUNT) -> CalibrationSet:
+def load_calibration(
+    directory: str | os.PathLike, preprocessing: dict, in_chans: int, count: int = DEFAULT_COUNT
+) -> CalibrationSet:
     """``count`` images of ``directory`` (or a glob / list file, as ``extract`` takes) preprocessed."""
     from mae_deploy.preprocess import Preprocessor
     from mae_deploy.sources import list_source
@@ -70,14 +76,16 @@ def load_calibration(directory: str | os.PathLike, preprocessing: dict, in_chans
         except (InputError, OSError, ValueError) as e:
             skipped.append(f"{p}: {e}")
     if not arrays:
-        raise InputError(f"none of the {n} calibration images picked from {directory} could be read; first error: "
-                         f"{skipped[0] if skipped else '-'}")
+        raise InputError(
+            f"none of the {n} calibration images picked from {directory} could be read; first error: "
+            f"{skipped[0] if skipped else '-'}"
+        )
     return CalibrationSet(os.fspath(directory), np.stack(arrays).astype(np.float32), skipped)
 
 
 def _batches(x: np.ndarray) -> Iterator[np.ndarray]:
     for i in range(0, len(x), BATCH):
-        yield x[i:i + BATCH]
+        yield x[i : i + BATCH]
 
 
 def _masked_encoder_feeds(x: np.ndarray, L: int, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
@@ -89,8 +97,13 @@ def _masked_encoder_feeds(x: np.ndarray, L: int, rng: np.random.Generator) -> li
     return feeds
 
 
-def part_feeds(part: str, calib: CalibrationSet, num_patches: int, encoder_path: str | os.PathLike | None = None,
-               masked: bool = False) -> list[dict[str, np.ndarray]]:
+def part_feeds(
+    part: str,
+    calib: CalibrationSet,
+    num_patches: int,
+    encoder_path: str | os.PathLike | None = None,
+    masked: bool = False,
+) -> list[dict[str, np.ndarray]]:
     """The input dicts the quantiser runs ``part`` on (see the module docstring)."""
     if part == CLASSIFIER:
         return [{"pixel_values": x} for x in _batches(calib.pixel_values)]

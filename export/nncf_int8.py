@@ -43,10 +43,16 @@ class NncfOptions:
 
     def describe(self) -> dict:
         """The ``quantization`` block of mae.json for this variant."""
-        return {"method": "static", "format": "qdq", "quantizer": "nncf", "preset": "transformer",
-                "smooth_quant": self.smooth_quant, "weights": "int8 symmetric per-channel",
-                "activations": "int8 per-tensor, calibrated at several visible counts",
-                "float": "before the first and after the final LayerNormalization"}
+        return {
+            "method": "static",
+            "format": "qdq",
+            "quantizer": "nncf",
+            "preset": "transformer",
+            "smooth_quant": self.smooth_quant,
+            "weights": "int8 symmetric per-channel",
+            "activations": "int8 per-tensor, calibrated at several visible counts",
+            "float": "before the first and after the final LayerNormalization",
+        }
 
 
 def import_nncf():
@@ -84,20 +90,34 @@ def float_stages(model: onnx.ModelProto) -> list[str]:
 def float_matmuls(model: onnx.ModelProto) -> list[str]:
     """MatMul/Gemm nodes of a Q/DQ graph with an input not produced by a DequantizeLinear (they run in float)."""
     dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    return [n.name for n in model.graph.node
-            if n.op_type in ("MatMul", "Gemm") and not all(i in dequantized for i in n.input[:2])]
+    return [
+        n.name
+        for n in model.graph.node
+        if n.op_type in ("MatMul", "Gemm") and not all(i in dequantized for i in n.input[:2])
+    ]
 
 
 def _save(model: onnx.ModelProto, dst: Path, external_data: bool) -> None:
     if external_data:
-        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=dst.name + ".data", size_threshold=1024)
+        onnx.save_model(
+            model,
+            str(dst),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=dst.name + ".data",
+            size_threshold=1024,
+        )
     else:
         onnx.save_model(model, str(dst))
 
 
-def to_int8_nncf(src: str | os.PathLike, dst: str | os.PathLike, feeds: list[dict], external_data: bool = False,
-                 options: NncfOptions | None = None) -> Path:
+def to_int8_nncf(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    feeds: list[dict],
+    external_data: bool = False,
+    options: NncfOptions | None = None,
+) -> Path:
     """NNCF static int8 of the fp32 graph ``src``, calibrated on ``feeds`` (export/calibration.py's part feeds)."""
     options = options or NncfOptions()
     if not feeds:
@@ -107,14 +127,20 @@ def to_int8_nncf(src: str | os.PathLike, dst: str | os.PathLike, feeds: list[dic
 
     src, dst = Path(src), Path(dst)
     model = onnx.load(str(src))  # weights included: SmoothQuant rewrites them
-    smooth = AdvancedSmoothQuantParameters() if options.smooth_quant else \
-        AdvancedSmoothQuantParameters(convolution=-1, matmul=-1)
+    smooth = (
+        AdvancedSmoothQuantParameters()
+        if options.smooth_quant
+        else AdvancedSmoothQuantParameters(convolution=-1, matmul=-1)
+    )
     nncf_log = logging.getLogger("nncf")
     level = nncf_log.level
     nncf_log.setLevel(logging.ERROR)  # one INFO line per ignored node, on every export
     try:
         quantized = nncf.quantize(
-            model, nncf.Dataset(feeds), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(feeds),
+            model,
+            nncf.Dataset(feeds),
+            model_type=nncf.ModelType.TRANSFORMER,
+            subset_size=len(feeds),
             ignored_scope=nncf.IgnoredScope(names=float_stages(model), validate=False),
             advanced_parameters=AdvancedQuantizationParameters(smooth_quant_alphas=smooth),
         )

@@ -42,10 +42,20 @@ MIN_OPSET = 17  # LayerNormalization appears in opset 17
 EXTERNAL_DATA_THRESHOLD_BYTES = 1536 * 2**20
 # Random generators make outputs irreproducible; TopK and Scatter* are what a mask-in-graph export would
 # use and what TensorRT handles badly. The host passes ids instead.
-FORBIDDEN_OPS = frozenset({
-    "RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike", "Multinomial", "Bernoulli",
-    "TopK", "ScatterND", "ScatterElements", "Scatter",
-})
+FORBIDDEN_OPS = frozenset(
+    {
+        "RandomUniform",
+        "RandomUniformLike",
+        "RandomNormal",
+        "RandomNormalLike",
+        "Multinomial",
+        "Bernoulli",
+        "TopK",
+        "ScatterND",
+        "ScatterElements",
+        "Scatter",
+    }
+)
 BATCH, VISIBLE, VISIBLE_PLUS_ONE = "batch", "visible", "visible+1"
 
 

@@ -97,8 +97,11 @@ def _output_layers(model: onnx.ModelProto, weight: list[str]) -> list[str]:
     outputs = {o.name for o in model.graph.output}
     adds_to_output = {i for n in model.graph.node if n.op_type == "Add" and n.output[0] in outputs for i in n.input}
     wanted = set(weight)
-    return [n.name for n in model.graph.node
-            if n.name in wanted and (n.output[0] in outputs or n.output[0] in adds_to_output)]
+    return [
+        n.name
+        for n in model.graph.node
+        if n.name in wanted and (n.output[0] in outputs or n.output[0] in adds_to_output)
+    ]
 
 
 def _float_nodes(src: Path, graph: onnx.ModelProto | None = None) -> list[str]:
@@ -200,8 +203,10 @@ def _topologically_sorted(model: onnx.ModelProto) -> onnx.ModelProto:
                 if not waiting[j]:
                     heapq.heappush(queue, j)
     if len(order) != len(nodes):
-        raise VerificationError("the fp16 graph has a cycle or a value no node produces; this is a bug in the "
-                                "conversion: export without fp16 and report it")
+        raise VerificationError(
+            "the fp16 graph has a cycle or a value no node produces; this is a bug in the "
+            "conversion: export without fp16 and report it"
+        )
     sorted_nodes = [nodes[i] for i in order]
     del graph.node[:]
     graph.node.extend(sorted_nodes)
@@ -214,8 +219,12 @@ def _topologically_sorted(model: onnx.ModelProto) -> onnx.ModelProto:
 def _save(model: onnx.ModelProto, dst: Path, external_data: bool) -> None:
     if external_data:
         onnx.save_model(
-            model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-            location=dst.name + ".data", size_threshold=1024,
+            model,
+            str(dst),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=dst.name + ".data",
+            size_threshold=1024,
         )
     else:
         onnx.save_model(model, str(dst))
@@ -234,7 +243,8 @@ def to_int8(src: str | os.PathLike, dst: str | os.PathLike, external_data: bool 
     try:
         with _one_copy_of_the_weights(graph):
             quantize_dynamic(
-                src, dst,
+                src,
+                dst,
                 op_types_to_quantize=["MatMul", "Gemm"],
                 nodes_to_exclude=keep_float,
                 per_channel=False,  # module docstring: per-tensor kept top-1 within 0.3 points, per-channel not
@@ -274,7 +284,9 @@ def to_int8_qdq(src: str | os.PathLike, dst: str | os.PathLike, feeds: list[dict
     root.setLevel(logging.ERROR)  # the quantiser logs a "consider pre-processing" hint on every call
     try:
         quantize_static(
-            src, dst, _FeedReader(feeds),
+            src,
+            dst,
+            _FeedReader(feeds),
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=["MatMul", "Gemm"],
             nodes_to_exclude=keep_float,
@@ -315,8 +327,13 @@ def to_fp16(src: str | os.PathLike, dst: str | os.PathLike, external_data: bool 
     return dst
 
 
-def make_variant(src: str | os.PathLike, dst: str | os.PathLike, precision: str, external_data: bool = False,
-                 feeds: list[dict] | None = None) -> Path:
+def make_variant(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    precision: str,
+    external_data: bool = False,
+    feeds: list[dict] | None = None,
+) -> Path:
     """``dst``: the ``precision`` variant of the fp32 graph ``src``; ``feeds`` calibrate int8-qdq and int8-nncf."""
     if precision == INT8_NNCF:  # NNCF's transformer preset: export/nncf_int8.py
         from export.nncf_int8 import to_int8_nncf

@@ -26,18 +26,30 @@ class ExportReport:
                 row.update(metric="skipped", value=None, threshold="", result="not verified")
             elif "min_logit_cosine" in p:
                 t = p["threshold"]
-                row.update(metric="logit cosine", value=p["min_logit_cosine"],
-                           threshold=f">= {t['min_logit_cosine']}, top-1 {p['top1_agreement']:.0%} "
-                                     f">= {t['min_top1_agreement']:.0%}")
+                row.update(
+                    metric="logit cosine",
+                    value=p["min_logit_cosine"],
+                    threshold=f">= {t['min_logit_cosine']}, top-1 {p['top1_agreement']:.0%} "
+                    f">= {t['min_top1_agreement']:.0%}",
+                )
             elif "min_feature_cosine" in p:
-                row.update(metric="feature cosine", value=p["min_feature_cosine"],
-                           threshold=f">= {p['threshold']['min_feature_cosine']}")
+                row.update(
+                    metric="feature cosine",
+                    value=p["min_feature_cosine"],
+                    threshold=f">= {p['threshold']['min_feature_cosine']}",
+                )
             elif "max_recon_rel_err" in p:
-                row.update(metric="recon rel err", value=p["max_recon_rel_err"],
-                           threshold=f"<= {p['threshold']['max_recon_rel_err']}")
+                row.update(
+                    metric="recon rel err",
+                    value=p["max_recon_rel_err"],
+                    threshold=f"<= {p['threshold']['max_recon_rel_err']}",
+                )
             else:
-                row.update(metric="max |diff|", value=p.get("max_abs_diff"),
-                           threshold=f"<= {p.get('threshold', {}).get('max_abs_diff')}")
+                row.update(
+                    metric="max |diff|",
+                    value=p.get("max_abs_diff"),
+                    threshold=f"<= {p.get('threshold', {}).get('max_abs_diff')}",
+                )
             row["max_abs_diff"] = p.get("max_abs_diff")
             row.setdefault("result", "ok" if p.get("passed") else "FAILED")
             rows.append(row)
@@ -52,8 +64,10 @@ class ExportReport:
                 val = "-"
             else:
                 val = f"{r['value']:.2e}" if r["metric"] == "max |diff|" else f"{r['value']:.6f}"
-            lines.append(f"{r['file']:<26} {r['precision']:<8} {r['cases']:>5}  {diff:>10}  {r['metric']:<15} "
-                         f"{val:>10}  {r['threshold']:<10} {r['result']}")
+            lines.append(
+                f"{r['file']:<26} {r['precision']:<8} {r['cases']:>5}  {diff:>10}  {r['metric']:<15} "
+                f"{val:>10}  {r['threshold']:<10} {r['result']}"
+            )
         return "\n".join(lines)
 
     def format_cases(self) -> str:

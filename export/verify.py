@@ -87,7 +87,6 @@ class ClassifierCase:
     logits: np.ndarray
 
 
-
 def reference_cases(
     model: MaskedAutoencoderViT | VisionTransformer,
     with_decoder: bool,
@@ -123,7 +122,9 @@ def _inputs(rng: np.random.Generator, batch: int, cfg, images: np.ndarray | None
 
 
 def classifier_cases(
-    model: VisionTransformer, batches: Iterable[int] = CLASSIFIER_BATCHES, seed: int = 0,
+    model: VisionTransformer,
+    batches: Iterable[int] = CLASSIFIER_BATCHES,
+    seed: int = 0,
     images: np.ndarray | None = None,
 ) -> list[ClassifierCase]:
     """Random normalised-scale images (or ``images``) with PyTorch fp32 logits (eval, no grad)."""
@@ -206,10 +207,14 @@ def verify_fp32(
         out = _run(session, part, case)
         _check_shape(out, ref, part, case, name)
         diff = float(np.abs(out.astype(np.float64) - ref).max())
-        rows.append({
-            "batch": case.batch, "visible": case.visible,
-            "max_abs_diff": diff, "cosine": float(_rowwise_cosine(out, ref).min()),
-        })
+        rows.append(
+            {
+                "batch": case.batch,
+                "visible": case.visible,
+                "max_abs_diff": diff,
+                "cosine": float(_rowwise_cosine(out, ref).min()),
+            }
+        )
     report = {
         "reference": "torch-fp32",
         "cases": rows,
@@ -251,7 +256,8 @@ def top1_agreement(out: np.ndarray, ref: np.ndarray, tie_fraction: float = TIE_F
 
 def _variant_row(part: str, case: Case | ClassifierCase, out: np.ndarray, ref: np.ndarray) -> dict:
     row = {
-        "batch": case.batch, "visible": case.visible,
+        "batch": case.batch,
+        "visible": case.visible,
         "max_abs_diff": float(np.abs(out.astype(np.float64) - ref).max()),
         "cosine": float(_rowwise_cosine(out, ref).min()),
     }
@@ -276,10 +282,14 @@ def _judge(part: str, report: dict, rows: list[dict], thresholds: dict) -> str:
     if part == CLASSIFIER:
         report["min_logit_cosine"] = min(r["logit_cosine"] for r in rows)
         report["top1_agreement"] = sum(r["top1_agree"] for r in rows) / sum(r["batch"] for r in rows)
-        report["passed"] = bool(report["min_logit_cosine"] >= thresholds["min_logit_cosine"]
-                                and report["top1_agreement"] >= thresholds["min_top1_agreement"])
-        return (f"logit cosine {report['min_logit_cosine']:.5f} (needs >= {thresholds['min_logit_cosine']}), "
-                f"top-1 agreement {report['top1_agreement']:.3f} (needs >= {thresholds['min_top1_agreement']})")
+        report["passed"] = bool(
+            report["min_logit_cosine"] >= thresholds["min_logit_cosine"]
+            and report["top1_agreement"] >= thresholds["min_top1_agreement"]
+        )
+        return (
+            f"logit cosine {report['min_logit_cosine']:.5f} (needs >= {thresholds['min_logit_cosine']}), "
+            f"top-1 agreement {report['top1_agreement']:.3f} (needs >= {thresholds['min_top1_agreement']})"
+        )
     report["max_recon_rel_err"] = max(r["recon_rel_err"] for r in rows)
     report["passed"] = bool(report["max_recon_rel_err"] <= thresholds["max_recon_rel_err"])
     return f"relative reconstruction error {report['max_recon_rel_err']:.4g} > {thresholds['max_recon_rel_err']}"
@@ -322,4 +332,3 @@ def verify_variant(
 
 def skipped_report(reason: str) -> dict:
     return {"reference": "torch-fp32", "skipped": True, "reason": reason, "cases": [], "passed": None}
-

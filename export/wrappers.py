@@ -30,8 +30,9 @@ class EncoderGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, pixel_values: torch.Tensor, ids_keep: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, pixel_values: torch.Tensor, ids_keep: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         latent = self.model.forward_encoder(pixel_values, ids_keep)
         return latent, latent[:, 0], latent[:, 1:].mean(dim=1)
 

@@ -74,8 +74,10 @@ class DeviceArray:
             return int(self.obj.data.ptr)
         cai = getattr(self.obj, "__cuda_array_interface__", None) or getattr(self.obj, "__array_interface__", None)
         if cai is None:
-            raise InputError(f"cannot bind a {type(self.obj).__name__} to an engine: it has no data pointer; pass a "
-                             "numpy array, a torch tensor or a CuPy array")
+            raise InputError(
+                f"cannot bind a {type(self.obj).__name__} to an engine: it has no data pointer; pass a "
+                "numpy array, a torch tensor or a CuPy array"
+            )
         return int(cai["data"][0])
 
     def synchronize(self) -> None:
@@ -101,8 +103,10 @@ class DeviceArray:
         if self.library == "cupy":
             return self.obj.get()
         if self.on_gpu:
-            raise InputError(f"cannot copy a {type(self.obj).__name__} from the GPU to the host; pass a torch tensor, "
-                             "a CuPy array or a numpy array")
+            raise InputError(
+                f"cannot copy a {type(self.obj).__name__} from the GPU to the host; pass a torch tensor, "
+                "a CuPy array or a numpy array"
+            )
         return np.from_dlpack(self.obj)
 
     def empty(self, shape: tuple[int, ...], dtype: str = "float32"):

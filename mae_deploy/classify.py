@@ -101,8 +101,10 @@ class Classifier(Pipeline):
         x = check_pixel_values(pixel_values, b.in_chans, b.image_size)
         logits = np.asarray(cast(ClassifyingRunner, self.runner).classify(x), dtype=np.float32)
         if logits.shape != (x.shape[0], self.num_classes):
-            raise BundleError(f"the classifier returned logits of shape {logits.shape}; expected "
-                              f"({x.shape[0]}, {self.num_classes}): is the bundle's classifier.onnx damaged?")
+            raise BundleError(
+                f"the classifier returned logits of shape {logits.shape}; expected "
+                f"({x.shape[0]}, {self.num_classes}): is the bundle's classifier.onnx damaged?"
+            )
         return logits
 
     def logits(self, images: ImageLike | Iterable[ImageLike]) -> np.ndarray:
@@ -140,8 +142,12 @@ def _as_sources(inputs: Source | Sequence[Source] | Sequence[str | os.PathLike])
     return [Source(spec="paths", kind="list", paths=tuple(os.fspath(p) for p in paths))]
 
 
-def classify_files(classifier: Classifier, inputs: Source | Sequence[Source] | Sequence[str | os.PathLike],
-                   top_k: int = 5, decoder: str | None = None) -> list[dict]:
+def classify_files(
+    classifier: Classifier,
+    inputs: Source | Sequence[Source] | Sequence[str | os.PathLike],
+    top_k: int = 5,
+    decoder: str | None = None,
+) -> list[dict]:
     """Per row of ``inputs``, in order: ``{"path", "predictions": [{"label", "probability"}, ...]}``, or
     ``{"path", "error", "reason"}`` for an image that cannot be read (it does not stop the others).
 
@@ -164,8 +170,10 @@ def classify_files(classifier: Classifier, inputs: Source | Sequence[Source] | S
             if batch.pixels is not None:
                 preds = classifier.predictions(classifier.logits_pixels(batch.pixels), top_k)
                 for row, pred in zip(batch.rows, preds, strict=True):
-                    found[row] = {"path": src.paths[row],
-                                  "predictions": [{"label": lab, "probability": p} for lab, p in pred]}
+                    found[row] = {
+                        "path": src.paths[row],
+                        "predictions": [{"label": lab, "probability": p} for lab, p in pred],
+                    }
             records += [found[row] for row in sorted(found)]
     return records
 

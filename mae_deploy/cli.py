@@ -44,8 +44,9 @@ class _Main(click.Group):
             click.secho(f"error: {e}", fg="red", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
-            click.secho("\ninterrupted (Ctrl-C); finished outputs are kept, a rerun resumes where supported",
-                        fg="red", err=True)
+            click.secho(
+                "\ninterrupted (Ctrl-C); finished outputs are kept, a rerun resumes where supported", fg="red", err=True
+            )
             sys.exit(EXIT_INTERRUPTED)
 
     def list_commands(self, ctx: click.Context) -> list[str]:

@@ -25,8 +25,21 @@ MAX_MLP_RATIO = 64.0
 MAX_CLASSES = 1_000_000
 
 # Every field a written config holds; ``name`` alone may be missing ("custom").
-REQUIRED_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "decoder_embed_dim",
-                   "decoder_depth", "decoder_num_heads", "mlp_ratio", "norm_eps", "qkv_bias", "norm_pix_loss")
+REQUIRED_FIELDS = (
+    "img_size",
+    "patch_size",
+    "in_chans",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "decoder_embed_dim",
+    "decoder_depth",
+    "decoder_num_heads",
+    "mlp_ratio",
+    "norm_eps",
+    "qkv_bias",
+    "norm_pix_loss",
+)
 OPTIONAL_FIELDS = ("name", "num_classes", "global_pool")
 
 
@@ -74,8 +87,9 @@ def check_architecture(arch: Any, where: str, error: type[Exception] = InputErro
     if img % patch:
         raise error(f"{where}: image size {img} is not divisible by patch size {patch}; pick a multiple of {patch}")
     if (img // patch) ** 2 > MAX_PATCHES:
-        raise error(f"{where}: {img}px with patch size {patch} gives {(img // patch) ** 2} patches "
-                    f"(at most {MAX_PATCHES})")
+        raise error(
+            f"{where}: {img}px with patch size {patch} gives {(img // patch) ** 2} patches (at most {MAX_PATCHES})"
+        )
     _int(arch, "in_chans", 1, MAX_CHANNELS, where, error)
     _width(arch, "embed_dim", "depth", "num_heads", 1, where, error)
     decoder_depth = _int(arch, "decoder_depth", 0, MAX_DEPTH, where, error)
@@ -94,8 +108,7 @@ def check_architecture(arch: Any, where: str, error: type[Exception] = InputErro
     return dict(arch)
 
 
-def _width(arch: dict, dim: str, depth: str, heads: str, min_depth: int, where: str,
-           error: type[Exception]) -> None:
+def _width(arch: dict, dim: str, depth: str, heads: str, min_depth: int, where: str, error: type[Exception]) -> None:
     d = _int(arch, dim, 4, MAX_WIDTH, where, error)
     _int(arch, depth, min_depth, MAX_DEPTH, where, error)
     h = _int(arch, heads, 1, d, where, error)
@@ -105,8 +118,9 @@ def _width(arch: dict, dim: str, depth: str, heads: str, min_depth: int, where: 
         raise error(f"{where}: {dim} {d} must be divisible by 4 for 2-D sin-cos position embeddings")
 
 
-def check_preprocessing(pre: Any, in_chans: int, img_size: int, where: str,
-                        error: type[Exception] = InputError) -> dict:
+def check_preprocessing(
+    pre: Any, in_chans: int, img_size: int, where: str, error: type[Exception] = InputError
+) -> dict:
     """Check a bundle's preprocessing block: mean and std present, one finite value per channel, std > 0."""
     if not isinstance(pre, dict):
         raise error(f"{where}: 'preprocessing' must be a JSON object, got {type(pre).__name__}")
@@ -124,8 +138,10 @@ def check_preprocessing(pre: Any, in_chans: int, img_size: int, where: str,
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
                 raise error(f"{where}: preprocessing.{key} holds {v!r}; every value must be a finite number")
     if any(v <= 0 for v in pre["std"]):
-        raise error(f"{where}: preprocessing.std {pre['std']} must be above 0 for every channel "
-                    "(a std of 0 divides by zero and gives NaN features)")
+        raise error(
+            f"{where}: preprocessing.std {pre['std']} must be above 0 for every channel "
+            "(a std of 0 divides by zero and gives NaN features)"
+        )
     crop = pre.get("crop_pct", 1.0)
     if isinstance(crop, bool) or not isinstance(crop, numbers.Real) or not 0 < float(crop) <= 1:
         raise error(f"{where}: preprocessing.crop_pct must be above 0 and at most 1, got {crop!r}")

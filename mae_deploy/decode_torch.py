@@ -35,8 +35,10 @@ class TorchJpegDecoder:
 
     def __init__(self, pre: Preprocessor, device: str = "cpu") -> None:
         if pre.interpolation not in ("bicubic", "bilinear"):
-            raise InputError(f"--decoder torch resizes bicubic or bilinear; this bundle's preprocessing asks for "
-                             f"{pre.interpolation!r}: use --decoder pil")
+            raise InputError(
+                f"--decoder torch resizes bicubic or bilinear; this bundle's preprocessing asks for "
+                f"{pre.interpolation!r}: use --decoder pil"
+            )
         try:
             import torch
             import torchvision.io
@@ -47,8 +49,9 @@ class TorchJpegDecoder:
         self.pre = pre
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise DeviceUnavailable(f"--decoder torch on {device}: PyTorch sees no CUDA device here; use --decoder "
-                                    "pil or --device cpu")
+            raise DeviceUnavailable(
+                f"--decoder torch on {device}: PyTorch sees no CUDA device here; use --decoder pil or --device cpu"
+            )
         self.mode = torchvision.io.ImageReadMode.GRAY if pre.in_chans == 1 else torchvision.io.ImageReadMode.RGB
         self.mean = torch.as_tensor(pre.mean, device=self.device).reshape(1, -1, 1, 1)
         self.std = torch.as_tensor(pre.std, device=self.device).reshape(1, -1, 1, 1)
@@ -111,7 +114,8 @@ class TorchJpegDecoder:
         else:
             new_w, new_h, left, top = self.pre._geometry(w, h)  # the one definition of the geometry
         if (new_w, new_h) != (w, h):
-            batch = self.F.interpolate(batch, size=(new_h, new_w), mode=self.pre.interpolation, antialias=True,
-                                       align_corners=False)
-        batch = batch[:, :, top:top + s, left:left + s]
+            batch = self.F.interpolate(
+                batch, size=(new_h, new_w), mode=self.pre.interpolation, antialias=True, align_corners=False
+            )
+        batch = batch[:, :, top : top + s, left : left + s]
         return batch.round_().clamp_(0, 255)

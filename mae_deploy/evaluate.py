@@ -48,9 +48,11 @@ class LabelledImages:
         return self.source or Source(spec=self.root, kind="list", paths=tuple(self.paths))
 
 
-UNLABELLED = ("eval needs each image's class: give an ImageFolder (ROOT/<class name>/<images>, e.g. digits/val), "
-              "WebDataset shards with a .cls member per sample, or Parquet files with a label column "
-              "(--label-column)")
+UNLABELLED = (
+    "eval needs each image's class: give an ImageFolder (ROOT/<class name>/<images>, e.g. digits/val), "
+    "WebDataset shards with a .cls member per sample, or Parquet files with a label column "
+    "(--label-column)"
+)
 
 
 def list_image_folder(root: str | os.PathLike, class_names: list[str]) -> LabelledImages:
@@ -65,8 +67,10 @@ def list_image_folder(root: str | os.PathLike, class_names: list[str]) -> Labell
     unknown = [f.name for f in folders if f.name not in index]
     if unknown:
         hint = " (this looks like a dataset root: give its val/ folder)" if {"train", "val"} & set(unknown) else ""
-        raise InputError(f"{root}: folders {unknown[:5]} name no class of the classifier "
-                         f"(it knows {class_names[:5]}{'...' if len(class_names) > 5 else ''}){hint}")
+        raise InputError(
+            f"{root}: folders {unknown[:5]} name no class of the classifier "
+            f"(it knows {class_names[:5]}{'...' if len(class_names) > 5 else ''}){hint}"
+        )
     paths: list[str] = []
     targets: list[int] = []
     classes: list[str] = []
@@ -94,8 +98,9 @@ def _class_index(value: object, class_names: list[str], kind: str) -> int | None
     return class_names.index(value) if value in class_names else None
 
 
-def list_labelled(spec: str | os.PathLike, class_names: list[str], *, label_column: str | None = None,
-                  image_column: str | None = None) -> LabelledImages:
+def list_labelled(
+    spec: str | os.PathLike, class_names: list[str], *, label_column: str | None = None, image_column: str | None = None
+) -> LabelledImages:
     """Any labelled SOURCE -> paths and targets: an ImageFolder (a local directory with class folders),
     WebDataset shards whose samples carry a ``.cls`` member (the class index), or Parquet files with a label
     column (``label_column``, default ``label``: class indices, or class names as strings)."""
@@ -104,15 +109,19 @@ def list_labelled(spec: str | os.PathLike, class_names: list[str], *, label_colu
     local = Path(os.fspath(spec)).expanduser()
     if local.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in local.iterdir()):
         if label_column is not None or image_column is not None:
-            raise InputError(f"{spec} is an ImageFolder: its labels are its folder names; --label-column and "
-                             "--image-column apply to Parquet")
+            raise InputError(
+                f"{spec} is an ImageFolder: its labels are its folder names; --label-column and "
+                "--image-column apply to Parquet"
+            )
         return list_image_folder(local, class_names)
     src = list_source(spec, image_column=image_column)
     values: Sequence[object]
     if src.kind == "webdataset":
         if label_column is not None:
-            raise InputError(f"{spec} is WebDataset shards: labels come from each sample's .cls member; "
-                             "--label-column applies to Parquet")
+            raise InputError(
+                f"{spec} is WebDataset shards: labels come from each sample's .cls member; "
+                "--label-column applies to Parquet"
+            )
         values = webdataset_labels(src)
     elif src.kind == "parquet":
         values = parquet_labels(src, label_column or "label")
@@ -122,10 +131,12 @@ def list_labelled(spec: str | os.PathLike, class_names: list[str], *, label_colu
     bad = [i for i, t in enumerate(targets) if t is None]
     if bad:
         what = "no .cls member" if values[bad[0]] is None else f"the label {values[bad[0]]!r}"
-        raise InputError(f"{len(bad)} of {len(src)} rows of {spec} have no class of the classifier; the first, "
-                         f"{src.paths[bad[0]]}, has {what} (the classifier knows {len(class_names)} classes: "
-                         f"indices 0..{len(class_names) - 1} or the names {class_names[:5]}"
-                         f"{'...' if len(class_names) > 5 else ''})")
+        raise InputError(
+            f"{len(bad)} of {len(src)} rows of {spec} have no class of the classifier; the first, "
+            f"{src.paths[bad[0]]}, has {what} (the classifier knows {len(class_names)} classes: "
+            f"indices 0..{len(class_names) - 1} or the names {class_names[:5]}"
+            f"{'...' if len(class_names) > 5 else ''})"
+        )
     known = cast("list[int]", targets)  # no None left: checked above
     classes = [class_names[i] for i in sorted(set(known))]
     return LabelledImages(str(spec), classes, list(src.paths), known, src)
@@ -163,17 +174,25 @@ class EvalReport:
 
     def as_dict(self) -> dict:
         return {
-            "bundle": self.bundle, "image_folder": self.image_folder, "class_names": self.class_names,
-            "images": self.images, "decoder": self.decoder, "failed": self.failed, "notes": self.notes,
+            "bundle": self.bundle,
+            "image_folder": self.image_folder,
+            "class_names": self.class_names,
+            "images": self.images,
+            "decoder": self.decoder,
+            "failed": self.failed,
+            "notes": self.notes,
             "results": [vars(s) for s in self.scores],
         }
 
     def table(self) -> str:
         """The scores as a Markdown table (top-1 change and agreement against the first row)."""
         first = self.scores[0] if self.scores else None
-        lines = [f"{self.images} images, {len(self.class_names)} classes ({self.image_folder})", "",
-                 "| model | top-1 % | top-5 % | top-1 vs first | same top-1 as first |",
-                 "| --- | ---: | ---: | ---: | ---: |"]
+        lines = [
+            f"{self.images} images, {len(self.class_names)} classes ({self.image_folder})",
+            "",
+            "| model | top-1 % | top-5 % | top-1 vs first | same top-1 as first |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
         for s in self.scores:
             delta = "" if s is first or first is None else f"{s.top1 - first.top1:+.2f}"
             agree = "" if s.agreement is None or s is first else f"{s.agreement:.2f} %"
@@ -183,28 +202,47 @@ class EvalReport:
         return "\n".join(lines)
 
 
-def _score(name: str, backend: str, precision: str, logits: np.ndarray, targets: np.ndarray,
-           first_top1: np.ndarray | None) -> ModelScore:
+def _score(
+    name: str, backend: str, precision: str, logits: np.ndarray, targets: np.ndarray, first_top1: np.ndarray | None
+) -> ModelScore:
     c = logits.shape[1]
     top = top_k_indices(logits, min(5, c))
     pred = top[:, 0]
     confusion = np.bincount(targets * c + pred, minlength=c * c).reshape(c, c)
     agreement = None if first_top1 is None else float((pred == first_top1).mean() * 100.0)
-    return ModelScore(name, backend, precision, top1=float((pred == targets).mean() * 100.0),
-                      top5=float((top == targets[:, None]).any(axis=1).mean() * 100.0), agreement=agreement,
-                      confusion=confusion.tolist())
+    return ModelScore(
+        name,
+        backend,
+        precision,
+        top1=float((pred == targets).mean() * 100.0),
+        top5=float((top == targets[:, None]).any(axis=1).mean() * 100.0),
+        agreement=agreement,
+        confusion=confusion.tolist(),
+    )
 
 
-def _models(bundle: Bundle, precisions: list[str], backend: str, device: str, reference: bool | None,
-            batch_size: int, notes: list[str], runner_opts: dict) -> list[tuple[str, str, str, Classifier]]:
+def _models(
+    bundle: Bundle,
+    precisions: list[str],
+    backend: str,
+    device: str,
+    reference: bool | None,
+    batch_size: int,
+    notes: list[str],
+    runner_opts: dict,
+) -> list[tuple[str, str, str, Classifier]]:
     have = bundle.precisions(CLASSIFIER)
     # The torch backend runs the reference weights with autocast: it needs no classifier graph of a precision.
     missing = [p for p in precisions if p not in have] if backend != REFERENCE else []
     if missing:
-        raise BundleError(f"bundle {bundle.path} has no classifier graph at {', '.join(missing)}; it has "
-                          f"{', '.join(have)} (export with --precision {','.join(precisions)})")
-    models = [(f"{backend} {p}", backend, p, Classifier(bundle, backend, device, p, batch_size, **runner_opts))
-              for p in precisions]
+        raise BundleError(
+            f"bundle {bundle.path} has no classifier graph at {', '.join(missing)}; it has "
+            f"{', '.join(have)} (export with --precision {','.join(precisions)})"
+        )
+    models = [
+        (f"{backend} {p}", backend, p, Classifier(bundle, backend, device, p, batch_size, **runner_opts))
+        for p in precisions
+    ]
     if reference is False or backend == REFERENCE:
         return models
     try:
@@ -249,8 +287,9 @@ def evaluate(
     data = list_labelled(image_folder, names, label_column=label_column, image_column=image_column)
     report = EvalReport(str(bundle.path), data.root, names, images=0, decoder=decoder or default_decoder(device))
     precisions = precisions or bundle.precisions(CLASSIFIER)
-    models = _models(bundle, list(dict.fromkeys(precisions)), backend, device, reference, batch_size,
-                     report.notes, runner_opts or {})
+    models = _models(
+        bundle, list(dict.fromkeys(precisions)), backend, device, reference, batch_size, report.notes, runner_opts or {}
+    )
     batches = InputBatches(data.images(), Preprocessor.from_bundle(bundle), report.decoder, device)
     logits: dict[str, list[np.ndarray]] = {m[0]: [] for m in models}
     kept: list[int] = []
@@ -261,8 +300,9 @@ def evaluate(
         bar = tqdm(total=len(data.paths), unit="img", desc="eval")
     try:
         for batch in batches.batches(batch_size):
-            report.failed += [{"path": data.paths[i], "reason": why, "message": text}
-                              for i, why, text in batch.failures]
+            report.failed += [
+                {"path": data.paths[i], "reason": why, "message": text} for i, why, text in batch.failures
+            ]
             if batch.pixels is not None:
                 for name, _, _, clf in models:
                     logits[name].append(clf.logits_pixels(batch.pixels))
@@ -313,8 +353,15 @@ def plot_confusion(report: EvalReport, path: str | os.PathLike) -> Path:
             ax.set_yticks(range(c), report.class_names)
             for (i, j), v in np.ndenumerate(m):
                 if v:
-                    ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
-                            color="white" if v > m.max() / 2 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        str(v),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if v > m.max() / 2 else "black",
+                    )
     fig.tight_layout()
     fmt = Path(path).suffix.lstrip(".").lower() or "png"
     out = atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=100))

@@ -148,8 +148,10 @@ def check_replaceable_dir(out: Path, *, overwrite: bool, marker: str, what: str,
         if not overwrite:
             raise InputError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
         if any(out.iterdir()) and not (out / marker).is_file():
-            raise InputError(f"{out} is a non-empty directory but not a {what} (no {marker}): mae-deploy did not "
-                             "write it and refuses to replace it even with --overwrite; choose another --out")
+            raise InputError(
+                f"{out} is a non-empty directory but not a {what} (no {marker}): mae-deploy did not "
+                "write it and refuses to replace it even with --overwrite; choose another --out"
+            )
         if protect is not None and (protect.resolve() == out.resolve() or out.resolve() in protect.resolve().parents):
             raise InputError(f"the input {protect} is inside {out}; --overwrite would delete it")
     try:

@@ -52,9 +52,16 @@ class InputBatches:
 
         self.source = source
         limit = Image.MAX_IMAGE_PIXELS if pre.max_pixels is None else pre.max_pixels
-        self._args: dict[str, Any] = {"preprocessing": _config(pre), "in_chans": pre.in_chans, "min_side": pre.min_side,
-                      "max_pixels": int(limit or 0), "transfer": "float32", "exact_resize": pre.exact_resize,
-                      "reader": source.reader, "device_jpeg": check_decoder(decoder) == "torch"}
+        self._args: dict[str, Any] = {
+            "preprocessing": _config(pre),
+            "in_chans": pre.in_chans,
+            "min_side": pre.min_side,
+            "max_pixels": int(limit or 0),
+            "transfer": "float32",
+            "exact_resize": pre.exact_resize,
+            "reader": source.reader,
+            "device_jpeg": check_decoder(decoder) == "torch",
+        }
         self._decoder = Decoder(**self._args)
         self._device = None
         if decoder == "torch":
@@ -82,5 +89,11 @@ class InputBatches:
 
 def _config(pre: Preprocessor) -> dict:
     """The preprocessing block a Preprocessor was made from (what Decoder builds its own from)."""
-    return {"image_size": pre.image_size, "resize": pre.resize, "crop_pct": pre.crop_pct,
-            "interpolation": pre.interpolation, "mean": pre.mean.ravel().tolist(), "std": pre.std.ravel().tolist()}
+    return {
+        "image_size": pre.image_size,
+        "resize": pre.resize,
+        "crop_pct": pre.crop_pct,
+        "interpolation": pre.interpolation,
+        "mean": pre.mean.ravel().tolist(),
+        "std": pre.std.ravel().tolist(),
+    }

@@ -208,4 +208,3 @@ def _source(item: object, index: int) -> str:
     if isinstance(item, (str, os.PathLike)):
         return str(item)
     return f"image #{index}"
-

@@ -50,8 +50,10 @@ def mae_deploy(*args: str) -> None:
     print(f"\n$ mae-deploy {' '.join(args)}", flush=True)
     r = subprocess.run(cmd, cwd=ROOT)
     if r.returncode != 0:
-        raise SystemExit(f"demo: `mae-deploy {args[0]}` failed with exit code {r.returncode}; "
-                         "fix the cause and run the demo again (finished stages are kept)")
+        raise SystemExit(
+            f"demo: `mae-deploy {args[0]}` failed with exit code {r.returncode}; "
+            "fix the cause and run the demo again (finished stages are kept)"
+        )
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -118,9 +120,29 @@ def main() -> None:
 
     # 2. MAE pretraining: official recipe, small model, norm-pix loss.
     def pretrain() -> dict:
-        mae_deploy("pretrain", "--model", MODEL, "--in_chans", "1", "--norm_pix_loss", "--mask_ratio", "0.75",
-                   "--batch_size", "64", "--epochs", str(args.pretrain_epochs), "--warmup_epochs", "5",
-                   "--blr", "2e-3", "--data_path", str(digits), "--output_dir", str(pre), *common)
+        mae_deploy(
+            "pretrain",
+            "--model",
+            MODEL,
+            "--in_chans",
+            "1",
+            "--norm_pix_loss",
+            "--mask_ratio",
+            "0.75",
+            "--batch_size",
+            "64",
+            "--epochs",
+            str(args.pretrain_epochs),
+            "--warmup_epochs",
+            "5",
+            "--blr",
+            "2e-3",
+            "--data_path",
+            str(digits),
+            "--output_dir",
+            str(pre),
+            *common,
+        )
         m = last_metrics(pre)
         return {"first_loss": m[0]["train_loss"], "last_loss": m[-1]["train_loss"], "epochs": len(m)}
 
@@ -129,13 +151,29 @@ def main() -> None:
     # 3. Linear probe, same recipe and seed: pretrained encoder vs the same encoder at random init.
     def linprobe(kind: str):
         def run() -> dict:
-            source = (["--finetune", str(pre / "model")] if kind == "pretrained"
-                      else ["--model", MODEL, "--in_chans", "1"])
-            mae_deploy("linprobe", *source, "--batch_size", "128", "--epochs", str(args.probe_epochs),
-                       "--warmup_epochs", "2", "--blr", "20", "--data_path", str(digits),
-                       "--output_dir", str(probe[kind]), *common)
+            source = (
+                ["--finetune", str(pre / "model")] if kind == "pretrained" else ["--model", MODEL, "--in_chans", "1"]
+            )
+            mae_deploy(
+                "linprobe",
+                *source,
+                "--batch_size",
+                "128",
+                "--epochs",
+                str(args.probe_epochs),
+                "--warmup_epochs",
+                "2",
+                "--blr",
+                "20",
+                "--data_path",
+                str(digits),
+                "--output_dir",
+                str(probe[kind]),
+                *common,
+            )
             m = last_metrics(probe[kind])
             return {"acc1": m[-1]["test_acc1"], "acc5": m[-1]["test_acc5"], "best_acc1": m[-1]["best_acc1"]}
+
         return run
 
     for kind in ("pretrained", "random"):
@@ -146,8 +184,10 @@ def main() -> None:
         mae_deploy("export", str(pre / "model"), "--out", str(bundle), "--reference-weights", "--overwrite")
         manifest = json.loads((bundle / "mae.json").read_text())
         diffs = [g.get("parity", {}).get("max_abs_diff") for g in manifest["graphs"]]
-        return {"graphs": [g["file"] for g in manifest["graphs"]],
-                "max_abs_diff": max((d for d in diffs if d is not None), default=None)}
+        return {
+            "graphs": [g["file"] for g in manifest["graphs"]],
+            "max_abs_diff": max((d for d in diffs if d is not None), default=None),
+        }
 
     exported = demo.stage("export", "export", export, [bundle / "mae.json"])
 
@@ -155,13 +195,33 @@ def main() -> None:
     cls_bundle, eval_json = out / "classifier_bundle", out / "eval.json"
 
     def export_classifier() -> dict:
-        mae_deploy("export", str(probe["pretrained"] / "model"), "--out", str(cls_bundle), "--precision",
-                   "fp32,int8", "--reference-weights", "--overwrite")
+        mae_deploy(
+            "export",
+            str(probe["pretrained"] / "model"),
+            "--out",
+            str(cls_bundle),
+            "--precision",
+            "fp32,int8",
+            "--reference-weights",
+            "--overwrite",
+        )
         return {"graphs": [g["file"] for g in json.loads((cls_bundle / "mae.json").read_text())["graphs"]]}
 
     def evaluate() -> dict:
-        mae_deploy("eval", str(cls_bundle), str(digits / "val"), "--precisions", "fp32,int8", "--out", str(eval_json),
-                   "--plot", str(out / "eval_confusion.png"), "--max-top1-drop", "0.5", "--no-progress")
+        mae_deploy(
+            "eval",
+            str(cls_bundle),
+            str(digits / "val"),
+            "--precisions",
+            "fp32,int8",
+            "--out",
+            str(eval_json),
+            "--plot",
+            str(out / "eval_confusion.png"),
+            "--max-top1-drop",
+            "0.5",
+            "--no-progress",
+        )
         doc = json.loads(eval_json.read_text())
         return {"images": doc["images"], "rows": [{k: r[k] for k in ("name", "top1", "top5")} for r in doc["results"]]}
 
@@ -174,8 +234,18 @@ def main() -> None:
 
         def reconstruct() -> dict:
             samples = [sorted((digits / "val" / str(d)).glob("*.png"))[0] for d in range(10)]
-            mae_deploy("reconstruct", *map(str, samples), "--bundle", str(bundle), "--out", str(recon),
-                       "--mask-ratio", "0.75", "--seed", "0")
+            mae_deploy(
+                "reconstruct",
+                *map(str, samples),
+                "--bundle",
+                str(bundle),
+                "--out",
+                str(recon),
+                "--mask-ratio",
+                "0.75",
+                "--seed",
+                "0",
+            )
             return {"images": len(list(recon.glob("*.png")))}
 
         demo.stage("reconstruct", "reconstruct", reconstruct, [recon])
@@ -183,12 +253,26 @@ def main() -> None:
         feats = out / "features"
 
         def extract() -> dict:
-            mae_deploy("extract", str(digits), "--bundle", str(bundle), "--out", str(feats), "--pool", "cls",
-                       "--workers", "1", "--no-progress")
+            mae_deploy(
+                "extract",
+                str(digits),
+                "--bundle",
+                str(bundle),
+                "--out",
+                str(feats),
+                "--pool",
+                "cls",
+                "--workers",
+                "1",
+                "--no-progress",
+            )
             manifest = json.loads((feats / "manifest.json").read_text())
             counts = manifest.get("counts", {})
-            return {"features": counts.get("features"), "failed": counts.get("failed"),
-                    "feature_shape": manifest.get("feature_shape")}
+            return {
+                "features": counts.get("features"),
+                "failed": counts.get("failed"),
+                "feature_shape": manifest.get("feature_shape"),
+            }
 
         demo.stage("extract", "extract", extract, [feats / "manifest.json"])
 
@@ -196,12 +280,28 @@ def main() -> None:
 
         def bench() -> dict:
             bench_dir.mkdir(exist_ok=True)
-            mae_deploy("bench", str(bundle), "--backends", "ort,openvino,torch", "--parts", "encoder,reconstruct",
-                       "--batch-sizes", "1,64", "--out", str(bench_dir / "results.json"),
-                       "--markdown", str(bench_dir / "results.md"))
+            mae_deploy(
+                "bench",
+                str(bundle),
+                "--backends",
+                "ort,openvino,torch",
+                "--parts",
+                "encoder,reconstruct",
+                "--batch-sizes",
+                "1,64",
+                "--out",
+                str(bench_dir / "results.json"),
+                "--markdown",
+                str(bench_dir / "results.md"),
+            )
             rows = json.loads((bench_dir / "results.json").read_text()).get("rows", [])
-            return {"rows": [{k: r.get(k) for k in ("backend", "part", "batch", "visible", "status", "throughput_ips")}
-                             | {"p50_ms": (r.get("latency_ms") or {}).get("p50")} for r in rows]}
+            return {
+                "rows": [
+                    {k: r.get(k) for k in ("backend", "part", "batch", "visible", "status", "throughput_ips")}
+                    | {"p50_ms": (r.get("latency_ms") or {}).get("p50")}
+                    for r in rows
+                ]
+            }
 
         demo.stage("bench", "bench", bench, [bench_dir / "results.json"])
 
@@ -228,8 +328,11 @@ def serve_demo(bundle: Path, images: list[Path], out: Path) -> dict:
     url = f"http://127.0.0.1:{port}"
     out.mkdir(parents=True, exist_ok=True)
     print(f"\n$ mae-deploy serve {bundle} --port {port}", flush=True)
-    proc = subprocess.Popen([sys.executable, "-m", "mae_deploy.cli", "serve", str(bundle), "--port", str(port)],
-                            cwd=ROOT, stderr=open(out / "server.log", "w"))  # noqa: SIM115 (the child owns it)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mae_deploy.cli", "serve", str(bundle), "--port", str(port)],
+        cwd=ROOT,
+        stderr=open(out / "server.log", "w"),
+    )  # noqa: SIM115 (the child owns it)
 
     def call(path: str, data: bytes | None = None, ctype: str = "image/png") -> tuple[int, bytes]:
         req = urllib.request.Request(url + path, data=data, headers={"Content-Type": ctype} if data else {})
@@ -254,8 +357,10 @@ def serve_demo(bundle: Path, images: list[Path], out: Path) -> dict:
             status, body = call("/v1/features?pool=cls", img.read_bytes())
             doc = json.loads(body)
             emb = doc["data"][0]["embedding"]
-            print(f"POST /v1/features {img.name} -> {status}: dim {doc['dim']}, first values "
-                  f"{', '.join(f'{v:+.3f}' for v in emb[:4])} ...")
+            print(
+                f"POST /v1/features {img.name} -> {status}: dim {doc['dim']}, first values "
+                f"{', '.join(f'{v:+.3f}' for v in emb[:4])} ..."
+            )
             answered += 1
         status, png = call("/v1/reconstruct?mask_ratio=0.75&seed=0", images[0].read_bytes())
         (out / "reconstruct.png").write_bytes(png)
@@ -281,12 +386,16 @@ def summarize(demo: Demo, out: Path, elapsed: float) -> None:
         lines.append(f"\ndata        {d['train']} train + {d['val']} val real handwritten digits   {out / 'digits'}")
     p = s.get("pretrain", {})
     if p.get("status") == "ran":
-        lines.append(f"pretrain    {MODEL}, {p['epochs']} epochs, masked-patch loss {p['first_loss']:.3f} -> "
-                     f"{p['last_loss']:.3f}   {out / 'pretrain' / 'model'}")
+        lines.append(
+            f"pretrain    {MODEL}, {p['epochs']} epochs, masked-patch loss {p['first_loss']:.3f} -> "
+            f"{p['last_loss']:.3f}   {out / 'pretrain' / 'model'}"
+        )
     a, b = s.get("linprobe_pretrained", {}), s.get("linprobe_random", {})
     if a.get("status") == "ran" and b.get("status") == "ran":
-        lines.append(f"linprobe    top-1 on val: pretrained {a['acc1']:.1f}%  vs  random init {b['acc1']:.1f}%  "
-                     f"({a['acc1'] - b['acc1']:+.1f} points; same recipe, seed and budget)")
+        lines.append(
+            f"linprobe    top-1 on val: pretrained {a['acc1']:.1f}%  vs  random init {b['acc1']:.1f}%  "
+            f"({a['acc1'] - b['acc1']:+.1f} points; same recipe, seed and budget)"
+        )
         lines.append(f"            {out / 'linprobe_pretrained'}   {out / 'linprobe_random'}")
     e = s.get("export", {})
     if e.get("status") == "ran":
@@ -295,28 +404,36 @@ def summarize(demo: Demo, out: Path, elapsed: float) -> None:
     ev = s.get("eval", {})
     if ev.get("status") == "ran":
         lines.append(f"eval        linear-probe classifier on {ev['images']} val digits   {out / 'eval.json'}")
-        lines += [f"            {row['name']:<11} top-1 {row['top1']:6.2f} %  top-5 {row['top5']:6.2f} %"
-                  for row in ev["rows"]]
+        lines += [
+            f"            {row['name']:<11} top-1 {row['top1']:6.2f} %  top-5 {row['top5']:6.2f} %"
+            for row in ev["rows"]
+        ]
     r = s.get("reconstruct", {})
     if r.get("status") == "ran":
         lines.append(f"reconstruct {r['images']} digits, 75% of patches masked   {out / 'reconstructions'}")
     x = s.get("extract", {})
     if x.get("status") == "ran":
-        lines.append(f"extract     {x.get('features')} images -> features of shape {x.get('feature_shape')} "
-                     f"({x.get('failed')} failed)   {out / 'features'}")
+        lines.append(
+            f"extract     {x.get('features')} images -> features of shape {x.get('feature_shape')} "
+            f"({x.get('failed')} failed)   {out / 'features'}"
+        )
     bn = s.get("bench", {})
     if bn.get("status") == "ran":
-        lines.append(f"bench       {len(bn['rows'])} rows (ONNX Runtime and OpenVINO below)   "
-                     f"{out / 'bench' / 'results.md'}")
+        lines.append(
+            f"bench       {len(bn['rows'])} rows (ONNX Runtime and OpenVINO below)   {out / 'bench' / 'results.md'}"
+        )
         for row in bn["rows"]:
             if row.get("p50_ms") is not None and row["backend"] in ("ort", "openvino"):
-                lines.append(f"            {row['backend']:<8} {row['part']:<12} batch {row['batch']:<3} "
-                             f"visible {row['visible']:<3} "
-                             f"p50 {row['p50_ms']:7.2f} ms  {row.get('throughput_ips') or 0:8.0f} images/s")
+                lines.append(
+                    f"            {row['backend']:<8} {row['part']:<12} batch {row['batch']:<3} "
+                    f"visible {row['visible']:<3} "
+                    f"p50 {row['p50_ms']:7.2f} ms  {row.get('throughput_ips') or 0:8.0f} images/s"
+                )
     sv = s.get("serve", {})
     if sv.get("status") == "ran":
-        lines.append(f"serve       {sv['requests']} HTTP requests answered; SIGTERM -> exit {sv['exit_code']}   "
-                     f"{out / 'serve'}")
+        lines.append(
+            f"serve       {sv['requests']} HTTP requests answered; SIGTERM -> exit {sv['exit_code']}   {out / 'serve'}"
+        )
     lines.append(f"\ntotal {elapsed:.0f}s this run; state in {out / STATE}")
     print("\n".join(lines))
     write_json(out / "summary.json", {"elapsed_s": elapsed, "stages": s})

@@ -45,15 +45,17 @@ def loaded_tiny_bundle(tiny_bundle) -> Bundle:
 @pytest.fixture(scope="session")
 def norm_pix_bundle(tmp_path_factory, tiny_bundle) -> Path:
     """``tiny_bundle``'s graphs as a norm-pix model's."""
-    return cached_bundle(tmp_path_factory, "mae_vit_test_normpix",
-                         lambda d: derived_bundle(tiny_bundle, d, norm_pix=True))
+    return cached_bundle(
+        tmp_path_factory, "mae_vit_test_normpix", lambda d: derived_bundle(tiny_bundle, d, norm_pix=True)
+    )
 
 
 @pytest.fixture(scope="session")
 def encoder_only_bundle(tmp_path_factory, tiny_bundle) -> Path:
     """``tiny_bundle`` without its decoder."""
-    return cached_bundle(tmp_path_factory, "mae_vit_test_enc",
-                         lambda d: derived_bundle(tiny_bundle, d, drop_decoder=True))
+    return cached_bundle(
+        tmp_path_factory, "mae_vit_test_enc", lambda d: derived_bundle(tiny_bundle, d, drop_decoder=True)
+    )
 
 
 @pytest.fixture(scope="session")
@@ -105,9 +107,15 @@ def s3_endpoint(tmp_path_factory):
     url = f"http://{host}:{port}"
     nowhere = str(tmp_path_factory.mktemp("aws") / "none")  # no profile of this machine's user takes part
     mp = pytest.MonkeyPatch()
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                 "AWS_ENDPOINT_URL_S3": url, "AWS_CONFIG_FILE": nowhere, "AWS_SHARED_CREDENTIALS_FILE": nowhere,
-                 "AWS_EC2_METADATA_DISABLED": "true"}.items():
+    for k, v in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL_S3": url,
+        "AWS_CONFIG_FILE": nowhere,
+        "AWS_SHARED_CREDENTIALS_FILE": nowhere,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
         mp.setenv(k, v)
     yield url
     mp.undo()

@@ -47,13 +47,24 @@ TWINS = {
 
 
 def _photos() -> list[np.ndarray]:
-    names = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "colorwheel", "camera", "coins",
-             "moon", "text"]
+    names = [
+        "astronaut",
+        "coffee",
+        "chelsea",
+        "rocket",
+        "immunohistochemistry",
+        "colorwheel",
+        "camera",
+        "coins",
+        "moon",
+        "text",
+    ]
     return [getattr(skimage_data, n)() for n in names]
 
 
 def _bomb_png(path: Path, width: int = 10_000, height: int = 9_000) -> None:
     """A valid all-black greyscale PNG above Pillow's default limit (89.5 M pixels), ~90 KB on disk."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
 
@@ -72,7 +83,7 @@ def make_images(root: Path) -> dict:
         a = photos[i % len(photos)]
         h, w = int(rng.integers(24, 160)), int(rng.integers(24, 160))
         y, x = int(rng.integers(0, a.shape[0] - h)), int(rng.integers(0, a.shape[1] - w))
-        crop = Image.fromarray(np.ascontiguousarray(a[y:y + h, x:x + w]))
+        crop = Image.fromarray(np.ascontiguousarray(a[y : y + h, x : x + w]))
         sub = ["", "a", "a/b", "c"][i % 4]
         ext = [".jpg", ".png", ".JPG", ".jpeg", ".PNG"][i % 5]
         rel = f"{sub}/img{i:04d}{ext}".lstrip("/")
@@ -126,7 +137,7 @@ def make_images(root: Path) -> dict:
     astro.save(buf, format="PNG")
     data = bytearray(buf.getvalue())
     at = data.index(b"IDAT") + 40
-    data[at:at + 64] = bytes(rng.integers(0, 256, 64, dtype=np.uint8))  # garbage in the compressed pixels
+    data[at : at + 64] = bytes(rng.integers(0, 256, 64, dtype=np.uint8))  # garbage in the compressed pixels
     (broken / "corrupt.png").write_bytes(bytes(data))
     (broken / "zero.jpg").write_bytes(b"")
     (broken / "text.jpg").write_text("this is not an image\n")
@@ -165,5 +176,6 @@ def other_stats_copy(bundle: Path, out: Path) -> Path:
 
 def result_files(d: Path) -> dict[str, bytes]:
     """Every result file but the manifest (which holds timings) and hidden files (the lock), by name."""
-    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.name != "manifest.json"
-            and not p.name.startswith(".")}
+    return {
+        p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.name != "manifest.json" and not p.name.startswith(".")
+    }

@@ -32,9 +32,14 @@ _PLAIN = (bool, int, float, str, tuple, type(None))
 def _module_attributes(model) -> list:
     """Every submodule's class and plain public attributes (``global_pool``, ``training``, ...): what shapes the
     forward besides the config and the tensors."""
-    return [(name, type(m).__qualname__, sorted((k, repr(v)) for k, v in vars(m).items()
-                                                if not k.startswith("_") and isinstance(v, _PLAIN)))
-            for name, m in model.named_modules()]
+    return [
+        (
+            name,
+            type(m).__qualname__,
+            sorted((k, repr(v)) for k, v in vars(m).items() if not k.startswith("_") and isinstance(v, _PLAIN)),
+        )
+        for name, m in model.named_modules()
+    ]
 
 
 def graph_key(model, part: str, path: Path, opset: int, external_data: bool | None) -> str:
@@ -42,8 +47,22 @@ def graph_key(model, part: str, path: Path, opset: int, external_data: bool | No
     import torch
 
     h = hashlib.sha256()
-    h.update(json.dumps([model.config.to_dict(), _module_attributes(model), part, path.name, opset, external_data,
-                         torch.__version__, onnx.__version__], sort_keys=True, default=str).encode())
+    h.update(
+        json.dumps(
+            [
+                model.config.to_dict(),
+                _module_attributes(model),
+                part,
+                path.name,
+                opset,
+                external_data,
+                torch.__version__,
+                onnx.__version__,
+            ],
+            sort_keys=True,
+            default=str,
+        ).encode()
+    )
     for name, t in model.state_dict().items():
         t = t.detach().contiguous().cpu()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
@@ -76,8 +95,10 @@ class GraphCache:
         from export.onnx_export import GraphFile, check_graph_file, external_data_files, op_types
 
         path = Path(path)
-        entry = build_once(self.root / graph_key(model, part, path, opset, external_data),
-                           lambda tmp: real(model, part, tmp / path.name, opset=opset, external_data=external_data))
+        entry = build_once(
+            self.root / graph_key(model, part, path, opset, external_data),
+            lambda tmp: real(model, part, tmp / path.name, opset=opset, external_data=external_data),
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         for f in entry.iterdir():
             shutil.copyfile(f, path.parent / f.name)

@@ -127,8 +127,9 @@ def test_bf16_runs_where_the_cpu_has_it_and_is_exit_7_where_not(loaded_tiny_bund
         b = ort.encode(x, ids)
         assert _pooled_cosine(a, b) > 0.99 and np.abs(a - b).max() > 1e-5  # really bf16, still close
     else:
-        with pytest.raises(DeviceUnavailable, match="bf16 on openvino needs a CPU with bf16 instructions .*"
-                                                    "use --precision fp32") as e:
+        with pytest.raises(
+            DeviceUnavailable, match="bf16 on openvino needs a CPU with bf16 instructions .*use --precision fp32"
+        ) as e:
             create_runner(loaded_tiny_bundle, "openvino", precision="bf16")
         assert e.value.exit_code == 7
         assert "FP32" in str(e.value)  # names what the CPU does offer
@@ -137,8 +138,12 @@ def test_bf16_runs_where_the_cpu_has_it_and_is_exit_7_where_not(loaded_tiny_bund
 def test_bf16_maps_to_the_inference_precision_hint(loaded_tiny_bundle, monkeypatch):
     monkeypatch.setattr(ovr, "cpu_supports_bf16", lambda core: True)
     r = ovr.OpenVinoRunner(loaded_tiny_bundle, precision="bf16", threads=2, hint="latency", num_streams=1)
-    assert r.config == {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "bf16",
-                        "INFERENCE_NUM_THREADS": "2", "NUM_STREAMS": "1"}
+    assert r.config == {
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": "bf16",
+        "INFERENCE_NUM_THREADS": "2",
+        "NUM_STREAMS": "1",
+    }
     assert r.info.details["graphs"]["encoder"] == "encoder.onnx"  # bf16 is a hint on the fp32 graph
 
 
@@ -157,12 +162,16 @@ def _stub_bundle(**precisions):
 def test_int8_uses_the_qdq_graph_and_explains_when_there_is_none(loaded_tiny_bundle):
     assert ovr.graph_precision(_stub_bundle(encoder=["fp32", "int8", "int8-qdq"]), "encoder", "int8") == "int8-qdq"
     # A decoder without a Q/DQ variant runs fp32, as ORT does for a missing decoder precision.
-    assert ovr.graph_precision(_stub_bundle(encoder=["fp32", "int8-qdq"], decoder=["fp32"]), "decoder", "int8") \
-        == "fp32"
+    assert (
+        ovr.graph_precision(_stub_bundle(encoder=["fp32", "int8-qdq"], decoder=["fp32"]), "decoder", "int8") == "fp32"
+    )
     assert ovr.graph_precision(_stub_bundle(encoder=["fp32"]), "decoder", "int8") is None  # no decoder at all
     assert ovr.graph_precision(_stub_bundle(encoder=["fp32", "int8"]), "encoder", "bf16") == "fp32"
-    with pytest.raises(InputError, match=r"has no encoder graph at int8-qdq \(it has: fp32, int8; its int8 is "
-                                         r"ONNX Runtime dynamic quantisation.*--precision int8-qdq --calibration"):
+    with pytest.raises(
+        InputError,
+        match=r"has no encoder graph at int8-qdq \(it has: fp32, int8; its int8 is "
+        r"ONNX Runtime dynamic quantisation.*--precision int8-qdq --calibration",
+    ):
         ovr.graph_precision(_stub_bundle(encoder=["fp32", "int8"]), "encoder", "int8")
     with pytest.raises(InputError, match="has no encoder graph at int8-qdq") as e:
         create_runner(loaded_tiny_bundle, "openvino", precision="int8")
@@ -174,14 +183,17 @@ def test_int8_uses_the_qdq_graph_and_explains_when_there_is_none(loaded_tiny_bun
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"device": "cuda"}, "the openvino backend runs on cpu, not 'cuda'"),
-    ({"precision": "fp16"}, "runs fp32, bf16, int8, not 'fp16'"),
-    ({"hint": "fast"}, r"hint must be one of \['latency', 'throughput'\]"),
-    ({"threads": 0}, "threads must be a positive integer"),
-    ({"num_streams": -1}, "num_streams must be a positive integer"),
-    ({"max_batch": 4}, "the openvino backend has no option max_batch"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"device": "cuda"}, "the openvino backend runs on cpu, not 'cuda'"),
+        ({"precision": "fp16"}, "runs fp32, bf16, int8, not 'fp16'"),
+        ({"hint": "fast"}, r"hint must be one of \['latency', 'throughput'\]"),
+        ({"threads": 0}, "threads must be a positive integer"),
+        ({"num_streams": -1}, "num_streams must be a positive integer"),
+        ({"max_batch": 4}, "the openvino backend has no option max_batch"),
+    ],
+)
 def test_bad_options_are_input_errors(loaded_tiny_bundle, kwargs, message):
     with pytest.raises(InputError, match=message):
         create_runner(loaded_tiny_bundle, "openvino", **kwargs)
@@ -237,8 +249,21 @@ def test_reconstruct_command_takes_backend_openvino(tiny_bundle, tmp_path):
 
     img = tmp_path / "a.png"
     Image.fromarray((np.random.default_rng(0).random((48, 48, 3)) * 255).astype(np.uint8)).save(img)
-    res = CliRunner().invoke(main, ["reconstruct", str(img), "--bundle", str(tiny_bundle), "--out",
-                                    str(tmp_path / "out"), "--backend", "openvino", "--threads", "1"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "reconstruct",
+            str(img),
+            "--bundle",
+            str(tiny_bundle),
+            "--out",
+            str(tmp_path / "out"),
+            "--backend",
+            "openvino",
+            "--threads",
+            "1",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "on openvino/cpu [openvino:CPU], fp32" in res.output and (tmp_path / "out" / "a.png").is_file()
 
@@ -262,16 +287,25 @@ def qdq_bundle(tmp_path_factory) -> Bundle:
     for i in range(8):
         Image.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8)).save(root / "calib" / f"{i}.png")
     torch.manual_seed(0)
-    export_bundle(create_model("mae_vit_test").eval(), root / "bundle", precisions=("fp32", "int8-qdq"),
-                  calibration=root / "calib", calibration_count=8, verify=False, progress=None)
+    export_bundle(
+        create_model("mae_vit_test").eval(),
+        root / "bundle",
+        precisions=("fp32", "int8-qdq"),
+        calibration=root / "calib",
+        calibration_count=8,
+        verify=False,
+        progress=None,
+    )
     return Bundle.load(root / "bundle")
 
 
 def test_int8_runs_the_qdq_graph_close_to_fp32(qdq_bundle):
     x = np.random.default_rng(3).standard_normal((3, 3, 32, 32)).astype(np.float32)
     ids = np.tile(np.arange(16), (3, 1))
-    with create_runner(qdq_bundle, "openvino", precision="int8", threads=1) as q, \
-            create_runner(qdq_bundle, "openvino", threads=1) as f:
+    with (
+        create_runner(qdq_bundle, "openvino", precision="int8", threads=1) as q,
+        create_runner(qdq_bundle, "openvino", threads=1) as f,
+    ):
         a, b = q.encode(x, ids), f.encode(x, ids)
         graphs = q.info.details["graphs"]
     assert graphs["encoder"] == qdq_bundle.graph("encoder", "int8-qdq").file != "encoder.onnx"

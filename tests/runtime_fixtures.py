@@ -68,29 +68,58 @@ def _export_graphs(model, dst: Path) -> list[dict]:
     latent = torch.randn(2, L // 4 + 2, D)
     graphs = []
     jobs = [
-        ("encoder", Enc(model), (pv, ids_keep), ("pixel_values", "ids_keep"), "latent",
-         {"pixel_values": {0: batch}, "ids_keep": {0: batch, 1: visible}}),
-        ("decoder", Dec(model), (latent, ids_restore), ("latent", "ids_restore"), "pred",
-         {"latent": {0: batch, 1: visible + 1}, "ids_restore": {0: batch}}),
+        (
+            "encoder",
+            Enc(model),
+            (pv, ids_keep),
+            ("pixel_values", "ids_keep"),
+            "latent",
+            {"pixel_values": {0: batch}, "ids_keep": {0: batch, 1: visible}},
+        ),
+        (
+            "decoder",
+            Dec(model),
+            (latent, ids_restore),
+            ("latent", "ids_restore"),
+            "pred",
+            {"latent": {0: batch, 1: visible + 1}, "ids_restore": {0: batch}},
+        ),
     ]
     for part, module, args, inputs, output, dyn in jobs:
         f = dst / f"{part}.onnx"
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*axis name")  # pixel_values and ids_keep share `batch`
             torch.onnx.export(
-                module.eval(), args, str(f), input_names=list(inputs), output_names=[output],
-                dynamic_shapes=dyn, dynamo=True, external_data=False, verbose=False,
+                module.eval(),
+                args,
+                str(f),
+                input_names=list(inputs),
+                output_names=[output],
+                dynamic_shapes=dyn,
+                dynamo=True,
+                external_data=False,
+                verbose=False,
             )
         shapes = {
-            "pixel_values": ["batch", C, S, S], "ids_keep": ["batch", "visible"],
-            "latent": ["batch", "visible+1", D], "ids_restore": ["batch", L], "pred": ["batch", L, cfg.patch_dim],
+            "pixel_values": ["batch", C, S, S],
+            "ids_keep": ["batch", "visible"],
+            "latent": ["batch", "visible+1", D],
+            "ids_restore": ["batch", L],
+            "pred": ["batch", L, cfg.patch_dim],
         }
-        graphs.append({
-            "part": part, "precision": "fp32", "file": f.name, "external_data": [],
-            "inputs": [{"name": n, "dtype": "int64" if n.startswith("ids") else "float32", "shape": shapes[n]}
-                       for n in inputs],
-            "outputs": [{"name": output, "dtype": "float32", "shape": shapes[output]}],
-        })
+        graphs.append(
+            {
+                "part": part,
+                "precision": "fp32",
+                "file": f.name,
+                "external_data": [],
+                "inputs": [
+                    {"name": n, "dtype": "int64" if n.startswith("ids") else "float32", "shape": shapes[n]}
+                    for n in inputs
+                ],
+                "outputs": [{"name": output, "dtype": "float32", "shape": shapes[output]}],
+            }
+        )
     return graphs
 
 
@@ -105,8 +134,14 @@ def export_tiny_bundle(dst: Path, name: str = "mae_vit_test", seed: int = 0) -> 
     cfg = model.config
     manifest = {
         "architecture": cfg.to_dict(),
-        "preprocessing": {"image_size": cfg.img_size, "resize": "shorter_side_crop", "crop_pct": 0.875,
-                          "interpolation": "bicubic", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+        "preprocessing": {
+            "image_size": cfg.img_size,
+            "resize": "shorter_side_crop",
+            "crop_pct": 0.875,
+            "interpolation": "bicubic",
+            "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225],
+        },
         "norm_pix_loss": cfg.norm_pix_loss,
         "opset": 20,
         "graphs": graphs,
@@ -163,8 +198,9 @@ def tiny_classifier(num_classes: int = 5, in_chans: int = 3, seed: int = 0, glob
     from training.model import VisionTransformer, get_config
 
     torch.manual_seed(seed)
-    model = VisionTransformer(get_config("mae_vit_test", in_chans=in_chans), num_classes=num_classes,
-                              global_pool=global_pool).eval()
+    model = VisionTransformer(
+        get_config("mae_vit_test", in_chans=in_chans), num_classes=num_classes, global_pool=global_pool
+    ).eval()
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if "norm" in pname or pname.endswith("bias"):
@@ -182,8 +218,7 @@ def export_classifier_bundle(dst: Path, model=None, labels=None, precisions: str
     from export.bundle_writer import export_bundle
 
     model = model if model is not None else tiny_classifier()
-    export_bundle(model, dst, precisions=precisions, reference_weights=True, labels=labels, progress=None,
-                  verify=False)
+    export_bundle(model, dst, precisions=precisions, reference_weights=True, labels=labels, progress=None, verify=False)
     return dst
 
 

@@ -34,7 +34,9 @@ def _encoded_images() -> list[tuple[str, str, bytes]]:
         y, x = int(rng.integers(0, a.shape[0] - h)), int(rng.integers(0, a.shape[1] - w))
         ext = ("jpg", "png", "jpeg")[i % 3]
         buf = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(a[y:y + h, x:x + w])).save(buf, format="PNG" if ext == "png" else "JPEG")
+        Image.fromarray(np.ascontiguousarray(a[y : y + h, x : x + w])).save(
+            buf, format="PNG" if ext == "png" else "JPEG"
+        )
         out.append((f"s{i:05d}", ext, buf.getvalue()))
     return out
 
@@ -61,7 +63,7 @@ def write_source_data(root: Path) -> dict:
     shards = root / "shards"
     shards.mkdir()
     for s in range(N_IMAGES // PER_SHARD):
-        part = images[s * PER_SHARD:(s + 1) * PER_SHARD]
+        part = images[s * PER_SHARD : (s + 1) * PER_SHARD]
         path = shards / f"train-{s:06d}.tar"
         if s < 2:
             with wds.TarWriter(str(path)) as w:
@@ -76,14 +78,22 @@ def write_source_data(root: Path) -> dict:
     pq_dir.mkdir()
     half = N_IMAGES // 2
     for f, part in enumerate((images[:half], images[half:])):
-        table = pa.table({
-            "id": [key for key, _, _ in part],
-            "label": list(range(len(part))),
-            "image": [{"bytes": data, "path": f"{key}.{ext}"} for key, ext, data in part],
-        })
+        table = pa.table(
+            {
+                "id": [key for key, _, _ in part],
+                "label": list(range(len(part))),
+                "image": [{"bytes": data, "path": f"{key}.{ext}"} for key, ext, data in part],
+            }
+        )
         pq.write_table(table, pq_dir / f"part-{f}.parquet", row_group_size=4)
-    return {"root": root, "images": images, "folder": folder, "shards": shards, "parquet": pq_dir,
-            "shard_spec": str(shards / "train-{000000..000002}.tar")}
+    return {
+        "root": root,
+        "images": images,
+        "folder": folder,
+        "shards": shards,
+        "parquet": pq_dir,
+        "shard_spec": str(shards / "train-{000000..000002}.tar"),
+    }
 
 
 def write_broken_data(root: Path, source_data: dict) -> dict:
@@ -117,5 +127,8 @@ def upload_to_s3(source_data: dict) -> dict:
     for kind in ("shards", "parquet"):
         for p in sorted(Path(source_data[kind]).iterdir()):
             fs.put_file(str(p), f"{BUCKET}/{kind}/{p.name}")
-    return {"shard_spec": f"s3://{BUCKET}/shards/train-{{000000..000002}}.tar",
-            "parquet": f"s3://{BUCKET}/parquet/", "bucket": BUCKET}
+    return {
+        "shard_spec": f"s3://{BUCKET}/shards/train-{{000000..000002}}.tar",
+        "parquet": f"s3://{BUCKET}/parquet/",
+        "bucket": BUCKET,
+    }

@@ -62,10 +62,24 @@ def digits(tmp_path_factory) -> Path:
 def test_an_empty_pth_is_named_by_every_command_that_reads_one(tmp_path, tiny_bundle):
     empty = tmp_path / "mae_pretrain_vit_base.pth"
     empty.touch()
-    for args in (("info", empty), ("convert", empty, tmp_path / "dst"), ("export", empty, "--out", tmp_path / "b"),
-                 ("reconstruct", tmp_path / "x.png", "--bundle", tiny_bundle, "--out", tmp_path / "r",
-                  "--backend", "torch", "--checkpoint", empty),
-                 ("pretrain", *TINY, "--resume", empty, "--output_dir", tmp_path / "run")):
+    for args in (
+        ("info", empty),
+        ("convert", empty, tmp_path / "dst"),
+        ("export", empty, "--out", tmp_path / "b"),
+        (
+            "reconstruct",
+            tmp_path / "x.png",
+            "--bundle",
+            tiny_bundle,
+            "--out",
+            tmp_path / "r",
+            "--backend",
+            "torch",
+            "--checkpoint",
+            empty,
+        ),
+        ("pretrain", *TINY, "--resume", empty, "--output_dir", tmp_path / "run"),
+    ):
         _fails(_run(*args), 3, str(empty), "empty (0 bytes)")
     assert not (tmp_path / "dst").exists() and not (tmp_path / "b").exists()
 
@@ -193,13 +207,18 @@ def test_mae_json_std_zero_is_exit_3_on_the_command_line(tiny_bundle, tmp_path):
 
 def test_reconstruct_seed_and_unwritable_out(tiny_bundle, tmp_path):
     Image.new("RGB", (40, 40), "gray").save(tmp_path / "x.png")
-    _fails(_run("reconstruct", tmp_path / "x.png", "--bundle", tiny_bundle, "--out", tmp_path / "r", "--seed", "-1"),
-           3, "--seed must be an integer from 0")
+    _fails(
+        _run("reconstruct", tmp_path / "x.png", "--bundle", tiny_bundle, "--out", tmp_path / "r", "--seed", "-1"),
+        3,
+        "--seed must be an integer from 0",
+    )
     (tmp_path / "file").write_text("")
     missing = tmp_path / "no-such-bundle"  # the output is checked first: no bundle is even opened
-    for out, why in ((tmp_path / "file" / "sub", "is a file, not a directory"),
-                     (tmp_path / "file", "exists and is not a directory"),
-                     (Path("/proc/mae-deploy-test"), "not writable")):
+    for out, why in (
+        (tmp_path / "file" / "sub", "is a file, not a directory"),
+        (tmp_path / "file", "exists and is not a directory"),
+        (Path("/proc/mae-deploy-test"), "not writable"),
+    ):
         _fails(_run("reconstruct", tmp_path / "x.png", "--bundle", missing, "--out", out), 3, str(out), why)
 
 
@@ -235,8 +254,12 @@ def test_pretrain_options(digits, tmp_path, extra, message):
 
 def test_pretrain_output_dir_that_is_a_file(digits, tmp_path):
     (tmp_path / "f").write_text("")
-    _fails(_run("pretrain", *TINY, "--data_path", digits, "--output_dir", tmp_path / "f"), 3,
-           "--output_dir", "exists and is not a directory")
+    _fails(
+        _run("pretrain", *TINY, "--data_path", digits, "--output_dir", tmp_path / "f"),
+        3,
+        "--output_dir",
+        "exists and is not a directory",
+    )
 
 
 @pytest.mark.parametrize("command", ["pretrain", "finetune", "linprobe"])
@@ -254,9 +277,22 @@ def test_finetune_and_linprobe_share_the_checks(digits, tmp_path, command):
 
 
 def test_finetune_input_size_against_the_checkpoints_patch(digits, native, tmp_path):
-    _fails(_run("finetune", *TINY, "--finetune", native, "--data_path", digits, "--input_size", "30",
-                "--output_dir", tmp_path / "run"), 3,
-           "--input_size 30 is not a multiple of the checkpoint's patch size 8")
+    _fails(
+        _run(
+            "finetune",
+            *TINY,
+            "--finetune",
+            native,
+            "--data_path",
+            digits,
+            "--input_size",
+            "30",
+            "--output_dir",
+            tmp_path / "run",
+        ),
+        3,
+        "--input_size 30 is not a multiple of the checkpoint's patch size 8",
+    )
 
 
 def _garbage(path: Path) -> Path:
@@ -268,8 +304,22 @@ def test_undecodable_images_are_skipped_and_counted(digits, tmp_path):
     data = Path(shutil.copytree(digits / "train", tmp_path / "train"))
     bad = [_garbage(data / "3" / "zz-broken.png"), _garbage(data / "7" / "zz-empty.jpg")]
     out = tmp_path / "run"
-    r = _run("pretrain", *TINY, "--in_chans", "1", "--batch_size", "8", "--epochs", "1", "--warmup_epochs", "0",
-             "--data_path", data, "--output_dir", out)
+    r = _run(
+        "pretrain",
+        *TINY,
+        "--in_chans",
+        "1",
+        "--batch_size",
+        "8",
+        "--epochs",
+        "1",
+        "--warmup_epochs",
+        "0",
+        "--data_path",
+        data,
+        "--output_dir",
+        out,
+    )
     assert r.exit_code == 0, r.output
     assert "skipped 2 file(s)" in r.output and all(str(p) in r.output for p in bad)
     assert (out / "model" / "config.json").is_file()
@@ -279,8 +329,13 @@ def test_a_folder_of_only_undecodable_images_fails_up_front_with_the_list(tmp_pa
     for i in range(3):
         (tmp_path / "data" / "a").mkdir(parents=True, exist_ok=True)
         _garbage(tmp_path / "data" / "a" / f"{i}.png")
-    _fails(_run("pretrain", *TINY, "--data_path", tmp_path / "data", "--output_dir", tmp_path / "run"), 3,
-           "holds no decodable image", "3 file(s) could not be read", "0.png")
+    _fails(
+        _run("pretrain", *TINY, "--data_path", tmp_path / "data", "--output_dir", tmp_path / "run"),
+        3,
+        "holds no decodable image",
+        "3 file(s) could not be read",
+        "0.png",
+    )
 
 
 @pytest.mark.parametrize("workers", ["0", "1"])
@@ -289,8 +344,25 @@ def test_an_image_truncated_after_its_header_names_the_file(digits, tmp_path, wo
     victim = sorted((data / "5").iterdir())[0]
     victim.write_bytes(victim.read_bytes()[:60])  # the header survives; the pixels do not
     args = [a if a != "0" else workers for a in TINY]
-    _fails(_run("pretrain", *args, "--in_chans", "1", "--batch_size", "8", "--epochs", "1", "--data_path", data,
-                "--output_dir", tmp_path / "run"), 3, "cannot decode image", str(victim))
+    _fails(
+        _run(
+            "pretrain",
+            *args,
+            "--in_chans",
+            "1",
+            "--batch_size",
+            "8",
+            "--epochs",
+            "1",
+            "--data_path",
+            data,
+            "--output_dir",
+            tmp_path / "run",
+        ),
+        3,
+        "cannot decode image",
+        str(victim),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -332,11 +404,29 @@ def test_files_we_write_are_0644(native, tiny_bundle, digits, tmp_path):
         Image.new("RGB", (40, 40), "gray").save(tmp_path / "x.png")
         assert _run("reconstruct", tmp_path / "x.png", "--bundle", tiny_bundle, "--out", tmp_path / "r").exit_code == 0
         run = tmp_path / "run"
-        r = _run("pretrain", *TINY, "--in_chans", "1", "--batch_size", "8", "--epochs", "1", "--data_path",
-                 digits / "train", "--output_dir", run)
+        r = _run(
+            "pretrain",
+            *TINY,
+            "--in_chans",
+            "1",
+            "--batch_size",
+            "8",
+            "--epochs",
+            "1",
+            "--data_path",
+            digits / "train",
+            "--output_dir",
+            run,
+        )
         assert r.exit_code == 0, r.output
-        files = [dst / "config.json", dst / "model.safetensors", official, tmp_path / "r" / "x.png",
-                 run / "checkpoint-last.pth", run / "model" / "config.json"]
+        files = [
+            dst / "config.json",
+            dst / "model.safetensors",
+            official,
+            tmp_path / "r" / "x.png",
+            run / "checkpoint-last.pth",
+            run / "model" / "config.json",
+        ]
         assert {str(f): oct(f.stat().st_mode & 0o777) for f in files} == {str(f): "0o644" for f in files}
     finally:
         os.umask(old)

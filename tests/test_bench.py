@@ -53,13 +53,37 @@ def bundle_dir(tmp_path_factory) -> Path:
 def run_dir(bundle_dir, tmp_path_factory) -> tuple[Path, object]:
     """One CLI run over every backend x precision x part, two batches, two visible counts; all four files."""
     d = tmp_path_factory.mktemp("run")
-    result = CliRunner().invoke(main, [
-        "bench", str(bundle_dir), "--backends", "torch,ort,trt", "--precisions", "fp32,int8",
-        "--parts", "encoder,decoder,reconstruct", "--batch-sizes", "1,2", "--visible", "16,4",
-        "--warmup", "1", "--iters", "3", "--threads", "1",
-        "--out", str(d / "r.json"), "--csv", str(d / "r.csv"), "--markdown", str(d / "r.md"),
-        "--plot", str(d / "r.png"),
-    ])
+    result = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            str(bundle_dir),
+            "--backends",
+            "torch,ort,trt",
+            "--precisions",
+            "fp32,int8",
+            "--parts",
+            "encoder,decoder,reconstruct",
+            "--batch-sizes",
+            "1,2",
+            "--visible",
+            "16,4",
+            "--warmup",
+            "1",
+            "--iters",
+            "3",
+            "--threads",
+            "1",
+            "--out",
+            str(d / "r.json"),
+            "--csv",
+            str(d / "r.csv"),
+            "--markdown",
+            str(d / "r.md"),
+            "--plot",
+            str(d / "r.png"),
+        ],
+    )
     return d, result
 
 
@@ -168,8 +192,9 @@ def test_schema_doc_lists_the_keys_the_code_writes():
     assert _doc_keys("rows[]") == list(ROW_KEYS)
     assert _doc_keys("runners[]") == list(RUNNER_KEYS)
     assert _doc_keys("peaks[]") == list(PROBE_KEYS)
-    assert re.findall(r"^\| `([a-z_0-9]+)` \|", DOC.read_text().split("### compute\n", 1)[1].split("\n#", 1)[0],
-                      re.M) == list(bench.COMPUTE_KEYS)
+    assert re.findall(
+        r"^\| `([a-z_0-9]+)` \|", DOC.read_text().split("### compute\n", 1)[1].split("\n#", 1)[0], re.M
+    ) == list(bench.COMPUTE_KEYS)
     assert f"schema_version {bench.SCHEMA_VERSION})" in DOC.read_text()
 
 
@@ -192,9 +217,12 @@ def test_bench_writes_well_formed_results(run_dir, bundle_dir):
     assert data["reference"]["name"] == "torch-fp32"
     assert 0 <= data["load_average"]["other_cpu_share"] <= 1
 
-    by = {(r["backend"], r["precision"]): [x for x in rows if (x["backend"], x["precision"]) == (r["backend"],
-                                                                                                  r["precision"])]
-          for r in rows}
+    by = {
+        (r["backend"], r["precision"]): [
+            x for x in rows if (x["backend"], x["precision"]) == (r["backend"], r["precision"])
+        ]
+        for r in rows
+    }
     for key in [("torch", "fp32"), ("ort", "fp32"), ("ort", "int8")]:
         assert all(r["status"] == "ok" for r in by[key]), key
     for key in [("torch", "int8"), ("trt", "fp32"), ("trt", "int8")]:
@@ -241,7 +269,7 @@ def test_bench_writes_well_formed_results(run_dir, bundle_dir):
 
     md = (d / "r.md").read_text().splitlines()
     header = next(i for i, line in enumerate(md) if line.startswith("| backend |"))
-    assert len([line for line in md[header + 2:] if line.startswith("| ")]) == len(rows)
+    assert len([line for line in md[header + 2 :] if line.startswith("| ")]) == len(rows)
 
     from PIL import Image
 
@@ -250,8 +278,11 @@ def test_bench_writes_well_formed_results(run_dir, bundle_dir):
 
 
 def test_build_time_covers_the_sessions_each_part_needs(bundle_dir):
-    results = bench.run_benchmark(bundle_dir, BenchConfig(parts=("reconstruct",), visible=(4,), iters=1, warmup=0,
-                                                          reference=False), progress=False)
+    results = bench.run_benchmark(
+        bundle_dir,
+        BenchConfig(parts=("reconstruct",), visible=(4,), iters=1, warmup=0, reference=False),
+        progress=False,
+    )
     (runner,) = results["runners"]
     assert runner["details"]["sessions"] == ["decoder", "encoder"]  # built before timing, not in the first call
     assert results["rows"][0]["agreement"] is None and results["reference"]["name"] is None
@@ -264,8 +295,11 @@ def test_encoder_only_bundle_without_weights_uses_ort_reference(tmp_path):
     torch.manual_seed(1)
     out = tmp_path / "enc"
     export_bundle(create_model("mae_vit_test").eval(), out, parts="encoder", verify=False, progress=None)
-    results = bench.run_benchmark(out, BenchConfig(backends=("ort", "torch"), parts=("encoder", "decoder"),
-                                                   visible=(8,), iters=2, warmup=0), progress=False)
+    results = bench.run_benchmark(
+        out,
+        BenchConfig(backends=("ort", "torch"), parts=("encoder", "decoder"), visible=(8,), iters=2, warmup=0),
+        progress=False,
+    )
     assert results["reference"]["name"] == "ort-fp32"
     assert "torch fp32 reference unavailable" in results["reference"]["note"]
     rows = {(r["backend"], r["part"]): r for r in results["rows"]}
@@ -284,9 +318,17 @@ def _results(rows: list[tuple], cpu: str = "cpu A") -> dict:
     out = []
     for backend, precision, part, b, k, p50, mean in rows:
         row = dict.fromkeys(ROW_KEYS)
-        row.update(backend=backend, precision=precision, device="cpu", part=part, batch=b, visible=k, status="ok",
-                   latency_ms={"p50": p50, "p90": p50, "p99": p50, "mean": mean, "min": p50, "max": p50, "std": 0.0},
-                   throughput_ips=b * 1000 / mean)
+        row.update(
+            backend=backend,
+            precision=precision,
+            device="cpu",
+            part=part,
+            batch=b,
+            visible=k,
+            status="ok",
+            latency_ms={"p50": p50, "p90": p50, "p99": p50, "mean": mean, "min": p50, "max": p50, "std": 0.0},
+            throughput_ips=b * 1000 / mean,
+        )
         out.append(row)
     d = dict.fromkeys(TOP_KEYS)
     d.update(schema_version=bench.SCHEMA_VERSION, machine={"cpu_model": cpu}, runners=[], rows=out)
@@ -294,10 +336,22 @@ def _results(rows: list[tuple], cpu: str = "cpu A") -> dict:
 
 
 def test_compare_ratios_on_hand_made_results(tmp_path):
-    old = _results([("ort", "fp32", "encoder", 1, 196, 10.0, 12.0), ("ort", "int8", "encoder", 1, 196, 8.0, 8.0),
-                    ("torch", "fp32", "encoder", 1, 196, 50.0, 50.0)], cpu="cpu A")
-    new = _results([("ort", "fp32", "encoder", 1, 196, 5.0, 6.0), ("ort", "int8", "encoder", 1, 196, 10.0, 10.0),
-                    ("ort", "fp32", "encoder", 8, 196, 30.0, 30.0)], cpu="cpu B")
+    old = _results(
+        [
+            ("ort", "fp32", "encoder", 1, 196, 10.0, 12.0),
+            ("ort", "int8", "encoder", 1, 196, 8.0, 8.0),
+            ("torch", "fp32", "encoder", 1, 196, 50.0, 50.0),
+        ],
+        cpu="cpu A",
+    )
+    new = _results(
+        [
+            ("ort", "fp32", "encoder", 1, 196, 5.0, 6.0),
+            ("ort", "int8", "encoder", 1, 196, 10.0, 10.0),
+            ("ort", "fp32", "encoder", 8, 196, 30.0, 30.0),
+        ],
+        cpu="cpu B",
+    )
     (tmp_path / "old.json").write_text(json.dumps(old))
     cmp = compare_results(new, bench.load_results(tmp_path / "old.json"))
     ratios = {tuple(r[k] for k in KEY_FIELDS): r for r in cmp["rows"]}
@@ -332,9 +386,25 @@ def test_schema_version_1_files_still_compare(tmp_path):
 
 def test_cli_compare_against_earlier_run(run_dir, bundle_dir):
     d, _ = run_dir
-    result = CliRunner().invoke(main, ["bench", str(bundle_dir), "--parts", "encoder", "--batch-sizes", "1",
-                                       "--visible", "16", "--iters", "2", "--no-reference", "--quiet",
-                                       "--compare", str(d / "r.json")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            str(bundle_dir),
+            "--parts",
+            "encoder",
+            "--batch-sizes",
+            "1",
+            "--visible",
+            "16",
+            "--iters",
+            "2",
+            "--no-reference",
+            "--quiet",
+            "--compare",
+            str(d / "r.json"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     line = next(x for x in result.output.splitlines() if x.startswith("ort     fp32  encoder         1   16"))
     ratio = float(line.split()[-3])
@@ -344,16 +414,19 @@ def test_cli_compare_against_earlier_run(run_dir, bundle_dir):
 # ---------------------------------------------------------------------------------------------- bad options
 
 
-@pytest.mark.parametrize("args, code, message", [
-    (["--backends", "onnx"], 3, "unknown backend 'onnx'"),
-    (["--visible", "17"], 3, "visible token count 17 is outside 1..16"),
-    (["--batch-sizes", "0"], 3, "batch size 0"),
-    (["--batch-sizes", "one"], 2, "not a comma-separated list of integers"),
-    (["--visible", "4", "--mask-ratios", "0.5"], 2, "not both"),
-    (["--iters", "3", "--duration", "1"], 2, "not both"),
-    (["--mask-ratios", "1.0"], 3, "mask ratio 1.0"),
-    (["--backends", "trt"], 7, "no row could run here"),
-])
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["--backends", "onnx"], 3, "unknown backend 'onnx'"),
+        (["--visible", "17"], 3, "visible token count 17 is outside 1..16"),
+        (["--batch-sizes", "0"], 3, "batch size 0"),
+        (["--batch-sizes", "one"], 2, "not a comma-separated list of integers"),
+        (["--visible", "4", "--mask-ratios", "0.5"], 2, "not both"),
+        (["--iters", "3", "--duration", "1"], 2, "not both"),
+        (["--mask-ratios", "1.0"], 3, "mask ratio 1.0"),
+        (["--backends", "trt"], 7, "no row could run here"),
+    ],
+)
 def test_bad_options_error_clearly(bundle_dir, args, code, message):
     iters = [] if "--iters" in args else ["--iters", "1"]
     result = CliRunner().invoke(main, ["bench", str(bundle_dir), "--no-reference", "--quiet", *iters, *args])

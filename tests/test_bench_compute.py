@@ -21,25 +21,36 @@ from mae_deploy.bench.peak import PROBE_KEYS, compute
 from mae_deploy.errors import InputError
 from training.model import VisionTransformer, create_model, get_config
 
-VIT_B = {"img_size": 224, "patch_size": 16, "in_chans": 3, "embed_dim": 768, "depth": 12, "num_heads": 12,
-         "mlp_ratio": 4.0, "decoder_embed_dim": 512, "decoder_depth": 8, "decoder_num_heads": 16}
+VIT_B = {
+    "img_size": 224,
+    "patch_size": 16,
+    "in_chans": 3,
+    "embed_dim": 768,
+    "depth": 12,
+    "num_heads": 12,
+    "mlp_ratio": 4.0,
+    "decoder_embed_dim": 512,
+    "decoder_depth": 8,
+    "decoder_num_heads": 16,
+}
 
 
 def test_vit_b16_encoder_hand_count():
     # By hand, multiply-accumulates (MACs) for one 224x224 image, all 196 patches + cls = 197 tokens:
-    patch_embed = 196 * (16 * 16 * 3) * 768              # 115,605,504
-    qkv = 197 * 768 * (3 * 768)                          # 348,585,984
-    scores = 197 * 197 * 768                             # Q K^T over 12 heads of 64: 29,805,312
-    weighted = 197 * 197 * 768                           # A V: 29,805,312
-    proj = 197 * 768 * 768                               # 116,195,328
-    mlp = 2 * 197 * 768 * 3072                           # 929,562,624
+    patch_embed = 196 * (16 * 16 * 3) * 768  # 115,605,504
+    qkv = 197 * 768 * (3 * 768)  # 348,585,984
+    scores = 197 * 197 * 768  # Q K^T over 12 heads of 64: 29,805,312
+    weighted = 197 * 197 * 768  # A V: 29,805,312
+    proj = 197 * 768 * 768  # 116,195,328
+    mlp = 2 * 197 * 768 * 3072  # 929,562,624
     macs = patch_embed + 12 * (qkv + scores + weighted + proj + mlp)
-    assert macs == 17_563_060_224                         # the "17.6 GFLOPs" of the ViT tables are MACs
+    assert macs == 17_563_060_224  # the "17.6 GFLOPs" of the ViT tables are MACs
     assert encoder_flops(VIT_B, 196) == 2 * macs == 35_126_120_448
     assert encoder_flops(VIT_B) == encoder_flops(VIT_B, 196)
     # MAE's reconstruction quarter: patch embedding still sees every patch, blocks see 50 tokens.
-    assert encoder_flops(VIT_B, 49) == 2 * (patch_embed + 12 * (50 * 768 * 2304 + 2 * 50 * 50 * 768
-                                                                + 50 * 768 * 768 + 2 * 50 * 768 * 3072))
+    assert encoder_flops(VIT_B, 49) == 2 * (
+        patch_embed + 12 * (50 * 768 * 2304 + 2 * 50 * 50 * 768 + 50 * 768 * 768 + 2 * 50 * 768 * 3072)
+    )
     assert part_flops(VIT_B, "encoder", 8, 196) == 8 * 35_126_120_448
     assert part_flops(VIT_B, "reconstruct", 2, 49) == 2 * (encoder_flops(VIT_B, 49) + decoder_flops(VIT_B, 49))
 
@@ -50,11 +61,14 @@ def _torch_count(fn) -> int:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("name, overrides", [
-    ("mae_vit_test", {}),
-    ("mae_vit_tiny_patch4", {}),
-    ("mae_vit_base_patch16", {"depth": 2, "decoder_depth": 1}),  # ViT-B widths, shallow: quick to build
-])
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("mae_vit_test", {}),
+        ("mae_vit_tiny_patch4", {}),
+        ("mae_vit_base_patch16", {"depth": 2, "decoder_depth": 1}),  # ViT-B widths, shallow: quick to build
+    ],
+)
 def test_formula_matches_torch_flop_counter(name, overrides):
     """torch.utils.flop_counter counts 2 per MAC of every matmul/linear/conv/attention, on meta tensors."""
     cfg = get_config(name, **overrides)
@@ -82,13 +96,16 @@ def test_flops_refuse_what_they_cannot_count():
         encoder_flops({"img_size": 224})
 
 
-@pytest.mark.parametrize("backend, precision, op", [
-    ("ort", "fp32", "MatMul"),
-    ("ort", "int8", "MatMulInteger"),
-    ("ort", "int8-qdq", "Q/DQ MatMul"),
-    ("openvino", "fp32", "MatMul"),
-    ("torch", "fp32", "matmul"),
-])
+@pytest.mark.parametrize(
+    "backend, precision, op",
+    [
+        ("ort", "fp32", "MatMul"),
+        ("ort", "int8", "MatMulInteger"),
+        ("ort", "int8-qdq", "Q/DQ MatMul"),
+        ("openvino", "fp32", "MatMul"),
+        ("torch", "fp32", "matmul"),
+    ],
+)
 def test_peak_probe_runs_the_same_engine(backend, precision, op):
     p = probe_peak(backend, precision, "cpu", threads=1, size=256, seconds=0.05)
     assert list(p) == list(PROBE_KEYS)
@@ -103,8 +120,18 @@ def test_confirm_keeps_the_faster_probe(monkeypatch):
     made = iter([100.0, 300.0, 50.0])
 
     def fake(backend, precision, device, threads):
-        return {**dict.fromkeys(PROBE_KEYS), "backend": backend, "precision": precision, "device": device,
-                "status": "ok", "peak": next(made), "calls": 3, "seconds": 0.4, "op": "MatMul", "size": 8}
+        return {
+            **dict.fromkeys(PROBE_KEYS),
+            "backend": backend,
+            "precision": precision,
+            "device": device,
+            "status": "ok",
+            "peak": next(made),
+            "calls": 3,
+            "seconds": 0.4,
+            "op": "MatMul",
+            "size": 8,
+        }
 
     monkeypatch.setattr(peak, "probe_peak", fake)
     probes = PeakProbes(threads=1)

@@ -22,9 +22,13 @@ from mae_deploy.cli import main
 from mae_deploy.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
-OWN_FILES = [*sorted((ROOT / "mae_deploy" / "bench").glob("*.py")), ROOT / "mae_deploy" / "commands" / "bench.py",
-             ROOT / "benchmarks" / "peers.py", ROOT / "benchmarks" / "bench_export_cpu.py",
-             ROOT / "benchmarks" / "run_all.py"]
+OWN_FILES = [
+    *sorted((ROOT / "mae_deploy" / "bench").glob("*.py")),
+    ROOT / "mae_deploy" / "commands" / "bench.py",
+    ROOT / "benchmarks" / "peers.py",
+    ROOT / "benchmarks" / "bench_export_cpu.py",
+    ROOT / "benchmarks" / "run_all.py",
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +39,21 @@ def bundle_dir(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("bench_inputs") / "bundle"
-    export_bundle(create_model("mae_vit_test").eval(), out, precisions=("fp32", "int8"), reference_weights=True,
-                  verify=False, progress=None)
+    export_bundle(
+        create_model("mae_vit_test").eval(),
+        out,
+        precisions=("fp32", "int8"),
+        reference_weights=True,
+        verify=False,
+        progress=None,
+    )
     return out
 
 
 def _bench(*args: str):
-    return CliRunner().invoke(main, ["bench", *args, "--iters", "1", "--warmup", "0", "--visible", "16",
-                                     "--no-peak", "--quiet"])
+    return CliRunner().invoke(
+        main, ["bench", *args, "--iters", "1", "--warmup", "0", "--visible", "16", "--no-peak", "--quiet"]
+    )
 
 
 def test_a_corrupt_graph_is_bad_input_not_unavailable(bundle_dir, tmp_path):
@@ -82,9 +93,27 @@ def test_unreadable_reference_weights_in_the_bundle_say_what_to_do(bundle_dir, t
 
 def test_what_this_machine_or_bundle_lacks_is_still_skipped(bundle_dir, tmp_path):
     """torch int8 (not offered), ORT bf16 (not in the bundle), trt (no package here): skipped, reasons given."""
-    r = CliRunner().invoke(main, ["bench", str(bundle_dir), "--backends", "ort,torch,trt", "--precisions",
-                                  "fp32,int8,bf16", "--iters", "1", "--warmup", "0", "--visible", "16", "--no-peak",
-                                  "--quiet", "--out", str(tmp_path / "r.json")])
+    r = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            str(bundle_dir),
+            "--backends",
+            "ort,torch,trt",
+            "--precisions",
+            "fp32,int8,bf16",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--visible",
+            "16",
+            "--no-peak",
+            "--quiet",
+            "--out",
+            str(tmp_path / "r.json"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     rows = {(x["backend"], x["precision"]): x for x in json.loads((tmp_path / "r.json").read_text())["rows"]}
     assert rows[("torch", "int8")]["status"] == "skipped" and "not int8" in rows[("torch", "int8")]["reason"]
@@ -93,12 +122,15 @@ def test_what_this_machine_or_bundle_lacks_is_still_skipped(bundle_dir, tmp_path
     assert rows[("ort", "int8")]["status"] == "ok" and rows[("torch", "bf16")]["status"] == "ok"
 
 
-@pytest.mark.parametrize("option, path", [
-    ("--out", "{file}/r.json"),          # a path under a file
-    ("--csv", "{file}/sub/r.csv"),
-    ("--markdown", "{dir}"),             # a directory, not a file name
-    ("--plot", "/proc/bench.png"),       # a filesystem that takes no new files
-])
+@pytest.mark.parametrize(
+    "option, path",
+    [
+        ("--out", "{file}/r.json"),  # a path under a file
+        ("--csv", "{file}/sub/r.csv"),
+        ("--markdown", "{dir}"),  # a directory, not a file name
+        ("--plot", "/proc/bench.png"),  # a filesystem that takes no new files
+    ],
+)
 def test_unwritable_outputs_fail_before_the_benchmark_runs(bundle_dir, tmp_path, monkeypatch, option, path):
     (tmp_path / "a_file").write_text("x")
     target = path.format(file=tmp_path / "a_file", dir=tmp_path)
@@ -141,21 +173,32 @@ def test_every_backend_in_names_is_offered(bundle_dir):
 
 def _imported_names(path: Path) -> list[tuple[str, str]]:
     tree = ast.parse(path.read_text())
-    return [(node.module, alias.name) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
-            for alias in node.names]
+    return [
+        (node.module, alias.name)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module
+        for alias in node.names
+    ]
 
 
 def test_only_public_names_cross_module_boundaries():
     users = [*OWN_FILES, *sorted((ROOT / "benchmarks").glob("*.py")), *sorted((ROOT / "tests").glob("test_bench*.py"))]
-    private = [f"{p.relative_to(ROOT)}: from {mod} import {name}" for p in users for mod, name in _imported_names(p)
-               if mod.startswith("mae_deploy") and name.startswith("_") and not name.startswith("__")]
+    private = [
+        f"{p.relative_to(ROOT)}: from {mod} import {name}"
+        for p in users
+        for mod, name in _imported_names(p)
+        if mod.startswith("mae_deploy") and name.startswith("_") and not name.startswith("__")
+    ]
     assert private == []
 
 
 def test_no_local_atomic_write_helpers():
     """Writes go through mae_deploy.fileio: no mkstemp + os.replace copies in the benchmark's files."""
-    offenders = [str(p.relative_to(ROOT)) for p in OWN_FILES
-                 if re.search(r"\bmkstemp\(|\bos\.replace\(|def (_?atomic_write|write_atomic)\b", p.read_text())]
+    offenders = [
+        str(p.relative_to(ROOT))
+        for p in OWN_FILES
+        if re.search(r"\bmkstemp\(|\bos\.replace\(|def (_?atomic_write|write_atomic)\b", p.read_text())
+    ]
     assert offenders == []
 
 
@@ -163,12 +206,14 @@ def test_make_bench_runs_a_script_that_exists():
     target = re.search(r"^bench:.*\n\t(.+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
     script = re.search(r"(benchmarks/\S+\.py)", target).group(1)
     assert (ROOT / script).is_file()
-    out = subprocess.run([sys.executable, str(ROOT / script), "--dry-run"], capture_output=True, text=True,
-                         cwd=ROOT, timeout=60)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / script), "--dry-run"], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     ran = re.findall(r"^=== (\S+\.py)", out.stdout, re.M)
     assert ran and all((ROOT / "benchmarks" / name).is_file() for name in ran)
     assert "peers.py" in ran and "bench_export_cpu.py" in ran
-    helptext = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True,
-                              cwd=ROOT, timeout=60).stdout
+    helptext = subprocess.run(
+        [sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, cwd=ROOT, timeout=60
+    ).stdout
     assert all(name in helptext for name in ran)  # --help says what it runs

@@ -8,13 +8,16 @@ from mae_deploy.bench.machine import cpu_model_and_flags, int8_isa, machine_info
 from mae_deploy.bench.report import machine_line
 
 
-@pytest.mark.parametrize(("flags", "isa"), [
-    (["avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_int8"], "AMX"),
-    (["avx2", "avx512f", "avx512_vnni", "avx512_bf16"], "AVX-512 VNNI"),
-    (["avx2", "avx_vnni"], "AVX-VNNI"),
-    (["avx2", "avx512f"], "AVX2 (no VNNI)"),
-    ([], "no AVX2"),
-])
+@pytest.mark.parametrize(
+    ("flags", "isa"),
+    [
+        (["avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_int8"], "AMX"),
+        (["avx2", "avx512f", "avx512_vnni", "avx512_bf16"], "AVX-512 VNNI"),
+        (["avx2", "avx_vnni"], "AVX-VNNI"),
+        (["avx2", "avx512f"], "AVX2 (no VNNI)"),
+        ([], "no AVX2"),
+    ],
+)
 def test_int8_isa_is_the_best_present(flags, isa):
     assert int8_isa(flags) == isa
 

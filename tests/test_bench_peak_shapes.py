@@ -12,8 +12,16 @@ from mae_deploy.bench.peak import SHAPE_KEYS, compute, model_shapes, probe_name,
 from mae_deploy.bench.run import row_isa
 from mae_deploy.errors import InputError
 
-VIT_B = {"img_size": 224, "patch_size": 16, "in_chans": 3, "embed_dim": 768, "depth": 12, "mlp_ratio": 4.0,
-         "decoder_embed_dim": 512, "decoder_depth": 8}
+VIT_B = {
+    "img_size": 224,
+    "patch_size": 16,
+    "in_chans": 3,
+    "embed_dim": 768,
+    "depth": 12,
+    "mlp_ratio": 4.0,
+    "decoder_embed_dim": 512,
+    "decoder_depth": 8,
+}
 
 
 def _mkn(shapes: list[dict]) -> dict[str, tuple[int, int, int]]:
@@ -22,9 +30,13 @@ def _mkn(shapes: list[dict]) -> dict[str, tuple[int, int, int]]:
 
 def test_vit_b_own_shapes_at_batch_8():
     enc = _mkn(model_shapes(VIT_B, batch=8, visible=196))
-    assert enc == {"encoder qkv": (1576, 768, 2304), "encoder proj": (1576, 768, 768),
-                   "encoder fc1": (1576, 768, 3072), "encoder fc2": (1576, 3072, 768),
-                   "patch embedding": (1568, 768, 768)}
+    assert enc == {
+        "encoder qkv": (1576, 768, 2304),
+        "encoder proj": (1576, 768, 768),
+        "encoder fc1": (1576, 768, 3072),
+        "encoder fc2": (1576, 3072, 768),
+        "patch embedding": (1568, 768, 768),
+    }
     both = _mkn(model_shapes(VIT_B, batch=8, visible=49, decoder=True))
     assert both["encoder qkv"] == (400, 768, 2304)  # 8 x (49 + 1) tokens
     assert both["decoder fc1"] == (1576, 512, 2048)  # the decoder always sees L + 1 tokens
@@ -63,9 +75,16 @@ def test_the_budget_skips_shapes_that_would_not_fit():
 
 
 def test_a_share_above_the_peak_is_kept_and_said():
-    probe = {"backend": "openvino", "precision": "int8", "op": "Q/DQ MatMul", "size": None, "status": "ok",
-             "peak": 100.0, "shape": [1576, 768, 3072],
-             "shapes": [{"m": 1576, "k": 768, "n": 3072, "what": "encoder fc1"}]}
+    probe = {
+        "backend": "openvino",
+        "precision": "int8",
+        "op": "Q/DQ MatMul",
+        "size": None,
+        "status": "ok",
+        "peak": 100.0,
+        "shape": [1576, 768, 3072],
+        "shapes": [{"m": 1576, "k": 768, "n": 3072, "what": "encoder fc1"}],
+    }
     c = compute(2 * 10**9, 10.0, probe, "int8")  # 200 GOP/s against a 100 GOP/s peak
     assert c["fraction_of_peak"] == pytest.approx(2.0)
     assert "above the probed peak (200 %)" in c["note"]
@@ -90,11 +109,28 @@ def results(tmp_path_factory) -> dict:
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("peak_shapes") / "bundle"
-    export_bundle(create_model("mae_vit_test").eval(), out, parts="encoder", precisions=("fp32", "int8"),
-                  verify=False, progress=None)
-    return run_benchmark(out, BenchConfig(backends=("ort",), precisions=("fp32", "int8"), batch_sizes=(2,),
-                                          visible=(16, 4), iters=2, warmup=0, threads=1, reference=False),
-                         progress=False)
+    export_bundle(
+        create_model("mae_vit_test").eval(),
+        out,
+        parts="encoder",
+        precisions=("fp32", "int8"),
+        verify=False,
+        progress=None,
+    )
+    return run_benchmark(
+        out,
+        BenchConfig(
+            backends=("ort",),
+            precisions=("fp32", "int8"),
+            batch_sizes=(2,),
+            visible=(16, 4),
+            iters=2,
+            warmup=0,
+            threads=1,
+            reference=False,
+        ),
+        progress=False,
+    )
 
 
 def test_a_run_probes_its_own_shapes_and_labels_int8_rows(results):

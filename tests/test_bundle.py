@@ -35,8 +35,12 @@ def test_load_reads_the_manifest(tiny_bundle):
     assert b.graph_path("decoder") == tiny_bundle / "decoder.onnx"
     assert b.reference_checkpoint() == tiny_bundle / "reference"
     # The manifest lists every file but itself, reference weights included.
-    assert set(b.manifest["files"]) == {"encoder.onnx", "decoder.onnx", "reference/config.json",
-                                        "reference/model.safetensors"}
+    assert set(b.manifest["files"]) == {
+        "encoder.onnx",
+        "decoder.onnx",
+        "reference/config.json",
+        "reference/model.safetensors",
+    }
     assert Bundle.load(tiny_bundle / "mae.json").path == tiny_bundle  # the manifest path works too
 
 

@@ -26,9 +26,18 @@ transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
 
 HF_TINY = dict(
-    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=32,
-    patch_size=8, num_channels=3, decoder_hidden_size=24, decoder_num_hidden_layers=2,
-    decoder_num_attention_heads=3, decoder_intermediate_size=96, mask_ratio=0.75,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=128,
+    image_size=32,
+    patch_size=8,
+    num_channels=3,
+    decoder_hidden_size=24,
+    decoder_num_hidden_layers=2,
+    decoder_num_attention_heads=3,
+    decoder_intermediate_size=96,
+    mask_ratio=0.75,
 )
 
 
@@ -187,8 +196,10 @@ def test_training_checkpoint_with_args_and_optimizer(tmp_path):
     m = create_model("mae_vit_test")
     opt = torch.optim.AdamW(m.parameters())
     args = argparse.Namespace(model="mae_vit_test", norm_pix_loss=False, blr=1.5e-4)
-    torch.save({"model": m.state_dict(), "optimizer": opt.state_dict(), "epoch": 3, "args": args,
-                "scaler": {}}, tmp_path / "checkpoint-3.pth")
+    torch.save(
+        {"model": m.state_dict(), "optimizer": opt.state_dict(), "epoch": 3, "args": args, "scaler": {}},
+        tmp_path / "checkpoint-3.pth",
+    )
     ckpt = load_checkpoint(tmp_path / "checkpoint-3.pth")
     assert ckpt.config.name == "mae_vit_test" and ckpt.config.norm_pix_loss is False
     assert any("epoch 3" in n for n in ckpt.notes)

@@ -115,8 +115,9 @@ def test_classify_cli_lists_broken_images_and_exits_4(classifier_bundle, tmp_pat
     good = write_images(images, 3)
     broken = write_broken(images)
     out = tmp_path / "preds.jsonl"
-    r = CliRunner().invoke(main, ["classify", str(images), "--bundle", str(classifier_bundle), "--top-k", "2",
-                                  "--out", str(out)])
+    r = CliRunner().invoke(
+        main, ["classify", str(images), "--bundle", str(classifier_bundle), "--top-k", "2", "--out", str(out)]
+    )
     assert r.exit_code == 4, r.output
     records = [json.loads(line) for line in out.read_text().splitlines()]
     by_path = {Path(rec["path"]).name: rec for rec in records}
@@ -136,8 +137,20 @@ def test_classify_cli_csv_and_several_sources(classifier_bundle, tmp_path):
     a = write_images(tmp_path / "a", 2)
     b = write_images(tmp_path / "b", 2, seed=1)
     out = tmp_path / "preds.csv"
-    r = CliRunner().invoke(main, ["classify", str(a[0]), str(tmp_path / "b" / "*.png"), "--bundle",
-                                  str(classifier_bundle), "--out", str(out), "--top-k", "3"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "classify",
+            str(a[0]),
+            str(tmp_path / "b" / "*.png"),
+            "--bundle",
+            str(classifier_bundle),
+            "--out",
+            str(out),
+            "--top-k",
+            "3",
+        ],
+    )
     assert r.exit_code == 0, r.output
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 9 and {Path(row["path"]).name for row in rows} == {a[0].name, b[0].name, b[1].name}
@@ -150,8 +163,9 @@ def test_classify_cli_bad_input_exits_3(classifier_bundle, tiny_bundle, tmp_path
     img = write_images(tmp_path, 1)[0]
     r = CliRunner().invoke(main, ["classify", str(img), "--bundle", str(tiny_bundle)])
     assert r.exit_code == 3 and "no classifier graph" in r.output
-    r = CliRunner().invoke(main, ["classify", str(img), "--bundle", str(classifier_bundle), "--out",
-                                  str(tmp_path / "p.txt")])
+    r = CliRunner().invoke(
+        main, ["classify", str(img), "--bundle", str(classifier_bundle), "--out", str(tmp_path / "p.txt")]
+    )
     assert r.exit_code == 3 and ".jsonl or .csv" in r.output
     r = CliRunner().invoke(main, ["classify", str(tmp_path / "missing"), "--bundle", str(classifier_bundle)])
     assert r.exit_code == 3
@@ -211,14 +225,40 @@ def test_eval_scores_every_precision_and_the_reference(digits, digits_bundle):
 
 def test_eval_cli_writes_json_and_plot_and_guards_top1(digits, digits_bundle, tmp_path):
     out, plot = tmp_path / "eval.json", tmp_path / "cm.png"
-    r = CliRunner().invoke(main, ["eval", str(digits_bundle), str(digits / "val"), "--precisions", "fp32,int8",
-                                  "--no-reference", "--out", str(out), "--plot", str(plot), "--no-progress"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            str(digits_bundle),
+            str(digits / "val"),
+            "--precisions",
+            "fp32,int8",
+            "--no-reference",
+            "--out",
+            str(out),
+            "--plot",
+            str(plot),
+            "--no-progress",
+        ],
+    )
     assert r.exit_code == 0, r.output
     doc = json.loads(out.read_text())
     assert [x["name"] for x in doc["results"]] == ["ort fp32", "ort int8"] and doc["images"] == 60
     assert Image.open(plot).size[0] > 100
-    r = CliRunner().invoke(main, ["eval", str(digits_bundle), str(digits / "val"), "--precisions", "fp32,int8",
-                                  "--no-reference", "--max-top1-drop", "-1", "--no-progress"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            str(digits_bundle),
+            str(digits / "val"),
+            "--precisions",
+            "fp32,int8",
+            "--no-reference",
+            "--max-top1-drop",
+            "-1",
+            "--no-progress",
+        ],
+    )
     assert r.exit_code == 5 and "ort int8" in r.output
 
 
@@ -237,8 +277,9 @@ def test_eval_bad_input_exits_3(digits, digits_bundle, tiny_bundle, tmp_path):
     assert r.exit_code == 3 and "val/" in r.output  # the dataset root, not a class folder
     r = CliRunner().invoke(main, ["eval", str(tiny_bundle), str(digits / "val"), "--no-progress"])
     assert r.exit_code == 3 and "classifier" in r.output
-    r = CliRunner().invoke(main, ["eval", str(digits_bundle), str(digits / "val"), "--precisions", "fp16",
-                                  "--no-progress"])
+    r = CliRunner().invoke(
+        main, ["eval", str(digits_bundle), str(digits / "val"), "--precisions", "fp16", "--no-progress"]
+    )
     assert r.exit_code == 3 and "fp16" in r.output
 
 
@@ -269,11 +310,28 @@ def test_classify_reads_shards_parquet_and_urls_as_the_folder(digits, digits_bun
     url = f"http://127.0.0.1:{server.server_address[1]}/3/"
     try:
         got = {}
-        for name, spec in [("folder", val), ("shards", tmp_path / "shards"), ("parquet", tmp_path / "pq"),
-                           ("url", url + sorted(p.name for p in (val / "3").iterdir())[0])]:
+        for name, spec in [
+            ("folder", val),
+            ("shards", tmp_path / "shards"),
+            ("parquet", tmp_path / "pq"),
+            ("url", url + sorted(p.name for p in (val / "3").iterdir())[0]),
+        ]:
             out = tmp_path / f"{name}.jsonl"
-            r = CliRunner().invoke(main, ["classify", str(spec), "--bundle", str(digits_bundle), "--out", str(out),
-                                          "--top-k", "1", "--decoder", "pil"])
+            r = CliRunner().invoke(
+                main,
+                [
+                    "classify",
+                    str(spec),
+                    "--bundle",
+                    str(digits_bundle),
+                    "--out",
+                    str(out),
+                    "--top-k",
+                    "1",
+                    "--decoder",
+                    "pil",
+                ],
+            )
             assert r.exit_code == 0, (name, r.output)
             got[name] = _jsonl(out)
     finally:
@@ -297,8 +355,9 @@ def test_classify_lists_a_broken_shard_member_and_exits_4(digits_bundle, tmp_pat
             ti.size = len(data)
             tf.addfile(ti, io.BytesIO(data))
     out = tmp_path / "p.jsonl"
-    r = CliRunner().invoke(main, ["classify", str(tmp_path / "s.tar"), "--bundle", str(digits_bundle), "--out",
-                                  str(out)])
+    r = CliRunner().invoke(
+        main, ["classify", str(tmp_path / "s.tar"), "--bundle", str(digits_bundle), "--out", str(out)]
+    )
     assert r.exit_code == 4, r.output
     records = _jsonl(out)
     assert [Path(x["path"]).name for x in records] == ["s.tar#a.png", "s.tar#b.png", "s.tar#c"]
@@ -338,10 +397,9 @@ def test_torch_decoder_gives_the_pil_top1_on_jpegs(digits_jpeg, digits_bundle, m
     assert sum("error" in r for r in pil) == 1
     ok = [i for i, r in enumerate(pil) if "predictions" in r]
     assert _top1([torch_[i] for i in ok]) == _top1([pil[i] for i in ok])
-    probs = [{p["label"]: p["probability"] for p in records[i]["predictions"]} for records in (pil, torch_)
-             for i in ok]
-    a = np.array([[d[str(c)] for c in range(10)] for d in probs[:len(ok)]])
-    b = np.array([[d[str(c)] for c in range(10)] for d in probs[len(ok):]])
+    probs = [{p["label"]: p["probability"] for p in records[i]["predictions"]} for records in (pil, torch_) for i in ok]
+    a = np.array([[d[str(c)] for c in range(10)] for d in probs[: len(ok)]])
+    b = np.array([[d[str(c)] for c in range(10)] for d in probs[len(ok) :]])
     np.testing.assert_allclose(b, a, atol=0.02)  # rounding of the resize, not another image
 
 
@@ -349,16 +407,44 @@ def test_classify_and_eval_cli_take_decoder_torch(digits_jpeg, digits_bundle, tm
     outs = {}
     for dec in ("pil", "torch"):
         outs[dec] = tmp_path / f"{dec}.jsonl"
-        r = CliRunner().invoke(main, ["classify", str(digits_jpeg), "--bundle", str(digits_bundle), "--out",
-                                      str(outs[dec]), "--decoder", dec, "--top-k", "1"])
+        r = CliRunner().invoke(
+            main,
+            [
+                "classify",
+                str(digits_jpeg),
+                "--bundle",
+                str(digits_bundle),
+                "--out",
+                str(outs[dec]),
+                "--decoder",
+                dec,
+                "--top-k",
+                "1",
+            ],
+        )
         assert r.exit_code == 4 and "broken.jpg" in r.output, r.output
-    assert _top1([r for r in _jsonl(outs["torch"]) if "error" not in r]) == \
-        _top1([r for r in _jsonl(outs["pil"]) if "error" not in r])
+    assert _top1([r for r in _jsonl(outs["torch"]) if "error" not in r]) == _top1(
+        [r for r in _jsonl(outs["pil"]) if "error" not in r]
+    )
     scores = {}
     for dec in ("pil", "torch"):
         out = tmp_path / f"eval-{dec}.json"
-        r = CliRunner().invoke(main, ["eval", str(digits_bundle), str(digits_jpeg), "--precisions", "fp32",
-                                      "--no-reference", "--decoder", dec, "--out", str(out), "--no-progress"])
+        r = CliRunner().invoke(
+            main,
+            [
+                "eval",
+                str(digits_bundle),
+                str(digits_jpeg),
+                "--precisions",
+                "fp32",
+                "--no-reference",
+                "--decoder",
+                dec,
+                "--out",
+                str(out),
+                "--no-progress",
+            ],
+        )
         assert r.exit_code == 4 and "1 of 62 images could not be read" in r.output, r.output
         doc = json.loads(out.read_text())
         assert doc["images"] == 61 and doc["decoder"] == dec
@@ -392,8 +478,10 @@ def test_eval_scores_shards_and_parquet_as_the_image_folder(digits, digits_bundl
     # A label that names no class of the classifier is exit 3 naming the row; unlabelled images too.
     table = pq.read_table(sorted((tmp_path / "pq").glob("*.parquet"))[0])
     bad = tmp_path / "bad.parquet"
-    pq.write_table(table.set_column(table.schema.get_field_index("label"), "label",
-                                    pa.array([12] * table.num_rows, pa.int64())), bad)
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("label"), "label", pa.array([12] * table.num_rows, pa.int64())),
+        bad,
+    )
     r = CliRunner().invoke(main, ["eval", str(digits_bundle), str(bad), "--no-progress", "--no-reference"])
     assert r.exit_code == 3 and "label 12" in r.output and "bad.parquet#0" in r.output, r.output
     r = CliRunner().invoke(main, ["eval", str(digits_bundle), str(bad), "--label-column", "nope", "--no-progress"])

@@ -23,8 +23,14 @@ skimage_data = pytest.importorskip("skimage.data")
 
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 
-PHOTOS = {"astronaut": (500, 375), "coffee": (375, 500), "chelsea": (451, 300), "rocket": (640, 427),
-          "retina": (741, 497), "hubble_deep_field": (300, 300)}
+PHOTOS = {
+    "astronaut": (500, 375),
+    "coffee": (375, 500),
+    "chelsea": (451, 300),
+    "rocket": (640, 427),
+    "retina": (741, 497),
+    "hubble_deep_field": (300, 300),
+}
 
 
 def _jpeg(a: np.ndarray, size: tuple[int, int], quality: int = 90) -> bytes:
@@ -57,10 +63,12 @@ def test_features_of_real_photos_match_the_exact_pil_path(bundle224, tmp_path):
     src.mkdir()
     for name, size in PHOTOS.items():
         (src / f"{name}.jpg").write_bytes(_jpeg(getattr(skimage_data, name)(), size))
-    exact = extract_features(src, bundle224, tmp_path / "exact", progress=False, exact_resize=True, workers=1,
-                             decoder="pil")
-    dev = extract_features(src, bundle224, tmp_path / "torch", progress=False, exact_resize=True, workers=1,
-                           decoder="torch")
+    exact = extract_features(
+        src, bundle224, tmp_path / "exact", progress=False, exact_resize=True, workers=1, decoder="pil"
+    )
+    dev = extract_features(
+        src, bundle224, tmp_path / "torch", progress=False, exact_resize=True, workers=1, decoder="torch"
+    )
     assert exact.features == dev.features == len(PHOTOS)
     fa, fb = open_features(tmp_path / "exact"), open_features(tmp_path / "torch")
     a, b = np.asarray(fa, np.float64), np.asarray(fb, np.float64)
@@ -99,8 +107,9 @@ def test_only_whole_rgb_or_grey_jpegs_within_limits_go_to_the_device():
     assert not device_decodable(b"this is not an image", 0, 16)
 
 
-def test_every_file_gets_the_same_outcome_and_reason_as_under_pil(extract_images, extract_bundle_dir,
-                                                                  extract_clean_run, tmp_path, monkeypatch):
+def test_every_file_gets_the_same_outcome_and_reason_as_under_pil(
+    extract_images, extract_bundle_dir, extract_clean_run, tmp_path, monkeypatch
+):
     """The whole test folder (broken and odd files included); one JPEG the device decoder rejects."""
     import mae_deploy.decode_torch as dt
 
@@ -154,7 +163,21 @@ def test_the_cli_takes_decoder(extract_images, extract_bundle_dir, tmp_path):
     root, made = extract_images
     one = tmp_path / "one.txt"
     one.write_text(str(root / made["good"][0]) + "\n")
-    r = CliRunner().invoke(main, ["extract", str(one), "--bundle", str(extract_bundle_dir), "--out",
-                                  str(tmp_path / "out"), "--decoder", "torch", "--workers", "0", "--no-progress"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "extract",
+            str(one),
+            "--bundle",
+            str(extract_bundle_dir),
+            "--out",
+            str(tmp_path / "out"),
+            "--decoder",
+            "torch",
+            "--workers",
+            "0",
+            "--no-progress",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["settings"]["decoder"] == "torch"

@@ -32,8 +32,9 @@ def pooled_bundle(tmp_path_factory):
             if "norm" in name or name.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
     out = tmp_path_factory.mktemp("pooled") / "bundle"
-    export_bundle(model, out, parts=["encoder"], precisions=("fp32", "fp16", "int8"), reference_weights=True,
-                  progress=None)
+    export_bundle(
+        model, out, parts=["encoder"], precisions=("fp32", "fp16", "int8"), reference_weights=True, progress=None
+    )
     return out
 
 
@@ -46,8 +47,9 @@ def old_bundle(tmp_path_factory):
 def _inputs(bundle_dir, n: int = 3, mask_ratio: float = 0.0):
     b = Bundle.load(bundle_dir)
     x = np.random.default_rng(0).standard_normal((n, b.in_chans, b.image_size, b.image_size)).astype(np.float32)
-    ids = (all_visible(n, b.num_patches)[0] if mask_ratio == 0
-           else random_masking(n, b.num_patches, mask_ratio, rng=1)[0])
+    ids = (
+        all_visible(n, b.num_patches)[0] if mask_ratio == 0 else random_masking(n, b.num_patches, mask_ratio, rng=1)[0]
+    )
     return x, ids
 
 
@@ -162,5 +164,6 @@ def test_compiled_torch_runner_equals_eager(pooled_bundle):
     with create_runner(pooled_bundle, "torch") as eager, create_runner(pooled_bundle, "torch", compile=True) as comp:
         assert comp.info.details["compiled"] is True and eager.info.details["compiled"] is False
         np.testing.assert_allclose(comp.encode(x, ids), eager.encode(x, ids), rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(comp.encode_pooled(x, ids, "cls"), eager.encode_pooled(x, ids, "cls"),
-                                   rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            comp.encode_pooled(x, ids, "cls"), eager.encode_pooled(x, ids, "cls"), rtol=1e-4, atol=1e-4
+        )

@@ -110,8 +110,10 @@ def test_graph_signatures_and_symbolic_dim_names(cli_bundle):
     # Variants keep the float32 boundary, so runners feed them the same arrays.
     for f in ("encoder.fp16.onnx", "encoder.int8.onnx", "decoder.fp16.onnx", "decoder.int8.onnx"):
         p = onnx.load(str(out / f))
-        assert all(v.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.INT64)
-                   for v in [*p.graph.input, *p.graph.output]), f
+        assert all(
+            v.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.INT64)
+            for v in [*p.graph.input, *p.graph.output]
+        ), f
         assert _dims(p.graph.input[0])[0] == "batch"
 
 
@@ -136,7 +138,10 @@ def test_forbidden_op_check_catches_topk_and_scatter(tmp_path):
     idx = h.make_tensor("idx", onnx.TensorProto.INT64, [2, 1], [0, 1])
     g = h.make_graph(
         [h.make_node("TopK", ["x", "k"], ["v", "i"]), h.make_node("ScatterND", ["x", "idx", "v"], ["s"])],
-        "bad", [x], [v, i, s], initializer=[k, idx],
+        "bad",
+        [x],
+        [v, i, s],
+        initializer=[k, idx],
     )
     m = h.make_model(g, opset_imports=[h.make_opsetid("", 20)])
     assert forbidden_ops(m) == ["ScatterND", "TopK"]
@@ -166,8 +171,10 @@ def test_parity_report_in_mae_json(cli_bundle):
         else:
             assert 0 < p["max_recon_rel_err"] <= p["threshold"]["max_recon_rel_err"] <= 0.1
     # Variants differ from fp32 (they really are another precision), fp32 does not.
-    assert graphs[("encoder", "int8")]["parity"]["max_abs_diff"] > 100 * graphs[("encoder", "fp32")]["parity"][
-        "max_abs_diff"]
+    assert (
+        graphs[("encoder", "int8")]["parity"]["max_abs_diff"]
+        > 100 * graphs[("encoder", "fp32")]["parity"]["max_abs_diff"]
+    )
 
 
 def test_manifest_metadata_and_bundle_loads(cli_bundle, ckpt_dir):
@@ -237,11 +244,15 @@ def test_int8_holds_one_copy_of_the_weights_and_writes_the_same_graph(cli_bundle
 
     assert loaded(guarded) == loaded(library)  # every node, initializer, annotation and metadata entry
 
-    gemm = onnx.helper.make_model(onnx.helper.make_graph(
-        [onnx.helper.make_node("Gemm", ["x", "w"], ["y"])], "g",
-        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2])],
-        [onnx.numpy_helper.from_array(np.eye(2, dtype=np.float32), "w")]))
+    gemm = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [onnx.helper.make_node("Gemm", ["x", "w"], ["y"])],
+            "g",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2])],
+            [onnx.numpy_helper.from_array(np.eye(2, dtype=np.float32), "w")],
+        )
+    )
     with precision._one_copy_of_the_weights(gemm):  # a Gemm is rewritten: the library must refresh the types
         assert quantizer.save_and_reload_model_with_shape_infer is spy
 
@@ -316,8 +327,7 @@ def test_image_size_must_be_a_multiple_of_the_patch(ckpt_dir, tmp_path):
 def test_external_data_is_relative_and_the_bundle_moves(tmp_path):
     """The ViT-H path (weights in .onnx.data), forced on the tiny model; then the bundle is moved."""
     model = _model(seed=5)
-    rep = export_bundle(model, tmp_path / "ext", precisions=("fp32", "fp16", "int8"), external_data=True,
-                        progress=None)
+    rep = export_bundle(model, tmp_path / "ext", precisions=("fp32", "fp16", "int8"), external_data=True, progress=None)
     m = rep.manifest
     for g in m["graphs"]:
         assert g["external_data"] == [g["file"] + ".data"], g
@@ -400,9 +410,12 @@ def test_failed_verification_leaves_nothing_and_keeps_the_old_bundle(ckpt_dir, t
 def test_a_killed_export_leaves_nothing_after_the_next_run(ckpt_dir, tmp_path):
     """kill -9 mid-export leaves its staging dir; the next export into the same --out removes it."""
     out = tmp_path / "b"
-    proc = subprocess.Popen([sys.executable, "-m", "mae_deploy.cli", "export", str(ckpt_dir), "--out", str(out)],
-                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mae_deploy.cli", "export", str(ckpt_dir), "--out", str(out)],
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         while proc.poll() is None and not list(tmp_path.glob(".b.tmp-*")):
             time.sleep(0.02)
@@ -433,8 +446,9 @@ def test_a_second_export_into_the_same_out_is_refused(ckpt_dir, tmp_path):
 def test_bundle_files_are_0644_and_directories_0755(ckpt_dir, tmp_path):
     old = os.umask(0o022)
     try:
-        out = export_bundle(ckpt_dir, tmp_path / "b", parts="encoder", verify=False, reference_weights=True,
-                            progress=None).bundle
+        out = export_bundle(
+            ckpt_dir, tmp_path / "b", parts="encoder", verify=False, reference_weights=True, progress=None
+        ).bundle
     finally:
         os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
@@ -516,8 +530,9 @@ def test_an_encoder_only_export_of_a_full_mae_has_a_reference_the_torch_runner_l
     from mae_deploy.features import FeatureExtractor
 
     model = _model()
-    out = export_bundle(model, tmp_path / "b", parts="encoder", verify=False, reference_weights=True,
-                        progress=None).bundle
+    out = export_bundle(
+        model, tmp_path / "b", parts="encoder", verify=False, reference_weights=True, progress=None
+    ).bundle
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
     with FeatureExtractor(out, backend="torch", pool="mean") as ref, FeatureExtractor(out, pool="mean") as ort:
         np.testing.assert_allclose(ref.extract_pixels(x), ort.extract_pixels(x), atol=1e-4)
@@ -535,12 +550,14 @@ def test_the_test_graph_cache_keys_on_everything_a_graph_depends_on(tmp_path):
     changed = _model()
     with torch.no_grad():
         changed.blocks[0].attn.qkv.bias[0] += 1e-3
-    others = [graph_key(changed, "encoder", path, 20, None),
-              graph_key(_model(), "decoder", path, 20, None),
-              graph_key(_model(), "encoder", tmp_path / "x.onnx", 20, None),
-              graph_key(_model(), "encoder", path, 18, None),
-              graph_key(_model(), "encoder", path, 20, True),
-              graph_key(_model().train(), "encoder", path, 20, None)]
+    others = [
+        graph_key(changed, "encoder", path, 20, None),
+        graph_key(_model(), "decoder", path, 20, None),
+        graph_key(_model(), "encoder", tmp_path / "x.onnx", 20, None),
+        graph_key(_model(), "encoder", path, 18, None),
+        graph_key(_model(), "encoder", path, 20, True),
+        graph_key(_model().train(), "encoder", path, 20, None),
+    ]
     assert len({base, *others}) == 1 + len(others)
     torch.manual_seed(0)
     mean = VisionTransformer(get_config("mae_vit_test"), num_classes=3, global_pool=True)

@@ -35,8 +35,11 @@ def _encoder_weights(gp: bool) -> tuple:
         for name, p in mae.named_parameters():
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
-    sd = {k: v for k, v in mae.state_dict().items()
-          if not k.startswith(("decoder", "mask_token")) and not (gp and k.startswith("norm."))}
+    sd = {
+        k: v
+        for k, v in mae.state_dict().items()
+        if not k.startswith(("decoder", "mask_token")) and not (gp and k.startswith("norm."))
+    }
     return sd, replace(mae.config, decoder_depth=0)
 
 
@@ -81,8 +84,12 @@ def probe_models():
 @pytest.fixture(scope="module")
 def probe_ckpt(probe_models, tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("probe") / "model"
-    save_native(probe_models[1], d, class_names=NAMES,
-                source={"format": "mae-deploy linprobe", "note": "linear probe; BatchNorm folded into head"})
+    save_native(
+        probe_models[1],
+        d,
+        class_names=NAMES,
+        source={"format": "mae-deploy linprobe", "note": "linear probe; BatchNorm folded into head"},
+    )
     return d
 
 
@@ -163,12 +170,15 @@ def test_no_names_anywhere_gives_class_indices(tmp_path):
     assert b.class_names == [f"class_{i}" for i in range(NUM_CLASSES)] and b.class_names_source == "generated"
 
 
-@pytest.mark.parametrize("content, message", [
-    ("a\nb\n", "has 2 class names but the classifier head has 5"),
-    ("a\n\nb\nc\nd\ne\n", "line 2 is blank"),
-    ("a\nb\nc\nd\na\n", "class 0 and class 4 both 'a'"),
-    ("", "is empty"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("a\nb\n", "has 2 class names but the classifier head has 5"),
+        ("a\n\nb\nc\nd\ne\n", "line 2 is blank"),
+        ("a\nb\nc\nd\na\n", "class 0 and class 4 both 'a'"),
+        ("", "is empty"),
+    ],
+)
 def test_bad_labels_file_is_exit_3(probe_ckpt, tmp_path, content, message):
     labels = tmp_path / "labels.txt"
     labels.write_text(content)
@@ -190,8 +200,9 @@ def test_labels_without_a_head_and_parts_classifier_without_a_head_are_exit_3(tm
 
 
 def test_a_bundle_without_classifier_says_so(probe_bundle, tmp_path):
-    b = Bundle.load(export_bundle(create_model("mae_vit_test").eval(), tmp_path / "b", verify=False,
-                                  progress=None).bundle)
+    b = Bundle.load(
+        export_bundle(create_model("mae_vit_test").eval(), tmp_path / "b", verify=False, progress=None).bundle
+    )
     assert not b.has_classifier and b.class_names is None
     with pytest.raises(BundleError, match="no classifier graph"):
         b.classifier_graph()

@@ -139,8 +139,13 @@ def test_clean_run_lists_every_broken_input_with_its_reason(extract_clean_run, e
     assert summary.failures_by_reason == {r: 1 for r in BROKEN.values()}
     m = json.loads((out / "manifest.json").read_text())
     assert m["status"] == "complete"
-    assert m["counts"] == {"inputs": summary.inputs, "features": summary.features, "failed": len(BROKEN),
-                           "failed_by_reason": summary.failures_by_reason, "shards": summary.shards}
+    assert m["counts"] == {
+        "inputs": summary.inputs,
+        "features": summary.features,
+        "failed": len(BROKEN),
+        "failed_by_reason": summary.failures_by_reason,
+        "shards": summary.shards,
+    }
     assert m["bundle"]["fingerprint"] and m["source"]["fingerprint"] == list_source(root).fingerprint
     assert {"numpy", "pillow", "onnxruntime", "mae_deploy"} <= set(m["versions"])
     assert m["runs"][-1]["images"] == summary.inputs and "inference_s" in m["runs"][-1]["timings"]
@@ -171,9 +176,24 @@ def test_sigkill_midway_then_resume_equals_clean_run(extract_clean_run, extract_
     root, _ = extract_images
     ref_dir, ref = extract_clean_run
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "mae_deploy.cli", "extract", str(root), "--bundle", str(extract_bundle_dir), "--out",
-           str(out), "--batch-size", str(RUN["batch_size"]), "--shard-size", str(RUN["shard_size"]),
-           "--workers", str(RUN["workers"]), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mae_deploy.cli",
+        "extract",
+        str(root),
+        "--bundle",
+        str(extract_bundle_dir),
+        "--out",
+        str(out),
+        "--batch-size",
+        str(RUN["batch_size"]),
+        "--shard-size",
+        str(RUN["shard_size"]),
+        "--workers",
+        str(RUN["workers"]),
+        "--no-progress",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     children = []
     try:
@@ -233,8 +253,9 @@ def test_rerun_of_a_finished_job_does_nothing(extract_clean_run, extract_images,
     assert result_files(out) == before
 
 
-def test_mismatched_resume_is_refused(extract_clean_run, extract_images, extract_bundle_dir,
-                                      extract_other_stats_bundle_dir, tmp_path):
+def test_mismatched_resume_is_refused(
+    extract_clean_run, extract_images, extract_bundle_dir, extract_other_stats_bundle_dir, tmp_path
+):
     root, _ = extract_images
     out, _ = extract_clean_run
     with pytest.raises(InputError, match=r"different job[\s\S]*pool: was 'cls', now 'mean'"):
@@ -277,8 +298,17 @@ def test_parts_together_equal_a_single_run(extract_clean_run, extract_images, ex
     dirs = []
     for i in range(3):
         d = tmp_path / f"part-{i}"
-        s = extract_features(root, extract_bundle_dir, d, progress=False, num_parts=3, part_index=i, batch_size=8,
-                             shard_size=40, workers=0)
+        s = extract_features(
+            root,
+            extract_bundle_dir,
+            d,
+            progress=False,
+            num_parts=3,
+            part_index=i,
+            batch_size=8,
+            shard_size=40,
+            workers=0,
+        )
         assert s.inputs == len(split_rows(ref.inputs, 3, i))
         dirs.append(d)
     whole = open_features(ref_dir)
@@ -299,8 +329,9 @@ def test_parts_together_equal_a_single_run(extract_clean_run, extract_images, ex
 def test_open_features_indexing(extract_clean_run):
     out, _ = extract_clean_run
     f = open_features(out)
-    full = np.concatenate([np.load(out / shard_name(k)) for k in range(len(f.shards) + 10)
-                           if (out / shard_name(k)).exists()])
+    full = np.concatenate(
+        [np.load(out / shard_name(k)) for k in range(len(f.shards) + 10) if (out / shard_name(k)).exists()]
+    )
     assert len(f) == len(full) and len(f.shards) > 5 and isinstance(f.shards[0], np.memmap)
     np.testing.assert_array_equal(np.asarray(f), full)
     np.testing.assert_array_equal(f[5], full[5])
@@ -324,8 +355,17 @@ def test_tokens_float16_in_a_thread(extract_images, extract_bundle_dir, tmp_path
 
     root, _ = extract_images
     out = tmp_path / "tok"
-    summary = extract_features(root / "odd", extract_bundle_dir, out, progress=False, pool="tokens", dtype="float16",
-                               workers=0, transfer="float32", batch_size=5)
+    summary = extract_features(
+        root / "odd",
+        extract_bundle_dir,
+        out,
+        progress=False,
+        pool="tokens",
+        dtype="float16",
+        workers=0,
+        transfer="float32",
+        batch_size=5,
+    )
     f = open_features(out)
     assert f.shape == (summary.features, 17, 32) and f.dtype == np.float16 and f.shards[0].dtype == np.float16
     with FeatureExtractor(extract_bundle_dir, pool="tokens") as fx:
@@ -351,8 +391,7 @@ def test_empty_part_is_an_empty_complete_output(extract_images, extract_bundle_d
     root, _ = extract_images
     lst = tmp_path / "two.txt"
     lst.write_text(f"{root / 'img0000.jpg'}\n{root / 'img0001.png'}\n")
-    s = extract_features(lst, extract_bundle_dir, tmp_path / "p2", progress=False, num_parts=3, part_index=0,
-                         workers=0)
+    s = extract_features(lst, extract_bundle_dir, tmp_path / "p2", progress=False, num_parts=3, part_index=0, workers=0)
     assert s.inputs == 0 and s.ok
     assert len(open_features(tmp_path / "p2")) == 0
 
@@ -370,19 +409,44 @@ def _cli(*args: str):
 
 def test_cli_exit_codes(extract_images, extract_bundle_dir, tmp_path):
     root, _ = extract_images
-    ok = _cli(str(root / "odd"), "--bundle", str(extract_bundle_dir), "--out", str(tmp_path / "ok"), "--workers", "0",
-              "--no-progress")
+    ok = _cli(
+        str(root / "odd"),
+        "--bundle",
+        str(extract_bundle_dir),
+        "--out",
+        str(tmp_path / "ok"),
+        "--workers",
+        "0",
+        "--no-progress",
+    )
     assert ok.exit_code == 0, ok.output
     assert "extracted, 0 failed" in ok.output and "img/s" in ok.output
 
-    partial = _cli(str(root / "broken"), "--bundle", str(extract_bundle_dir), "--out", str(tmp_path / "bad"),
-                   "--workers", "0", "--no-progress")
+    partial = _cli(
+        str(root / "broken"),
+        "--bundle",
+        str(extract_bundle_dir),
+        "--out",
+        str(tmp_path / "bad"),
+        "--workers",
+        "0",
+        "--no-progress",
+    )
     assert partial.exit_code == 4, partial.output
     assert f"{len(BROKEN)} of {len(BROKEN)} inputs failed" in partial.output
 
     strict_out = tmp_path / "strict"
-    strict = _cli(str(root / "broken"), "--bundle", str(extract_bundle_dir), "--out", str(strict_out), "--strict",
-                  "--workers", "0", "--no-progress")
+    strict = _cli(
+        str(root / "broken"),
+        "--bundle",
+        str(extract_bundle_dir),
+        "--out",
+        str(strict_out),
+        "--strict",
+        "--workers",
+        "0",
+        "--no-progress",
+    )
     assert strict.exit_code == 3 and "--strict: stopped at row 0" in strict.output
     lines = (strict_out / ERRORS_NAME).read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["reason"] == BROKEN["broken/bomb.png"]  # the first, sorted
@@ -408,8 +472,9 @@ def test_supported_extensions_are_documented():
 # ------------------------------------------------------------------------------------------------
 
 
-def test_a_killed_worker_is_replaced_and_nothing_is_lost(extract_clean_run, extract_images, extract_bundle_dir,
-                                                         tmp_path):
+def test_a_killed_worker_is_replaced_and_nothing_is_lost(
+    extract_clean_run, extract_images, extract_bundle_dir, tmp_path
+):
     """SIGKILL one decode worker mid-job (as the OOM killer would): the result is still the clean run's."""
     import threading
 
@@ -464,8 +529,9 @@ def test_an_image_that_crashes_the_decoder_fails_alone(extract_images, extract_b
     _original_decode_one = ex.Decoder.decode_one
     monkeypatch.setattr(ex.Decoder, "decode_one", _crash_on_marked_files)
     # fork: the workers inherit the patched decoder (spawned ones would import the real one).
-    s = extract_features(src, extract_bundle_dir, tmp_path / "out", progress=False, workers=1, batch_size=4,
-                         start_method="fork")
+    s = extract_features(
+        src, extract_bundle_dir, tmp_path / "out", progress=False, workers=1, batch_size=4, start_method="fork"
+    )
     assert s.failures_by_reason == {"decoder_crashed": 1} and s.features == 5
     errors = [json.loads(line) for line in (tmp_path / "out" / ERRORS_NAME).read_text().splitlines()]
     assert [Path(e["path"]).name for e in errors] == ["img0003_crash.jpg"]

@@ -29,9 +29,25 @@ pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarn
 
 
 def _cli_cmd(root: Path, bundle: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "mae_deploy.cli", "extract", str(root), "--bundle", str(bundle), "--out", str(out),
-            "--batch-size", str(RUN["batch_size"]), "--shard-size", str(RUN["shard_size"]),
-            "--workers", str(RUN["workers"]), "--no-progress", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "mae_deploy.cli",
+        "extract",
+        str(root),
+        "--bundle",
+        str(bundle),
+        "--out",
+        str(out),
+        "--batch-size",
+        str(RUN["batch_size"]),
+        "--shard-size",
+        str(RUN["shard_size"]),
+        "--workers",
+        str(RUN["workers"]),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _start(cmd: list[str]) -> subprocess.Popen:
@@ -51,8 +67,9 @@ def _wait_for(path: Path, proc: subprocess.Popen, what: str) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def test_a_second_job_into_the_same_out_is_refused_with_the_holders_pid(extract_clean_run, extract_images,
-                                                                        extract_bundle_dir, tmp_path):
+def test_a_second_job_into_the_same_out_is_refused_with_the_holders_pid(
+    extract_clean_run, extract_images, extract_bundle_dir, tmp_path
+):
     """Two processes: while the first writes, the second (other settings) exits 3 naming it; nothing mixes."""
     root, _ = extract_images
     ref_dir, _ = extract_clean_run
@@ -63,8 +80,13 @@ def test_a_second_job_into_the_same_out_is_refused_with_the_holders_pid(extract_
         # Paused, the first job keeps its lock (as a slow job would) however long the second takes to start:
         # without this, a quiet machine let the first finish before the second's imports were done.
         first.send_signal(signal.SIGSTOP)
-        second = subprocess.run(_cli_cmd(root, extract_bundle_dir, out, "--pool", "mean"), cwd=REPO,
-                                capture_output=True, text=True, timeout=120)
+        second = subprocess.run(
+            _cli_cmd(root, extract_bundle_dir, out, "--pool", "mean"),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         still_running = first.poll() is None
     finally:
         first.send_signal(signal.SIGCONT)
@@ -79,9 +101,17 @@ def test_a_second_job_into_the_same_out_is_refused_with_the_holders_pid(extract_
 
 def test_the_lock_is_released_when_its_holder_dies(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from mae_deploy.extract.lock import "
-         "OutputLock; OutputLock(Path(sys.argv[1])).acquire(); print('locked', flush=True); time.sleep(600)",
-         str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from mae_deploy.extract.lock import "
+            "OutputLock; OutputLock(Path(sys.argv[1])).acquire(); print('locked', flush=True); time.sleep(600)",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         from mae_deploy.extract.lock import OutputLock
@@ -109,8 +139,13 @@ def test_a_send_to_a_dead_worker_requeues_the_work_and_replaces_it(extract_image
     b = Bundle.load(extract_bundle_dir)
     paths = [str(root / r) for r in made["good"][:12]]
     tasks = [Task(0, [(i, paths[i]) for i in range(j, j + 4)], j == 8) for j in (0, 4, 8)]
-    args = {"preprocessing": b.preprocessing, "in_chans": b.in_chans, "min_side": 16, "max_pixels": 0,
-            "transfer": "uint8"}
+    args = {
+        "preprocessing": b.preprocessing,
+        "in_chans": b.in_chans,
+        "min_side": 16,
+        "max_pixels": 0,
+        "transfer": "uint8",
+    }
     pool = DecodeWorkers(iter(tasks), args, 0, workers=1, max_in_flight=4)
     try:
         [victim] = pool._pool
@@ -138,8 +173,9 @@ def test_every_shard_sha256_is_in_the_manifest(extract_clean_run):
         assert rec["index_sha256"] == file_sha256(out / index_name(int(k)))
 
 
-def test_a_damaged_shard_is_named_by_open_features_and_recomputed_by_a_rerun(extract_clean_run, extract_images,
-                                                                             extract_bundle_dir, tmp_path):
+def test_a_damaged_shard_is_named_by_open_features_and_recomputed_by_a_rerun(
+    extract_clean_run, extract_images, extract_bundle_dir, tmp_path
+):
     root, _ = extract_images
     ref_dir, _ = extract_clean_run
     out = tmp_path / "damaged"
@@ -189,8 +225,9 @@ def test_an_unwritable_out_is_exit_3_before_any_work(extract_images, extract_bun
     root, _ = extract_images
     (tmp_path / "a_file").write_text("x")
     out = tmp_path / "a_file" / "feats" if where == "under_a_file" else Path("/proc/mae-deploy-feats")
-    r = CliRunner().invoke(main, ["extract", str(root / "odd"), "--bundle", str(extract_bundle_dir), "--out", str(out),
-                                  "--no-progress"])
+    r = CliRunner().invoke(
+        main, ["extract", str(root / "odd"), "--bundle", str(extract_bundle_dir), "--out", str(out), "--no-progress"]
+    )
     assert r.exit_code == 3, r.output
     assert "cannot write --out" in r.output or "not writable" in r.output
     assert not out.exists()
@@ -211,8 +248,9 @@ def test_a_fifo_or_a_device_is_not_a_regular_file(extract_images, extract_bundle
             extract_features(source, extract_bundle_dir, tmp_path / "never", progress=False)
 
 
-def test_ctrl_c_exits_130_and_leaves_a_resumable_directory(extract_clean_run, extract_images, extract_bundle_dir,
-                                                           tmp_path):
+def test_ctrl_c_exits_130_and_leaves_a_resumable_directory(
+    extract_clean_run, extract_images, extract_bundle_dir, tmp_path
+):
     psutil = pytest.importorskip("psutil")
     root, _ = extract_images
     ref_dir, _ = extract_clean_run
@@ -220,9 +258,11 @@ def test_ctrl_c_exits_130_and_leaves_a_resumable_directory(extract_clean_run, ex
     # As an interactive shell starts it: Ctrl-C handled, whatever disposition this test process passes on (a
     # child inherits an ignored or blocked SIGINT, and then a well-behaved CLI rightly does not stop).
     cmd = _cli_cmd(root, extract_bundle_dir, out)
-    interactive = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                   "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
-                   "sys.argv = ['mae-deploy', *sys.argv[1:]]; runpy.run_module('mae_deploy.cli', run_name='__main__')")
+    interactive = (
+        "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
+        "sys.argv = ['mae-deploy', *sys.argv[1:]]; runpy.run_module('mae_deploy.cli', run_name='__main__')"
+    )
     proc = _start([cmd[0], "-c", interactive, *cmd[3:]])
     try:
         _wait_for(out / index_name(1), proc, "it could be interrupted")

@@ -27,15 +27,20 @@ MAX_PIXELS = 89_478_485  # Pillow's default: broken/bomb.png is above it
 
 
 def _decoder_args(bundle: Bundle, transfer: str) -> dict:
-    return {"preprocessing": bundle.preprocessing, "in_chans": bundle.in_chans, "min_side": 16,
-            "max_pixels": MAX_PIXELS, "transfer": transfer}
+    return {
+        "preprocessing": bundle.preprocessing,
+        "in_chans": bundle.in_chans,
+        "min_side": 16,
+        "max_pixels": MAX_PIXELS,
+        "transfer": transfer,
+    }
 
 
 def _tasks(root, made, n_good: int = 14) -> list[Task]:
     """Batches of 4 mixing good images with every broken kind."""
     paths = [str(root / r) for r in made["good"][:n_good] + made["broken"]]
     rows = list(enumerate(paths))
-    return [Task(0, rows[i:i + 4], i + 4 >= len(rows)) for i in range(0, len(rows), 4)]
+    return [Task(0, rows[i : i + 4], i + 4 >= len(rows)) for i in range(0, len(rows), 4)]
 
 
 def _decode_all(pool: DecodeWorkers) -> list[tuple[list, np.ndarray | None, list]]:
@@ -69,8 +74,9 @@ def test_shared_memory_delivers_what_pipes_deliver(extract_images, extract_bundl
     assert shm.transport == "shared_memory" and len(names) == 4  # batches in flight + the one being consumed
     via_shm = _decode_all(shm)
     assert not any(os.path.exists(f"/dev/shm/{n}") for n in names)  # unlinked on close
-    pipe = DecodeWorkers(iter(_tasks(root, made)), args, MAX_PIXELS, workers=2, max_in_flight=3, batch_size=4,
-                      shared_memory=False)
+    pipe = DecodeWorkers(
+        iter(_tasks(root, made)), args, MAX_PIXELS, workers=2, max_in_flight=3, batch_size=4, shared_memory=False
+    )
     assert pipe.transport == "pipe"
     via_pipe = _decode_all(pipe)
     assert [r for r, _, _ in via_shm] == [r for r, _, _ in via_pipe]
@@ -83,8 +89,14 @@ def test_shared_memory_delivers_what_pipes_deliver(extract_images, extract_bundl
 def test_no_room_for_slots_falls_back_to_pipes(extract_images, extract_bundle_dir, monkeypatch):
     root, made = extract_images
     monkeypatch.setattr(SharedSlots, "create", classmethod(lambda cls, count, nbytes: None))
-    pool = DecodeWorkers(iter(_tasks(root, made, 4)), _decoder_args(Bundle.load(extract_bundle_dir), "float32"),
-                      MAX_PIXELS, workers=1, max_in_flight=2, batch_size=4)
+    pool = DecodeWorkers(
+        iter(_tasks(root, made, 4)),
+        _decoder_args(Bundle.load(extract_bundle_dir), "float32"),
+        MAX_PIXELS,
+        workers=1,
+        max_in_flight=2,
+        batch_size=4,
+    )
     assert pool.transport == "pipe"
     assert sum(len(r) for r, _, _ in _decode_all(pool)) == 4
 
@@ -96,8 +108,7 @@ def test_slots_that_do_not_fit_are_refused_not_left_to_crash_a_worker():
 
 @pytest.mark.parametrize("mode", ["RGB", "L"])
 def test_batch_normalisation_is_bit_identical_to_the_per_image_one(mode):
-    pre = Preprocessor(32, in_chans=1 if mode == "L" else 3,
-                       **({"mean": [0.5], "std": [0.25]} if mode == "L" else {}))
+    pre = Preprocessor(32, in_chans=1 if mode == "L" else 3, **({"mean": [0.5], "std": [0.25]} if mode == "L" else {}))
     shape = (5, 32, 32) if mode == "L" else (5, 32, 32, 3)
     pixels = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
     expected = np.stack([pre.normalize(im) for im in pixels])
@@ -105,8 +116,9 @@ def test_batch_normalisation_is_bit_identical_to_the_per_image_one(mode):
     assert got.dtype == np.float32 and got.flags.c_contiguous and np.array_equal(got, expected)
 
 
-def test_every_transfer_and_transport_writes_the_same_output(extract_images, extract_bundle_dir, extract_clean_run,
-                                                             tmp_path, monkeypatch):
+def test_every_transfer_and_transport_writes_the_same_output(
+    extract_images, extract_bundle_dir, extract_clean_run, tmp_path, monkeypatch
+):
     """uint8 (normalised by the parent) writes the default float32 run's output (workers normalise) byte for
     byte, and so do pipes."""
     import functools

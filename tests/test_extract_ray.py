@@ -22,8 +22,10 @@ from extract_data import BROKEN, REPO, RUN, result_files
 from mae_deploy.errors import InputError
 from mae_deploy.extract import ERRORS_NAME, MANIFEST_NAME, extract_features, index_name, open_features
 
-pytestmark = [pytest.mark.slow,  # a local Ray instance per test
-              pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning", "ignore::DeprecationWarning")]
+pytestmark = [
+    pytest.mark.slow,  # a local Ray instance per test
+    pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning", "ignore::DeprecationWarning"),
+]
 RAY_RUN = {"batch_size": RUN["batch_size"], "shard_size": RUN["shard_size"], "engine": "ray"}
 
 
@@ -34,18 +36,48 @@ def test_missing_ray_is_exit_6_with_the_install_line(extract_images, extract_bun
 
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
     root, _ = extract_images
-    r = CliRunner().invoke(main, ["extract", str(root / "odd"), "--bundle", str(extract_bundle_dir), "--out",
-                                  str(tmp_path / "out"), "--engine", "ray", "--no-progress"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "extract",
+            str(root / "odd"),
+            "--bundle",
+            str(extract_bundle_dir),
+            "--out",
+            str(tmp_path / "out"),
+            "--engine",
+            "ray",
+            "--no-progress",
+        ],
+    )
     assert r.exit_code == 6, r.output
     assert "pip install 'mae-deploy[ray]'" in r.output
 
 
 def test_an_unreachable_ray_address_is_exit_7_naming_it(extract_images, extract_bundle_dir, tmp_path):
     root, _ = extract_images
-    r = subprocess.run([sys.executable, "-m", "mae_deploy.cli", "extract", str(root / "odd"), "--bundle",
-                        str(extract_bundle_dir), "--out", str(tmp_path / "out"), "--engine", "ray",
-                        "--ray-address", "127.0.0.1:1", "--no-progress"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mae_deploy.cli",
+            "extract",
+            str(root / "odd"),
+            "--bundle",
+            str(extract_bundle_dir),
+            "--out",
+            str(tmp_path / "out"),
+            "--engine",
+            "ray",
+            "--ray-address",
+            "127.0.0.1:1",
+            "--no-progress",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 7, r.stderr
     assert "127.0.0.1:1" in r.stderr and "Traceback" not in r.stderr
 
@@ -55,8 +87,12 @@ def test_ray_gives_the_local_engines_output(ray_local, extract_clean_run, extrac
     ref_dir, ref = extract_clean_run
     out = tmp_path / "ray"
     s = extract_features(root, extract_bundle_dir, out, progress=False, **RAY_RUN)
-    assert (s.features, s.failed, s.failures_by_reason, s.shards) == (ref.features, ref.failed,
-                                                                      ref.failures_by_reason, ref.shards)
+    assert (s.features, s.failed, s.failures_by_reason, s.shards) == (
+        ref.features,
+        ref.failed,
+        ref.failures_by_reason,
+        ref.shards,
+    )
     a, b = open_features(out), open_features(ref_dir)
     assert a.paths == b.paths and np.array_equal(a.rows, b.rows)
     assert (out / ERRORS_NAME).read_bytes() == (ref_dir / ERRORS_NAME).read_bytes()
@@ -67,15 +103,32 @@ def test_ray_gives_the_local_engines_output(ray_local, extract_clean_run, extrac
     assert run["ray"]["cluster_resources"]["CPU"] == 2
 
 
-def test_sigkill_of_the_driver_then_the_same_command_gives_the_clean_result(ray_local, extract_clean_run,
-                                                                            extract_images, extract_bundle_dir,
-                                                                            tmp_path):
+def test_sigkill_of_the_driver_then_the_same_command_gives_the_clean_result(
+    ray_local, extract_clean_run, extract_images, extract_bundle_dir, tmp_path
+):
     root, _ = extract_images
     ref_dir, _ = extract_clean_run
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "mae_deploy.cli", "extract", str(root), "--bundle", str(extract_bundle_dir), "--out",
-           str(out), "--batch-size", str(RUN["batch_size"]), "--shard-size", str(RUN["shard_size"]),
-           "--engine", "ray", "--ray-address", ray_local, "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mae_deploy.cli",
+        "extract",
+        str(root),
+        "--bundle",
+        str(extract_bundle_dir),
+        "--out",
+        str(out),
+        "--batch-size",
+        str(RUN["batch_size"]),
+        "--shard-size",
+        str(RUN["shard_size"]),
+        "--engine",
+        "ray",
+        "--ray-address",
+        ray_local,
+        "--no-progress",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 300
@@ -95,8 +148,9 @@ def test_sigkill_of_the_driver_then_the_same_command_gives_the_clean_result(ray_
     assert json.loads((out / MANIFEST_NAME).read_text())["status"] == "complete"
 
 
-def test_strict_stops_at_the_first_broken_file(ray_local, extract_clean_run, extract_images, extract_bundle_dir,
-                                               tmp_path):
+def test_strict_stops_at_the_first_broken_file(
+    ray_local, extract_clean_run, extract_images, extract_bundle_dir, tmp_path
+):
     root, _ = extract_images
     ref_dir, _ = extract_clean_run
     first = json.loads((ref_dir / ERRORS_NAME).read_text().splitlines()[0])
@@ -110,19 +164,35 @@ def test_strict_stops_at_the_first_broken_file(ray_local, extract_clean_run, ext
 
 def test_tokens_pooling_on_ray_equals_local(ray_local, extract_images, extract_bundle_dir, tmp_path):
     root, _ = extract_images
-    local = extract_features(root / "odd", extract_bundle_dir, tmp_path / "local", progress=False, pool="tokens",
-                             dtype="float16", workers=0, batch_size=4)
-    ray = extract_features(root / "odd", extract_bundle_dir, tmp_path / "ray", progress=False, pool="tokens",
-                           dtype="float16",
-                           engine="ray", batch_size=4)
+    local = extract_features(
+        root / "odd",
+        extract_bundle_dir,
+        tmp_path / "local",
+        progress=False,
+        pool="tokens",
+        dtype="float16",
+        workers=0,
+        batch_size=4,
+    )
+    ray = extract_features(
+        root / "odd",
+        extract_bundle_dir,
+        tmp_path / "ray",
+        progress=False,
+        pool="tokens",
+        dtype="float16",
+        engine="ray",
+        batch_size=4,
+    )
     assert ray.feature_shape == local.feature_shape == (17, 32)
     a, b = open_features(tmp_path / "ray"), open_features(tmp_path / "local")
     assert a.paths == b.paths and a.dtype == np.float16
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_a_file_name_that_is_not_utf8_gives_the_same_result_on_both_engines(ray_local, extract_images,
-                                                                            extract_bundle_dir, tmp_path):
+def test_a_file_name_that_is_not_utf8_gives_the_same_result_on_both_engines(
+    ray_local, extract_images, extract_bundle_dir, tmp_path
+):
     import shutil
 
     root, _ = extract_images
@@ -140,13 +210,31 @@ def test_a_file_name_that_is_not_utf8_gives_the_same_result_on_both_engines(ray_
     assert (tmp_path / "ray" / ERRORS_NAME).read_bytes() == (tmp_path / "local" / ERRORS_NAME).read_bytes()
 
 
-def test_an_unreachable_ray_address_from_the_environment_is_exit_7_naming_it(extract_images, extract_bundle_dir,
-                                                                             tmp_path):
+def test_an_unreachable_ray_address_from_the_environment_is_exit_7_naming_it(
+    extract_images, extract_bundle_dir, tmp_path
+):
     root, _ = extract_images
-    r = subprocess.run([sys.executable, "-m", "mae_deploy.cli", "extract", str(root / "odd"), "--bundle",
-                        str(extract_bundle_dir), "--out", str(tmp_path / "out"), "--engine", "ray", "--no-progress"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mae_deploy.cli",
+            "extract",
+            str(root / "odd"),
+            "--bundle",
+            str(extract_bundle_dir),
+            "--out",
+            str(tmp_path / "out"),
+            "--engine",
+            "ray",
+            "--no-progress",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"},
+    )
     assert r.returncode == 7, r.stderr
     assert "127.0.0.1:1" in r.stderr and "RAY_ADDRESS" in r.stderr and "Traceback" not in r.stderr
 
@@ -158,7 +246,21 @@ def test_a_resource_that_is_not_a_number_is_exit_3(extract_images, extract_bundl
     from mae_deploy.cli import main
 
     root, _ = extract_images
-    r = CliRunner().invoke(main, ["extract", str(root / "odd"), "--bundle", str(extract_bundle_dir), "--out",
-                                  str(tmp_path / "out"), "--engine", "ray", option, "nan", "--no-progress"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "extract",
+            str(root / "odd"),
+            "--bundle",
+            str(extract_bundle_dir),
+            "--out",
+            str(tmp_path / "out"),
+            "--engine",
+            "ray",
+            option,
+            "nan",
+            "--no-progress",
+        ],
+    )
     assert r.exit_code == 3, r.output
     assert f"{option} must be a finite number" in r.output and not (tmp_path / "out").exists()

@@ -51,8 +51,12 @@ def _shared_weights_graph(path: Path) -> Path:
     annotations = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [d]) for n in (WEIGHT, BIAS)]
     annotations += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, d]) for n in ("a", "n1", "m")]
     graph = helper.make_graph(
-        nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, d])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, d])], inits, value_info=annotations,
+        nodes,
+        "shared",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, d])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, d])],
+        inits,
+        value_info=annotations,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8  # readable by every ONNX Runtime the project supports
@@ -91,8 +95,11 @@ def test_shared_float32_weight_converts_to_a_valid_graph_with_parity(tmp_path):
     half = _check_fp16_graph(to_fp16(src, tmp_path / "g.fp16.onnx"))
 
     types = {t.name: t.data_type for t in half.graph.initializer}
-    assert (types[WEIGHT], types[BIAS], types["fc.weight"]) == (TensorProto.FLOAT, TensorProto.FLOAT16,
-                                                                  TensorProto.FLOAT16)
+    assert (types[WEIGHT], types[BIAS], types["fc.weight"]) == (
+        TensorProto.FLOAT,
+        TensorProto.FLOAT16,
+        TensorProto.FLOAT16,
+    )
     norms = [n for n in half.graph.node if n.op_type in FP16_KEEP_FP32_OPS]
     assert [n.input[1] for n in norms] == [WEIGHT, WEIGHT]  # the float32 weight itself, no Cast between
     # The fp16 bias reaches them through a Cast back to float32: one shared (ONNX Runtime >= 1.25) or one each.
@@ -108,8 +115,7 @@ def test_shared_float32_weight_converts_to_a_valid_graph_with_parity(tmp_path):
 def test_repeated_casts_of_onnxruntime_1_31_are_merged(tmp_path, monkeypatch):
     src = _shared_weights_graph(tmp_path / "g.onnx")
     shared = onnx.load(str(to_fp16(src, tmp_path / "shared.onnx")))
-    monkeypatch.setattr(ort_float16, "convert_float_to_float16",
-                        _repeated_casts(ort_float16.convert_float_to_float16))
+    monkeypatch.setattr(ort_float16, "convert_float_to_float16", _repeated_casts(ort_float16.convert_float_to_float16))
     merged = _check_fp16_graph(to_fp16(src, tmp_path / "merged.onnx"))
     assert list(merged.graph.node) == list(shared.graph.node)
 
@@ -133,8 +139,9 @@ def test_fresh_model_exports_fp16_with_parity(tmp_path):
     """The issue's case at test size: a freshly initialised model (LayerNorm weights all ones), whose export
     shares one LayerNorm weight between every LayerNorm; the export's own parity check passes."""
     torch.manual_seed(0)
-    report = export_bundle(create_model("mae_vit_test").eval(), tmp_path / "b", precisions=("fp32", "fp16"),
-                           progress=None)
+    report = export_bundle(
+        create_model("mae_vit_test").eval(), tmp_path / "b", precisions=("fp32", "fp16"), progress=None
+    )
     fp32 = onnx.load(str(tmp_path / "b" / "encoder.onnx"))
     norm_weights = Counter(n.input[1] for n in fp32.graph.node if n.op_type == "LayerNormalization")
     assert max(norm_weights.values()) > 1, "the exporter no longer shares LayerNorm weights: see the docstring"

@@ -95,7 +95,7 @@ def test_encoder_sees_only_visible_tokens_and_decoder_every_patch():
     masked_patch = int(ids_restore[0].argmax())  # the last in shuffle order is removed
     r, c = divmod(masked_patch, 4)
     y = x.clone()
-    y[0, :, r * 8:(r + 1) * 8, c * 8:(c + 1) * 8] += 5.0
+    y[0, :, r * 8 : (r + 1) * 8, c * 8 : (c + 1) * 8] += 5.0
     assert torch.allclose(m.forward_encoder(y, ids_keep)[0], latent[0])
     # With every token visible, the order given by ids_keep only permutes the outputs.
     full = m.forward_encoder(x)

@@ -34,8 +34,13 @@ def photos(tmp_path_factory) -> Path:
     yy, xx = np.mgrid[0:48, 0:48] / 48.0
     for i in range(COUNT):
         c = rng.random((3, 3))
-        img = np.stack([c[k, 0] * xx + c[k, 1] * yy + c[k, 2] * np.exp(-((xx - 0.5) ** 2 + (yy - 0.4) ** 2) * 9)
-                        for k in range(3)], axis=-1)
+        img = np.stack(
+            [
+                c[k, 0] * xx + c[k, 1] * yy + c[k, 2] * np.exp(-((xx - 0.5) ** 2 + (yy - 0.4) ** 2) * 9)
+                for k in range(3)
+            ],
+            axis=-1,
+        )
         Image.fromarray((np.clip(img / img.max(), 0, 1) * 255).astype(np.uint8)).save(d / f"p{i}.png")
     return d
 
@@ -43,8 +48,14 @@ def photos(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def nncf_bundle(photos, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("nncf") / "b"
-    export_bundle(_model(), out, precisions=("fp32", INT8_QDQ, INT8_NNCF), calibration=photos,
-                  calibration_count=COUNT, progress=None)
+    export_bundle(
+        _model(),
+        out,
+        precisions=("fp32", INT8_QDQ, INT8_NNCF),
+        calibration=photos,
+        calibration_count=COUNT,
+        progress=None,
+    )
     return out
 
 
@@ -71,8 +82,9 @@ def test_block_matmuls_are_int8_and_the_ends_stay_float(nncf_bundle):
     g = onnx.load(str(nncf_bundle / f"encoder.{INT8_NNCF}.onnx")).graph
     prod = _producers(g)
     matmuls = [n for n in g.node if n.op_type == "MatMul"]
-    int8 = [n for n in matmuls if all(prod.get(i) is not None and prod[i].op_type == "DequantizeLinear"
-                                      for i in n.input)]
+    int8 = [
+        n for n in matmuls if all(prod.get(i) is not None and prod[i].op_type == "DequantizeLinear" for i in n.input)
+    ]
     # Per block: qkv, q @ k^T, proj, fc1, fc2 in int8; softmax @ v has a float v.
     depth = 2
     assert len(int8) == 5 * depth and len(matmuls) == 6 * depth
@@ -126,11 +138,13 @@ def test_float_helpers_on_a_small_graph():
     from onnx import TensorProto, helper
 
     t = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 2]) for n in ("x", "y")]
-    nodes = [helper.make_node("Relu", ["x"], ["a"], name="embed"),
-             helper.make_node("LayerNormalization", ["a", "s"], ["b"], name="ln0"),
-             helper.make_node("MatMul", ["b", "b"], ["c"], name="mm"),
-             helper.make_node("LayerNormalization", ["c", "s"], ["d"], name="ln1"),
-             helper.make_node("ReduceMean", ["d"], ["y"], name="pool")]
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"], name="embed"),
+        helper.make_node("LayerNormalization", ["a", "s"], ["b"], name="ln0"),
+        helper.make_node("MatMul", ["b", "b"], ["c"], name="mm"),
+        helper.make_node("LayerNormalization", ["c", "s"], ["d"], name="ln1"),
+        helper.make_node("ReduceMean", ["d"], ["y"], name="pool"),
+    ]
     g = helper.make_graph(nodes, "g", [t[0]], [t[1]], [helper.make_tensor("s", TensorProto.FLOAT, [2], [1, 1])])
     m = helper.make_model(g)
     assert float_stages(m) == ["embed", "ln1", "pool"]

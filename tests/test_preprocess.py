@@ -52,8 +52,14 @@ def test_224_photo_matches_torchvision():
     tv = pytest.importorskip("torchvision.transforms")
     skimage = pytest.importorskip("skimage")
     img = Image.fromarray(skimage.data.chelsea())  # 451 x 300
-    ref = tv.Compose([tv.Resize(256, interpolation=tv.InterpolationMode.BICUBIC), tv.CenterCrop(224), tv.ToTensor(),
-                      tv.Normalize(MEAN.tolist(), STD.tolist())])
+    ref = tv.Compose(
+        [
+            tv.Resize(256, interpolation=tv.InterpolationMode.BICUBIC),
+            tv.CenterCrop(224),
+            tv.ToTensor(),
+            tv.Normalize(MEAN.tolist(), STD.tolist()),
+        ]
+    )
     np.testing.assert_allclose(Preprocessor(224)(img)[0], ref(img).numpy(), atol=1e-6)
 
 
@@ -336,8 +342,10 @@ def test_small_images_are_unaffected(tmp_path):
     """Below twice the target the fast path is the exact path, bit for bit (JPEG and not)."""
     skimage = pytest.importorskip("skimage")
     fast, exact = Preprocessor(224), Preprocessor(224, exact_resize=True)
-    paths = [_big_photo(tmp_path / "just_below.jpg", "coffee", (766, 511)),  # 511 < 2 x 256
-             _big_photo(tmp_path / "below.png", "astronaut", (500, 500))]
+    paths = [
+        _big_photo(tmp_path / "just_below.jpg", "coffee", (766, 511)),  # 511 < 2 x 256
+        _big_photo(tmp_path / "below.png", "astronaut", (500, 500)),
+    ]
     Image.fromarray(skimage.data.chelsea()).save(tmp_path / "chelsea.jpg", quality=90)  # 451 x 300
     paths.append(tmp_path / "chelsea.jpg")
     for path in paths:
@@ -425,8 +433,21 @@ def test_reconstruct_cli_exact_resize_flag(tiny_bundle, tmp_path):
     grids = {}
     for flag in ([], ["--exact-resize"]):
         out = tmp_path / ("exact" if flag else "fast")
-        r = CliRunner().invoke(main, ["reconstruct", str(big), str(small), "--bundle", str(tiny_bundle),
-                                      "--out", str(out), "--threads", "1", *flag])
+        r = CliRunner().invoke(
+            main,
+            [
+                "reconstruct",
+                str(big),
+                str(small),
+                "--bundle",
+                str(tiny_bundle),
+                "--out",
+                str(out),
+                "--threads",
+                "1",
+                *flag,
+            ],
+        )
         assert r.exit_code == 0, r.output
         grids[bool(flag)] = {n: np.asarray(Image.open(out / f"{n}.png")) for n in ("big", "small")}
     assert not np.array_equal(grids[True]["big"], grids[False]["big"])

@@ -53,8 +53,21 @@ def qdq_bundle(calib_dir, tmp_path_factory) -> tuple[Path, str]:
     ckpt = tmp_path_factory.mktemp("ckpt") / "native"
     save_native(_model(), ckpt)
     out = tmp_path_factory.mktemp("bundles") / "b"
-    r = CliRunner().invoke(main, ["export", str(ckpt), "--out", str(out), "--precision", "int8,int8-qdq",
-                                  "--calibration", str(calib_dir), "--calibration-count", str(COUNT)])
+    r = CliRunner().invoke(
+        main,
+        [
+            "export",
+            str(ckpt),
+            "--out",
+            str(out),
+            "--precision",
+            "int8,int8-qdq",
+            "--calibration",
+            str(calib_dir),
+            "--calibration-count",
+            str(COUNT),
+        ],
+    )
     assert r.exit_code == 0, r.output
     return out, r.output
 
@@ -121,8 +134,9 @@ def test_qdq_encoder_serves_any_visible_count(qdq_bundle):
 def test_int8_graph_for_explicit_backends_needs_the_qdq_variant(tmp_path):
     from export.bundle_writer import export_bundle
 
-    b = Bundle.load(export_bundle(_model(), tmp_path / "b", precisions="int8", parts="encoder", verify=False,
-                                  progress=None).bundle)
+    b = Bundle.load(
+        export_bundle(_model(), tmp_path / "b", precisions="int8", parts="encoder", verify=False, progress=None).bundle
+    )
     with pytest.raises(BundleError, match="--precision int8-qdq --calibration"):
         b.int8_graph("encoder", qdq=True)
     assert b.int8_graph("encoder").precision == "int8"
@@ -143,10 +157,13 @@ def test_calibration_images_go_through_the_bundle_preprocessing(calib_dir):
     assert len(all_of_them.pixel_values) == COUNT + 4 and len(all_of_them.skipped) == 1  # zz_broken.jpg
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--precision", "int8-qdq"], "pass --calibration DIR"),
-    (["--precision", "int8-qdq", "--calibration", "{calib}", "--calibration-count", "0"], "--calibration-count"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--precision", "int8-qdq"], "pass --calibration DIR"),
+        (["--precision", "int8-qdq", "--calibration", "{calib}", "--calibration-count", "0"], "--calibration-count"),
+    ],
+)
 def test_qdq_bad_input_is_exit_2_or_3(calib_dir, tmp_path, args, message):
     ckpt = tmp_path / "c"
     save_native(_model(), ckpt)

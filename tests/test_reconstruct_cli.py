@@ -85,8 +85,20 @@ def test_same_seed_same_output_other_seed_other_mask(tiny_bundle, photos, tmp_pa
 def test_torch_backend_cli_gives_the_same_picture(tiny_bundle, photos, tmp_path):
     pytest.importorskip("torch")
     for backend in ("ort", "torch"):
-        r = _run("reconstruct", photos[2], "-b", tiny_bundle, "-o", tmp_path / backend, "--backend", backend,
-                 "--seed", "4", "--mask-ratio", "0.5")
+        r = _run(
+            "reconstruct",
+            photos[2],
+            "-b",
+            tiny_bundle,
+            "-o",
+            tmp_path / backend,
+            "--backend",
+            backend,
+            "--seed",
+            "4",
+            "--mask-ratio",
+            "0.5",
+        )
         assert r.exit_code == 0, r.output
     a = np.asarray(Image.open(tmp_path / "ort" / "chelsea.png")).astype(int)
     b = np.asarray(Image.open(tmp_path / "torch" / "chelsea.png")).astype(int)
@@ -119,7 +131,11 @@ def test_directories_and_duplicate_names(tiny_bundle, photos, tmp_path):
     r = _run("reconstruct", photos[0].parent, other, "-b", tiny_bundle, "-o", tmp_path / "o")
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
-        "astronaut-2.png", "astronaut.png", "chelsea.png", "coffee.png"]
+        "astronaut-2.png",
+        "astronaut.png",
+        "chelsea.png",
+        "coffee.png",
+    ]
 
 
 _NO_TORCH = """

@@ -133,8 +133,9 @@ def test_gpu_request_without_a_gpu_provider_is_an_error(loaded_tiny_bundle, devi
 
 
 def test_silent_fallback_is_detected():
-    with pytest.raises(DeviceUnavailable, match="asked for CUDAExecutionProvider, but ONNX Runtime fell back to "
-                                                "CPUExecutionProvider"):
+    with pytest.raises(
+        DeviceUnavailable, match="asked for CUDAExecutionProvider, but ONNX Runtime fell back to CPUExecutionProvider"
+    ):
         check_providers("cuda", "CUDAExecutionProvider", ["CPUExecutionProvider"], session=True)
     check_providers("cuda", "CUDAExecutionProvider", ["CUDAExecutionProvider", "CPUExecutionProvider"], session=True)
 
@@ -142,13 +143,19 @@ def test_silent_fallback_is_detected():
 def test_a_fallback_names_the_cuda_libraries_that_cannot_load():
     from mae_deploy.runners.ort import cuda_libraries, unloadable_libraries
 
-    assert cuda_libraries("13") == ["libcudart.so.13", "libcublas.so.13", "libcublasLt.so.13", "libcufft.so.12",
-                                    "libcudnn.so.9"]
+    assert cuda_libraries("13") == [
+        "libcudart.so.13",
+        "libcublas.so.13",
+        "libcublasLt.so.13",
+        "libcufft.so.12",
+        "libcudnn.so.9",
+    ]
     assert cuda_libraries("12")[3] == "libcufft.so.11"
     assert unloadable_libraries(["libc.so.6", "libmae-deploy-nonexistent.so.1"]) == ["libmae-deploy-nonexistent.so.1"]
     with pytest.raises(DeviceUnavailable, match="cannot be loaded: libcudnn.so.9; .*LD_LIBRARY_PATH"):
-        check_providers("cuda", "CUDAExecutionProvider", ["CPUExecutionProvider"], session=True,
-                        missing_libraries=["libcudnn.so.9"])
+        check_providers(
+            "cuda", "CUDAExecutionProvider", ["CPUExecutionProvider"], session=True, missing_libraries=["libcudnn.so.9"]
+        )
     with pytest.raises(DeviceUnavailable, match="log says which"):
         check_providers("cuda", "CUDAExecutionProvider", ["CPUExecutionProvider"], session=True, missing_libraries=[])
 
@@ -195,8 +202,9 @@ def test_trt_backend_is_dispatched_lazily(loaded_tiny_bundle, monkeypatch):
     monkeypatch.setitem(sys.modules, "mae_deploy.runners.trt", types.SimpleNamespace(TrtRunner=FakeTrtRunner))
     r = create_runner(loaded_tiny_bundle, "trt", device="cuda:1", precision="fp16", max_batch=32)
     assert isinstance(r, FakeTrtRunner)
-    assert calls == [(loaded_tiny_bundle, "cuda:1", "fp16", {"threads": None,
-                                                             "max_batch": 32})]  # threads goes to every backend
+    assert calls == [
+        (loaded_tiny_bundle, "cuda:1", "fp16", {"threads": None, "max_batch": 32})
+    ]  # threads goes to every backend
 
 
 def test_runners_validate_before_running(ort_runner, torch_runner):
@@ -261,8 +269,9 @@ def test_threads_reach_every_cpu_backend(loaded_tiny_bundle):
     try:
         with create_runner(loaded_tiny_bundle, "ort", threads=1) as r:
             assert r.info.details["intra_op_threads"] == 1
-        with create_runner(loaded_tiny_bundle, "ort", intra_op_threads=1,
-                           threads=1) as r:  # the same count twice is fine
+        with create_runner(
+            loaded_tiny_bundle, "ort", intra_op_threads=1, threads=1
+        ) as r:  # the same count twice is fine
             assert r.info.details["intra_op_threads"] == 1
         with create_runner(loaded_tiny_bundle, "torch", threads=1) as r:
             assert r.info.details["threads"] == 1 == torch.get_num_threads()
@@ -282,8 +291,9 @@ def test_bad_thread_counts_are_input_errors(loaded_tiny_bundle, threads):
 
 def test_trt_refuses_threads_before_needing_tensorrt(loaded_tiny_bundle):
     """--backend trt --threads N is exit 3 with a reason (it was a TypeError), even where TensorRT is absent."""
-    with pytest.raises(InputError, match="the trt backend has no CPU thread count .*threads=4 cannot apply; "
-                                         "drop --threads") as e:
+    with pytest.raises(
+        InputError, match="the trt backend has no CPU thread count .*threads=4 cannot apply; drop --threads"
+    ) as e:
         create_runner(loaded_tiny_bundle, "trt", device="cuda", threads=4)
     assert e.value.exit_code == 3
     # What the reconstruct/extract commands pass for a non-ort backend reaches the same check.
@@ -299,8 +309,10 @@ def test_cli_trt_with_threads_is_exit_3(tiny_bundle, tmp_path, command):
 
     img = tmp_path / "a.png"
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(img)
-    args = {"reconstruct": ["reconstruct", str(img), "--bundle", str(tiny_bundle), "--out", str(tmp_path / "o")],
-            "extract": ["extract", str(tmp_path), "--bundle", str(tiny_bundle), "--out", str(tmp_path / "f")]}[command]
+    args = {
+        "reconstruct": ["reconstruct", str(img), "--bundle", str(tiny_bundle), "--out", str(tmp_path / "o")],
+        "extract": ["extract", str(tmp_path), "--bundle", str(tiny_bundle), "--out", str(tmp_path / "f")],
+    }[command]
     res = CliRunner().invoke(main, [*args, "--backend", "trt", "--device", "cuda", "--threads", "2"])
     assert res.exit_code == 3, res.output
     assert "no CPU thread count" in res.output and "Traceback" not in res.output
@@ -395,8 +407,9 @@ def test_ort_tensorrt_provider_splits_batches_above_its_profile(loaded_tiny_bund
     r.trt = OrtTrtSetup.for_bundle(loaded_tiny_bundle, "fp32", max_batch=2, cache_root=tmp_path, detect=lambda: None)
     batches = []
     original = r._run_once
-    r._run_once = lambda part, feeds, out=None: batches.append(
-        len(feeds["pixel_values" if part == "encoder" else "latent"])) or original(part, feeds, out)
+    r._run_once = lambda part, feeds, out=None: (
+        batches.append(len(feeds["pixel_values" if part == "encoder" else "latent"])) or original(part, feeds, out)
+    )
     x = np.random.default_rng(0).standard_normal((5, 3, 32, 32)).astype(np.float32)
     ids_keep, ids_restore, _ = random_masking(5, 16, 0.75, rng=0)
     np.testing.assert_allclose(r.encode(x, ids_keep), ort_runner.encode(x, ids_keep), atol=1e-5)

@@ -69,8 +69,10 @@ def test_concurrent_requests_batched_and_equal_to_offline(tiny_bundle, tmp_path)
         with ThreadPoolExecutor(N_CONCURRENT) as pool:
             futures = [pool.submit(post_image, c, f"{s.url}/v1/features?pool=mean", b) for b in blobs]
             # the first batch may hold one request or a few that arrived together; the rest wait in the queue
-            wait_until(lambda: gated.waiting == 1 and gated.held_rows + s.service.batcher.queued_rows == N_CONCURRENT,
-                       what="one batch in the runner and the other requests queued")
+            wait_until(
+                lambda: gated.waiting == 1 and gated.held_rows + s.service.batcher.queued_rows == N_CONCURRENT,
+                what="one batch in the runner and the other requests queued",
+            )
             gated.gate.set()
             responses = [f.result() for f in futures]
         assert [r.status_code for r in responses] == [200] * N_CONCURRENT
@@ -97,8 +99,9 @@ def test_body_formats_and_pools(server, client, tiny_bundle, tmp_path):
     assert r.status_code == 200 and r.headers["content-type"] == "application/x-npy"
     np.testing.assert_allclose(np.load(io.BytesIO(r.content)), expected, atol=1e-5, rtol=0)
 
-    r = client.post(f"{server.url}/v1/features?pool=tokens", content=blobs[0],
-                    headers={"Content-Type": "application/octet-stream"})
+    r = client.post(
+        f"{server.url}/v1/features?pool=tokens", content=blobs[0], headers={"Content-Type": "application/octet-stream"}
+    )
     tokens = offline_features(tiny_bundle, blobs[:1], tmp_path, "tokens")
     np.testing.assert_allclose(np.array(r.json()["data"][0]["embedding"]), tokens[0], atol=1e-5, rtol=0)
 
@@ -194,8 +197,9 @@ def test_bad_input_is_a_json_error(server, client, kind, status, code):
         "bad_json": lambda: client.post(url, content=b"{", headers={"Content-Type": "application/json"}),
         "path_not_read": lambda: client.post(url, json={"images": ["/etc/passwd"]}),
         "bad_pool": lambda: client.post(f"{url}?pool=max", content=good, headers=jpeg),
-        "bad_mask_ratio": lambda: client.post(f"{server.url}/v1/reconstruct?mask_ratio=1.5", content=good,
-                                              headers=jpeg),
+        "bad_mask_ratio": lambda: client.post(
+            f"{server.url}/v1/reconstruct?mask_ratio=1.5", content=good, headers=jpeg
+        ),
         "unknown_route": lambda: client.get(f"{server.url}/v1/nothing"),
     }
     r = requests[kind]()

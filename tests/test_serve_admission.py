@@ -30,7 +30,7 @@ MiB = 2**20
 
 def png16(side: int) -> bytes:
     """A side x side 16-bit greyscale PNG (a gradient: small on the wire, large once decoded)."""
-    a = (np.add.outer(np.arange(side, dtype=np.uint32), np.arange(side, dtype=np.uint32)) * 7 % 65536)
+    a = np.add.outer(np.arange(side, dtype=np.uint32), np.arange(side, dtype=np.uint32)) * 7 % 65536
     buf = io.BytesIO()
     Image.fromarray(a.astype(np.uint16)).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
@@ -71,7 +71,8 @@ def test_one_request_over_the_budget_is_413_at_once(tiny_bundle):
 
 
 def test_a_request_that_does_not_fit_beside_decodes_in_flight_is_503_and_the_budget_comes_back(
-        tiny_bundle, monkeypatch):
+    tiny_bundle, monkeypatch
+):
     """The first big image's decode is held at a gate: the second big one is refused at once, a small one is
     admitted; once the gate opens, the first is answered and the second fits again."""
     gate, holding = threading.Event(), threading.Event()

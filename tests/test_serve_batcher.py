@@ -30,7 +30,7 @@ class Recorder:
 
 
 def _work(rows: int, k: int, start: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    x = (np.arange(rows * 6, dtype=np.float32).reshape(rows, 2, 3) + start)
+    x = np.arange(rows * 6, dtype=np.float32).reshape(rows, 2, 3) + start
     return x, np.zeros((rows, k), np.int64)
 
 

@@ -37,12 +37,15 @@ def test_classify_equals_the_offline_classifier(server, classifier_bundle, tmp_p
         assert doc["top_k"] == 3 and [d["index"] for d in doc["data"]] == [0, 1, 2]
         for got, want in zip(doc["data"], expected, strict=True):
             assert [p["label"] for p in got["predictions"]] == [label for label, _ in want]
-            np.testing.assert_allclose([p["probability"] for p in got["predictions"]], [p for _, p in want],
-                                       atol=1e-5)
+            np.testing.assert_allclose([p["probability"] for p in got["predictions"]], [p for _, p in want], atol=1e-5)
         card = c.get(f"{server.url}/v1/models").json()["data"][0]
         assert card["class_names"] == ["cat", "dog", "bird", "fish", "frog"]
-        assert c.post(f"{server.url}/v1/classify?top_k=0", content=blobs[0],
-                      headers={"Content-Type": "image/jpeg"}).status_code == 400
+        assert (
+            c.post(
+                f"{server.url}/v1/classify?top_k=0", content=blobs[0], headers={"Content-Type": "image/jpeg"}
+            ).status_code
+            == 400
+        )
 
     client = th.InferenceServerClient(url=f"127.0.0.1:{server.port}", connection_timeout=30, network_timeout=30)
     try:

@@ -75,8 +75,9 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_bundle, tmp_path):
 
 def _cli(*args: str, env: dict | None = None, pre: str = "") -> subprocess.CompletedProcess:
     code = f"{pre}import sys; from mae_deploy.cli import main; sys.argv = ['mae-deploy', *sys.argv[1:]]; main()"
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=WAIT_S, env=env)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=WAIT_S, env=env
+    )
 
 
 def test_bad_bundle_and_unset_key_variable_exit_3(tmp_path, tiny_bundle):

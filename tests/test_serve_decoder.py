@@ -30,8 +30,10 @@ PHOTOS = {name: encoded(getattr(skdata, name)(), "JPEG") for name in ("astronaut
 
 @pytest.fixture(scope="module")
 def servers(tiny_bundle):
-    with LiveServer(ServeConfig(bundle=str(tiny_bundle), decoder="pil")) as pil, \
-            LiveServer(ServeConfig(bundle=str(tiny_bundle), decoder="torch")) as dev:
+    with (
+        LiveServer(ServeConfig(bundle=str(tiny_bundle), decoder="pil")) as pil,
+        LiveServer(ServeConfig(bundle=str(tiny_bundle), decoder="torch")) as dev,
+    ):
         yield pil, dev
 
 
@@ -54,8 +56,9 @@ def test_the_torch_decoder_is_in_use(servers):
 def test_torch_decoded_photos_match_pil_within_cosine_0999(servers, pool):
     pil, dev = servers
     blobs = list(PHOTOS.values())
-    got = [np.array([d["embedding"] for d in features(s.url, blobs, pool).json()["data"]], np.float32)
-           for s in (pil, dev)]
+    got = [
+        np.array([d["embedding"] for d in features(s.url, blobs, pool).json()["data"]], np.float32) for s in (pil, dev)
+    ]
     sims = cosine(*got)
     assert sims.min() > 0.999, dict(zip(PHOTOS, sims.round(6), strict=True))
     assert not np.array_equal(got[0], got[1])  # really another decoder, not the PIL path twice
@@ -65,14 +68,19 @@ def test_png_and_jpeg_mixed_keep_their_order_and_pngs_equal_pil(servers):
     pil, dev = servers
     png = encoded(skdata.chelsea(), "PNG")
     blobs = [png, PHOTOS["coffee"], png]
-    got = [np.array([d["embedding"] for d in features(s.url, blobs, "mean").json()["data"]], np.float32)
-           for s in (pil, dev)]
+    got = [
+        np.array([d["embedding"] for d in features(s.url, blobs, "mean").json()["data"]], np.float32)
+        for s in (pil, dev)
+    ]
     np.testing.assert_allclose(got[1][[0, 2]], got[0][[0, 2]], atol=1e-5, rtol=0)  # PNGs: the PIL path
     assert cosine(got[0][1:2], got[1][1:2])[0] > 0.999
 
 
-@pytest.mark.parametrize("blob", [PHOTOS["coffee"][:3000], b"\xff\xd8" + b"\0" * 100 + b"\xff\xd9", b"junk"],
-                         ids=["truncated", "broken", "not an image"])
+@pytest.mark.parametrize(
+    "blob",
+    [PHOTOS["coffee"][:3000], b"\xff\xd8" + b"\0" * 100 + b"\xff\xd9", b"junk"],
+    ids=["truncated", "broken", "not an image"],
+)
 def test_bad_images_are_the_same_400_under_both_decoders(servers, blob):
     answers = [features(s.url, [PHOTOS["camera"], blob], "cls") for s in servers]
     assert [r.status_code for r in answers] == [400, 400]

@@ -25,8 +25,10 @@ HEADER = "Inference-Header-Content-Length"
 
 def strict_json(text: str | bytes):
     """json.loads that refuses NaN / Infinity, which Python's parser accepts and JSON does not have."""
+
     def refuse(name):
         raise AssertionError(f"{name} in a response body: not JSON")
+
     return json.loads(text, parse_constant=refuse)
 
 
@@ -39,8 +41,11 @@ def ids(**over) -> dict:
 
 
 def binary(shape, size, nbytes: int, datatype: str = "FP32") -> tuple[dict, bytes]:
-    return {"inputs": [{"name": "pixel_values", "shape": shape, "datatype": datatype,
-                        "parameters": {"binary_data_size": size}}]}, b"\0" * nbytes
+    return {
+        "inputs": [
+            {"name": "pixel_values", "shape": shape, "datatype": datatype, "parameters": {"binary_data_size": size}}
+        ]
+    }, b"\0" * nbytes
 
 
 DEEP = "[" * 100_000 + "]" * 100_000
@@ -90,12 +95,15 @@ def test_malformed_json_requests_are_400(server, client, case):
     assert_400(infer(client, server, json.dumps(JSON_CASES[case]).encode()))
 
 
-@pytest.mark.parametrize(("doc", "blob", "match"), [
-    (*binary([1024], 4096.0, 4096), "binary_data_size must be a non-negative integer"),
-    (*binary([1024], True, 4096), "binary_data_size must be a non-negative integer"),
-    (*binary([4294967296, 4294967296], 0, 0), "needs 73786976294838206464 bytes"),
-    (*binary([2**62, 4], 0, 0), "bytes"),
-])
+@pytest.mark.parametrize(
+    ("doc", "blob", "match"),
+    [
+        (*binary([1024], 4096.0, 4096), "binary_data_size must be a non-negative integer"),
+        (*binary([1024], True, 4096), "binary_data_size must be a non-negative integer"),
+        (*binary([4294967296, 4294967296], 0, 0), "needs 73786976294838206464 bytes"),
+        (*binary([2**62, 4], 0, 0), "bytes"),
+    ],
+)
 def test_malformed_binary_requests_are_400(server, client, doc, blob, match):
     head = json.dumps(doc).encode()
     assert match in assert_400(infer(client, server, head + blob, {HEADER: str(len(head))}))
@@ -103,8 +111,9 @@ def test_malformed_binary_requests_are_400(server, client, doc, blob, match):
 
 def test_json_nested_100k_deep_is_400_on_v2_and_v1(server, client):
     assert "too deeply" in assert_400(infer(client, server, ('{"inputs": ' + DEEP + "}").encode()))
-    r = client.post(f"{server.url}/v1/features", content='{"images": ' + DEEP + "}",
-                    headers={"Content-Type": "application/json"})
+    r = client.post(
+        f"{server.url}/v1/features", content='{"images": ' + DEEP + "}", headers={"Content-Type": "application/json"}
+    )
     assert "too deeply" in assert_400(r, v2=False)
 
 
@@ -118,8 +127,17 @@ def test_non_finite_json_pixels_are_refused(server, client, literal):
 def test_non_finite_binary_pixels_are_refused(server, client):
     x = np.zeros((1, C, S, S), np.float32)
     x[0, 1, 2, 3] = np.nan
-    doc = {"inputs": [{"name": "pixel_values", "shape": [1, C, S, S], "datatype": "FP32",
-                       "parameters": {"binary_data_size": x.nbytes}}, ids()]}
+    doc = {
+        "inputs": [
+            {
+                "name": "pixel_values",
+                "shape": [1, C, S, S],
+                "datatype": "FP32",
+                "parameters": {"binary_data_size": x.nbytes},
+            },
+            ids(),
+        ]
+    }
     head = json.dumps(doc).encode()
     message = assert_400(infer(client, server, head + x.tobytes(), {HEADER: str(len(head))}))
     assert "non-finite" in message and f"flat index {1 * S * S + 2 * S + 3}" in message
@@ -140,4 +158,4 @@ def test_non_finite_outputs_are_never_written_as_json():
     body, headers = encode_infer_response("encoder", "1", out, InferRequest(inputs={}, binary_default=True))
     head = strict_json(body[: int(headers[HEADER])])
     assert head["outputs"][0]["parameters"]["binary_data_size"] == 8
-    assert np.isnan(np.frombuffer(body[int(headers[HEADER]):], np.float32)[1])
+    assert np.isnan(np.frombuffer(body[int(headers[HEADER]) :], np.float32)[1])

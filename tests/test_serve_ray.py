@@ -31,8 +31,13 @@ def ray_server(tiny_bundle):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         port = free_port()
-        deploy(ServeConfig(bundle=str(tiny_bundle), decode_workers=2), host="127.0.0.1", port=port, replicas=2,
-               cpus_per_replica=1)
+        deploy(
+            ServeConfig(bundle=str(tiny_bundle), decode_workers=2),
+            host="127.0.0.1",
+            port=port,
+            replicas=2,
+            cpus_per_replica=1,
+        )
         url = f"http://127.0.0.1:{port}"
 
         def ready() -> bool:
@@ -66,8 +71,11 @@ def test_both_replicas_answer_with_offline_features(ray_server, tiny_bundle, tmp
 
 def test_errors_and_request_ids_pass_through_ray(ray_server):
     with httpx.Client(timeout=WAIT_S) as c:
-        r = c.post(f"{ray_server}/v1/features", content=b"nope", headers={"Content-Type": "text/plain",
-                                                                         "X-Request-ID": "ray-1"})
+        r = c.post(
+            f"{ray_server}/v1/features",
+            content=b"nope",
+            headers={"Content-Type": "text/plain", "X-Request-ID": "ray-1"},
+        )
         assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
         assert r.headers["X-Request-ID"] == "ray-1" and r.headers["X-Replica"]
 

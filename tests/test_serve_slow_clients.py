@@ -37,8 +37,9 @@ def connect(server) -> socket.socket:
 
 
 def headers(path: str, length: int, content_type: str = "image/jpeg") -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {length}\r\n\r\n").encode()
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
 
 
 def read_until_closed(sock: socket.socket) -> bytes:
@@ -56,8 +57,9 @@ def status_and_body(raw: bytes) -> tuple[int, dict[str, str], bytes]:
     return int(lines[0].split()[1]), {k.lower(): v for k, v in fields.items()}, body
 
 
-@pytest.mark.parametrize(("path", "content_type"), [("/v1/features", "image/jpeg"),
-                                                    ("/v2/models/encoder/infer", "application/json")])
+@pytest.mark.parametrize(
+    ("path", "content_type"), [("/v1/features", "image/jpeg"), ("/v2/models/encoder/infer", "application/json")]
+)
 def test_a_body_that_stops_coming_is_408_and_the_connection_closes(server, path, content_type):
     with connect(server) as sock:
         t0 = time.monotonic()
@@ -82,13 +84,15 @@ def test_many_stalled_bodies_are_all_closed_and_the_server_serves_on(server):
         for s in socks:
             s.close()
     assert statuses == [408] * len(socks)
-    r = httpx.post(f"{server.url}/v1/features", content=jpeg_bytes(0), headers={"Content-Type": "image/jpeg"},
-                   timeout=READ_S)
+    r = httpx.post(
+        f"{server.url}/v1/features", content=jpeg_bytes(0), headers={"Content-Type": "image/jpeg"}, timeout=READ_S
+    )
     assert r.status_code == 200
 
 
-@pytest.mark.parametrize("sent", [b"", b"POST /v1/features HTTP/1.1\r\nHost: 127.0.0.1\r\n"],
-                         ids=["nothing", "half the headers"])
+@pytest.mark.parametrize(
+    "sent", [b"", b"POST /v1/features HTTP/1.1\r\nHost: 127.0.0.1\r\n"], ids=["nothing", "half the headers"]
+)
 def test_a_connection_without_a_whole_request_is_closed(server, sent):
     with connect(server) as sock:
         sock.sendall(sent)
@@ -105,15 +109,19 @@ def test_an_idle_connection_after_a_response_is_closed(server):
 def test_a_client_that_hangs_up_mid_body_is_a_quiet_499(server, caplog):
     def count(text: str, status: str) -> float:
         return metric_values(text, "mae_serve_requests_total").get(
-            f'{{endpoint="/v1/features",status="{status}"}}', 0.0)
+            f'{{endpoint="/v1/features",status="{status}"}}', 0.0
+        )
 
     before = httpx.get(f"{server.url}/metrics", timeout=READ_S).text
     caplog.set_level(logging.INFO, logger="mae_deploy.serve")
     for _ in range(5):
         with connect(server) as sock:
             sock.sendall(headers("/v1/features", 10_000) + b"\xff\xd8" * 100)
-    wait_until(lambda: count(httpx.get(f"{server.url}/metrics", timeout=READ_S).text, "499")
-               >= count(before, "499") + 5, timeout=READ_S, what="five 499s counted")
+    wait_until(
+        lambda: count(httpx.get(f"{server.url}/metrics", timeout=READ_S).text, "499") >= count(before, "499") + 5,
+        timeout=READ_S,
+        what="five 499s counted",
+    )
     after = httpx.get(f"{server.url}/metrics", timeout=READ_S).text
     assert count(after, "500") == count(before, "500")
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

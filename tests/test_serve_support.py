@@ -130,8 +130,9 @@ class LiveServer:
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         # the production server's uvicorn settings (idle connections bounded by --timeout-s)
-        self.server = uvicorn.Server(uvicorn_config(self.app, config.timeout_s, log_config=None, access_log=False,
-                                                    lifespan="on"))
+        self.server = uvicorn.Server(
+            uvicorn_config(self.app, config.timeout_s, log_config=None, access_log=False, lifespan="on")
+        )
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> LiveServer:
@@ -152,11 +153,22 @@ class CliServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        cmd = [sys.executable, "-m", "mae_deploy.cli", "serve", str(bundle), "--host", "127.0.0.1",
-               "--port", str(self.port), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mae_deploy.cli",
+            "serve",
+            str(bundle),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *args,
+        ]
         self._log_file = open(log, "w")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log_file, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=self._log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
 
     def wait_ready(self) -> CliServer:
         import httpx

@@ -37,8 +37,10 @@ def test_health_and_metadata(client):
     assert client.is_model_ready("encoder") and client.is_model_ready("decoder")
     meta = client.get_model_metadata("encoder")
     assert meta["name"] == "encoder" and meta["versions"] == ["1"]
-    assert meta["inputs"] == [{"name": "pixel_values", "datatype": "FP32", "shape": [-1, 3, 32, 32]},
-                              {"name": "ids_keep", "datatype": "INT64", "shape": [-1, -1]}]
+    assert meta["inputs"] == [
+        {"name": "pixel_values", "datatype": "FP32", "shape": [-1, 3, 32, 32]},
+        {"name": "ids_keep", "datatype": "INT64", "shape": [-1, -1]},
+    ]
     assert client.get_server_metadata()["extensions"] == ["binary_tensor_data"]
 
 
@@ -50,8 +52,12 @@ def test_encoder_and_decoder_equal_the_runner(client, tiny_bundle, binary):
     with create_runner(tiny_bundle) as runner:
         latent = runner.encode(x, ids_keep)
         pred = runner.decode(latent, ids_restore)
-    res = client.infer("encoder", [_input("pixel_values", x, binary), _input("ids_keep", ids_keep, binary)],
-                       outputs=[th.InferRequestedOutput("latent", binary_data=binary)], request_id="req-1")
+    res = client.infer(
+        "encoder",
+        [_input("pixel_values", x, binary), _input("ids_keep", ids_keep, binary)],
+        outputs=[th.InferRequestedOutput("latent", binary_data=binary)],
+        request_id="req-1",
+    )
     np.testing.assert_allclose(res.as_numpy("latent"), latent, atol=1e-5, rtol=0)
     assert res.get_response()["id"] == "req-1"
     res = client.infer("decoder", [_input("latent", latent, binary), _input("ids_restore", ids_restore, binary)])
@@ -71,10 +77,16 @@ def test_v2_shares_batches_with_v1_and_counts_images(client, server):
 @pytest.mark.parametrize(
     ("model", "inputs", "match"),
     [
-        ("encoder", {"pixel_values": np.zeros((1, 3, 16, 16), np.float32), "ids_keep": np.zeros((1, 4), np.int64)},
-         "expects"),
-        ("encoder", {"pixel_values": np.zeros((1, 3, 32, 32), np.float32), "ids_keep": np.zeros((1, 2), np.int64)},
-         "duplicate index"),
+        (
+            "encoder",
+            {"pixel_values": np.zeros((1, 3, 16, 16), np.float32), "ids_keep": np.zeros((1, 4), np.int64)},
+            "expects",
+        ),
+        (
+            "encoder",
+            {"pixel_values": np.zeros((1, 3, 32, 32), np.float32), "ids_keep": np.zeros((1, 2), np.int64)},
+            "duplicate index",
+        ),
         ("encoder", {"pixel_values": np.zeros((1, 3, 32, 32), np.float32)}, "takes inputs"),
         ("nothing", {"pixel_values": np.zeros((1, 3, 32, 32), np.float32)}, "no model"),
     ],

@@ -42,8 +42,10 @@ def test_shards_folder_and_parquet_list_the_same_images_in_the_same_order(source
 
 def test_a_list_file_or_glob_of_shards_and_the_id_column(source_data, tmp_path):
     listing = tmp_path / "shards.txt"
-    listing.write_text("# shards, relative to this file\n" + "".join(
-        f"{os.path.relpath(source_data['shards'], tmp_path)}/train-00000{i}.tar\n" for i in (2, 0)))
+    listing.write_text(
+        "# shards, relative to this file\n"
+        + "".join(f"{os.path.relpath(source_data['shards'], tmp_path)}/train-00000{i}.tar\n" for i in (2, 0))
+    )
     src = list_source(listing)
     assert src.kind == "webdataset" and len(src) == 2 * PER_SHARD
     assert src.paths[0].endswith("train-000002.tar#s00012.jpg")  # the list's order is the row order
@@ -65,13 +67,19 @@ def _tar(members: list[tuple[str, bytes]]) -> bytes:
 
 def test_webdataset_keys_meta_members_and_compound_extensions(tmp_path):
     shard = tmp_path / "x.tar"
-    shard.write_bytes(_tar([
-        ("__index__", b"meta"),  # metadata member: skipped
-        ("d/a.seg.png", b"SEG"), ("d/a.JPG", b"JPG"),  # key d/a: the exact image extension wins (case-insensitive)
-        ("b.mask.png", b"MASK"), ("b.json", b"{}"),  # key b: only a compound image extension
-        ("c.txt", b"caption"),  # key c: no image
-        ("noext", b"?"),  # no extension: not a sample member
-    ]))
+    shard.write_bytes(
+        _tar(
+            [
+                ("__index__", b"meta"),  # metadata member: skipped
+                ("d/a.seg.png", b"SEG"),
+                ("d/a.JPG", b"JPG"),  # key d/a: the exact image extension wins (case-insensitive)
+                ("b.mask.png", b"MASK"),
+                ("b.json", b"{}"),  # key b: only a compound image extension
+                ("c.txt", b"caption"),  # key c: no image
+                ("noext", b"?"),  # no extension: not a sample member
+            ]
+        )
+    )
     src = list_source(shard)
     assert [p.split("#", 1)[1] for p in src.paths] == ["d/a.JPG", "b.mask.png", "c"]
     assert _read_all(src)[:2] == [b"JPG", b"MASK"]

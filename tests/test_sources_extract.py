@@ -34,8 +34,9 @@ def _same_features(out, reference) -> None:
 
 
 def test_shards_and_parquet_give_the_folders_features(source_data, extract_bundle_dir, folder_run, tmp_path):
-    shards = extract_features(source_data["shard_spec"], extract_bundle_dir, tmp_path / "wds", workers=1,
-                              **RUN)  # spawned
+    shards = extract_features(
+        source_data["shard_spec"], extract_bundle_dir, tmp_path / "wds", workers=1, **RUN
+    )  # spawned
     parquet = extract_features(source_data["parquet"], extract_bundle_dir, tmp_path / "pq", workers=0, **RUN)
     for s, out in ((shards, tmp_path / "wds"), (parquet, tmp_path / "pq")):
         assert (s.features, s.failed) == (N_IMAGES, 0)
@@ -61,7 +62,10 @@ def test_each_bad_sample_is_one_error_line_and_the_rest_goes_on(broken_source_da
     errors = [json.loads(line) for line in (tmp_path / "wds" / ERRORS_NAME).read_text().splitlines()]
     assert s.features == 1
     assert [(e["path"].split("#")[1], e["reason"]) for e in errors] == [
-        ("b-corrupt.jpg", "corrupt"), ("c-noimage", "missing_image"), ("d-cut.jpg", "truncated")]
+        ("b-corrupt.jpg", "corrupt"),
+        ("c-noimage", "missing_image"),
+        ("d-cut.jpg", "truncated"),
+    ]
     s = extract_features(broken_source_data["parquet"], extract_bundle_dir, tmp_path / "pq", workers=0, **RUN)
     errors = [json.loads(line) for line in (tmp_path / "pq" / ERRORS_NAME).read_text().splitlines()]
     assert s.features == 1
@@ -87,21 +91,35 @@ def test_a_resumed_job_is_byte_identical(s3_source_data, extract_bundle_dir, tmp
 def test_cli_columns_and_exit_codes(s3_source_data, source_data, extract_bundle_dir, tmp_path):
     runner = CliRunner()
     base = ["--bundle", str(extract_bundle_dir), "--batch-size", "4", "--workers", "0", "--no-progress"]
-    res = runner.invoke(main, ["extract", s3_source_data["parquet"], "--out", str(tmp_path / "ids"), "--id-column",
-                               "id", "--image-column", "image", *base])
+    res = runner.invoke(
+        main,
+        [
+            "extract",
+            s3_source_data["parquet"],
+            "--out",
+            str(tmp_path / "ids"),
+            "--id-column",
+            "id",
+            "--image-column",
+            "image",
+            *base,
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert open_features(tmp_path / "ids").paths == [key for key, _, _ in source_data["images"]]
     res = runner.invoke(main, ["extract", "s3://no-such-bucket/shards/", "--out", str(tmp_path / "o"), *base])
     assert res.exit_code == 7 and "s3://no-such-bucket" in res.output
-    res = runner.invoke(main, ["extract", s3_source_data["shard_spec"], "--out", str(tmp_path / "o"), "--image-column",
-                               "jpg", *base])
+    res = runner.invoke(
+        main, ["extract", s3_source_data["shard_spec"], "--out", str(tmp_path / "o"), "--image-column", "jpg", *base]
+    )
     assert res.exit_code == 3 and "apply to Parquet sources" in res.output
 
 
 @pytest.mark.slow  # a local Ray instance
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_ray_reads_s3_shards_in_parallel_tasks_with_the_local_result(s3_source_data, ray_local, extract_bundle_dir,
-                                                                     tmp_path):
+def test_ray_reads_s3_shards_in_parallel_tasks_with_the_local_result(
+    s3_source_data, ray_local, extract_bundle_dir, tmp_path
+):
     local = tmp_path / "local"
     extract_features(s3_source_data["shard_spec"], extract_bundle_dir, local, workers=0, **RUN)
     ray_out = tmp_path / "ray"

@@ -35,8 +35,10 @@ def images(tmp_path_factory):
 
 
 def _extract(images, bundle, out, *args) -> object:
-    return CliRunner().invoke(main, ["extract", str(images), "--bundle", str(bundle), "--out", str(out),
-                                     "--workers", "0", "--no-progress", *args])
+    return CliRunner().invoke(
+        main,
+        ["extract", str(images), "--bundle", str(bundle), "--out", str(out), "--workers", "0", "--no-progress", *args],
+    )
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -56,8 +58,10 @@ def test_extract_with_torch_bf16_needs_no_bf16_graph(images, torch_tiny_bundle, 
     manifest = json.loads((tmp_path / "bf16" / "manifest.json").read_text())
     assert manifest["bundle"]["precision"] == "bf16"
     # The job's identity binds the precision: resuming into the fp32 directory at bf16 is refused.
-    assert manifest["bundle"]["fingerprint"] != json.loads(
-        (tmp_path / "fp32" / "manifest.json").read_text())["bundle"]["fingerprint"]
+    assert (
+        manifest["bundle"]["fingerprint"]
+        != json.loads((tmp_path / "fp32" / "manifest.json").read_text())["bundle"]["fingerprint"]
+    )
 
 
 def test_a_graph_backend_still_needs_the_graph(images, torch_tiny_bundle, tmp_path):
@@ -70,12 +74,17 @@ def test_eval_scores_torch_bf16_without_a_bf16_classifier_graph(tmp_path):
 
     root = tmp_path / "digits"
     write_digits_imagefolder(root, size=32, per_class=3, seed=0)
-    b = export_classifier_bundle(tmp_path / "bundle", model=tiny_classifier(num_classes=10, in_chans=1),
-                                 labels=[str(d) for d in range(10)], precisions="fp32")
+    b = export_classifier_bundle(
+        tmp_path / "bundle",
+        model=tiny_classifier(num_classes=10, in_chans=1),
+        labels=[str(d) for d in range(10)],
+        precisions="fp32",
+    )
     report = evaluate(b, root / "val", ["fp32", "bf16"], backend="torch")
     assert [s.name for s in report.scores] == ["torch fp32", "torch bf16"]
-    r = CliRunner().invoke(main, ["eval", str(b), str(root / "val"), "--backend", "torch", "--precisions", "bf16",
-                                  "--no-progress"])
+    r = CliRunner().invoke(
+        main, ["eval", str(b), str(root / "val"), "--backend", "torch", "--precisions", "bf16", "--no-progress"]
+    )
     assert r.exit_code == 0, r.output
     assert "torch bf16" in r.output
 
@@ -93,13 +102,32 @@ def test_serve_loads_torch_bf16(torch_tiny_bundle):
 def test_compile_is_an_option_of_extract_bench_and_serve(images, torch_tiny_bundle, tmp_path):
     r = _extract(images, torch_tiny_bundle, tmp_path / "c", "--backend", "torch", "--compile")
     assert r.exit_code == 0, r.output
-    np.testing.assert_allclose(np.asarray(open_features(tmp_path / "c")), np.asarray(_eager(images, torch_tiny_bundle,
-                                                                                            tmp_path)),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(open_features(tmp_path / "c")),
+        np.asarray(_eager(images, torch_tiny_bundle, tmp_path)),
+        rtol=1e-4,
+        atol=1e-4,
+    )
     r = _extract(images, torch_tiny_bundle, tmp_path / "o", "--backend", "ort", "--compile")
     assert r.exit_code == 3 and "--compile compiles the PyTorch model" in r.output
-    r = CliRunner().invoke(main, ["bench", str(torch_tiny_bundle), "--backends", "torch", "--compile", "--iters", "1",
-                                  "--warmup", "0", "--no-peak", "--no-reference", "--out", str(tmp_path / "b.json")])
+    r = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            str(torch_tiny_bundle),
+            "--backends",
+            "torch",
+            "--compile",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--no-peak",
+            "--no-reference",
+            "--out",
+            str(tmp_path / "b.json"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     runner = json.loads((tmp_path / "b.json").read_text())["runners"][0]
     assert runner["details"]["compiled"] is True

@@ -54,10 +54,25 @@ def _metrics(out: Path) -> list[dict]:
 
 
 def _pretrain_args(digits: Path, out: Path, *extra: str):
-    return pretrain.get_args_parser().parse_args([
-        *TINY, "--in_chans", "1", "--norm_pix_loss", "--batch_size", "16", "--blr", "5e-3", "--warmup_epochs", "1",
-        "--data_path", str(digits), "--output_dir", str(out), *extra,
-    ])
+    return pretrain.get_args_parser().parse_args(
+        [
+            *TINY,
+            "--in_chans",
+            "1",
+            "--norm_pix_loss",
+            "--batch_size",
+            "16",
+            "--blr",
+            "5e-3",
+            "--warmup_epochs",
+            "1",
+            "--data_path",
+            str(digits),
+            "--output_dir",
+            str(out),
+            *extra,
+        ]
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -216,9 +231,29 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(digits, tmp_path, m
 
 def test_two_process_ddp_on_gloo(digits, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "training.pretrain", *TINY, "--in_chans", "1", "--batch_size", "8", "--epochs", "2",
-           "--warmup_epochs", "1", "--data_path", str(digits), "--output_dir", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "training.pretrain",
+        *TINY,
+        "--in_chans",
+        "1",
+        "--batch_size",
+        "8",
+        "--epochs",
+        "2",
+        "--warmup_epochs",
+        "1",
+        "--data_path",
+        str(digits),
+        "--output_dir",
+        str(out),
+    ]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 process(es) on cpu" in r.stdout and r.stdout.count("pretraining mae_vit_test") == 1  # rank 0 logs
@@ -323,11 +358,33 @@ def test_finetune_from_converted_checkpoints_starts_at_the_same_features(mae_che
 def test_finetune_runs_with_the_full_recipe(digits, mae_checkpoints, tmp_path, capsys):
     _, pth, _ = mae_checkpoints
     out = tmp_path / "ft"
-    args = finetune.get_args_parser().parse_args([
-        *TINY, "--finetune", str(pth), "--batch_size", "16", "--epochs", "2", "--warmup_epochs", "1",
-        "--mixup", "0.8", "--cutmix", "1.0", "--reprob", "0.25", "--clip_grad", "5", "--data_path", str(digits),
-        "--output_dir", str(out), "--log_dir", str(tmp_path / "tb"),
-    ])
+    args = finetune.get_args_parser().parse_args(
+        [
+            *TINY,
+            "--finetune",
+            str(pth),
+            "--batch_size",
+            "16",
+            "--epochs",
+            "2",
+            "--warmup_epochs",
+            "1",
+            "--mixup",
+            "0.8",
+            "--cutmix",
+            "1.0",
+            "--reprob",
+            "0.25",
+            "--clip_grad",
+            "5",
+            "--data_path",
+            str(digits),
+            "--output_dir",
+            str(out),
+            "--log_dir",
+            str(tmp_path / "tb"),
+        ]
+    )
     finetune.main(args)
     records = _metrics(out)
     assert [r["epoch"] for r in records] == [0, 1]
@@ -337,10 +394,20 @@ def test_finetune_runs_with_the_full_recipe(digits, mae_checkpoints, tmp_path, c
     assert (out / "checkpoint-best.pth").exists() and (out / "model-best" / "config.json").exists()
     assert any((tmp_path / "tb").iterdir())  # TensorBoard events
     best = max(r["test_acc1"] for r in records)
-    args = finetune.get_args_parser().parse_args([
-        *TINY, "--finetune", str(pth), "--eval", "--resume", str(out / "checkpoint-best.pth"),
-        "--data_path", str(digits), "--output_dir", "",
-    ])
+    args = finetune.get_args_parser().parse_args(
+        [
+            *TINY,
+            "--finetune",
+            str(pth),
+            "--eval",
+            "--resume",
+            str(out / "checkpoint-best.pth"),
+            "--data_path",
+            str(digits),
+            "--output_dir",
+            "",
+        ]
+    )
     finetune.main(args)
     assert f"test_acc1 {best:.2f}" in capsys.readouterr().out  # the kept checkpoint is the best epoch
 
@@ -348,10 +415,27 @@ def test_finetune_runs_with_the_full_recipe(digits, mae_checkpoints, tmp_path, c
 def test_linprobe_freezes_the_encoder_and_folds_batchnorm(digits, mae_checkpoints, tmp_path):
     mae, _, native = mae_checkpoints
     out = tmp_path / "lp"
-    linprobe.main(linprobe.get_args_parser().parse_args([
-        *TINY, "--finetune", str(native), "--batch_size", "16", "--epochs", "2", "--warmup_epochs", "1",
-        "--blr", "10", "--data_path", str(digits), "--output_dir", str(out),
-    ]))
+    linprobe.main(
+        linprobe.get_args_parser().parse_args(
+            [
+                *TINY,
+                "--finetune",
+                str(native),
+                "--batch_size",
+                "16",
+                "--epochs",
+                "2",
+                "--warmup_epochs",
+                "1",
+                "--blr",
+                "10",
+                "--data_path",
+                str(digits),
+                "--output_dir",
+                str(out),
+            ]
+        )
+    )
     probe, ckpt = load_model(out / "model")
     assert ckpt.num_classes == 10 and not ckpt.global_pool
     for k, v in mae.state_dict().items():

@@ -21,9 +21,29 @@ from training.model import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # The digits demo's model and recipe (scripts/demo.py), on a smaller set: 80 train images, 5 steps/epoch.
-DEMO = ["--model", "mae_vit_tiny_patch4", "--in_chans", "1", "--input_size", "32", "--norm_pix_loss",
-        "--mask_ratio", "0.75", "--batch_size", "16", "--blr", "2e-3", "--warmup_epochs", "1",
-        "--num_workers", "0", "--device", "cpu", "--save_freq", "1"]
+DEMO = [
+    "--model",
+    "mae_vit_tiny_patch4",
+    "--in_chans",
+    "1",
+    "--input_size",
+    "32",
+    "--norm_pix_loss",
+    "--mask_ratio",
+    "0.75",
+    "--batch_size",
+    "16",
+    "--blr",
+    "2e-3",
+    "--warmup_epochs",
+    "1",
+    "--num_workers",
+    "0",
+    "--device",
+    "cpu",
+    "--save_freq",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +63,8 @@ def _pretrain(digits: Path, out: Path, epochs: int, *extra: str, monkeypatch) ->
 
     monkeypatch.setattr(loop, "all_reduce_mean", record)
     args = pretrain.get_args_parser().parse_args(
-        [*DEMO, "--epochs", str(epochs), "--data_path", str(digits), "--output_dir", str(out), *extra])
+        [*DEMO, "--epochs", str(epochs), "--data_path", str(digits), "--output_dir", str(out), *extra]
+    )
     pretrain.main(args)
     return seen
 
@@ -132,11 +153,39 @@ def _load_bench():
 
 def test_pretrain_benchmark_smoke_run_on_cpu(tmp_path):
     bench = _load_bench()
-    report = bench.main(["--device", "cpu", "--models", "tiny", "--decoder-depths", "2", "1", "--modes", "eager",
-                         "--rounds", "1", "--steps", "1", "--warmup", "0", "--budget-s", "0",
-                         "--profile", str(tmp_path / "prof"), "--json", str(tmp_path / "r.json"),
-                         "--loader-images", "24", "--loader-workers", "0", "--loader-size", "32",
-                         "--markdown", str(tmp_path / "r.md")])
+    report = bench.main(
+        [
+            "--device",
+            "cpu",
+            "--models",
+            "tiny",
+            "--decoder-depths",
+            "2",
+            "1",
+            "--modes",
+            "eager",
+            "--rounds",
+            "1",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--budget-s",
+            "0",
+            "--profile",
+            str(tmp_path / "prof"),
+            "--json",
+            str(tmp_path / "r.json"),
+            "--loader-images",
+            "24",
+            "--loader-workers",
+            "0",
+            "--loader-size",
+            "32",
+            "--markdown",
+            str(tmp_path / "r.md"),
+        ]
+    )
     assert json.loads((tmp_path / "r.json").read_text())["configs"][0]["decoder_depth"] == 2
     (config,) = report["configs"]  # --budget-s 0: the first configuration runs, the next is skipped
     assert report["skipped"] == ["tiny (test) decoder 1 (would end near " + report["skipped"][0].split("near ")[1]]

@@ -31,8 +31,10 @@ from mae_deploy.triton import write_repository
 from mae_deploy.triton.repository import MANIFEST
 
 _ONNX_TO_TRITON = {
-    onnx.TensorProto.FLOAT: mc.TYPE_FP32, onnx.TensorProto.FLOAT16: mc.TYPE_FP16,
-    onnx.TensorProto.INT64: mc.TYPE_INT64, onnx.TensorProto.INT32: mc.TYPE_INT32,
+    onnx.TensorProto.FLOAT: mc.TYPE_FP32,
+    onnx.TensorProto.FLOAT16: mc.TYPE_FP16,
+    onnx.TensorProto.INT64: mc.TYPE_INT64,
+    onnx.TensorProto.INT32: mc.TYPE_INT32,
 }
 
 
@@ -55,8 +57,12 @@ def graph_io(path: Path) -> tuple[list, list]:
 
     def spec(v):
         t = v.type.tensor_type
-        return v.name, _ONNX_TO_TRITON[t.elem_type], [d.dim_value if d.HasField("dim_value") else None
-                                                       for d in t.shape.dim]
+        return (
+            v.name,
+            _ONNX_TO_TRITON[t.elem_type],
+            [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim],
+        )
+
     return [spec(v) for v in proto.graph.input if v.name not in inits], [spec(v) for v in proto.graph.output]
 
 
@@ -116,11 +122,16 @@ def python_model(repo: Path, name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     model = module.TritonPythonModel()
-    model.initialize({
-        "model_config": json.dumps(json_format.MessageToDict(cfg, preserving_proto_field_name=True)),
-        "model_instance_kind": "CPU", "model_instance_name": f"{name}_0", "model_repository": str(repo / name),
-        "model_version": "1", "model_name": name,
-    })
+    model.initialize(
+        {
+            "model_config": json.dumps(json_format.MessageToDict(cfg, preserving_proto_field_name=True)),
+            "model_instance_kind": "CPU",
+            "model_instance_name": f"{name}_0",
+            "model_repository": str(repo / name),
+            "model_version": "1",
+            "model_name": name,
+        }
+    )
     return model
 
 
@@ -151,8 +162,9 @@ def sample_images(tmp: Path) -> list[Path]:
     """PNG/JPEG/greyscale/RGBA files of several sizes."""
     rng = np.random.default_rng(0)
     paths = []
-    for i, (size, mode, fmt) in enumerate([((40, 30), "RGB", "PNG"), ((64, 64), "RGB", "JPEG"),
-                                          ((33, 50), "L", "PNG"), ((48, 40), "RGBA", "PNG")]):
+    for i, (size, mode, fmt) in enumerate(
+        [((40, 30), "RGB", "PNG"), ((64, 64), "RGB", "JPEG"), ((33, 50), "L", "PNG"), ((48, 40), "RGBA", "PNG")]
+    ):
         channels = {"RGB": 3, "L": 1, "RGBA": 4}[mode]
         a = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
         p = tmp / f"img{i}.{fmt.lower()}"
@@ -181,9 +193,10 @@ def mae_repo(tiny_bundle, tmp_path_factory) -> Path:
 
 def test_every_config_parses_strictly_and_matches_its_graph(cls_repo, mae_repo):
     # The exported bundle's encoder has pooled outputs: its ensemble needs no mae_pool. tiny_bundle's does not.
-    for repo, expected in ((cls_repo, {"mae_encoder", "mae_classifier", "mae_preprocess",
-                                       "mae_features", "mae_classify"}),
-                           (mae_repo, {"mae_encoder", "mae_decoder", "mae_preprocess", "mae_pool", "mae_features"})):
+    for repo, expected in (
+        (cls_repo, {"mae_encoder", "mae_classifier", "mae_preprocess", "mae_features", "mae_classify"}),
+        (mae_repo, {"mae_encoder", "mae_decoder", "mae_preprocess", "mae_pool", "mae_features"}),
+    ):
         configs = repo_configs(repo)
         assert set(configs) == expected
         for name, cfg in configs.items():
@@ -243,8 +256,12 @@ def test_preprocess_model_equals_preprocessor(cls_repo, classifier_bundle, pb_ut
     paths = sample_images(tmp_path)
     model = python_model(cls_repo, "mae_preprocess")
     half = len(paths) // 2
-    responses = model.execute([_Request(_Tensor("image", as_request_bytes(paths[:half]))),
-                               _Request(_Tensor("image", as_request_bytes(paths[half:])))])
+    responses = model.execute(
+        [
+            _Request(_Tensor("image", as_request_bytes(paths[:half]))),
+            _Request(_Tensor("image", as_request_bytes(paths[half:]))),
+        ]
+    )
     got = np.concatenate([r.outputs["pixel_values"] for r in responses])
     expected = Preprocessor.from_bundle(Bundle.load(classifier_bundle))(paths)
     assert got.dtype == np.float32 and np.array_equal(got, expected)
@@ -256,9 +273,13 @@ def test_preprocess_model_fails_only_the_request_with_a_broken_image(cls_repo, p
     good = sample_images(tmp_path)[:1]
     broken = np.array([[good[0].read_bytes()], [b"not an image at all"]], dtype=object)
     model = python_model(cls_repo, "mae_preprocess")
-    ok, bad, empty = model.execute([_Request(_Tensor("image", as_request_bytes(good))),
-                                    _Request(_Tensor("image", broken)),
-                                    _Request(_Tensor("image", np.array([[b""]], dtype=object)))])
+    ok, bad, empty = model.execute(
+        [
+            _Request(_Tensor("image", as_request_bytes(good))),
+            _Request(_Tensor("image", broken)),
+            _Request(_Tensor("image", np.array([[b""]], dtype=object))),
+        ]
+    )
     assert ok.error is None and ok.outputs["pixel_values"].shape == (1, 3, 32, 32)
     assert bad.outputs == {} and "image 1" in str(bad.error)  # the item is named (serve's decoding, its wording)
     assert "empty" in str(empty.error)
@@ -271,8 +292,9 @@ def test_features_ensemble_equals_feature_extractor(cls_repo, classifier_bundle,
         np.testing.assert_allclose(out["features"], fx.extract(paths), rtol=0, atol=1e-6)
 
 
-def test_features_ensemble_reads_the_pooled_output_or_pools_an_older_latent(cls_repo, mae_repo, tiny_bundle,
-                                                                            pb_utils, tmp_path):
+def test_features_ensemble_reads_the_pooled_output_or_pools_an_older_latent(
+    cls_repo, mae_repo, tiny_bundle, pb_utils, tmp_path
+):
     steps = load_config(cls_repo / "mae_features").ensemble_scheduling.step
     assert [s.model_name for s in steps] == ["mae_preprocess", "mae_encoder"]
     assert dict(steps[1].output_map) == {"pooled_mean": "features"}
@@ -295,9 +317,18 @@ def test_classify_ensemble_equals_classifier(cls_repo, classifier_bundle, pb_uti
 
 
 def test_gpu_tensorrt_options(classifier_bundle, tmp_path):
-    repo = write_repository(classifier_bundle, tmp_path / "r", kind="gpu", tensorrt=True, precision="fp16",
-                            max_batch_size=16, instances=2, preferred_batch_sizes=[4, 16], max_queue_delay_us=100,
-                            models=["classify"]).path
+    repo = write_repository(
+        classifier_bundle,
+        tmp_path / "r",
+        kind="gpu",
+        tensorrt=True,
+        precision="fp16",
+        max_batch_size=16,
+        instances=2,
+        preferred_batch_sizes=[4, 16],
+        max_queue_delay_us=100,
+        models=["classify"],
+    ).path
     configs = repo_configs(repo)
     assert set(configs) == {"mae_classifier", "mae_preprocess", "mae_classify"}
     cls = configs["mae_classifier"]
@@ -335,8 +366,9 @@ def test_tensorrt_int8_serves_the_qdq_graphs(classifier_bundle, tmp_path):
     report = write_repository(src, tmp_path / "r", kind="gpu", tensorrt=True, precision="int8")
     assert report.graphs == {"mae_encoder": "encoder.int8-qdq.onnx", "mae_classifier": "classifier.int8-qdq.onnx"}
     for name in ("mae_encoder", "mae_classifier"):
-        params = dict(load_config(report.path / name).optimization.execution_accelerators
-                      .gpu_execution_accelerator[0].parameters)
+        params = dict(
+            load_config(report.path / name).optimization.execution_accelerators.gpu_execution_accelerator[0].parameters
+        )
         assert params["precision_mode"] == "INT8"
 
 
@@ -365,15 +397,18 @@ def generated_names_bundle(classifier_bundle, tmp_path_factory) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--max-batch-size", "0"], "--max-batch-size must be at least 1"),
-    (["--instances", "0"], "--instances must be at least 1"),
-    (["--preferred-batch-sizes", "8,128"], "must lie in 1..--max-batch-size"),
-    (["--tensorrt"], "add --kind gpu"),
-    (["--kind", "gpu", "--tensorrt", "--precision", "int8"], "--precision int8-qdq"),
-    (["--models", "decoder"], "has no decoder graph"),
-    (["--models", "nonsense"], "unknown model"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--max-batch-size", "0"], "--max-batch-size must be at least 1"),
+        (["--instances", "0"], "--instances must be at least 1"),
+        (["--preferred-batch-sizes", "8,128"], "must lie in 1..--max-batch-size"),
+        (["--tensorrt"], "add --kind gpu"),
+        (["--kind", "gpu", "--tensorrt", "--precision", "int8"], "--precision int8-qdq"),
+        (["--models", "decoder"], "has no decoder graph"),
+        (["--models", "nonsense"], "unknown model"),
+    ],
+)
 def test_bad_options_exit_3(classifier_bundle, tmp_path, args, message):
     r = _cli(classifier_bundle, "--out", tmp_path / "r", *args)
     assert r.exit_code == 3, r.output
@@ -447,7 +482,6 @@ def test_string_parameters_survive_the_text_format(classifier_bundle, tmp_path):
     cfg = load_config(write_repository(classifier_bundle, tmp_path / "r").path / "mae_preprocess")
     pre = json.loads(cfg.parameters["preprocessing"].string_value)
     assert pre == Bundle.load(classifier_bundle).preprocessing
-
 
 
 def test_a_duplicated_label_is_exit_3_naming_it(classifier_bundle, tmp_path):

@@ -31,8 +31,9 @@ from mae_deploy.runners import trt as T
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("version,gen", [("10.3.0", 10), ("10.13.1", 10), ("11.0.0", 11), ("11.4.0.106", 11),
-                                         ("12.1.0", 11)])
+@pytest.mark.parametrize(
+    "version,gen", [("10.3.0", 10), ("10.13.1", 10), ("11.0.0", 11), ("11.4.0.106", 11), ("12.1.0", 11)]
+)
 def test_api_generation(version, gen):
     assert T.trt_api_generation(version) == gen
 
@@ -90,17 +91,20 @@ def test_profile_edge_case_single_patch_single_image():
     assert p.shapes("decoder") == {"latent": ((1, 2, 4),) * 3, "ids_restore": ((1, 1),) * 3}
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(max_batch=0), "max_batch must be at least 1, got 0"),
-    (dict(max_batch=8, opt_batch=9), r"opt_batch 9 must be in 1..max_batch \(8\)"),
-    (dict(opt_batch=0), r"opt_batch 0 must be in 1..max_batch \(32\)"),
-    (dict(opt_visible=197), r"visible-token count 197 must be in 1..196"),
-    (dict(opt_visible=0), r"visible-token count 0 must be in 1..196"),
-    (dict(min_visible=50, opt_visible=49), r"opt_visible 49 must be in min_visible..max_visible \(50..196\)"),
-    (dict(min_visible=100, max_visible=99), "min_visible 100 is above max_visible 99"),
-    (dict(opt_visible="L/0"), "divides by zero"),
-    (dict(opt_visible="half"), r"'half' is not a number, 'L' or 'L/N' \(L = 196 patches\)"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(max_batch=0), "max_batch must be at least 1, got 0"),
+        (dict(max_batch=8, opt_batch=9), r"opt_batch 9 must be in 1..max_batch \(8\)"),
+        (dict(opt_batch=0), r"opt_batch 0 must be in 1..max_batch \(32\)"),
+        (dict(opt_visible=197), r"visible-token count 197 must be in 1..196"),
+        (dict(opt_visible=0), r"visible-token count 0 must be in 1..196"),
+        (dict(min_visible=50, opt_visible=49), r"opt_visible 49 must be in min_visible..max_visible \(50..196\)"),
+        (dict(min_visible=100, max_visible=99), "min_visible 100 is above max_visible 99"),
+        (dict(opt_visible="L/0"), "divides by zero"),
+        (dict(opt_visible="half"), r"'half' is not a number, 'L' or 'L/N' \(L = 196 patches\)"),
+    ],
+)
 def test_bad_profiles_are_named(kwargs, message):
     with pytest.raises(InputError, match=message):
         T.derive_profile(196, 224, 3, **kwargs, embed_dim=768)
@@ -137,8 +141,10 @@ def test_engine_cache_key_is_stable_and_order_independent():
     assert len(key) == 64 and int(key, 16) >= 0
     assert T.engine_cache_key(*base) == key
     shuffled_profile = dict(reversed(list(p.as_dict().items())))
-    assert T.engine_cache_key(base[0], base[1], base[2], shuffled_profile, "fp16",
-                              {"workspace_gb": 4.0, "tf32": False}) == key
+    assert (
+        T.engine_cache_key(base[0], base[1], base[2], shuffled_profile, "fp16", {"workspace_gb": 4.0, "tf32": False})
+        == key
+    )
     variants = [
         ("cd" * 32, *base[1:]),
         (base[0], "11.4.0.106", *base[2:]),
@@ -157,7 +163,8 @@ def test_cache_layout(tmp_path, monkeypatch):
     assert paths.engine == tmp_path / "encoder-fp16-0123456789abcdef01234567.engine"
     assert paths.sidecar == tmp_path / "encoder-fp16-0123456789abcdef01234567.json"
     assert T.timing_cache_path(tmp_path, "10.13.1", "NVIDIA H100 80GB HBM3 (sm_90)") == (
-        tmp_path / "timing-trt10.13.1-nvidia-h100-80gb-hbm3-sm-90.cache")
+        tmp_path / "timing-trt10.13.1-nvidia-h100-80gb-hbm3-sm-90.cache"
+    )
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert T.default_cache_dir() == tmp_path / "xdg" / "mae-deploy" / "trt"
     monkeypatch.delenv("XDG_CACHE_HOME")
@@ -177,10 +184,18 @@ def test_graph_sha256_covers_external_data(trt_bundle):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,np_dtype,size", [
-    ("FLOAT", np.float32, 4), ("HALF", np.float16, 2), ("INT32", np.int32, 4), ("INT64", np.int64, 8),
-    ("INT8", np.int8, 1), ("BOOL", np.bool_, 1), ("UINT8", np.uint8, 1),
-])
+@pytest.mark.parametrize(
+    "name,np_dtype,size",
+    [
+        ("FLOAT", np.float32, 4),
+        ("HALF", np.float16, 2),
+        ("INT32", np.int32, 4),
+        ("INT64", np.int64, 8),
+        ("INT8", np.int8, 1),
+        ("BOOL", np.bool_, 1),
+        ("UINT8", np.uint8, 1),
+    ],
+)
 def test_dtype_mapping_both_ways(name, np_dtype, size):
     for form in (name, f"DataType.{name}", DataType[name]):  # a name, str(trt.DataType.X), an enum member
         assert T.numpy_dtype(form) == np.dtype(np_dtype)
@@ -230,10 +245,12 @@ def test_ort_trt_provider_options(tmp_path):
 
 
 def test_trt_module_imports_no_engine_library():
-    code = ("import sys, mae_deploy.runners.trt as t\n"
-            "p = t.derive_profile(16, 32, 3, embed_dim=32)\n"
-            "t.ort_trt_provider_options(p, '/tmp/x', True)\n"
-            "print(sorted(m for m in ('torch', 'tensorrt', 'onnxruntime', 'cuda') if m in sys.modules))")
+    code = (
+        "import sys, mae_deploy.runners.trt as t\n"
+        "p = t.derive_profile(16, 32, 3, embed_dim=32)\n"
+        "t.ort_trt_provider_options(p, '/tmp/x', True)\n"
+        "print(sorted(m for m in ('torch', 'tensorrt', 'onnxruntime', 'cuda') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -247,8 +264,10 @@ def test_missing_tensorrt_names_the_extra(trt_bundle):
     assert importlib.util.find_spec("tensorrt") is None, "this test documents the machine without TensorRT"
     with pytest.raises(MissingDependency) as e:
         T.import_tensorrt()
-    assert str(e.value) == ("the trt backend needs the package 'tensorrt', which is not installed: "
-                            "pip install 'mae-deploy[trt]' (CUDA 12 driver; 'mae-deploy[trt-cu13]' for CUDA 13)")
+    assert str(e.value) == (
+        "the trt backend needs the package 'tensorrt', which is not installed: "
+        "pip install 'mae-deploy[trt]' (CUDA 12 driver; 'mae-deploy[trt-cu13]' for CUDA 13)"
+    )
     assert e.value.exit_code == 6
     with pytest.raises(MissingDependency, match=r"pip install 'mae-deploy\[trt\]'"):
         create_runner(trt_bundle, "trt", device="cuda")
@@ -263,8 +282,11 @@ def test_select_graph_per_generation(trt_bundle, trt_fp32_only_bundle):
     assert T.select_graph(trt_bundle, "encoder", "fp16", 10).file == "encoder.onnx"  # FP16 builder flag on 10
     assert T.select_graph(trt_bundle, "encoder", "fp16", 11).file == "encoder.fp16.onnx"  # strongly typed on 11
     assert T.select_graph(trt_bundle, "decoder", "fp32", 11).file == "decoder.onnx"
-    with pytest.raises(BundleError, match=r"TensorRT 11 builds strongly typed networks, so fp16 needs the "
-                                          r"bundle's fp16 ONNX.*--precision fp16"):
+    with pytest.raises(
+        BundleError,
+        match=r"TensorRT 11 builds strongly typed networks, so fp16 needs the "
+        r"bundle's fp16 ONNX.*--precision fp16",
+    ):
         T.select_graph(trt_fp32_only_bundle, "encoder", "fp16", 11)
     assert T.select_graph(trt_fp32_only_bundle, "encoder", "fp16", 10).file == "encoder.onnx"
 
@@ -281,11 +303,13 @@ def test_build_engine_fp32_on_10(trt_bundle):
     res = T.build_engine(trt_bundle.graph_path("encoder"), p.shapes("encoder"), "fp32", b"seed", 2 << 30, trt=trt)
     assert ("create_network", 0) in trt.log  # no EXPLICIT_BATCH (ignored in 10, gone in 11), weakly typed
     sets = [e for e in trt.log if e[0] == "set_shape"]
-    assert sets == [("set_shape", "pixel_values", (1, 3, 32, 32), (8, 3, 32, 32), (16, 3, 32, 32)),
-                    ("set_shape", "ids_keep", (1, 1), (8, 4), (16, 16))]
+    assert sets == [
+        ("set_shape", "pixel_values", (1, 3, 32, 32), (8, 3, 32, 32), (16, 3, 32, 32)),
+        ("set_shape", "ids_keep", (1, 1), (8, 4), (16, 16)),
+    ]
     assert ("create_timing_cache", b"seed") in trt.log
     assert res.timing_cache == b"seed+timings"  # the updated cache comes back to be saved
-    meta = json.loads(res.engine[len(ENGINE_MAGIC):])
+    meta = json.loads(res.engine[len(ENGINE_MAGIC) :])
     assert meta["flags"] == []  # TF32 cleared: fp32 means fp32; no FP16
     assert res.builder_flags == [] and res.fp32_layers == [] and res.generation == 10
     assert res.inputs == ["pixel_values", "ids_keep"]
@@ -303,7 +327,9 @@ def test_build_engine_config_details(trt_bundle, monkeypatch):
     assert trt.BuilderFlag.TF32 in cfg.flags  # tf32=True leaves TensorRT's default on
     assert ("create_timing_cache", b"") in trt.log  # no seed: an empty cache
     assert [e[1:] for e in trt.log if e[0] == "set_shape"] == [
-        ("latent", (1, 2, 32), (8, 17, 32), (32, 17, 32)), ("ids_restore", (1, 16), (8, 16), (32, 16))]
+        ("latent", (1, 2, 32), (8, 17, 32), (32, 17, 32)),
+        ("ids_restore", (1, 16), (8, 16), (32, 16)),
+    ]
 
 
 def test_build_engine_fp16_on_10_uses_the_flag_and_pins_norms(trt_bundle, monkeypatch):
@@ -313,7 +339,7 @@ def test_build_engine_fp16_on_10_uses_the_flag_and_pins_norms(trt_bundle, monkey
     monkeypatch.setattr(trt.Builder, "create_network", lambda self, f=0: networks.append(orig(self, f)) or networks[-1])
     path = trt_bundle.graph_path("encoder")
     res = T.build_engine(path, T.profile_for_bundle(trt_bundle).shapes("encoder"), "fp16", trt=trt)
-    assert json.loads(res.engine[len(ENGINE_MAGIC):])["flags"] == ["FP16", "PREFER_PRECISION_CONSTRAINTS"]
+    assert json.loads(res.engine[len(ENGINE_MAGIC) :])["flags"] == ["FP16", "PREFER_PRECISION_CONSTRAINTS"]
     n_norm = _count_ops(path, ("LayerNormalization", "Softmax"))
     assert n_norm >= 5 and len(res.fp32_layers) == n_norm  # 2 blocks x (2 LN + softmax) + final norm
     for layer in networks[0].layers:
@@ -326,18 +352,20 @@ def test_build_engine_fp16_on_11_takes_precision_from_the_onnx(trt_bundle):
     trt = FakeTrt("11.4.0.106")
     assert not hasattr(trt.BuilderFlag, "FP16")  # the fake mirrors 11: touching the flag would fail
     spec = T.select_graph(trt_bundle, "encoder", "fp16", 11)
-    res = T.build_engine(trt_bundle.path / spec.file, T.profile_for_bundle(trt_bundle).shapes("encoder"), "fp16",
-                         trt=trt)
+    res = T.build_engine(
+        trt_bundle.path / spec.file, T.profile_for_bundle(trt_bundle).shapes("encoder"), "fp16", trt=trt
+    )
     assert ("create_network", 0) in trt.log
     assert res.builder_flags == [] and res.fp32_layers == [] and res.generation == 11
-    assert json.loads(res.engine[len(ENGINE_MAGIC):])["onnx"].endswith("encoder.fp16.onnx")
+    assert json.loads(res.engine[len(ENGINE_MAGIC) :])["onnx"].endswith("encoder.fp16.onnx")
 
 
 def test_build_engine_errors(trt_bundle, tmp_path):
     p = T.profile_for_bundle(trt_bundle)
     with pytest.raises(BundleError, match=r"the profile gives no shapes for \['ids_keep'\]"):
-        T.build_engine(trt_bundle.graph_path("encoder"), {"pixel_values": p.shapes("encoder")["pixel_values"]},
-                       trt=FakeTrt())
+        T.build_engine(
+            trt_bundle.graph_path("encoder"), {"pixel_values": p.shapes("encoder")["pixel_values"]}, trt=FakeTrt()
+        )
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not a protobuf at all \xff\xfe")
     with pytest.raises(T.EngineBuildError, match="TensorRT's ONNX parser rejected .*junk.onnx: cannot parse"):
@@ -353,17 +381,21 @@ def test_build_engine_errors(trt_bundle, tmp_path):
 @pytest.mark.parametrize("seed", [b"incompatible", b"corrupt"])
 def test_refused_timing_cache_is_dropped(trt_bundle, seed):
     trt = FakeTrt()
-    res = T.build_engine(trt_bundle.graph_path("encoder"), T.profile_for_bundle(trt_bundle).shapes("encoder"), "fp32",
-                         seed, trt=trt)
+    res = T.build_engine(
+        trt_bundle.graph_path("encoder"), T.profile_for_bundle(trt_bundle).shapes("encoder"), "fp32", seed, trt=trt
+    )
     assert [e for e in trt.log if e[0] == "create_timing_cache"] == [
-        ("create_timing_cache", seed), ("create_timing_cache", b"")]
+        ("create_timing_cache", seed),
+        ("create_timing_cache", b""),
+    ]
     assert res.timing_cache == b"+timings"  # built with a fresh cache
 
 
 def test_build_progress_monitor_follows_the_outer_phase(trt_bundle, capsys):
     trt = FakeTrt()
-    T.build_engine(trt_bundle.graph_path("encoder"), T.profile_for_bundle(trt_bundle).shapes("encoder"), trt=trt,
-                   progress=True)
+    T.build_engine(
+        trt_bundle.graph_path("encoder"), T.profile_for_bundle(trt_bundle).shapes("encoder"), trt=trt, progress=True
+    )
     assert ("IProgressMonitor.__init__",) in trt.log
     mon = T._progress_monitor(trt, "x")
     mon.phase_start("Build", None, 4)
@@ -386,8 +418,9 @@ def test_engine_cache_builds_once_and_reuses_the_timing_cache(trt_bundle, tmp_pa
     trt = FakeTrt("10.13.1")
     gpu = "Fake GPU (sm_90)"
     p = T.profile_for_bundle(trt_bundle, max_batch=4)
-    first = T.get_or_build_engine(trt_bundle, "encoder", "fp16", p, gpu_name=gpu, cache_dir=tmp_path, trt=trt,
-                                  progress=False)
+    first = T.get_or_build_engine(
+        trt_bundle, "encoder", "fp16", p, gpu_name=gpu, cache_dir=tmp_path, trt=trt, progress=False
+    )
     assert first.built and first.paths.engine.is_file() and first.paths.engine.parent == tmp_path
     side = first.sidecar()
     assert side["tensorrt"] == "10.13.1" and side["gpu"] == gpu and side["precision"] == "fp16"
@@ -404,22 +437,23 @@ def test_engine_cache_builds_once_and_reuses_the_timing_cache(trt_bundle, tmp_pa
     assert not again.built and again.paths == first.paths
     assert sum(e[0] == "build_serialized_network" for e in trt.log) == builds  # no new build
 
-    other = T.get_or_build_engine(trt_bundle, "decoder", "fp16", p, gpu_name=gpu, cache_dir=tmp_path, trt=trt,
-                                  progress=False)
+    other = T.get_or_build_engine(
+        trt_bundle, "decoder", "fp16", p, gpu_name=gpu, cache_dir=tmp_path, trt=trt, progress=False
+    )
     assert other.built and other.paths.engine != first.paths.engine
     assert ("create_timing_cache", b"+timings") in trt.log  # the second build started from the saved cache
     assert other.sidecar()["timing_cache"]["seeded"] is True
     assert tcache.read_bytes() == b"+timings+timings"
 
-    forced = T.get_or_build_engine(trt_bundle, "encoder", "fp16", p, gpu_name=gpu, cache_dir=tmp_path, trt=trt,
-                                   rebuild=True, progress=False)
+    forced = T.get_or_build_engine(
+        trt_bundle, "encoder", "fp16", p, gpu_name=gpu, cache_dir=tmp_path, trt=trt, rebuild=True, progress=False
+    )
     assert forced.built and forced.paths == first.paths
-    other_gpu = T.get_or_build_engine(trt_bundle, "encoder", "fp16", p, gpu_name="Other GPU (sm_80)",
-                                      cache_dir=tmp_path, trt=trt, progress=False)
+    other_gpu = T.get_or_build_engine(
+        trt_bundle, "encoder", "fp16", p, gpu_name="Other GPU (sm_80)", cache_dir=tmp_path, trt=trt, progress=False
+    )
     assert other_gpu.built and other_gpu.paths.engine != first.paths.engine
     assert not list(tmp_path.glob(".*"))  # atomic writes leave no temporary files behind
-
-
 
 
 # --------------------------------------------------------------------------------------------------
@@ -436,6 +470,7 @@ def test_installed_trt_generation_without_importing_tensorrt():
             if dist not in have:
                 raise metadata.PackageNotFoundError(dist)
             return have[dist]
+
         return version
 
     none = lambda name: None  # noqa: E731
@@ -450,8 +485,10 @@ def test_installed_trt_generation_without_importing_tensorrt():
 def test_ort_tensorrt_provider_gets_the_fp16_graph_on_tensorrt_11(trt_bundle, trt_fp32_only_bundle, tmp_path):
     """trt_fp16_enable has no effect on TensorRT 11: the provider must get the fp16 ONNX, as select_graph does."""
     on11 = T.OrtTrtSetup.for_bundle(trt_bundle, "fp16", cache_root=tmp_path, generation=11)
-    assert {p: s.file for p, s in on11.specs.items()} == {"encoder": "encoder.fp16.onnx",
-                                                           "decoder": "decoder.fp16.onnx"}
+    assert {p: s.file for p, s in on11.specs.items()} == {
+        "encoder": "encoder.fp16.onnx",
+        "decoder": "decoder.fp16.onnx",
+    }
     assert on11.provider_options("encoder", 0)["trt_fp16_enable"] is False  # the graph carries the precision
     on10 = T.OrtTrtSetup.for_bundle(trt_bundle, "fp16", cache_root=tmp_path, generation=10)
     assert on10.specs["encoder"].file == "encoder.onnx" and on10.provider_options("decoder", 1)["trt_fp16_enable"]
@@ -534,7 +571,8 @@ def test_trt_extras_are_pinned_per_cuda_major():
     import tomllib
 
     extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
-        "optional-dependencies"]
+        "optional-dependencies"
+    ]
     assert extras["trt-cu12"] == ["tensorrt-cu12>=10.3,<11", "cuda-python>=12.9,<13"]
     assert extras["trt-cu13"] == ["tensorrt-cu13>=11,<12", "cuda-python>=13,<14"]
     assert extras["trt"] == ["mae-deploy[trt-cu12]"]  # the documented default: CUDA 12 drivers

@@ -82,8 +82,9 @@ def ort_reference(trt_bundle):
     return OrtRunner(trt_bundle, device="cpu")
 
 
-def test_runner_matches_onnxruntime_and_reuses_max_sized_buffers(installed_trt_fakes, trt_bundle, ort_reference,
-                                                                 tmp_path):
+def test_runner_matches_onnxruntime_and_reuses_max_sized_buffers(
+    installed_trt_fakes, trt_bundle, ort_reference, tmp_path
+):
     trt, cudart = installed_trt_fakes
     rng = np.random.default_rng(0)
     runner = create_runner(trt_bundle, "trt", device="cuda", cache_dir=tmp_path, max_batch=4, progress=False)
@@ -99,9 +100,18 @@ def test_runner_matches_onnxruntime_and_reuses_max_sized_buffers(installed_trt_f
 
     # Buffers: one per tensor, sized for the profile's max shapes, allocated once.
     mallocs = sorted(n for c, n in [c[:2] for c in cudart.calls] if c == "cudaMalloc")
-    assert mallocs == sorted([4 * 3 * 32 * 32 * 4, 4 * 16 * 8, 4 * 17 * 32 * 4,  # encoder: pixels, ids, latent,
-                              4 * 32 * 4, 4 * 32 * 4,  # pooled_cls, pooled_mean
-                              4 * 17 * 32 * 4, 4 * 16 * 8, 4 * 16 * 192 * 4])  # decoder: latent, ids, pred
+    assert mallocs == sorted(
+        [
+            4 * 3 * 32 * 32 * 4,
+            4 * 16 * 8,
+            4 * 17 * 32 * 4,  # encoder: pixels, ids, latent,
+            4 * 32 * 4,
+            4 * 32 * 4,  # pooled_cls, pooled_mean
+            4 * 17 * 32 * 4,
+            4 * 16 * 8,
+            4 * 16 * 192 * 4,
+        ]
+    )  # decoder: latent, ids, pred
     # Pooled features: only (N, D) is copied back, from the engine's pooled output.
     feats = runner.encode_pooled(x[:2], np.tile(np.arange(16), (2, 1)), "mean")
     np.testing.assert_allclose(feats, full[:, 1:].mean(axis=1), rtol=0, atol=1e-6)
@@ -150,8 +160,9 @@ def test_runner_rebuilds_a_corrupt_cached_engine(installed_trt_fakes, trt_bundle
     second.close()
 
 
-def test_runner_on_tensorrt_11_uses_the_fp16_variant(monkeypatch, trt_bundle, trt_fp32_only_bundle, ort_reference,
-                                                     tmp_path):
+def test_runner_on_tensorrt_11_uses_the_fp16_variant(
+    monkeypatch, trt_bundle, trt_fp32_only_bundle, ort_reference, tmp_path
+):
     cudart = FakeCudart()
     install(monkeypatch, FakeTrt("11.4.0.106", cudart), cudart)
     runner = T.TrtRunner(trt_bundle, precision="fp16", cache_dir=tmp_path, progress=False)
@@ -189,17 +200,19 @@ def test_build_engine_command(installed_trt_fakes, trt_bundle_dir, tmp_path):
     assert "decoder (" not in again.output  # --parts encoder: the decoder is neither built nor listed
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--parts", "encoder,head"], "--parts takes encoder and/or decoder"),
-    (["--opt-visible", "99"], "visible-token count 99 must be in 1..16"),
-    (["--max-batch", "2", "--opt-batch", "4"], r"opt_batch 4 must be in 1..max_batch \(2\)"),
-    (["--workspace-gb", "0"], "workspace must be positive"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--parts", "encoder,head"], "--parts takes encoder and/or decoder"),
+        (["--opt-visible", "99"], "visible-token count 99 must be in 1..16"),
+        (["--max-batch", "2", "--opt-batch", "4"], r"opt_batch 4 must be in 1..max_batch \(2\)"),
+        (["--workspace-gb", "0"], "workspace must be positive"),
+    ],
+)
 def test_build_engine_command_errors(installed_trt_fakes, trt_bundle_dir, tmp_path, extra, message):
     res = _invoke(["build-engine", str(trt_bundle_dir), "--cache-dir", str(tmp_path), *extra])
     assert res.exit_code == 3, res.output
     assert re.search(message, res.output)
-
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,8 +241,9 @@ class _Stream:
 
 def test_stream_handle_prefers_cuda_pythons_native_handle(monkeypatch):
     utils = types.ModuleType("cuda.bindings.utils")
-    utils.get_cuda_native_handle = lambda s: s.handle + 1 if isinstance(s, _Stream) else (_ for _ in ()).throw(
-        TypeError("Unknown type"))
+    utils.get_cuda_native_handle = lambda s: (
+        s.handle + 1 if isinstance(s, _Stream) else (_ for _ in ()).throw(TypeError("Unknown type"))
+    )
     monkeypatch.setitem(sys.modules, "cuda.bindings.utils", utils)
     assert T.stream_handle(_Stream(0x5000)) == 0x5001  # the documented getter wins
     assert T.stream_handle(0x7000) == 0x7000  # not a cuda-python type: int() of it
@@ -293,7 +307,13 @@ def test_close_takes_each_parts_lock(installed_trt_fakes, trt_bundle, tmp_path):
         sess.close = lambda part=part, original=original: (log.append(("close", part)), original())
     runner._locks = {p: _RecordingLock(p, log) for p in runner._locks}
     runner.close()
-    assert log == [("acquire", "encoder"), ("close", "encoder"), ("release", "encoder"),
-                   ("acquire", "decoder"), ("close", "decoder"), ("release", "decoder")]
+    assert log == [
+        ("acquire", "encoder"),
+        ("close", "encoder"),
+        ("release", "encoder"),
+        ("acquire", "decoder"),
+        ("close", "decoder"),
+        ("release", "decoder"),
+    ]
     assert runner.info.details["sessions"] == [] and cudart.memory == {} and not closed
     runner.close()  # a second close is harmless

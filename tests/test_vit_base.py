@@ -58,8 +58,10 @@ def test_vit_base_reconstruction_ort_equals_torch(vit_base_bundle, runners, phot
 def test_vit_base_encoder_serves_every_visible_count_and_batch(vit_base_bundle, runners):
     """One encoder file, symbolic batch and visible: visible 49 and 196 at batch 1 and 8 equal PyTorch."""
     enc = onnx.load(str(vit_base_bundle / "encoder.onnx"), load_external_data=False)
-    dims = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
-            for v in (enc.graph.input[1], enc.graph.output[0])]
+    dims = [
+        [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in (enc.graph.input[1], enc.graph.output[0])
+    ]
     assert dims == [["batch", "visible"], ["batch", "visible+1", 768]]
     ort, torch_ = runners
     rng = np.random.default_rng(0)

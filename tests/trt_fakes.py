@@ -28,8 +28,12 @@ DataType = enum.Enum("DataType", "FLOAT HALF INT8 INT32 BOOL UINT8 BF16 INT64 FP
 LayerType = enum.Enum("LayerType", "NORMALIZATION SOFTMAX MATRIX_MULTIPLY CONVOLUTION OTHER")
 TensorIOMode = enum.Enum("TensorIOMode", "NONE INPUT OUTPUT")
 _ONNX_ELEM = {1: DataType.FLOAT, 10: DataType.HALF, 6: DataType.INT32, 7: DataType.INT64, 9: DataType.BOOL}
-_LAYER_OF_OP = {"LayerNormalization": LayerType.NORMALIZATION, "Softmax": LayerType.SOFTMAX,
-                "MatMul": LayerType.MATRIX_MULTIPLY, "Conv": LayerType.CONVOLUTION}
+_LAYER_OF_OP = {
+    "LayerNormalization": LayerType.NORMALIZATION,
+    "Softmax": LayerType.SOFTMAX,
+    "MatMul": LayerType.MATRIX_MULTIPLY,
+    "Conv": LayerType.CONVOLUTION,
+}
 ENGINE_MAGIC = b"FAKE-TRT-ENGINE\n"
 
 
@@ -125,10 +129,12 @@ class FakeTrt(types.ModuleType):
         self.DataType, self.LayerType, self.TensorIOMode = DataType, LayerType, TensorIOMode
         self.float32, self.float16 = DataType.FLOAT, DataType.HALF
         flags = ["TF32", "DEBUG", "REFIT"] + (
-            ["FP16", "BF16", "INT8", "PREFER_PRECISION_CONSTRAINTS", "OBEY_PRECISION_CONSTRAINTS"] if gen == 10 else [])
+            ["FP16", "BF16", "INT8", "PREFER_PRECISION_CONSTRAINTS", "OBEY_PRECISION_CONSTRAINTS"] if gen == 10 else []
+        )
         self.BuilderFlag = enum.Enum("BuilderFlag", flags)
         self.NetworkDefinitionCreationFlag = enum.Enum(
-            "NetworkDefinitionCreationFlag", ["EXPLICIT_BATCH", "STRONGLY_TYPED"] if gen == 10 else ["STRONGLY_TYPED"])
+            "NetworkDefinitionCreationFlag", ["EXPLICIT_BATCH", "STRONGLY_TYPED"] if gen == 10 else ["STRONGLY_TYPED"]
+        )
         self.MemoryPoolType = enum.Enum("MemoryPoolType", "WORKSPACE DLA_MANAGED_SRAM")
         fake = self
 
@@ -225,8 +231,10 @@ class FakeParser:
             return False
         self.network.path = str(path)
         self.network.inputs = [types.SimpleNamespace(name=i.name) for i in model.graph.input]
-        self.network.layers = [FakeLayer(n.name or f"{n.op_type}_{k}", _LAYER_OF_OP.get(n.op_type, LayerType.OTHER))
-                               for k, n in enumerate(model.graph.node)]
+        self.network.layers = [
+            FakeLayer(n.name or f"{n.op_type}_{k}", _LAYER_OF_OP.get(n.op_type, LayerType.OTHER))
+            for k, n in enumerate(model.graph.node)
+        ]
         return True
 
     @property
@@ -302,7 +310,7 @@ class FakeRuntime:
     def deserialize_cuda_engine(self, blob):
         if not bytes(blob).startswith(ENGINE_MAGIC):
             return None
-        return FakeEngine(self.fake, json.loads(bytes(blob)[len(ENGINE_MAGIC):]))
+        return FakeEngine(self.fake, json.loads(bytes(blob)[len(ENGINE_MAGIC) :]))
 
 
 class FakeEngine:

@@ -1,7 +1,7 @@
 """Write tests/durations.json (seconds per test file) from a JUnit report, for the scheduling in conftest.py.
 
-    .venv/bin/python -m pytest -q -n 2 --dist loadfile --junitxml=/tmp/junit.xml
-    .venv/bin/python tests/update_durations.py /tmp/junit.xml
+.venv/bin/python -m pytest -q -n 2 --dist loadfile --junitxml=/tmp/junit.xml
+.venv/bin/python tests/update_durations.py /tmp/junit.xml
 """
 
 from __future__ import annotations

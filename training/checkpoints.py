@@ -65,8 +65,10 @@ class LoadedCheckpoint:
         return "head" in self.parts
 
     def nonfinite_message(self) -> str:
-        return (f"{self.source} is damaged: {len(self.nonfinite)} tensor(s) hold NaN or inf values "
-                f"({_shorten(self.nonfinite)}); re-download it, or resume from an earlier training checkpoint")
+        return (
+            f"{self.source} is damaged: {len(self.nonfinite)} tensor(s) hold NaN or inf values "
+            f"({_shorten(self.nonfinite)}); re-download it, or resume from an earlier training checkpoint"
+        )
 
     def require_finite(self) -> None:
         """Raise CheckpointError naming the tensors with NaN/inf: such weights give NaN everywhere."""
@@ -178,8 +180,9 @@ def safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
             header = json.loads(f.read(n))
         return {k: tuple(int(d) for d in v["shape"]) for k, v in header.items() if k != "__metadata__"}
     except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as e:
-        raise CheckpointError(f"could not read {p} as safetensors: {_first_line(e)}; the file may be truncated") \
-            from None
+        raise CheckpointError(
+            f"could not read {p} as safetensors: {_first_line(e)}; the file may be truncated"
+        ) from None
 
 
 def _read_json(path: Path) -> dict:
@@ -222,7 +225,7 @@ def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # DDP wraps the model as `module.`; torch.compile as `_orig_mod.`.
     for prefix in ("module.", "_orig_mod."):
         if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
     return sd
 
 
@@ -279,16 +282,21 @@ def infer_config(
         )
     kw = dict(
         name=base.name if base is not None else "custom",
-        img_size=grid * patch, patch_size=patch, in_chans=in_chans, embed_dim=dim, depth=depth,
-        num_heads=heads, mlp_ratio=mlp_ratio, qkv_bias="blocks.0.attn.qkv.bias" in sd,
-        norm_eps=float(hints.get("norm_eps", 1e-6)), decoder_depth=0,
+        img_size=grid * patch,
+        patch_size=patch,
+        in_chans=in_chans,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=mlp_ratio,
+        qkv_bias="blocks.0.attn.qkv.bias" in sd,
+        norm_eps=float(hints.get("norm_eps", 1e-6)),
+        decoder_depth=0,
     )
     if "decoder_embed.weight" in sd:
         ddim = sd["decoder_embed.weight"].shape[0]
         kw["decoder_embed_dim"] = ddim
-        kw["decoder_depth"] = 1 + max(
-            (int(k.split(".")[1]) for k in sd if k.startswith("decoder_blocks.")), default=-1
-        )
+        kw["decoder_depth"] = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("decoder_blocks.")), default=-1)
         if hints.get("decoder_num_heads"):
             kw["decoder_num_heads"] = int(hints["decoder_num_heads"])
         elif base is not None and base.decoder_embed_dim == ddim:
@@ -396,10 +404,13 @@ def load_checkpoint(path: str | os.PathLike, **hints) -> LoadedCheckpoint:
             raise CheckpointError(f"{p}: position embeddings missing from the weights")
         cfg, ncls, gpool = infer_config(sd, hints, notes)
         if "decoder_embed.weight" in sd and hf_cfg.get("decoder_intermediate_size") not in (
-            None, int(cfg.decoder_embed_dim * cfg.mlp_ratio)
+            None,
+            int(cfg.decoder_embed_dim * cfg.mlp_ratio),
         ):
-            raise CheckpointError("decoder_intermediate_size / decoder_hidden_size differs from the encoder's "
-                                  "mlp ratio; mae-deploy uses one mlp_ratio for both")
+            raise CheckpointError(
+                "decoder_intermediate_size / decoder_hidden_size differs from the encoder's "
+                "mlp ratio; mae-deploy uses one mlp_ratio for both"
+            )
         loaded = LoadedCheckpoint(cfg, sd, _parts(sd), fmt, str(p), notes, ncls, gpool)
         _check_keys(loaded)
         return _finish(loaded)
@@ -437,8 +448,9 @@ def load_checkpoint(path: str | os.PathLike, **hints) -> LoadedCheckpoint:
 
 def _finish(ckpt: LoadedCheckpoint) -> LoadedCheckpoint:
     """Record the tensors holding NaN/inf (``info`` reports them; loading a model refuses them)."""
-    ckpt.nonfinite = sorted(k for k, v in ckpt.state_dict.items()
-                            if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    ckpt.nonfinite = sorted(
+        k for k, v in ckpt.state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())
+    )
     return ckpt
 
 
@@ -452,8 +464,9 @@ def _load_native(p: Path, notes: list[str]) -> LoadedCheckpoint:
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise CheckpointError(f"{where}: format_version must be a positive integer, got {version!r}")
     if version > NATIVE_VERSION:
-        raise CheckpointError(f"{p} has native format version {version}; this mae-deploy reads up to "
-                              f"{NATIVE_VERSION}: upgrade mae-deploy")
+        raise CheckpointError(
+            f"{p} has native format version {version}; this mae-deploy reads up to {NATIVE_VERSION}: upgrade mae-deploy"
+        )
     if "architecture" not in meta:
         raise CheckpointError(f"{where} lacks 'architecture'; re-convert the checkpoint with `mae-deploy convert`")
     arch = check_architecture(meta["architecture"], where, CheckpointError)
@@ -463,8 +476,11 @@ def _load_native(p: Path, notes: list[str]) -> LoadedCheckpoint:
     head = meta.get("head", {})
     if not isinstance(head, dict):
         raise CheckpointError(f"{where}: head must be a JSON object, got {head!r}")
-    head = check_architecture({**arch, **{k: head[k] for k in ("num_classes", "global_pool") if k in head}},
-                              f"{where} (head)", CheckpointError)
+    head = check_architecture(
+        {**arch, **{k: head[k] for k in ("num_classes", "global_pool") if k in head}},
+        f"{where} (head)",
+        CheckpointError,
+    )
     try:
         cfg = MAEConfig.from_dict(arch)
     except (TypeError, ValueError) as e:
@@ -479,8 +495,17 @@ def _load_native(p: Path, notes: list[str]) -> LoadedCheckpoint:
     names = meta.get("head", {}).get("class_names") or []
     if not isinstance(names, list) or len(names) not in (0, num_classes) or not all(isinstance(n, str) for n in names):
         raise CheckpointError(f"{where}: head.class_names must be a list of {num_classes} strings")
-    return LoadedCheckpoint(cfg, sd, list(parts), "native", str(p), notes, num_classes,
-                            bool(head.get("global_pool", False)), class_names=list(names))
+    return LoadedCheckpoint(
+        cfg,
+        sd,
+        list(parts),
+        "native",
+        str(p),
+        notes,
+        num_classes,
+        bool(head.get("global_pool", False)),
+        class_names=list(names),
+    )
 
 
 def _check_header_shapes(
@@ -488,26 +513,36 @@ def _check_header_shapes(
 ) -> None:
     """The shapes that size the model (widths, depths, grid, head) agree with config.json."""
     d, p, c, n = cfg.embed_dim, cfg.patch_size, cfg.in_chans, 1 + cfg.num_patches
-    expected = {"patch_embed.proj.weight": (d, c, p, p), "pos_embed": (1, n, d),
-                "blocks.0.attn.qkv.weight": (3 * d, d), "blocks.0.mlp.fc1.weight": (int(d * cfg.mlp_ratio), d)}
+    expected = {
+        "patch_embed.proj.weight": (d, c, p, p),
+        "pos_embed": (1, n, d),
+        "blocks.0.attn.qkv.weight": (3 * d, d),
+        "blocks.0.mlp.fc1.weight": (int(d * cfg.mlp_ratio), d),
+    }
     depths = {"blocks": ("depth", cfg.depth)}
     if "head" in parts:
         expected["head.weight"] = (num_classes, d)
     elif "decoder" in parts:
         dd = cfg.decoder_embed_dim
-        expected.update({"decoder_embed.weight": (dd, d), "decoder_pos_embed": (1, n, dd),
-                         "decoder_pred.weight": (p * p * c, dd)})
+        expected.update(
+            {"decoder_embed.weight": (dd, d), "decoder_pos_embed": (1, n, dd), "decoder_pred.weight": (p * p * c, dd)}
+        )
         depths["decoder_blocks"] = ("decoder_depth", cfg.decoder_depth)
     problems = []
     for prefix, (field_name, want) in depths.items():
         have = len({k.split(".")[1] for k in shapes if k.startswith(prefix + ".")})
         if have != want:
             problems.append(f"{field_name} is {want} but the weights hold {have} blocks")
-    problems += [f"{k} is {shapes[k] if k in shapes else 'missing'}, config.json implies {v}"
-                 for k, v in expected.items() if shapes.get(k) != v]
+    problems += [
+        f"{k} is {shapes[k] if k in shapes else 'missing'}, config.json implies {v}"
+        for k, v in expected.items()
+        if shapes.get(k) != v
+    ]
     if problems:
-        raise CheckpointError(f"{where} does not match the weights in model.safetensors: {'; '.join(problems[:4])}. "
-                              "Re-convert the checkpoint (mae-deploy convert) rather than editing config.json")
+        raise CheckpointError(
+            f"{where} does not match the weights in model.safetensors: {'; '.join(problems[:4])}. "
+            "Re-convert the checkpoint (mae-deploy convert) rather than editing config.json"
+        )
 
 
 def _parts(sd: dict) -> list[str]:
@@ -570,8 +605,10 @@ def _check_keys(ckpt: LoadedCheckpoint) -> None:
             f"({ckpt.config.name}, dim {ckpt.config.embed_dim}, depth {ckpt.config.depth}): " + "; ".join(problems)
         )
     if "decoder" not in ckpt.parts and not ckpt.is_classifier:
-        ckpt.notes.append("encoder-only checkpoint: feature extraction works; reconstruction needs a decoder "
-                          "(use a *_full or *_visualize checkpoint)")
+        ckpt.notes.append(
+            "encoder-only checkpoint: feature extraction works; reconstruction needs a decoder "
+            "(use a *_full or *_visualize checkpoint)"
+        )
 
 
 def load_model(path: str | os.PathLike, **hints) -> tuple[MaskedAutoencoderViT | VisionTransformer, LoadedCheckpoint]:

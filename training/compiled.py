@@ -36,8 +36,9 @@ def resolve_compile_mode(mode: str, device: torch.device, distributed: bool, acc
     return "reduce-overhead" if device.type == "cuda" and not distributed and accum_iter == 1 else "default"
 
 
-def prepare_model(model: nn.Module, info: DistInfo, compile: bool = False, mode: str = "auto",
-                  accum_iter: int = 1) -> nn.Module:
+def prepare_model(
+    model: nn.Module, info: DistInfo, compile: bool = False, mode: str = "auto", accum_iter: int = 1
+) -> nn.Module:
     """The module a recipe calls: ``model`` itself, wrapped in DDP under torchrun, then compiled with
     ``compile``. ``model`` stays the eager module that owns the parameters (checkpoints, export)."""
     wrapped = model

@@ -60,21 +60,25 @@ def _normalize(in_chans: int) -> list:
 
 def pretrain_transform(input_size: int, in_chans: int = 3) -> Callable:
     """The official pretraining augmentation: RandomResizedCrop(scale 0.2-1, bicubic) + flip."""
-    return transforms.Compose([
-        transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=BICUBIC),
-        transforms.RandomHorizontalFlip(),
-        *_normalize(in_chans),
-    ])
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=BICUBIC),
+            transforms.RandomHorizontalFlip(),
+            *_normalize(in_chans),
+        ]
+    )
 
 
 def eval_transform(input_size: int, in_chans: int = 3) -> Callable:
     """Shorter side to size / crop_pct (bicubic), centre crop; crop_pct 0.875 up to 224 px, else 1.0."""
     crop_pct = 224 / 256 if input_size <= 224 else 1.0
-    return transforms.Compose([
-        transforms.Resize(int(input_size / crop_pct), interpolation=BICUBIC),
-        transforms.CenterCrop(input_size),
-        *_normalize(in_chans),
-    ])
+    return transforms.Compose(
+        [
+            transforms.Resize(int(input_size / crop_pct), interpolation=BICUBIC),
+            transforms.CenterCrop(input_size),
+            *_normalize(in_chans),
+        ]
+    )
 
 
 def parse_rand_augment(spec: str) -> dict:
@@ -129,11 +133,13 @@ def finetune_transform(
 
 def linprobe_transform(input_size: int, in_chans: int = 3) -> Callable:
     """The official linear-probing augmentation: RandomResizedCrop(bicubic) + flip."""
-    return transforms.Compose([
-        transforms.RandomResizedCrop(input_size, interpolation=BICUBIC),
-        transforms.RandomHorizontalFlip(),
-        *_normalize(in_chans),
-    ])
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(input_size, interpolation=BICUBIC),
+            transforms.RandomHorizontalFlip(),
+            *_normalize(in_chans),
+        ]
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,25 +233,37 @@ def image_folder(
     """
     root = Path(root)
     if not root.is_dir():
-        raise InputError(f"data directory {root} does not exist; expected <root>/<class>/<image> folders "
-                         "(write the built-in digits with `mae-deploy data digits DIR`)")
+        raise InputError(
+            f"data directory {root} does not exist; expected <root>/<class>/<image> folders "
+            "(write the built-in digits with `mae-deploy data digits DIR`)"
+        )
     if in_chans not in (1, 3):
         raise InputError(f"--in_chans {in_chans}: image folders hold 1-channel (L) or 3-channel (RGB) images")
     check = ImageHeaderCheck()
     try:
         # allow_empty: a class folder whose files are all undecodable stays a class (its index is kept).
-        ds = datasets.ImageFolder(str(root), transform=transform, is_valid_file=check, allow_empty=True,
-                                  loader=partial(_load_image, mode="RGB" if in_chans == 3 else "L"))
+        ds = datasets.ImageFolder(
+            str(root),
+            transform=transform,
+            is_valid_file=check,
+            allow_empty=True,
+            loader=partial(_load_image, mode="RGB" if in_chans == 3 else "L"),
+        )
     except (FileNotFoundError, OSError) as e:
         raise InputError(f"{root} is not an ImageFolder directory (<root>/<class>/<image>): {e}") from None
     if len(ds) == 0:
-        unread = (f"; {len(check.rejected)} file(s) could not be read: {_listing(check.rejected)}"
-                  if check.rejected else f" (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        unread = (
+            f"; {len(check.rejected)} file(s) could not be read: {_listing(check.rejected)}"
+            if check.rejected
+            else f" (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
         raise InputError(f"{root} holds no decodable image{unread}")
     ds.skipped = check.rejected
     if check.rejected and log is not None:
-        log(f"note: skipped {len(check.rejected)} file(s) in {root} that are not decodable images: "
-            f"{_listing(check.rejected)}")
+        log(
+            f"note: skipped {len(check.rejected)} file(s) in {root} that are not decodable images: "
+            f"{_listing(check.rejected)}"
+        )
     return ds
 
 
@@ -258,8 +276,9 @@ def split_dir(data_path: str | os.PathLike, split: str) -> Path:
     if split == "train" and base.is_dir() and not (base / "val").exists():
         return base
     if not base.is_dir():
-        raise InputError(f"--data_path {base} does not exist (write the built-in digits with "
-                         "`mae-deploy data digits DIR`)")
+        raise InputError(
+            f"--data_path {base} does not exist (write the built-in digits with `mae-deploy data digits DIR`)"
+        )
     need = "train/ (or the class folders directly)" if split == "train" else f"{split}/"
     raise InputError(f"{candidate} does not exist: --data_path must hold {need} as ImageFolder directories")
 
@@ -300,8 +319,9 @@ def write_digits_imagefolder(
         done = json.loads(marker.read_text())
         if {k: done.get(k) for k in settings} == settings:
             return done
-        raise InputError(f"{root} already holds digits written with other settings ({marker}); "
-                         "choose another directory or delete it")
+        raise InputError(
+            f"{root} already holds digits written with other settings ({marker}); choose another directory or delete it"
+        )
     if root.exists() and any(p for p in root.iterdir() if p.name not in ("train", "val")):
         raise InputError(f"{root} exists and holds other files; give an empty or new directory")
 
@@ -331,7 +351,12 @@ def write_digits_imagefolder(
         im = Image.fromarray(pixels, mode="L").resize((size, size), Image.Resampling.BICUBIC)
         atomic_write(dst, partial(im.save, format="PNG"))
 
-    record = {**settings, "root": str(root), "classes": [str(d) for d in range(10)], **counts,
-              "source": "sklearn.datasets.load_digits (UCI optical recognition of handwritten digits)"}
+    record = {
+        **settings,
+        "root": str(root),
+        "classes": [str(d) for d in range(10)],
+        **counts,
+        "source": "sklearn.datasets.load_digits (UCI optical recognition of handwritten digits)",
+    }
     atomic_write_json(marker, record)
     return record

@@ -25,8 +25,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def _check_unsupported(args: argparse.Namespace) -> None:
     if args.recount != 1 or args.resplit or args.cutmix_minmax or args.mixup_mode != "batch":
-        raise InputError("--recount > 1, --resplit, --cutmix_minmax and --mixup_mode other than 'batch' are timm "
-                         "features that torchvision's transforms do not have; leave them at their defaults")
+        raise InputError(
+            "--recount > 1, --resplit, --cutmix_minmax and --mixup_mode other than 'batch' are timm "
+            "features that torchvision's transforms do not have; leave them at their defaults"
+        )
 
 
 def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -52,28 +54,50 @@ def train(args: argparse.Namespace, info) -> None:
         from training.checkpoints import load_checkpoint
 
         in_chans = load_checkpoint(args.finetune).config.in_chans
-    train_tf = data.finetune_transform(args.input_size, in_chans, aa=args.aa, reprob=args.reprob,
-                                       remode=args.remode, color_jitter=args.color_jitter)
+    train_tf = data.finetune_transform(
+        args.input_size, in_chans, aa=args.aa, reprob=args.reprob, remode=args.remode, color_jitter=args.color_jitter
+    )
     train_set = data.image_folder(data.split_dir(args.data_path, "train"), train_tf, in_chans)
-    val_set = data.image_folder(data.split_dir(args.data_path, "val"), data.eval_transform(args.input_size, in_chans),
-                                in_chans)
+    val_set = data.image_folder(
+        data.split_dir(args.data_path, "val"), data.eval_transform(args.input_size, in_chans), in_chans
+    )
     nb_classes = args.nb_classes or len(train_set.classes)
     if nb_classes < len(train_set.classes):
         raise InputError(f"--nb_classes {nb_classes} but {args.data_path} has {len(train_set.classes)} classes")
     sampler = train_sampler(train_set, info, args.seed)
     pin = args.pin_mem and device.type == "cuda"
-    loader = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=args.batch_size,
-                                         num_workers=args.num_workers, pin_memory=pin, drop_last=True)
-    val_loader = torch.utils.data.DataLoader(val_set, sampler=ShardSampler(val_set, info), batch_size=args.batch_size,
-                                             num_workers=args.num_workers, pin_memory=pin)
+    loader = torch.utils.data.DataLoader(
+        train_set,
+        sampler=sampler,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        pin_memory=pin,
+        drop_last=True,
+    )
+    val_loader = torch.utils.data.DataLoader(
+        val_set,
+        sampler=ShardSampler(val_set, info),
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        pin_memory=pin,
+    )
     mixup = None
     if args.mixup > 0 or args.cutmix > 0:
-        mixup = data.MixupCutmix(nb_classes, args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob,
-                                 args.smoothing)
+        mixup = data.MixupCutmix(
+            nb_classes, args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob, args.smoothing
+        )
 
     # Model, layer-wise lr decay, AdamW.
-    model = loop.build_classifier(args.finetune, args.model, nb_classes, args.global_pool, args.input_size,
-                                    in_chans, drop_path=args.drop_path, log=say)
+    model = loop.build_classifier(
+        args.finetune,
+        args.model,
+        nb_classes,
+        args.global_pool,
+        args.input_size,
+        in_chans,
+        drop_path=args.drop_path,
+        log=say,
+    )
     model.to(device)
     eff_batch = args.batch_size * args.accum_iter * info.world_size
     if args.lr is None:
@@ -99,9 +123,11 @@ def train(args: argparse.Namespace, info) -> None:
         say(loop.format_record({f"test_{k}": v for k, v in test.items()}))
         return
     metrics = loop.MetricsLog(out, args.log_dir, info)
-    say(f"fine-tuning: {len(train_set)} train / {len(val_set)} val images, {nb_classes} classes, "
+    say(
+        f"fine-tuning: {len(train_set)} train / {len(val_set)} val images, {nb_classes} classes, "
         f"lr {args.lr:.3e} (blr {args.blr:.3e} x {eff_batch} / 256), layer decay {args.layer_decay}, "
-        f"{args.epochs} epochs, {precision} on {device}{compile_note(ddp)}")
+        f"{args.epochs} epochs, {precision} on {device}{compile_note(ddp)}"
+    )
 
     def set_lr(epoch: float) -> float:
         return optim.adjust_learning_rate(optimizer, epoch, args.lr, args.min_lr, args.epochs, args.warmup_epochs)
@@ -111,9 +137,19 @@ def train(args: argparse.Namespace, info) -> None:
 
     last = out / "checkpoint-last.pth" if out else None
     t0 = time.perf_counter()
-    step = loop.TrainingStep(ddp, optimizer, compute_loss, set_lr, info, precision=precision, scaler=scaler,
-                               accum_iter=args.accum_iter, clip_grad=args.clip_grad, metrics=metrics,
-                               batch_transform=mixup)
+    step = loop.TrainingStep(
+        ddp,
+        optimizer,
+        compute_loss,
+        set_lr,
+        info,
+        precision=precision,
+        scaler=scaler,
+        accum_iter=args.accum_iter,
+        clip_grad=args.clip_grad,
+        metrics=metrics,
+        batch_transform=mixup,
+    )
     for epoch in range(args.start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         kept = str(last) if last and last.exists() else None
@@ -129,8 +165,13 @@ def train(args: argparse.Namespace, info) -> None:
                 from training.checkpoints import save_native
 
                 loop.keep_checkpoint(last, "best")
-                save_native(model, out / "model-best", overwrite=True, class_names=train_set.classes,
-                            source={"format": "mae-deploy finetune", "epoch": epoch, "acc1": test["acc1"]})
+                save_native(
+                    model,
+                    out / "model-best",
+                    overwrite=True,
+                    class_names=train_set.classes,
+                    source={"format": "mae-deploy finetune", "epoch": epoch, "acc1": test["acc1"]},
+                )
         record = {"epoch": epoch, **stats, **{f"test_{k}": v for k, v in test.items()}, "best_acc1": extra["best_acc1"]}
         metrics.epoch(record)
         say(loop.format_record(record))
@@ -141,8 +182,10 @@ def train(args: argparse.Namespace, info) -> None:
 
         source = {"format": "mae-deploy finetune", "finetune": args.finetune or None, "epochs": args.epochs}
         save_native(model.cpu(), out / "model", source=source, overwrite=True, class_names=train_set.classes)
-        say(f"done in {time.perf_counter() - t0:.1f}s; best top-1 {extra['best_acc1']:.2f}%; native classifier: "
-            f"{out / 'model'} (best epoch: {out / 'model-best'})")
+        say(
+            f"done in {time.perf_counter() - t0:.1f}s; best top-1 {extra['best_acc1']:.2f}%; native classifier: "
+            f"{out / 'model'} (best epoch: {out / 'model-best'})"
+        )
 
 
 def cli(argv: list[str] | None = None) -> None:

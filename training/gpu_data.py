@@ -64,8 +64,14 @@ def is_jpeg(data: torch.Tensor) -> bool:
 class DeviceAugment:
     """Encoded images -> a normalised (N, C, S, S) float batch on ``device``, augmented as in pretraining."""
 
-    def __init__(self, input_size: int, in_chans: int, device: torch.device | str,
-                 scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
+    def __init__(
+        self,
+        input_size: int,
+        in_chans: int,
+        device: torch.device | str,
+        scale: tuple[float, float] = (0.2, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    ) -> None:
         self.size = [input_size, input_size]
         self.device = torch.device(device)
         self.scale, self.ratio = scale, ratio
@@ -95,16 +101,18 @@ class DeviceAugment:
         try:
             return decoder(data, mode=self.mode, **kwargs)
         except RuntimeError as e:
-            raise InputError(f"cannot decode image {path} ({str(e).splitlines()[0]}); remove or replace it and "
-                             "--resume auto") from None
+            raise InputError(
+                f"cannot decode image {path} ({str(e).splitlines()[0]}); remove or replace it and --resume auto"
+            ) from None
 
     def augment(self, images: list[torch.Tensor]) -> torch.Tensor:
         """RandomResizedCrop + flip per image (torchvision's draws, in its order), then one normalisation."""
         crops = []
         for img in images:
             top, left, h, w = RandomResizedCrop.get_params(img, self.scale, self.ratio)
-            crop = TF.resized_crop(img, top, left, h, w, self.size, interpolation=InterpolationMode.BICUBIC,
-                                   antialias=True)
+            crop = TF.resized_crop(
+                img, top, left, h, w, self.size, interpolation=InterpolationMode.BICUBIC, antialias=True
+            )
             if torch.rand(1) < 0.5:  # RandomHorizontalFlip(p=0.5)'s draw
                 crop = crop.flip(-1)
             crops.append(crop)
@@ -133,9 +141,24 @@ class DeviceDecodedLoader:
             yield self.augment(data, paths), labels
 
 
-def device_decoded_loader(dataset: EncodedImageFolder, sampler, batch_size: int, num_workers: int, pin: bool,
-                          input_size: int, in_chans: int, device: torch.device) -> DeviceDecodedLoader:
+def device_decoded_loader(
+    dataset: EncodedImageFolder,
+    sampler,
+    batch_size: int,
+    num_workers: int,
+    pin: bool,
+    input_size: int,
+    in_chans: int,
+    device: torch.device,
+) -> DeviceDecodedLoader:
     """The pretraining loader of ``--gpu_decode``: workers read bytes, ``device`` decodes and augments."""
-    loader = DataLoader(dataset, sampler=sampler, batch_size=batch_size, drop_last=True, num_workers=num_workers,
-                        pin_memory=pin, collate_fn=collate_encoded)
+    loader = DataLoader(
+        dataset,
+        sampler=sampler,
+        batch_size=batch_size,
+        drop_last=True,
+        num_workers=num_workers,
+        pin_memory=pin,
+        collate_fn=collate_encoded,
+    )
     return DeviceDecodedLoader(loader, DeviceAugment(input_size, in_chans, device))

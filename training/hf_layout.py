@@ -26,8 +26,14 @@ _HF_SUB = {  # transformers 4.x names and 5.x names -> official block names
     "output.dense": "mlp.fc2",
     "mlp.fc2": "mlp.fc2",
 }
-_HF_QKV = {"attention.attention.query": 0, "attention.attention.key": 1, "attention.attention.value": 2,
-           "attention.q_proj": 0, "attention.k_proj": 1, "attention.v_proj": 2}
+_HF_QKV = {
+    "attention.attention.query": 0,
+    "attention.attention.key": 1,
+    "attention.attention.value": 2,
+    "attention.q_proj": 0,
+    "attention.k_proj": 1,
+    "attention.v_proj": 2,
+}
 _HF_TOP = {
     "embeddings.cls_token": "cls_token",
     "embeddings.position_embeddings": "pos_embed",
@@ -46,12 +52,12 @@ def hf_to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     qkv: dict[tuple[str, str], list] = {}
     unknown = []
     for key, value in sd.items():
-        k = key[len("vit."):] if key.startswith("vit.") else key
+        k = key[len("vit.") :] if key.startswith("vit.") else key
         if k in _HF_TOP:
             out[_HF_TOP[k]] = value
             continue
         if k.startswith("decoder.") and k.split(".")[1] in ("decoder_embed", "decoder_norm", "decoder_pred"):
-            out[k[len("decoder."):]] = value
+            out[k[len("decoder.") :]] = value
             continue
         m = _HF_LAYER.match(key)
         if not m:
@@ -79,8 +85,13 @@ def hf_to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def official_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inverse of :func:`hf_to_official`, in transformers' saved (4.x) naming."""
     top = {v: k for k, v in _HF_TOP.items()}
-    sub = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.output.dense",
-           "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}
+    sub = {
+        "norm1": "layernorm_before",
+        "norm2": "layernorm_after",
+        "attn.proj": "attention.output.dense",
+        "mlp.fc1": "intermediate.dense",
+        "mlp.fc2": "output.dense",
+    }
     out = {}
     for key, value in sd.items():
         if key in top:
@@ -90,8 +101,7 @@ def official_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not m:
             out[f"decoder.{key}"] = value  # decoder_embed / decoder_norm / decoder_pred
             continue
-        base = (f"vit.encoder.layer.{m.group(2)}" if m.group(1) == "blocks"
-                else f"decoder.decoder_layers.{m.group(2)}")
+        base = f"vit.encoder.layer.{m.group(2)}" if m.group(1) == "blocks" else f"decoder.decoder_layers.{m.group(2)}"
         if m.group(3) == "attn.qkv":
             for name, t in zip(("query", "key", "value"), value.chunk(3, dim=0), strict=True):
                 out[f"{base}.attention.attention.{name}.{m.group(4)}"] = t.clone()

@@ -55,22 +55,36 @@ def train(args: argparse.Namespace, info) -> None:
         from training.checkpoints import load_checkpoint
 
         in_chans = load_checkpoint(args.finetune).config.in_chans
-    train_set = data.image_folder(data.split_dir(args.data_path, "train"),
-                                  data.linprobe_transform(args.input_size, in_chans), in_chans)
-    val_set = data.image_folder(data.split_dir(args.data_path, "val"),
-                                data.eval_transform(args.input_size, in_chans), in_chans)
+    train_set = data.image_folder(
+        data.split_dir(args.data_path, "train"), data.linprobe_transform(args.input_size, in_chans), in_chans
+    )
+    val_set = data.image_folder(
+        data.split_dir(args.data_path, "val"), data.eval_transform(args.input_size, in_chans), in_chans
+    )
     nb_classes = args.nb_classes or len(train_set.classes)
     if nb_classes < len(train_set.classes):
         raise InputError(f"--nb_classes {nb_classes} but {args.data_path} has {len(train_set.classes)} classes")
     sampler = train_sampler(train_set, info, args.seed)
     pin = args.pin_mem and device.type == "cuda"
-    loader = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=args.batch_size,
-                                         num_workers=args.num_workers, pin_memory=pin, drop_last=True)
-    val_loader = torch.utils.data.DataLoader(val_set, sampler=ShardSampler(val_set, info), batch_size=args.batch_size,
-                                             num_workers=args.num_workers, pin_memory=pin)
+    loader = torch.utils.data.DataLoader(
+        train_set,
+        sampler=sampler,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        pin_memory=pin,
+        drop_last=True,
+    )
+    val_loader = torch.utils.data.DataLoader(
+        val_set,
+        sampler=ShardSampler(val_set, info),
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        pin_memory=pin,
+    )
 
-    model = loop.build_classifier(args.finetune, args.model, nb_classes, args.global_pool, args.input_size,
-                                    in_chans, log=say)
+    model = loop.build_classifier(
+        args.finetune, args.model, nb_classes, args.global_pool, args.input_size, in_chans, log=say
+    )
     # The probe: BatchNorm without affine + linear head (std 0.01 init); everything else frozen.
     nn.init.trunc_normal_(model.head.weight, std=0.01)
     model.head = nn.Sequential(nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)
@@ -94,9 +108,11 @@ def train(args: argparse.Namespace, info) -> None:
         say(loop.format_record({f"test_{k}": v for k, v in test.items()}))
         return
     metrics = loop.MetricsLog(out, args.log_dir, info)
-    say(f"linear probe: {len(train_set)} train / {len(val_set)} val images, {nb_classes} classes, "
+    say(
+        f"linear probe: {len(train_set)} train / {len(val_set)} val images, {nb_classes} classes, "
         f"{'mean-pool' if args.global_pool else 'cls-token'} features, lr {args.lr:.3e} "
-        f"(blr {args.blr:.3e} x {eff_batch} / 256), {args.epochs} epochs, {precision} on {device}{compile_note(ddp)}")
+        f"(blr {args.blr:.3e} x {eff_batch} / 256), {args.epochs} epochs, {precision} on {device}{compile_note(ddp)}"
+    )
 
     criterion = nn.CrossEntropyLoss()
 
@@ -108,8 +124,9 @@ def train(args: argparse.Namespace, info) -> None:
 
     last = out / "checkpoint-last.pth" if out else None
     t0 = time.perf_counter()
-    step = loop.TrainingStep(ddp, optimizer, compute_loss, set_lr, info, precision=precision,
-                               accum_iter=args.accum_iter, metrics=metrics)
+    step = loop.TrainingStep(
+        ddp, optimizer, compute_loss, set_lr, info, precision=precision, accum_iter=args.accum_iter, metrics=metrics
+    )
     for epoch in range(args.start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         kept = str(last) if last and last.exists() else None
@@ -128,12 +145,19 @@ def train(args: argparse.Namespace, info) -> None:
     if out is not None and info.is_main:
         from training.checkpoints import save_native
 
-        source = {"format": "mae-deploy linprobe", "finetune": args.finetune or None, "epochs": args.epochs,
-                  "note": "linear probe; BatchNorm folded into head"}
-        save_native(fold_probe_head(model.cpu()), out / "model", source=source, overwrite=True,
-                    class_names=train_set.classes)
-        say(f"done in {time.perf_counter() - t0:.1f}s; best top-1 {extra['best_acc1']:.2f}%; "
-            f"native classifier: {out / 'model'}")
+        source = {
+            "format": "mae-deploy linprobe",
+            "finetune": args.finetune or None,
+            "epochs": args.epochs,
+            "note": "linear probe; BatchNorm folded into head",
+        }
+        save_native(
+            fold_probe_head(model.cpu()), out / "model", source=source, overwrite=True, class_names=train_set.classes
+        )
+        say(
+            f"done in {time.perf_counter() - t0:.1f}s; best top-1 {extra['best_acc1']:.2f}%; "
+            f"native classifier: {out / 'model'}"
+        )
 
 
 def cli(argv: list[str] | None = None) -> None:

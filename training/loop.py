@@ -90,8 +90,10 @@ def check_run_args(args) -> None:
     cfg = MODEL_CONFIGS[registry_name(args.model)]
     if args.input_size % cfg.patch_size:
         lower = max(cfg.patch_size, args.input_size // cfg.patch_size * cfg.patch_size)
-        raise InputError(f"--input_size {args.input_size} is not a multiple of {cfg.name}'s patch size "
-                         f"{cfg.patch_size}; use e.g. {lower}")
+        raise InputError(
+            f"--input_size {args.input_size} is not a multiple of {cfg.name}'s patch size "
+            f"{cfg.patch_size}; use e.g. {lower}"
+        )
     patches = (args.input_size // cfg.patch_size) ** 2
     if hasattr(args, "mask_ratio") and int(patches * (1 - args.mask_ratio)) < 1:
         raise InputError(f"--mask_ratio {args.mask_ratio:g} leaves no visible patch of {patches}; lower it")
@@ -141,8 +143,13 @@ def capture_rng() -> dict:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -152,8 +159,9 @@ def restore_rng(state: dict) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -167,8 +175,11 @@ def restore_rng(state: dict) -> None:
 def _plain_args(args: object) -> dict:
     """argparse values that are plain data (what weights-only loading accepts)."""
     ok = (str, int, float, bool, type(None))
-    return {k: v for k, v in vars(args).items() if isinstance(v, ok) or (isinstance(v, (list, tuple))
-                                                                         and all(isinstance(x, ok) for x in v))}
+    return {
+        k: v
+        for k, v in vars(args).items()
+        if isinstance(v, ok) or (isinstance(v, (list, tuple)) and all(isinstance(x, ok) for x in v))
+    }
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -235,13 +246,16 @@ def load_training_checkpoint(
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise InputError(f"cannot read the training checkpoint {path}: {reason}; is it truncated?") from None
     if not isinstance(state, dict) or "model" not in state or "optimizer" not in state:
-        raise InputError(f"{path} is not a training checkpoint (no model/optimizer state); to start from "
-                         "pretrained weights use --finetune instead of --resume")
+        raise InputError(
+            f"{path} is not a training checkpoint (no model/optimizer state); to start from "
+            "pretrained weights use --finetune instead of --resume"
+        )
     try:
         unwrap(model).load_state_dict(state["model"])
     except RuntimeError as e:
-        raise InputError(f"{path} does not fit this model (was it written with another --model?): "
-                         f"{str(e).splitlines()[0]}") from None
+        raise InputError(
+            f"{path} does not fit this model (was it written with another --model?): {str(e).splitlines()[0]}"
+        ) from None
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler"):
@@ -250,8 +264,10 @@ def load_training_checkpoint(
     if len(rng) == info.world_size:
         restore_rng(rng[info.rank])
     elif info.is_main:
-        print(f"note: {path} was written by {len(rng)} process(es), this run has {info.world_size}: "
-              "random states are not restored, so the run continues but not bit-exactly")
+        print(
+            f"note: {path} was written by {len(rng)} process(es), this run has {info.world_size}: "
+            "random states are not restored, so the run continues but not bit-exactly"
+        )
     return int(state["epoch"]) + 1, dict(state.get("extra") or {})
 
 
@@ -272,8 +288,10 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                print("note: TensorBoard logging needs the tensorboard package (pip install tensorboard); "
-                      "writing metrics.jsonl only")
+                print(
+                    "note: TensorBoard logging needs the tensorboard package (pip install tensorboard); "
+                    "writing metrics.jsonl only"
+                )
             else:
                 os.makedirs(log_dir, exist_ok=True)
                 self.writer = SummaryWriter(log_dir=log_dir)
@@ -324,8 +342,7 @@ class TrainingStep:
     batch_transform: Callable | None = None
 
 
-def train_one_epoch(step: TrainingStep, loader, epoch: int, last_checkpoint: str | None = None,
-                    desc: str = "") -> dict:
+def train_one_epoch(step: TrainingStep, loader, epoch: int, last_checkpoint: str | None = None, desc: str = "") -> dict:
     """One pass over ``loader``: per-iteration lr, autocast, gradient accumulation, optional clipping (as
     ``step`` says); returns the mean loss and last lr.
 
@@ -344,8 +361,14 @@ def train_one_epoch(step: TrainingStep, loader, epoch: int, last_checkpoint: str
     model.train()
     optimizer.zero_grad(set_to_none=True)
     total, lr = 0.0, 0.0
-    bar = tqdm(total=steps, desc=desc or f"epoch {epoch}", unit="it", disable=None if info.is_main else True,
-               leave=False, dynamic_ncols=True)
+    bar = tqdm(
+        total=steps,
+        desc=desc or f"epoch {epoch}",
+        unit="it",
+        disable=None if info.is_main else True,
+        leave=False,
+        dynamic_ncols=True,
+    )
     t0 = time.perf_counter()
     for it, (samples, targets) in enumerate(batches(loader)):
         begin_step(model)
@@ -360,8 +383,9 @@ def train_one_epoch(step: TrainingStep, loader, epoch: int, last_checkpoint: str
         loss_value = all_reduce_mean(float(loss.detach()), device)
         if not math.isfinite(loss_value):
             bar.close()
-            kept = (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint
-                    else "no checkpoint was written yet")
+            kept = (
+                f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+            )
             raise NonFiniteLossError(
                 f"loss is {loss_value} at epoch {epoch}, iteration {it} (lr {lr:.3g}); training stopped and "
                 f"{kept}. Lower --blr, raise --warmup_epochs or use --precision fp32, then --resume it"
@@ -433,8 +457,12 @@ def evaluate(model: nn.Module, loader, info: DistInfo, precision: str = "fp32") 
     correct1, correct5, loss_sum, count = all_reduce_sum([correct1, correct5, loss_sum, count], device)
     if count == 0:
         raise InputError("the validation set is empty")
-    return {"acc1": 100.0 * correct1 / count, "acc5": 100.0 * correct5 / count, "loss": loss_sum / count,
-            "count": int(count)}
+    return {
+        "acc1": 100.0 * correct1 / count,
+        "acc5": 100.0 * correct5 / count,
+        "loss": loss_sum / count,
+        "count": int(count),
+    }
 
 
 def format_record(record: dict) -> str:
@@ -446,8 +474,6 @@ def format_record(record: dict) -> str:
         else:
             parts.append(f"{k} {v}")
     return "  ".join(parts)
-
-
 
 
 def registry_name(name: str) -> str:
@@ -503,8 +529,9 @@ def build_classifier(
     ckpt = load_checkpoint(finetune)
     ckpt.require_finite()
     if input_size % ckpt.config.patch_size:  # before replace(): MAEConfig would refuse it as a ValueError
-        raise InputError(f"--input_size {input_size} is not a multiple of the checkpoint's patch size "
-                         f"{ckpt.config.patch_size}")
+        raise InputError(
+            f"--input_size {input_size} is not a multiple of the checkpoint's patch size {ckpt.config.patch_size}"
+        )
     cfg = replace(ckpt.config, img_size=input_size, decoder_depth=0)
     model = VisionTransformer(cfg, num_classes, global_pool=global_pool, drop_path_rate=drop_path)
     target = model.state_dict()
@@ -522,9 +549,14 @@ def build_classifier(
     allowed = {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
     if set(missing) - allowed:
         raise InputError(f"{finetune} lacks encoder weights: {sorted(set(missing) - allowed)[:5]}")
-    log(f"loaded {ckpt.format} checkpoint {finetune} ({cfg.name}, dim {cfg.embed_dim}, depth {cfg.depth})"
-        + (f"; not used: {len(dropped)} tensors ({', '.join(sorted({k.split('.')[0] for k in dropped}))})"
-           if dropped else ""))
+    log(
+        f"loaded {ckpt.format} checkpoint {finetune} ({cfg.name}, dim {cfg.embed_dim}, depth {cfg.depth})"
+        + (
+            f"; not used: {len(dropped)} tensors ({', '.join(sorted({k.split('.')[0] for k in dropped}))})"
+            if dropped
+            else ""
+        )
+    )
     return model
 
 

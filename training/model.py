@@ -84,12 +84,24 @@ MODEL_CONFIGS: dict[str, MAEConfig] = {
     "mae_vit_huge_patch14": MAEConfig(patch_size=14, embed_dim=1280, depth=32, num_heads=16, **_DEC),
     # Small models for tests and the built-in demo.
     "mae_vit_test": MAEConfig(
-        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
-        decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2,
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        decoder_embed_dim=32,
+        decoder_depth=1,
+        decoder_num_heads=2,
     ),
     "mae_vit_tiny_patch4": MAEConfig(
-        img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4,
-        decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
+        img_size=32,
+        patch_size=4,
+        embed_dim=128,
+        depth=4,
+        num_heads=4,
+        decoder_embed_dim=64,
+        decoder_depth=2,
+        decoder_num_heads=4,
     ),
 }
 # The official code's names carry the decoder shape too.
@@ -406,9 +418,7 @@ class VisionTransformer(ViTEncoder):
     """ViT classifier on the MAE encoder: global average pool + fc_norm (official fine-tuning), or the
     cls token after the encoder norm; then ``head``."""
 
-    def __init__(
-        self, cfg: MAEConfig, num_classes: int, global_pool: bool = True, drop_path_rate: float = 0.0
-    ) -> None:
+    def __init__(self, cfg: MAEConfig, num_classes: int, global_pool: bool = True, drop_path_rate: float = 0.0) -> None:
         # With global pooling the official model replaces `norm` by `fc_norm` after pooling.
         super().__init__(cfg, drop_path_rate=drop_path_rate, learnable_pos=True, final_norm=not global_pool)
         self.global_pool = global_pool

@@ -17,27 +17,48 @@ COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-auto
 def add_run_args(parser: argparse.ArgumentParser) -> None:
     """Output, resume, device and distributed options of the official scripts, plus --precision."""
     g = parser.add_argument_group("output, resume and devices")
-    g.add_argument("--output_dir", default="./output_dir",
-                   help="where checkpoints, metrics.jsonl and the final native model (model/) go; '' saves nothing")
-    g.add_argument("--log_dir", default=None,
-                   help="write TensorBoard events here (needs the tensorboard package); default: none")
+    g.add_argument(
+        "--output_dir",
+        default="./output_dir",
+        help="where checkpoints, metrics.jsonl and the final native model (model/) go; '' saves nothing",
+    )
+    g.add_argument(
+        "--log_dir", default=None, help="write TensorBoard events here (needs the tensorboard package); default: none"
+    )
     g.add_argument("--device", default="auto", help="cuda, cuda:N or cpu; auto = cuda when available")
-    g.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto = bf16 autocast on GPUs that have bf16 (Ampere and later), else fp16 with a grad "
-                        "scaler (the official recipe), fp32 on CPU; bf16 autocasts on CPU or GPU")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the model (inductor) for training and evaluation; checkpoints and model/ "
-                        "stay in the eager layout, so --resume works across compiled and eager runs")
-    g.add_argument("--compile_mode", default="auto", choices=COMPILE_MODES,
-                   help="with --compile: auto = reduce-overhead (CUDA graphs) on one GPU with --accum_iter 1, "
-                        "else default (no CUDA graphs)")
+    g.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="auto = bf16 autocast on GPUs that have bf16 (Ampere and later), else fp16 with a grad "
+        "scaler (the official recipe), fp32 on CPU; bf16 autocasts on CPU or GPU",
+    )
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model (inductor) for training and evaluation; checkpoints and model/ "
+        "stay in the eager layout, so --resume works across compiled and eager runs",
+    )
+    g.add_argument(
+        "--compile_mode",
+        default="auto",
+        choices=COMPILE_MODES,
+        help="with --compile: auto = reduce-overhead (CUDA graphs) on one GPU with --accum_iter 1, "
+        "else default (no CUDA graphs)",
+    )
     g.add_argument("--seed", default=0, type=int)
-    g.add_argument("--resume", default="",
-                   help="training checkpoint to continue from; 'auto' = output_dir/checkpoint-last.pth if present")
+    g.add_argument(
+        "--resume",
+        default="",
+        help="training checkpoint to continue from; 'auto' = output_dir/checkpoint-last.pth if present",
+    )
     g.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch (set by --resume)")
-    g.add_argument("--save_freq", default=20, type=int,
-                   help="keep checkpoint-<epoch>.pth every N epochs and at the end "
-                        "(checkpoint-last.pth is updated every epoch)")
+    g.add_argument(
+        "--save_freq",
+        default=20,
+        type=int,
+        help="keep checkpoint-<epoch>.pth every N epochs and at the end (checkpoint-last.pth is updated every epoch)",
+    )
     g.add_argument("--num_workers", default=10, type=int)
     g.add_argument("--pin_mem", action="store_true", help="pin CPU memory in the DataLoader (GPU transfers)")
     g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
@@ -66,8 +87,9 @@ patches, the removed ones replaced by a learned mask token; it is about 2x slowe
 
 
 def pretrain_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("python -m training.pretrain", description=PRETRAIN_USAGE,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        "python -m training.pretrain", description=PRETRAIN_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--batch_size", default=64, type=int, help="batch size per process (GPU)")
     p.add_argument("--epochs", default=400, type=int)
     p.add_argument("--accum_iter", default=1, type=int, help="accumulate gradients over N batches per step")
@@ -78,19 +100,28 @@ def pretrain_parser() -> argparse.ArgumentParser:
     m.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed")
     m.add_argument("--norm_pix_loss", action="store_true", help="predict per-patch normalised pixels")
     m.set_defaults(norm_pix_loss=False)
-    m.add_argument("--mask_token_encoder", action="store_true",
-                   help="baseline: the encoder sees all tokens, removed ones as mask tokens (Table 1c)")
-    p.add_argument("--gpu_decode", action="store_true",
-                   help="workers only read files; the training process decodes each batch on --device (JPEG: "
-                        "nvJPEG on a GPU) and crops, flips and normalises there (the same augmentation)")
+    m.add_argument(
+        "--mask_token_encoder",
+        action="store_true",
+        help="baseline: the encoder sees all tokens, removed ones as mask tokens (Table 1c)",
+    )
+    p.add_argument(
+        "--gpu_decode",
+        action="store_true",
+        help="workers only read files; the training process decodes each batch on --device (JPEG: "
+        "nvJPEG on a GPU) and crops, flips and normalises there (the same augmentation)",
+    )
     o = p.add_argument_group("optimizer")
     o.add_argument("--weight_decay", type=float, default=0.05)
     o.add_argument("--lr", type=float, default=None, metavar="LR", help="absolute lr (default: blr x batch / 256)")
     o.add_argument("--blr", type=float, default=1e-3, metavar="LR", help="base lr: lr = blr x effective batch / 256")
     o.add_argument("--min_lr", type=float, default=0.0, metavar="LR", help="lower lr bound of the cosine")
     o.add_argument("--warmup_epochs", type=int, default=40, metavar="N")
-    p.add_argument("--data_path", default="/datasets01/imagenet_full_size/061417/",
-                   help="ImageFolder root with train/ (or the class folders directly)")
+    p.add_argument(
+        "--data_path",
+        default="/datasets01/imagenet_full_size/061417/",
+        help="ImageFolder root with train/ (or the class folders directly)",
+    )
     add_run_args(p)
     return p
 
@@ -115,14 +146,18 @@ Differences from timm's augmentation that torchvision cannot express: RandAugmen
 
 
 def finetune_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("python -m training.finetune", description=FINETUNE_USAGE,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        "python -m training.finetune", description=FINETUNE_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--batch_size", default=64, type=int, help="batch size per process (GPU)")
     p.add_argument("--epochs", default=50, type=int)
     p.add_argument("--accum_iter", default=1, type=int, help="accumulate gradients over N batches per step")
     m = p.add_argument_group("model")
-    m.add_argument("--model", default="vit_large_patch16",
-                   help="architecture at random init when no --finetune is given (the checkpoint's otherwise)")
+    m.add_argument(
+        "--model",
+        default="vit_large_patch16",
+        help="architecture at random init when no --finetune is given (the checkpoint's otherwise)",
+    )
     m.add_argument("--input_size", default=224, type=int, help="image size")
     m.add_argument("--in_chans", default=3, type=int, help="image channels without --finetune: 3 or 1")
     m.add_argument("--drop_path", type=float, default=0.1, metavar="PCT", help="drop path (stochastic depth) rate")
@@ -136,8 +171,13 @@ def finetune_parser() -> argparse.ArgumentParser:
     o.add_argument("--warmup_epochs", type=int, default=5, metavar="N")
     a = p.add_argument_group("augmentation")
     a.add_argument("--color_jitter", type=float, default=None, metavar="PCT", help="color jitter (used when no --aa)")
-    a.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", metavar="NAME",
-                   help="RandAugment spec 'rand-m<magnitude>-n<ops>', or 'none'")
+    a.add_argument(
+        "--aa",
+        type=str,
+        default="rand-m9-mstd0.5-inc1",
+        metavar="NAME",
+        help="RandAugment spec 'rand-m<magnitude>-n<ops>', or 'none'",
+    )
     a.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     a.add_argument("--reprob", type=float, default=0.25, metavar="PCT", help="random erasing probability")
     a.add_argument("--remode", type=str, default="pixel", help="random erasing fill: pixel or const")
@@ -154,13 +194,21 @@ def finetune_parser() -> argparse.ArgumentParser:
     f.add_argument("--global_pool", action="store_true", help="global average pool + fc_norm (default)")
     f.add_argument("--cls_token", action="store_false", dest="global_pool", help="use the cls token instead")
     p.set_defaults(global_pool=True)
-    p.add_argument("--data_path", default="/datasets01/imagenet_full_size/061417/",
-                   help="ImageFolder root with train/ and val/")
-    p.add_argument("--nb_classes", default=None, type=int,
-                   help="number of classes (official default 1000; here: the class folders in train/)")
+    p.add_argument(
+        "--data_path", default="/datasets01/imagenet_full_size/061417/", help="ImageFolder root with train/ and val/"
+    )
+    p.add_argument(
+        "--nb_classes",
+        default=None,
+        type=int,
+        help="number of classes (official default 1000; here: the class folders in train/)",
+    )
     p.add_argument("--eval", action="store_true", help="evaluate --resume / --finetune only")
-    p.add_argument("--dist_eval", action="store_true",
-                   help="accepted for compatibility: evaluation is always sharded exactly over processes")
+    p.add_argument(
+        "--dist_eval",
+        action="store_true",
+        help="accepted for compatibility: evaluation is always sharded exactly over processes",
+    )
     add_run_args(p)
     return p
 
@@ -182,14 +230,18 @@ Top-1/top-5 on ``data_path/val`` every epoch; the final classifier is written as
 
 
 def linprobe_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("python -m training.linprobe", description=LINPROBE_USAGE,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        "python -m training.linprobe", description=LINPROBE_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--batch_size", default=512, type=int, help="batch size per process (GPU)")
     p.add_argument("--epochs", default=90, type=int)
     p.add_argument("--accum_iter", default=1, type=int, help="accumulate gradients over N batches per step")
     m = p.add_argument_group("model")
-    m.add_argument("--model", default="vit_large_patch16",
-                   help="architecture at random init when no --finetune is given (the checkpoint's otherwise)")
+    m.add_argument(
+        "--model",
+        default="vit_large_patch16",
+        help="architecture at random init when no --finetune is given (the checkpoint's otherwise)",
+    )
     m.add_argument("--input_size", default=224, type=int, help="image size")
     m.add_argument("--in_chans", default=3, type=int, help="image channels without --finetune: 3 or 1")
     o = p.add_argument_group("optimizer (LARS)")
@@ -203,13 +255,21 @@ def linprobe_parser() -> argparse.ArgumentParser:
     f.add_argument("--global_pool", action="store_true", help="mean patch token instead of the cls token")
     f.add_argument("--cls_token", action="store_false", dest="global_pool", help="cls token features (default)")
     p.set_defaults(global_pool=False)
-    p.add_argument("--data_path", default="/datasets01/imagenet_full_size/061417/",
-                   help="ImageFolder root with train/ and val/")
-    p.add_argument("--nb_classes", default=None, type=int,
-                   help="number of classes (official default 1000; here: the class folders in train/)")
+    p.add_argument(
+        "--data_path", default="/datasets01/imagenet_full_size/061417/", help="ImageFolder root with train/ and val/"
+    )
+    p.add_argument(
+        "--nb_classes",
+        default=None,
+        type=int,
+        help="number of classes (official default 1000; here: the class folders in train/)",
+    )
     p.add_argument("--eval", action="store_true", help="evaluate --resume / --finetune only")
-    p.add_argument("--dist_eval", action="store_true",
-                   help="accepted for compatibility: evaluation is always sharded exactly over processes")
+    p.add_argument(
+        "--dist_eval",
+        action="store_true",
+        help="accepted for compatibility: evaluation is always sharded exactly over processes",
+    )
     add_run_args(p)
     return p
 
@@ -220,16 +280,30 @@ def linprobe_parser() -> argparse.ArgumentParser:
 
 # option -> (lowest, highest, lowest excluded, highest excluded); None = unbounded on that side.
 _RANGES = {
-    "batch_size": (1, None, False, False), "epochs": (1, None, False, False), "accum_iter": (1, None, False, False),
-    "input_size": (1, 8192, False, False), "warmup_epochs": (0, None, False, False),
-    "start_epoch": (0, None, False, False), "save_freq": (1, None, False, False),
-    "num_workers": (0, None, False, False), "mask_ratio": (0.0, 1.0, False, True),
-    "blr": (0.0, None, True, False), "lr": (0.0, None, True, False), "min_lr": (0.0, None, False, False),
-    "weight_decay": (0.0, None, False, False), "drop_path": (0.0, 1.0, False, True),
-    "layer_decay": (0.0, 1.0, True, False), "smoothing": (0.0, 1.0, False, True), "reprob": (0.0, 1.0, False, False),
-    "mixup": (0.0, None, False, False), "cutmix": (0.0, None, False, False), "mixup_prob": (0.0, 1.0, False, False),
-    "mixup_switch_prob": (0.0, 1.0, False, False), "clip_grad": (0.0, None, True, False),
-    "color_jitter": (0.0, None, False, False), "nb_classes": (1, None, False, False),
+    "batch_size": (1, None, False, False),
+    "epochs": (1, None, False, False),
+    "accum_iter": (1, None, False, False),
+    "input_size": (1, 8192, False, False),
+    "warmup_epochs": (0, None, False, False),
+    "start_epoch": (0, None, False, False),
+    "save_freq": (1, None, False, False),
+    "num_workers": (0, None, False, False),
+    "mask_ratio": (0.0, 1.0, False, True),
+    "blr": (0.0, None, True, False),
+    "lr": (0.0, None, True, False),
+    "min_lr": (0.0, None, False, False),
+    "weight_decay": (0.0, None, False, False),
+    "drop_path": (0.0, 1.0, False, True),
+    "layer_decay": (0.0, 1.0, True, False),
+    "smoothing": (0.0, 1.0, False, True),
+    "reprob": (0.0, 1.0, False, False),
+    "mixup": (0.0, None, False, False),
+    "cutmix": (0.0, None, False, False),
+    "mixup_prob": (0.0, 1.0, False, False),
+    "mixup_switch_prob": (0.0, 1.0, False, False),
+    "clip_grad": (0.0, None, True, False),
+    "color_jitter": (0.0, None, False, False),
+    "nb_classes": (1, None, False, False),
 }
 
 

@@ -33,8 +33,7 @@ class MaskTokenMAE(MaskedAutoencoderViT):
             self.mask_token.requires_grad_(False)  # unused: the encoder already fills every position
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None):
-        _, _, mask = random_masking(imgs.shape[0], self.config.num_patches, mask_ratio, noise=noise,
-                                    device=imgs.device)
+        _, _, mask = random_masking(imgs.shape[0], self.config.num_patches, mask_ratio, noise=noise, device=imgs.device)
         x = self.patch_embed(imgs)  # (N,L,D)
         x = torch.where(mask.bool()[..., None], self.encoder_mask_token.to(x.dtype), x) + self.pos_embed[:, 1:]
         x = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1), x], dim=1)
@@ -78,14 +77,22 @@ def train(args: argparse.Namespace, info) -> None:
 
         dataset = gpu_data.EncodedImageFolder(train_dir, args.in_chans, log=say)
         sampler = train_sampler(dataset, info, args.seed)
-        loader = gpu_data.device_decoded_loader(dataset, sampler, args.batch_size, args.num_workers, pin,
-                                                args.input_size, args.in_chans, device)
+        loader = gpu_data.device_decoded_loader(
+            dataset, sampler, args.batch_size, args.num_workers, pin, args.input_size, args.in_chans, device
+        )
     else:
-        dataset = data.image_folder(train_dir, data.pretrain_transform(args.input_size, args.in_chans), args.in_chans,
-                                    log=say)
+        dataset = data.image_folder(
+            train_dir, data.pretrain_transform(args.input_size, args.in_chans), args.in_chans, log=say
+        )
         sampler = train_sampler(dataset, info, args.seed)
-        loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, drop_last=True,
-                                             num_workers=args.num_workers, pin_memory=pin)
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            sampler=sampler,
+            batch_size=args.batch_size,
+            drop_last=True,
+            num_workers=args.num_workers,
+            pin_memory=pin,
+        )
 
     # Model and optimizer.
     name = loop.registry_name(args.model)
@@ -98,8 +105,9 @@ def train(args: argparse.Namespace, info) -> None:
     eff_batch = args.batch_size * args.accum_iter * info.world_size
     if args.lr is None:
         args.lr = optim.effective_lr(args.blr, args.batch_size, args.accum_iter, info.world_size)
-    optimizer = optim.make_adamw(optim.param_groups_weight_decay(model, args.weight_decay), args.lr, device,
-                                 betas=(0.9, 0.95))
+    optimizer = optim.make_adamw(
+        optim.param_groups_weight_decay(model, args.weight_decay), args.lr, device, betas=(0.9, 0.95)
+    )
     scaler = loop.make_scaler(precision, device)
     # DDP under torchrun, then torch.compile with --compile; `model` stays the eager module (checkpoints).
     ddp = prepare_model(model, info, args.compile, args.compile_mode, args.accum_iter)
@@ -111,13 +119,22 @@ def train(args: argparse.Namespace, info) -> None:
         say(f"resumed from {start}: continuing at epoch {args.start_epoch}")
     metrics = loop.MetricsLog(out, args.log_dir, info)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    say(f"pretraining {name}{' (mask-token encoder baseline)' if args.mask_token_encoder else ''}: "
+    say(
+        f"pretraining {name}{' (mask-token encoder baseline)' if args.mask_token_encoder else ''}: "
         f"{n_params / 1e6:.2f}M parameters, {len(dataset)} images, {len(loader)} steps/epoch, "
-        f"{info.world_size} process(es) on {device}, {precision}{compile_note(ddp)}")
-    say(f"lr {args.lr:.3e} (blr {args.blr:.3e} x effective batch {eff_batch} / 256), "
+        f"{info.world_size} process(es) on {device}, {precision}{compile_note(ddp)}"
+    )
+    say(
+        f"lr {args.lr:.3e} (blr {args.blr:.3e} x effective batch {eff_batch} / 256), "
         f"epochs {args.epochs}, warm-up {args.warmup_epochs}; images decoded and augmented "
-        + (f"on {device} (--gpu_decode)" if args.gpu_decode
-           else f"by {args.num_workers} CPU worker(s)" if args.num_workers else "in this process"))
+        + (
+            f"on {device} (--gpu_decode)"
+            if args.gpu_decode
+            else f"by {args.num_workers} CPU worker(s)"
+            if args.num_workers
+            else "in this process"
+        )
+    )
 
     def set_lr(epoch: float) -> float:
         return optim.adjust_learning_rate(optimizer, epoch, args.lr, args.min_lr, args.epochs, args.warmup_epochs)
@@ -133,8 +150,17 @@ def train(args: argparse.Namespace, info) -> None:
 
     last = out / "checkpoint-last.pth" if out else None
     t0 = time.perf_counter()
-    step = loop.TrainingStep(ddp, optimizer, compute_loss, set_lr, info, precision=precision, scaler=scaler,
-                               accum_iter=args.accum_iter, metrics=metrics)
+    step = loop.TrainingStep(
+        ddp,
+        optimizer,
+        compute_loss,
+        set_lr,
+        info,
+        precision=precision,
+        scaler=scaler,
+        accum_iter=args.accum_iter,
+        metrics=metrics,
+    )
     for epoch in range(args.start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         kept = str(last) if last and last.exists() else None
@@ -152,11 +178,18 @@ def train(args: argparse.Namespace, info) -> None:
         from training.checkpoints import save_native
 
         final = model.as_mae() if isinstance(model, MaskTokenMAE) else model
-        source = {"format": "mae-deploy pretrain", "epochs": args.epochs, "model": name,
-                  "mask_token_encoder": bool(args.mask_token_encoder), "data_path": str(args.data_path)}
+        source = {
+            "format": "mae-deploy pretrain",
+            "epochs": args.epochs,
+            "model": name,
+            "mask_token_encoder": bool(args.mask_token_encoder),
+            "data_path": str(args.data_path),
+        }
         save_native(final.cpu(), out / "model", source=source, overwrite=True)
-        say(f"done in {time.perf_counter() - t0:.1f}s; native checkpoint: {out / 'model'} "
-            f"(next: mae-deploy export {out / 'model'} --out bundle/)")
+        say(
+            f"done in {time.perf_counter() - t0:.1f}s; native checkpoint: {out / 'model'} "
+            f"(next: mae-deploy export {out / 'model'} --out bundle/)"
+        )
 
 
 def cli(argv: list[str] | None = None) -> None:

@@ -33,15 +33,19 @@ def torch_not_offered(bundle, precision: str, device: str, checkpoint: str | Non
     return None
 
 
-def runner_options(backend: str, threads: int, checkpoint: str | None, max_batch: int,
-                   compile_model: bool = False) -> dict:
+def runner_options(
+    backend: str, threads: int, checkpoint: str | None, max_batch: int, compile_model: bool = False
+) -> dict:
     """Constructor options per backend: pinned threads, the torch weights and torch.compile, the TensorRT
     profile."""
     if backend == "ort":
         return {"intra_op_threads": threads, "inter_op_threads": 1}
     if backend == "torch":
-        return {"threads": threads, **({"checkpoint": checkpoint} if checkpoint else {}),
-                **({"compile": True} if compile_model else {})}
+        return {
+            "threads": threads,
+            **({"checkpoint": checkpoint} if checkpoint else {}),
+            **({"compile": True} if compile_model else {}),
+        }
     if backend == "trt":
         # The engine's profile must cover the largest batch, or the runner would split it into chunks.
         # Its optimum shape stays the runner's default (batch min(8, max), all tokens).
@@ -59,8 +63,17 @@ def runner_threads(info, backend: str) -> dict:
     return {"intra_op": None, "inter_op": None}
 
 
-def build_runner(bundle, backend: str, precision: str, device: str, threads: int, checkpoint: str | None,
-                 parts_needed: Sequence[str], max_batch: int = 1, compile_model: bool = False):
+def build_runner(
+    bundle,
+    backend: str,
+    precision: str,
+    device: str,
+    threads: int,
+    checkpoint: str | None,
+    parts_needed: Sequence[str],
+    max_batch: int = 1,
+    compile_model: bool = False,
+):
     """Create a runner and its sessions/engines now: (runner, build seconds, None) or (None, None, reason).
 
     Raises InputError (exit 3) for bad input; returns a reason only for what is unavailable or not offered.
@@ -73,14 +86,21 @@ def build_runner(bundle, backend: str, precision: str, device: str, threads: int
             return None, None, reason
     t0 = time.perf_counter()
     try:
-        runner = create_runner(bundle, backend=backend, device=device, precision=precision,
-                               **runner_options(backend, threads, checkpoint, max_batch, compile_model))
+        runner = create_runner(
+            bundle,
+            backend=backend,
+            device=device,
+            precision=precision,
+            **runner_options(backend, threads, checkpoint, max_batch, compile_model),
+        )
     except UNAVAILABLE as e:
         return None, None, f"{backend} {precision} on {device} unavailable: {e}"
     except InputError as e:
         if backend == "torch" and checkpoint is None:  # the bundle's own reference/ weights are unreadable
-            raise InputError(f"{e} (the torch backend and the torch reference read the bundle's reference weights: "
-                             "give --checkpoint WEIGHTS, or --no-reference without torch in --backends)") from e
+            raise InputError(
+                f"{e} (the torch backend and the torch reference read the bundle's reference weights: "
+                "give --checkpoint WEIGHTS, or --no-reference without torch in --backends)"
+            ) from e
         if backend == "torch" or isinstance(e, CheckpointError):
             raise  # every combination torch does not offer was checked above: these are the weights
         return None, None, f"{backend} does not offer {precision} here: {e}"

@@ -14,6 +14,7 @@ def compare_results(new: dict, old: dict) -> dict:
 
     ``p50_ratio`` and ``mean_ratio`` below 1 mean the new run is faster; ``throughput_ratio`` above 1 too.
     """
+
     def measured(results: dict) -> dict[tuple, dict]:
         return {row_key(r): r for r in results["rows"] if r["status"] == "ok"}
 
@@ -23,13 +24,16 @@ def compare_results(new: dict, old: dict) -> dict:
         if key not in o:
             continue
         orow = o[key]
-        rows.append({
-            **dict(zip(KEY_FIELDS, key, strict=True)),
-            "old_p50_ms": orow["latency_ms"]["p50"], "new_p50_ms": nr["latency_ms"]["p50"],
-            "p50_ratio": nr["latency_ms"]["p50"] / orow["latency_ms"]["p50"],
-            "mean_ratio": nr["latency_ms"]["mean"] / orow["latency_ms"]["mean"],
-            "throughput_ratio": nr["throughput_ips"] / orow["throughput_ips"],
-        })
+        rows.append(
+            {
+                **dict(zip(KEY_FIELDS, key, strict=True)),
+                "old_p50_ms": orow["latency_ms"]["p50"],
+                "new_p50_ms": nr["latency_ms"]["p50"],
+                "p50_ratio": nr["latency_ms"]["p50"] / orow["latency_ms"]["p50"],
+                "mean_ratio": nr["latency_ms"]["mean"] / orow["latency_ms"]["mean"],
+                "throughput_ratio": nr["throughput_ips"] / orow["throughput_ips"],
+            }
+        )
     notes = []
     om, nm = old["machine"].get("cpu_model"), new["machine"].get("cpu_model")
     if om != nm:
@@ -43,8 +47,10 @@ def compare_results(new: dict, old: dict) -> dict:
 
 
 def format_compare(cmp: dict, old_name: str = "old") -> str:
-    head = (f"{'backend':<7} {'prec':<5} {'part':<11} {'batch':>5} {'vis':>4} | {'old p50':>9} {'new p50':>9} "
-            f"{'p50 new/old':>11} {'mean new/old':>12} {'img/s new/old':>13}")
+    head = (
+        f"{'backend':<7} {'prec':<5} {'part':<11} {'batch':>5} {'vis':>4} | {'old p50':>9} {'new p50':>9} "
+        f"{'p50 new/old':>11} {'mean new/old':>12} {'img/s new/old':>13}"
+    )
     lines = [f"=== Compared with {old_name} (ratios below 1 in latency = faster now) ===", head, "-" * len(head)]
     for r in cmp["rows"]:
         lines.append(

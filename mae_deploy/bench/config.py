@@ -19,8 +19,9 @@ PARTS = ("encoder", "decoder", "reconstruct")
 KEY_FIELDS = ("backend", "precision", "part", "batch", "visible")
 
 
-def visible_counts(num_patches: int, visible: Sequence[int] | None = None,
-                   mask_ratios: Sequence[float] | None = None) -> list[int]:
+def visible_counts(
+    num_patches: int, visible: Sequence[int] | None = None, mask_ratios: Sequence[float] | None = None
+) -> list[int]:
     """The visible-token counts to run: ``visible`` as given, or K = int(L*(1-r)) per mask ratio.
 
     Neither given: all tokens (feature extraction) and the MAE training ratio 0.75 (reconstruction).

@@ -21,8 +21,12 @@ LIBRARIES = ("numpy", "onnxruntime", "onnxruntime-gpu", "onnx", "torch", "tensor
 _CPU_FLAGS = ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 # The int8 instructions that decide int8 speed, best first: the same int8 graph runs ~2x apart between VNNI
 # and AVX2 without it (16-bit saturating pair sums, vpmaddubsw), and AMX tiles are faster again.
-_INT8_ISAS = (("amx_int8", "AMX"), ("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"),
-              ("avx2", "AVX2 (no VNNI)"))
+_INT8_ISAS = (
+    ("amx_int8", "AMX"),
+    ("avx512_vnni", "AVX-512 VNNI"),
+    ("avx_vnni", "AVX-VNNI"),
+    ("avx2", "AVX2 (no VNNI)"),
+)
 
 
 def int8_isa(flags: Iterable[str]) -> str:
@@ -71,7 +75,9 @@ def gpus() -> list[dict]:
     try:
         out = subprocess.run(
             [exe, "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=10,
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
     except (OSError, subprocess.SubprocessError):
         return []

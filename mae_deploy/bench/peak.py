@@ -37,8 +37,22 @@ import numpy as np
 
 from mae_deploy.errors import MaeDeployError
 
-PROBE_KEYS = ("backend", "precision", "device", "op", "size", "unit", "peak", "calls", "seconds", "status", "reason",
-              "shape", "shapes", "budget_s")
+PROBE_KEYS = (
+    "backend",
+    "precision",
+    "device",
+    "op",
+    "size",
+    "unit",
+    "peak",
+    "calls",
+    "seconds",
+    "status",
+    "reason",
+    "shape",
+    "shapes",
+    "budget_s",
+)
 SHAPE_KEYS = ("m", "k", "n", "what", "rate", "calls", "seconds", "status")
 _CPU_SIZE, _GPU_SIZE = 1024, 8192
 # Large generic products after the model's own: a square one and a wider one (packing amortised over more work).
@@ -67,13 +81,21 @@ def model_shapes(arch: Mapping, batch: int, visible: int, decoder: bool = False)
 
     L, patch_dim, d, _, h = arch_dims(arch)
     t = batch * (visible + 1)
-    shapes = [_shape(t, d, 3 * d, "encoder qkv"), _shape(t, d, d, "encoder proj"), _shape(t, d, h, "encoder fc1"),
-              _shape(t, h, d, "encoder fc2"), _shape(batch * L, patch_dim, d, "patch embedding")]
+    shapes = [
+        _shape(t, d, 3 * d, "encoder qkv"),
+        _shape(t, d, d, "encoder proj"),
+        _shape(t, d, h, "encoder fc1"),
+        _shape(t, h, d, "encoder fc2"),
+        _shape(batch * L, patch_dim, d, "patch embedding"),
+    ]
     dd = int(arch.get("decoder_embed_dim") or 0)
     if decoder and dd and int(arch.get("decoder_depth") or 0):
         hd, td = int(dd * float(arch.get("mlp_ratio", 4.0))), batch * (L + 1)
-        shapes += [_shape(td, dd, 3 * dd, "decoder qkv"), _shape(td, dd, hd, "decoder fc1"),
-                   _shape(td, hd, dd, "decoder fc2")]
+        shapes += [
+            _shape(td, dd, 3 * dd, "decoder qkv"),
+            _shape(td, dd, hd, "decoder fc1"),
+            _shape(td, hd, dd, "decoder fc2"),
+        ]
     return shapes
 
 
@@ -99,8 +121,11 @@ def _onnx_matmul(m: int, k: int, n: int, precision: str) -> tuple[bytes, np.ndar
         a: np.ndarray = rng.integers(0, 255, (m, k), dtype=np.uint8)
         w = numpy_helper.from_array(rng.integers(-127, 127, (k, n), dtype=np.int8), "W")
         node = helper.make_node("MatMulInteger", ["A", "W"], ["Y"])
-        inputs, out_type, op = [helper.make_tensor_value_info("A", TensorProto.UINT8, [m, k])], TensorProto.INT32, \
-            "MatMulInteger"
+        inputs, out_type, op = (
+            [helper.make_tensor_value_info("A", TensorProto.UINT8, [m, k])],
+            TensorProto.INT32,
+            "MatMulInteger",
+        )
         nodes, inits = [node], [w]
     elif precision.startswith("int8"):
         a = rng.standard_normal((m, k), dtype=np.float32)
@@ -117,16 +142,20 @@ def _onnx_matmul(m: int, k: int, n: int, precision: str) -> tuple[bytes, np.ndar
             helper.make_node("DequantizeLinear", ["Wq", "ws", "wz"], ["Wd"]),
             helper.make_node("MatMul", ["Ad", "Wd"], ["Y"]),
         ]
-        inputs, out_type, op = [helper.make_tensor_value_info("A", TensorProto.FLOAT, [m, k])], TensorProto.FLOAT, \
-            "Q/DQ MatMul"
+        inputs, out_type, op = (
+            [helper.make_tensor_value_info("A", TensorProto.FLOAT, [m, k])],
+            TensorProto.FLOAT,
+            "Q/DQ MatMul",
+        )
     else:
         dtype, elem = (np.float16, TensorProto.FLOAT16) if precision == "fp16" else (np.float32, TensorProto.FLOAT)
         a = rng.standard_normal((m, k)).astype(dtype)
         inits = [numpy_helper.from_array(rng.standard_normal((k, n)).astype(dtype), "W")]
         nodes = [helper.make_node("MatMul", ["A", "W"], ["Y"])]
         inputs, out_type, op = [helper.make_tensor_value_info("A", elem, [m, k])], elem, "MatMul"
-    graph = helper.make_graph(nodes, "matmul_probe", inputs, [helper.make_tensor_value_info("Y", out_type, [m, n])],
-                              inits)
+    graph = helper.make_graph(
+        nodes, "matmul_probe", inputs, [helper.make_tensor_value_info("Y", out_type, [m, n])], inits
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model.SerializeToString(), a, op
@@ -145,8 +174,9 @@ def _ort_call(precision: str, device: str, threads: int, m: int, k: int, n: int)
     return (lambda: sess.run(None, {"A": a})), op
 
 
-def _openvino_call(precision: str, device: str, threads: int, m: int, k: int, n: int
-                   ) -> tuple[Callable[[], object], str]:
+def _openvino_call(
+    precision: str, device: str, threads: int, m: int, k: int, n: int
+) -> tuple[Callable[[], object], str]:
     import openvino as ov
 
     if device != "cpu":
@@ -154,14 +184,16 @@ def _openvino_call(precision: str, device: str, threads: int, m: int, k: int, n:
     data, a, op = _onnx_matmul(m, k, n, "int8-qdq" if precision.startswith("int8") else "fp32")
     core = ov.Core()
     hint = "bf16" if precision == "bf16" else "f32"
-    compiled = core.compile_model(core.read_model(data), "CPU", {
-        "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"})
+    compiled = core.compile_model(
+        core.read_model(data),
+        "CPU",
+        {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"},
+    )
     request = compiled.create_infer_request()
     return (lambda: request.infer({0: a})), op
 
 
-def _torch_call(precision: str, device: str, threads: int, m: int, k: int, n: int
-                ) -> tuple[Callable[[], object], str]:
+def _torch_call(precision: str, device: str, threads: int, m: int, k: int, n: int) -> tuple[Callable[[], object], str]:
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -198,9 +230,18 @@ def _time_shape(call: Callable[[], object], seconds: float, max_calls: int) -> t
     return best, calls, time.perf_counter() - start
 
 
-def probe_peak(backend: str, precision: str, device: str, threads: int, *, size: int | None = None,
-               shapes: Iterable[dict] | None = None, seconds: float = 0.4, budget_s: float | None = None,
-               max_calls: int = 200) -> dict:
+def probe_peak(
+    backend: str,
+    precision: str,
+    device: str,
+    threads: int,
+    *,
+    size: int | None = None,
+    shapes: Iterable[dict] | None = None,
+    seconds: float = 0.4,
+    budget_s: float | None = None,
+    max_calls: int = 200,
+) -> dict:
     """Probe one (backend, precision, device); returns a dict with PROBE_KEYS (``peak`` in G per second).
 
     ``size`` probes the one square product size^3; else ``shapes`` (``probe_shapes``'s dicts; default: the
@@ -213,8 +254,9 @@ def probe_peak(backend: str, precision: str, device: str, threads: int, *, size:
         todo = probe_shapes(device, shapes or ())
     budget = _BUDGET_S[kind] if budget_s is None else budget_s
     out: dict[str, Any] = dict.fromkeys(PROBE_KEYS)
-    out.update(backend=backend, precision=precision, device=device, unit=unit_for(precision), budget_s=budget,
-               shapes=todo)
+    out.update(
+        backend=backend, precision=precision, device=device, unit=unit_for(precision), budget_s=budget, shapes=todo
+    )
     make = _PROBES.get(backend)
     if make is None:
         out.update(status="skipped", reason=f"no peak probe for the {backend} backend")
@@ -233,16 +275,25 @@ def probe_peak(backend: str, precision: str, device: str, threads: int, *, size:
             out.update(status="skipped", reason=f"{backend} {precision} probe unavailable: {e}")
             return out
         except Exception as e:  # an engine without this kernel (e.g. fp16 MatMul on a CPU provider)
-            out.update(status="failed", reason=f"{backend} {precision} probe failed: {type(e).__name__}: "
-                                               f"{str(e).splitlines()[0] if str(e) else ''}")
+            out.update(
+                status="failed",
+                reason=f"{backend} {precision} probe failed: {type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}",
+            )
             return out
         s.update(rate=flops / t / 1e9, calls=n_calls, seconds=round(spent, 3), status="ok")
         calls += n_calls
         if s["rate"] > best_rate:
             best_rate, out["shape"] = s["rate"], [s["m"], s["k"], s["n"]]
     m, k, n = out["shape"]
-    out.update(op=op, size=m if m == k == n else None, peak=best_rate, calls=calls,
-               seconds=round(time.perf_counter() - start, 3), status="ok")
+    out.update(
+        op=op,
+        size=m if m == k == n else None,
+        peak=best_rate,
+        calls=calls,
+        seconds=round(time.perf_counter() - start, 3),
+        status="ok",
+    )
     return out
 
 
@@ -309,8 +360,10 @@ def compute(flops: int, p50_ms: float, probe: dict | None, precision: str) -> di
     fraction = achieved / ok_probe["peak"] if ok_probe is not None else None
     note = None if ok_probe is not None else (probe["reason"] if probe else "peak not probed (--no-peak)")
     if fraction is not None and fraction > 1:
-        note = (f"above the probed peak ({100 * fraction:.0f} %): noise, load that hit the probes harder than the "
-                "row, or a kernel the probe shapes do not reach")
+        note = (
+            f"above the probed peak ({100 * fraction:.0f} %): noise, load that hit the probes harder than the "
+            "row, or a kernel the probe shapes do not reach"
+        )
     return {
         "flops": int(flops),
         "unit": unit_for(precision),

@@ -26,9 +26,12 @@ def write_plot(results: dict, path: str | os.PathLike) -> Path:
     part = next((p for p in PARTS if any(r["part"] == p for r in ok)), None)
     if part is not None:
         vis = max(r["visible"] for r in ok if r["part"] == part)
-        for (be, pr) in dict.fromkeys((r["backend"], r["precision"]) for r in ok):
-            pts = sorted((r["batch"], r["latency_ms"]["p50"]) for r in ok
-                         if (r["backend"], r["precision"], r["part"], r["visible"]) == (be, pr, part, vis))
+        for be, pr in dict.fromkeys((r["backend"], r["precision"]) for r in ok):
+            pts = sorted(
+                (r["batch"], r["latency_ms"]["p50"])
+                for r in ok
+                if (r["backend"], r["precision"], r["part"], r["visible"]) == (be, pr, part, vis)
+            )
             if pts:
                 ax1.plot(*zip(*pts, strict=True), marker="o", label=f"{be} {pr}")
                 for xb, yv in pts:  # values on the points: a log axis over less than a decade has few ticks
@@ -46,9 +49,12 @@ def write_plot(results: dict, path: str | os.PathLike) -> Path:
     enc = [r for r in ok if r["part"] == "encoder"]
     if enc:
         batch = max(r["batch"] for r in enc)
-        for (be, pr) in dict.fromkeys((r["backend"], r["precision"]) for r in enc):
-            pts = sorted((r["visible"], r["latency_ms"]["p50"]) for r in enc
-                         if (r["backend"], r["precision"], r["batch"]) == (be, pr, batch))
+        for be, pr in dict.fromkeys((r["backend"], r["precision"]) for r in enc):
+            pts = sorted(
+                (r["visible"], r["latency_ms"]["p50"])
+                for r in enc
+                if (r["backend"], r["precision"], r["batch"]) == (be, pr, batch)
+            )
             if pts:
                 ax2.plot(*zip(*pts, strict=True), marker="o", label=f"{be} {pr}")
         ax2.set_title(f"encoder latency vs visible tokens (batch {batch})")

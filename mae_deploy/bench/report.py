@@ -18,11 +18,36 @@ from mae_deploy.bench.stats import STATS
 from mae_deploy.fileio import atomic_write_text, check_writable
 
 CSV_COLUMNS = (
-    "backend", "precision", "device", "part", "batch", "visible", "status", "reason", "warmup", "iterations",
-    *(f"{s}_ms" for s in STATS), "first_call_ms", "throughput_ips",
-    *(f"gpu_{s}_ms" for s in ("p50", "mean")), "peak_rss_mb", "rss_scope", "peak_device_mem_mb",
-    "build_s", "intra_op_threads", "inter_op_threads", "reference", "max_abs_diff", "mean_abs_diff", "cosine",
-    "flops", "compute_unit", "achieved", "peak", "fraction_of_peak", "int8_isa",
+    "backend",
+    "precision",
+    "device",
+    "part",
+    "batch",
+    "visible",
+    "status",
+    "reason",
+    "warmup",
+    "iterations",
+    *(f"{s}_ms" for s in STATS),
+    "first_call_ms",
+    "throughput_ips",
+    *(f"gpu_{s}_ms" for s in ("p50", "mean")),
+    "peak_rss_mb",
+    "rss_scope",
+    "peak_device_mem_mb",
+    "build_s",
+    "intra_op_threads",
+    "inter_op_threads",
+    "reference",
+    "max_abs_diff",
+    "mean_abs_diff",
+    "cosine",
+    "flops",
+    "compute_unit",
+    "achieved",
+    "peak",
+    "fraction_of_peak",
+    "int8_isa",
 )
 
 
@@ -48,8 +73,9 @@ def csv_rows(results: dict) -> list[dict]:
         flat.update({f"gpu_{s}_ms": gpu.get(s) for s in ("p50", "mean")})
         flat.update(intra_op_threads=thr.get("intra_op"), inter_op_threads=thr.get("inter_op"))
         flat.update({k: agr.get(k) for k in ("reference", "max_abs_diff", "mean_abs_diff", "cosine")})
-        flat.update({k: comp.get(k) for k in ("flops", "achieved", "peak", "fraction_of_peak")},
-                    compute_unit=comp.get("unit"))
+        flat.update(
+            {k: comp.get(k) for k in ("flops", "achieved", "peak", "fraction_of_peak")}, compute_unit=comp.get("unit")
+        )
         out.append(flat)
     return out
 
@@ -94,8 +120,10 @@ def machine_line(results: dict) -> str:
     flags = f" [{' '.join(m['cpu_flags'])}]" if m.get("cpu_flags") else ""
     if m.get("int8_isa"):
         flags += f", int8 on {m['int8_isa']}"
-    return (f"{m['cpu_model']}{flags}, {m.get('cores')} cores / {m.get('threads')} threads "
-            f"({m.get('cpus_allowed')} allowed), {gpu}")
+    return (
+        f"{m['cpu_model']}{flags}, {m.get('cores')} cores / {m.get('threads')} threads "
+        f"({m.get('cpus_allowed')} allowed), {gpu}"
+    )
 
 
 def peak_lines(results: dict) -> list[str]:
@@ -115,7 +143,7 @@ def peak_lines(results: dict) -> list[str]:
             f"{backend} {precision}{isa}: {_rate(c['achieved'])} {c['unit']} = {100 * c['fraction_of_peak']:.0f} % of "
             f"this machine's {precision} peak ({c['peak_probe']}: {_rate(c['peak'])} {c['unit']}), best at "
             f"{r['part']} batch {r['batch']} visible {r['visible']}"
-            + (f"; {c['note']}" if c['fraction_of_peak'] > 1 and c.get("note") else "")
+            + (f"; {c['note']}" if c["fraction_of_peak"] > 1 and c.get("note") else "")
         )
     for p in results.get("peaks") or []:
         if p["status"] != "ok":
@@ -151,7 +179,8 @@ def markdown_table(results: dict) -> str:
         f"Threads pinned to {cfg['threads']}; warm-up {cfg['warmup']}; "
         + (f"{cfg['iters']} iterations" if cfg.get("iters") else f"{cfg['duration']} s per row")
         + f"; reference: {ref['name'] or 'none'}"
-        + (f" ({ref['note']})" if ref.get("note") else "") + ".",
+        + (f" ({ref['note']})" if ref.get("note") else "")
+        + ".",
         "",
         "| backend | precision | int8 ISA | part | batch | visible | p50 ms | p90 ms | p99 ms | mean ms | min ms "
         "| max ms | images/s | GFLOP/s (GOP/s int8) | % of peak | peak RSS MB | build s | max abs diff | cosine "
@@ -172,12 +201,17 @@ def markdown_table(results: dict) -> str:
         )
     peaks = peak_lines(results)
     if peaks:
-        lines += ["", "Distance to the limit (MatMul peak of the same engine and precision, probed in this run; "
-                  "FLOPs from mae_deploy.bench.flops):", ""] + [f"- {p}" for p in peaks]
+        lines += [
+            "",
+            "Distance to the limit (MatMul peak of the same engine and precision, probed in this run; "
+            "FLOPs from mae_deploy.bench.flops):",
+            "",
+        ] + [f"- {p}" for p in peaks]
     probes = probe_lines(results)
     if probes:
-        lines += ["", "Peak probes (each GEMM shape M x K x N and its best rate; the peak in bold):", ""] + \
-            [f"- {p}" for p in probes]
+        lines += ["", "Peak probes (each GEMM shape M x K x N and its best rate; the peak in bold):", ""] + [
+            f"- {p}" for p in probes
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -189,8 +223,12 @@ def _collapsed_skip(rows: list[dict], i: int) -> tuple[str, int]:
     """A runner that could not be built skips all its rows for one reason: one line; returns (line, next i)."""
     r = rows[i]
     j = i
-    while (j + 1 < len(rows) and rows[j + 1]["status"] == r["status"] and rows[j + 1]["reason"] == r["reason"]
-           and (rows[j + 1]["backend"], rows[j + 1]["precision"]) == (r["backend"], r["precision"])):
+    while (
+        j + 1 < len(rows)
+        and rows[j + 1]["status"] == r["status"]
+        and rows[j + 1]["reason"] == r["reason"]
+        and (rows[j + 1]["backend"], rows[j + 1]["precision"]) == (r["backend"], r["precision"])
+    ):
         j += 1
     key = f"{r['backend']:<8} {r['precision']:<5} {r['part']:<11} {r['batch']:>5} {r['visible']:>4} |"
     if j > i:
@@ -213,11 +251,15 @@ def format_summary(results: dict) -> str:
     ]
     if la.get("other_cpu_share") is not None:
         share = la["other_cpu_share"]
-        lines.append(f"other CPU {100 * share:.0f} % of the machine used by other processes during the run"
-                     + (" (contended: latencies are pessimistic)" if share > 0.05 else ""))
-    head = (f"{'backend':<8} {'prec':<5} {'part':<11} {'batch':>5} {'vis':>4} | {'p50':>8} {'p90':>8} {'p99':>8} "
-            f"{'mean':>8} {'min':>8} {'max':>8} {'cv%':>5} | {'img/s':>8} {'G/s':>7} {'%peak':>6} | "
-            f"{'RSS MB':>7} {'build s':>7} | {'max|d|':>7} {'cosine':>8} | int8 ISA")
+        lines.append(
+            f"other CPU {100 * share:.0f} % of the machine used by other processes during the run"
+            + (" (contended: latencies are pessimistic)" if share > 0.05 else "")
+        )
+    head = (
+        f"{'backend':<8} {'prec':<5} {'part':<11} {'batch':>5} {'vis':>4} | {'p50':>8} {'p90':>8} {'p99':>8} "
+        f"{'mean':>8} {'min':>8} {'max':>8} {'cv%':>5} | {'img/s':>8} {'G/s':>7} {'%peak':>6} | "
+        f"{'RSS MB':>7} {'build s':>7} | {'max|d|':>7} {'cosine':>8} | int8 ISA"
+    )
     lines += [head, "-" * len(head)]
     rows = results["rows"]
     i = 0
@@ -240,24 +282,37 @@ def format_summary(results: dict) -> str:
         i += 1
         if r.get("gpu_compute_ms"):
             g = r["gpu_compute_ms"]
-            lines.append(f"{'':<39}GPU compute (CUDA events): p50 {g['p50']:.3f} mean {g['mean']:.3f} ms; "
-                         f"peak device memory {_fmt(r['peak_device_mem_mb'], 0)} MB")
+            lines.append(
+                f"{'':<39}GPU compute (CUDA events): p50 {g['p50']:.3f} mean {g['mean']:.3f} ms; "
+                f"peak device memory {_fmt(r['peak_device_mem_mb'], 0)} MB"
+            )
     peaks = peak_lines(results)
     if peaks:
-        lines.append("G/s: GFLOP/s (GOP/s for int8) at p50; %peak: share of the same engine's MatMul peak (the best "
-                     "of several GEMM shapes; ! = above it)")
+        lines.append(
+            "G/s: GFLOP/s (GOP/s for int8) at p50; %peak: share of the same engine's MatMul peak (the best "
+            "of several GEMM shapes; ! = above it)"
+        )
         lines += [f"peak      {p}" for p in peaks]
     return "\n".join(lines)
 
 
-def write_outputs(results: dict, json_path: str | None = None, csv_path: str | None = None,
-                  markdown_path: str | None = None, plot_path: str | None = None) -> list[str]:
+def write_outputs(
+    results: dict,
+    json_path: str | None = None,
+    csv_path: str | None = None,
+    markdown_path: str | None = None,
+    plot_path: str | None = None,
+) -> list[str]:
     """Write the requested files (None skips one); returns the paths written."""
     from mae_deploy.bench.plot import write_plot
 
     written = []
-    for path, writer in ((json_path, write_json), (csv_path, write_csv), (markdown_path, write_markdown),
-                         (plot_path, write_plot)):
+    for path, writer in (
+        (json_path, write_json),
+        (csv_path, write_csv),
+        (markdown_path, write_markdown),
+        (plot_path, write_plot),
+    ):
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)  # check_outputs found it creatable
             written.append(str(writer(results, path)))

@@ -47,8 +47,10 @@ from mae_deploy.bench.schema import ROW_KEYS, RUNNER_KEYS, SCHEMA_VERSION, jsona
 from mae_deploy.bench.stats import agreement, latency_stats, time_calls
 from mae_deploy.bench.workloads import Reference, Workloads, compute_reference
 
-_TIMING = ("wall-clock (perf_counter) around the runner call; host arrays in and out, so GPU work is "
-           "synchronised by the copy back")
+_TIMING = (
+    "wall-clock (perf_counter) around the runner call; host arrays in and out, so GPU work is "
+    "synchronised by the copy back"
+)
 
 
 def torch_gpu_compute(runner, part: str, pixels, keep, latent, restore, warmup: int, n: int) -> dict:
@@ -102,8 +104,15 @@ def _cpu_int8_isa() -> str:
 
 def empty_row(backend: str, precision: str, device: str, part: str, batch: int, visible: int) -> dict:
     row = dict.fromkeys(ROW_KEYS)
-    row.update(backend=backend, precision=precision, device=device, part=part, batch=batch, visible=visible,
-               int8_isa=row_isa(precision, device))
+    row.update(
+        backend=backend,
+        precision=precision,
+        device=device,
+        part=part,
+        batch=batch,
+        visible=visible,
+        int8_isa=row_isa(precision, device),
+    )
     return row
 
 
@@ -121,8 +130,16 @@ def _call_for(runner, part: str, work: Workloads, ref: Reference, b: int, k: int
     return (lambda: runner.decode(runner.encode(pixels, keep), restore)), ref.pred.get((b, k))
 
 
-def bench_row(row: dict, runner, work: Workloads, ref: Reference, config: BenchConfig, rss: PeakRss,
-              probe: dict | None, arch: dict) -> None:
+def bench_row(
+    row: dict,
+    runner,
+    work: Workloads,
+    ref: Reference,
+    config: BenchConfig,
+    rss: PeakRss,
+    probe: dict | None,
+    arch: dict,
+) -> None:
     """Measure one row in place: latency statistics, memory, agreement and compute."""
     b, k, part = row["batch"], row["visible"], row["part"]
     call, expected = _call_for(runner, part, work, ref, b, k)
@@ -138,9 +155,16 @@ def bench_row(row: dict, runner, work: Workloads, ref: Reference, config: BenchC
     samples, _ = time_calls(call, max(config.warmup - 1, 0), config.effective_iters, config.duration)
     stats = latency_stats(samples)
     row.update(
-        status="ok", warmup=config.warmup, iterations=len(samples), latency_ms=stats, first_call_ms=first,
-        throughput_ips=b * 1000.0 / stats["mean"], peak_rss_mb=round(rss.peak_mb(), 1), rss_scope=rss.scope,
-        timing=_TIMING, compute=compute(part_flops(arch, part, b, k), stats["p50"], probe, row["precision"]),
+        status="ok",
+        warmup=config.warmup,
+        iterations=len(samples),
+        latency_ms=stats,
+        first_call_ms=first,
+        throughput_ips=b * 1000.0 / stats["mean"],
+        peak_rss_mb=round(rss.peak_mb(), 1),
+        rss_scope=rss.scope,
+        timing=_TIMING,
+        compute=compute(part_flops(arch, part, b, k), stats["p50"], probe, row["precision"]),
     )
     if torch_cuda:
         keep, restore = work.ids(b, k)
@@ -148,19 +172,38 @@ def bench_row(row: dict, runner, work: Workloads, ref: Reference, config: BenchC
         row["peak_device_mem_mb"] = runner.torch.cuda.max_memory_allocated(runner.device) / 2**20
         row["device_mem_note"] = "torch.cuda.max_memory_allocated"
         row["gpu_compute_ms"] = torch_gpu_compute(
-            runner, part, work.pixels(b), keep, latent if latent is not None else runner.encode(work.pixels(b), keep),
-            restore, config.warmup, len(samples))
+            runner,
+            part,
+            work.pixels(b),
+            keep,
+            latent if latent is not None else runner.encode(work.pixels(b), keep),
+            restore,
+            config.warmup,
+            len(samples),
+        )
     elif row["device"] == "cpu":
         row["device_mem_note"] = "cpu run: no device memory"
     else:
-        row["device_mem_note"] = (f"not measured: {row['backend']} allocates device memory outside torch's "
-                                  "allocator (use nvidia-smi or Nsight for it)")
+        row["device_mem_note"] = (
+            f"not measured: {row['backend']} allocates device memory outside torch's "
+            "allocator (use nvidia-smi or Nsight for it)"
+        )
     if expected is not None:
         row["agreement"] = agreement(out, expected, ref.name)
 
 
-def _runner_rows(runner, entry: dict, config: BenchConfig, visibles: list[int], work: Workloads, ref: Reference,
-                 rss: PeakRss, probe: dict | None, arch: dict, bar) -> list[dict]:
+def _runner_rows(
+    runner,
+    entry: dict,
+    config: BenchConfig,
+    visibles: list[int],
+    work: Workloads,
+    ref: Reference,
+    rss: PeakRss,
+    probe: dict | None,
+    arch: dict,
+    bar,
+) -> list[dict]:
     """The rows of one built runner; a row that raises is "failed" and the others still run."""
     rows = []
     for part in config.parts:
@@ -220,28 +263,50 @@ def run_benchmark(bundle, config: BenchConfig, progress: bool = True) -> dict:
     runners: list[dict] = []
     rss = PeakRss()
     per_runner = len(config.parts) * len(config.batch_sizes) * len(visibles)
-    bar = tqdm(total=len(config.backends) * len(config.precisions) * per_runner, desc="bench",
-               disable=not progress, leave=False)
+    bar = tqdm(
+        total=len(config.backends) * len(config.precisions) * per_runner,
+        desc="bench",
+        disable=not progress,
+        leave=False,
+    )
     for backend in config.backends:
         for precision in config.precisions:
             entry = dict.fromkeys(RUNNER_KEYS)
             entry.update(backend=backend, precision=precision, device=config.device)
             runners.append(entry)
-            runner, build_s, reason = build_runner(bundle, backend, precision, config.device, threads,
-                                                   config.checkpoint, config.parts, max(config.batch_sizes),
-                                                   compile_model=config.compile)
+            runner, build_s, reason = build_runner(
+                bundle,
+                backend,
+                precision,
+                config.device,
+                threads,
+                config.checkpoint,
+                config.parts,
+                max(config.batch_sizes),
+                compile_model=config.compile,
+            )
             if runner is None:
                 entry.update(status="skipped", reason=reason)
                 for part in config.parts:
                     for b in config.batch_sizes:
                         for k in visibles:
-                            rows.append({**empty_row(backend, precision, config.device, part, b, k),
-                                         "status": "skipped", "reason": reason})
+                            rows.append(
+                                {
+                                    **empty_row(backend, precision, config.device, part, b, k),
+                                    "status": "skipped",
+                                    "reason": reason,
+                                }
+                            )
                 bar.update(per_runner)
                 continue
             try:
-                entry.update(status="ok", build_s=build_s, threads=runner_threads(runner.info, backend),
-                             providers=list(runner.info.providers), details=jsonable(runner.info.details))
+                entry.update(
+                    status="ok",
+                    build_s=build_s,
+                    threads=runner_threads(runner.info, backend),
+                    providers=list(runner.info.providers),
+                    details=jsonable(runner.info.details),
+                )
                 probe = peaks.get(backend, precision, config.device)
                 own = _runner_rows(runner, entry, config, visibles, work, ref, rss, probe, bundle.architecture, bar)
                 probe = peaks.confirm(backend, precision, config.device)
@@ -260,12 +325,20 @@ def run_benchmark(bundle, config: BenchConfig, progress: bool = True) -> dict:
         "mae_deploy_version": __version__,
         "created": created,
         "bundle": {
-            "path": str(bundle.path), "name": bundle.name, "num_patches": bundle.num_patches,
-            "image_size": bundle.image_size, "patch_size": bundle.patch_size, "embed_dim": bundle.embed_dim,
+            "path": str(bundle.path),
+            "name": bundle.name,
+            "num_patches": bundle.num_patches,
+            "image_size": bundle.image_size,
+            "patch_size": bundle.patch_size,
+            "embed_dim": bundle.embed_dim,
             "graphs": [{"part": g.part, "precision": g.precision, "file": g.file} for g in bundle.graphs],
         },
-        "config": {**jsonable(asdict(config)), "visible_counts": visibles, "threads": threads,
-                   "iters": config.effective_iters},
+        "config": {
+            **jsonable(asdict(config)),
+            "visible_counts": visibles,
+            "threads": threads,
+            "iters": config.effective_iters,
+        },
         "machine": machine_info(),
         "reference": ref.describe(),
         "runners": runners,

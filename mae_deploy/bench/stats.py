@@ -41,8 +41,13 @@ def latency_stats(samples_ms: Iterable[float]) -> dict[str, float]:
     mean = sum(s) / len(s)
     std = math.sqrt(sum((x - mean) ** 2 for x in s) / len(s))
     return {
-        "p50": percentile(s, 50), "p90": percentile(s, 90), "p99": percentile(s, 99),
-        "mean": mean, "min": s[0], "max": s[-1], "std": std,
+        "p50": percentile(s, 50),
+        "p90": percentile(s, 90),
+        "p99": percentile(s, 99),
+        "mean": mean,
+        "min": s[0],
+        "max": s[-1],
+        "std": std,
     }
 
 
@@ -55,8 +60,11 @@ def agreement(output: np.ndarray, reference: np.ndarray, reference_name: str | N
     diff = np.abs(a - b)
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     # Two all-zero images agree perfectly; one zero and one not share no direction.
-    cos = np.where(norms > 0, (a * b).sum(axis=1) / np.where(norms > 0, norms, 1.0),
-                   np.where(np.linalg.norm(a - b, axis=1) == 0, 1.0, 0.0))
+    cos = np.where(
+        norms > 0,
+        (a * b).sum(axis=1) / np.where(norms > 0, norms, 1.0),
+        np.where(np.linalg.norm(a - b, axis=1) == 0, 1.0, 0.0),
+    )
     finite = bool(np.isfinite(a).all())
     return {
         "reference": reference_name,
@@ -66,8 +74,9 @@ def agreement(output: np.ndarray, reference: np.ndarray, reference_name: str | N
     }
 
 
-def time_calls(fn: Callable[[], object], warmup: int, iters: int | None, duration: float | None
-               ) -> tuple[list[float], float]:
+def time_calls(
+    fn: Callable[[], object], warmup: int, iters: int | None, duration: float | None
+) -> tuple[list[float], float]:
     """Call ``fn`` ``warmup`` times untimed-for-statistics, then ``iters`` times (or for ``duration``
     seconds, at least once); returns (latencies in ms, the very first call's latency in ms)."""
     first = None

@@ -67,8 +67,7 @@ def _reference_runner(bundle, config: BenchConfig, threads: int, ref: Reference)
     """
     torch_reason = torch_not_offered(bundle, "fp32", "cpu", config.checkpoint)
     if torch_reason is None:
-        runner, _, torch_reason = build_runner(bundle, "torch", "fp32", "cpu", threads, config.checkpoint,
-                                               config.parts)
+        runner, _, torch_reason = build_runner(bundle, "torch", "fp32", "cpu", threads, config.checkpoint, config.parts)
         if runner is not None:
             ref.name, ref.note = "torch-fp32", "PyTorch fp32 on CPU"
             ref.info = {"checkpoint": str(getattr(runner, "checkpoint", config.checkpoint))}
@@ -78,13 +77,16 @@ def _reference_runner(bundle, config: BenchConfig, threads: int, ref: Reference)
         ref.note = f"no reference available: torch ({torch_reason}); ort fp32 ({ort_reason})"
         return None
     ref.name = "ort-fp32"
-    ref.note = (f"torch fp32 reference unavailable ({torch_reason}); ONNX Runtime fp32 on CPU is the "
-                "reference instead, so its own rows agree trivially")
+    ref.note = (
+        f"torch fp32 reference unavailable ({torch_reason}); ONNX Runtime fp32 on CPU is the "
+        "reference instead, so its own rows agree trivially"
+    )
     return runner
 
 
-def compute_reference(bundle, config: BenchConfig, work: Workloads, visibles: list[int], threads: int,
-                      progress: bool) -> Reference:
+def compute_reference(
+    bundle, config: BenchConfig, work: Workloads, visibles: list[int], threads: int, progress: bool
+) -> Reference:
     """Run the reference once per workload (before any row, so rows measure only themselves)."""
     from tqdm import tqdm
 

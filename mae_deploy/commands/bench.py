@@ -45,44 +45,115 @@ def _floats(ctx, param, value):
 
 @click.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--backends", default="ort", show_default=True, callback=_names,
-              help=f"Comma-separated backends: {', '.join(BACKENDS)}. One whose package or device is missing "
-                   "here becomes skipped rows.")
-@click.option("--precisions", default="fp32", show_default=True, callback=_names,
-              help=f"Comma-separated precisions: {', '.join(PRECISIONS)} (variants the bundle lacks are skipped).")
+@click.option(
+    "--backends",
+    default="ort",
+    show_default=True,
+    callback=_names,
+    help=f"Comma-separated backends: {', '.join(BACKENDS)}. One whose package or device is missing "
+    "here becomes skipped rows.",
+)
+@click.option(
+    "--precisions",
+    default="fp32",
+    show_default=True,
+    callback=_names,
+    help=f"Comma-separated precisions: {', '.join(PRECISIONS)} (variants the bundle lacks are skipped).",
+)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option("--parts", default="encoder", show_default=True, callback=_names,
-              help=f"Comma-separated parts: {', '.join(PARTS)} (reconstruct = encode + decode).")
+@click.option(
+    "--parts",
+    default="encoder",
+    show_default=True,
+    callback=_names,
+    help=f"Comma-separated parts: {', '.join(PARTS)} (reconstruct = encode + decode).",
+)
 @click.option("--batch-sizes", default="1", show_default=True, callback=_ints, help="Comma-separated batch sizes.")
-@click.option("--visible", default=None, callback=_ints,
-              help="Comma-separated visible-token counts (1..L). Default: all tokens and 25 % (mask ratio 0.75).")
-@click.option("--mask-ratios", default=None, callback=_floats,
-              help="Comma-separated mask ratios instead of --visible; K = int(L * (1 - ratio)).")
+@click.option(
+    "--visible",
+    default=None,
+    callback=_ints,
+    help="Comma-separated visible-token counts (1..L). Default: all tokens and 25 % (mask ratio 0.75).",
+)
+@click.option(
+    "--mask-ratios",
+    default=None,
+    callback=_floats,
+    help="Comma-separated mask ratios instead of --visible; K = int(L * (1 - ratio)).",
+)
 @click.option("--warmup", default=3, show_default=True, type=int, help="Warm-up calls per row, excluded.")
 @click.option("--iters", default=None, type=int, help="Timed calls per row (default 20).")
 @click.option("--duration", default=None, type=float, help="Seconds per row instead of --iters.")
-@click.option("--threads", default=None, type=int,
-              help="CPU threads, pinned and recorded (ORT intra-op, torch). Default: the physical cores available.")
-@click.option("--checkpoint", default=None, type=click.Path(exists=True),
-              help="Weights for the torch backend and the torch fp32 reference (default: the bundle's reference/).")
-@click.option("--reference/--no-reference", default=True, show_default=True,
-              help="Check every row's output against torch fp32 (or ORT fp32 when no weights are at hand).")
+@click.option(
+    "--threads",
+    default=None,
+    type=int,
+    help="CPU threads, pinned and recorded (ORT intra-op, torch). Default: the physical cores available.",
+)
+@click.option(
+    "--checkpoint",
+    default=None,
+    type=click.Path(exists=True),
+    help="Weights for the torch backend and the torch fp32 reference (default: the bundle's reference/).",
+)
+@click.option(
+    "--reference/--no-reference",
+    default=True,
+    show_default=True,
+    help="Check every row's output against torch fp32 (or ORT fp32 when no weights are at hand).",
+)
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random inputs and masks (>= 0).")
-@click.option("--peak/--no-peak", default=True, show_default=True,
-              help="Probe each backend's MatMul peak per precision (the best of several GEMM shapes, the bundle's "
-                   "own first; 1-3.5 s each) and show each row's share of it.")
+@click.option(
+    "--peak/--no-peak",
+    default=True,
+    show_default=True,
+    help="Probe each backend's MatMul peak per precision (the best of several GEMM shapes, the bundle's "
+    "own first; 1-3.5 s each) and show each row's share of it.",
+)
 @click.option("--out", "out_json", default=None, type=click.Path(path_type=Path), help="Results JSON.")
 @click.option("--csv", "out_csv", default=None, type=click.Path(path_type=Path), help="Results CSV.")
 @click.option("--markdown", "out_md", default=None, type=click.Path(path_type=Path), help="Results Markdown table.")
-@click.option("--plot", "out_png", default=None, type=click.Path(path_type=Path),
-              help="PNG: latency vs batch and encoder latency vs visible tokens (needs mae-deploy[plot]).")
-@click.option("--compare", "compare_path", default=None, type=click.Path(path_type=Path),
-              help="An earlier results JSON: print per-row latency and throughput ratios against it.")
+@click.option(
+    "--plot",
+    "out_png",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="PNG: latency vs batch and encoder latency vs visible tokens (needs mae-deploy[plot]).",
+)
+@click.option(
+    "--compare",
+    "compare_path",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="An earlier results JSON: print per-row latency and throughput ratios against it.",
+)
 @compile_option
 @click.option("--quiet", is_flag=True, help="No progress bar and no table (files are still written).")
-def bench(bundle: Path, backends, precisions, device, parts, batch_sizes, visible, mask_ratios, warmup, iters,
-          duration, threads, checkpoint, reference, seed, peak, out_json, out_csv, out_md, out_png, compare_path,
-          compile_model, quiet) -> None:
+def bench(
+    bundle: Path,
+    backends,
+    precisions,
+    device,
+    parts,
+    batch_sizes,
+    visible,
+    mask_ratios,
+    warmup,
+    iters,
+    duration,
+    threads,
+    checkpoint,
+    reference,
+    seed,
+    peak,
+    out_json,
+    out_csv,
+    out_md,
+    out_png,
+    compare_path,
+    compile_model,
+    quiet,
+) -> None:
     """Measure latency for every backend x precision x part x batch size x visible-token count.
 
     \b
@@ -119,9 +190,21 @@ def bench(bundle: Path, backends, precisions, device, parts, batch_sizes, visibl
     if iters is not None and duration is not None:
         raise click.UsageError("give --iters or --duration, not both")
     config = BenchConfig(
-        backends=backends, precisions=precisions, device=device, parts=parts, batch_sizes=batch_sizes,
-        visible=visible, mask_ratios=mask_ratios, warmup=warmup, iters=iters, duration=duration, threads=threads,
-        checkpoint=checkpoint, reference=reference, seed=seed, peak=peak,
+        backends=backends,
+        precisions=precisions,
+        device=device,
+        parts=parts,
+        batch_sizes=batch_sizes,
+        visible=visible,
+        mask_ratios=mask_ratios,
+        warmup=warmup,
+        iters=iters,
+        duration=duration,
+        threads=threads,
+        checkpoint=checkpoint,
+        reference=reference,
+        seed=seed,
+        peak=peak,
         compile=bool(compile_runner_opts(backends, compile_model)),
     )
     config.validate()
@@ -135,8 +218,9 @@ def bench(bundle: Path, backends, precisions, device, parts, batch_sizes, visibl
             raise MissingDependency("matplotlib", "bench --plot", "pip install 'mae-deploy[plot]'") from e
 
     results = run_benchmark(bundle, config, progress=not quiet)
-    written = write_outputs(results, out_json and str(out_json), out_csv and str(out_csv), out_md and str(out_md),
-                            out_png and str(out_png))
+    written = write_outputs(
+        results, out_json and str(out_json), out_csv and str(out_csv), out_md and str(out_md), out_png and str(out_png)
+    )
     if not quiet:
         click.echo(format_summary(results))
         for path in written:

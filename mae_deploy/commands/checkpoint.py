@@ -11,7 +11,8 @@ _HINTS = [
     click.option("--num-heads", type=int, default=None, help="Encoder heads, when the weights cannot tell."),
     click.option("--decoder-num-heads", type=int, default=None, help="Decoder heads, when the weights cannot tell."),
     click.option(
-        "--norm-pix-loss/--no-norm-pix-loss", default=None,
+        "--norm-pix-loss/--no-norm-pix-loss",
+        default=None,
         help="Whether the decoder predicts per-patch normalised pixels (default: read or guessed from the file).",
     ),
 ]
@@ -52,9 +53,7 @@ def info(src: str, as_json: bool, num_heads, decoder_num_heads, norm_pix_loss) -
     """
     from training.checkpoints import load_checkpoint
 
-    ckpt = load_checkpoint(
-        src, num_heads=num_heads, decoder_num_heads=decoder_num_heads, norm_pix_loss=norm_pix_loss
-    )
+    ckpt = load_checkpoint(src, num_heads=num_heads, decoder_num_heads=decoder_num_heads, norm_pix_loss=norm_pix_loss)
     d = _describe(ckpt)
     if as_json:
         click.echo(json.dumps(d, indent=2))
@@ -70,13 +69,19 @@ def _print_description(src: str, d: dict) -> None:
     a = d["architecture"]
     click.echo(f"{src}")
     click.echo(f"  format        {d['format']}")
-    click.echo(f"  architecture  {a['name']}: {a['img_size']}px, patch {a['patch_size']}, {a['in_chans']} channels, "
-               f"{d['num_patches']} patches")
-    click.echo(f"  encoder       dim {a['embed_dim']}, depth {a['depth']}, heads {a['num_heads']}, "
-               f"mlp {a['mlp_ratio']:g}, eps {a['norm_eps']:g}")
+    click.echo(
+        f"  architecture  {a['name']}: {a['img_size']}px, patch {a['patch_size']}, {a['in_chans']} channels, "
+        f"{d['num_patches']} patches"
+    )
+    click.echo(
+        f"  encoder       dim {a['embed_dim']}, depth {a['depth']}, heads {a['num_heads']}, "
+        f"mlp {a['mlp_ratio']:g}, eps {a['norm_eps']:g}"
+    )
     if "decoder" in d["parts"]:
-        click.echo(f"  decoder       dim {a['decoder_embed_dim']}, depth {a['decoder_depth']}, "
-                   f"heads {a['decoder_num_heads']}, target {'norm-pix' if a['norm_pix_loss'] else 'raw pixels'}")
+        click.echo(
+            f"  decoder       dim {a['decoder_embed_dim']}, depth {a['decoder_depth']}, "
+            f"heads {a['decoder_num_heads']}, target {'norm-pix' if a['norm_pix_loss'] else 'raw pixels'}"
+        )
     if d["head"]:
         pool = "global average pool + fc_norm" if d["head"]["global_pool"] else "cls token"
         click.echo(f"  head          {d['head']['num_classes']} classes, {pool}")
@@ -101,12 +106,18 @@ def convert(src: str, dst: str, overwrite: bool, num_heads, decoder_num_heads, n
 
     t0 = time.perf_counter()
     ckpt = do_convert(
-        src, dst, overwrite=overwrite,
-        num_heads=num_heads, decoder_num_heads=decoder_num_heads, norm_pix_loss=norm_pix_loss,
+        src,
+        dst,
+        overwrite=overwrite,
+        num_heads=num_heads,
+        decoder_num_heads=decoder_num_heads,
+        norm_pix_loss=norm_pix_loss,
     )
     total = sum(ckpt.parameter_counts().values())
-    click.echo(f"converted {src} ({ckpt.format}, {ckpt.config.name}, {', '.join(ckpt.parts)}, "
-               f"{total / 1e6:.2f}M parameters) -> {dst} in {time.perf_counter() - t0:.1f}s")
+    click.echo(
+        f"converted {src} ({ckpt.format}, {ckpt.config.name}, {', '.join(ckpt.parts)}, "
+        f"{total / 1e6:.2f}M parameters) -> {dst} in {time.perf_counter() - t0:.1f}s"
+    )
     for note in ckpt.notes:
         click.echo(f"note: {note}")
 

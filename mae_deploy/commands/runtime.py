@@ -51,29 +51,57 @@ def _runner_opts(backend: str, checkpoint: str | None) -> dict:
 
 @click.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--bundle", "-b", "bundle_path", required=True, type=click.Path(path_type=Path),
-              help="Bundle directory (from `mae-deploy export`); it needs a decoder.")
-@click.option("--out", "-o", required=True, type=click.Path(path_type=Path),  # checked by check_writable: exit 3
-              help="Directory for the PNG grids (created if missing; existing files are replaced).")
-@click.option("--mask-ratio", default=0.75, show_default=True, type=click.FloatRange(0, 1, max_open=True),
-              help="Fraction of patches removed before encoding.")
-@click.option("--seed", default=0, show_default=True, type=int,
-              help="Mask seed; every image gets the same mask for a given seed.")
+@click.option(
+    "--bundle",
+    "-b",
+    "bundle_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Bundle directory (from `mae-deploy export`); it needs a decoder.",
+)
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(path_type=Path),  # checked by check_writable: exit 3
+    help="Directory for the PNG grids (created if missing; existing files are replaced).",
+)
+@click.option(
+    "--mask-ratio",
+    default=0.75,
+    show_default=True,
+    type=click.FloatRange(0, 1, max_open=True),
+    help="Fraction of patches removed before encoding.",
+)
+@click.option(
+    "--seed", default=0, show_default=True, type=int, help="Mask seed; every image gets the same mask for a given seed."
+)
 @click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True, help="Inference backend.")
-@click.option("--device", default="cpu", show_default=True,
-              help="cpu, cuda[:N], or tensorrt[:N] (ort only). A GPU that does not work is an error, "
-                   "never a CPU fall-back.")
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="cpu, cuda[:N], or tensorrt[:N] (ort only). A GPU that does not work is an error, never a CPU fall-back.",
+)
 @precision_option
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: the library's).")
-@click.option("--checkpoint", type=click.Path(exists=True), default=None,
-              help="torch backend only: weights to use instead of the bundle's reference checkpoint.")
+@click.option(
+    "--checkpoint",
+    type=click.Path(exists=True),
+    default=None,
+    help="torch backend only: weights to use instead of the bundle's reference checkpoint.",
+)
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle's files.")
-@click.option("--exact-resize", is_flag=True,
-              help="Decode and resize every image at full size; by default images at least twice the model's "
-                   "input are JPEG-draft-decoded and box-reduced first (feature cosine 0.999999, see "
-                   "benchmarks/RESULTS.md).")
-def reconstruct(images, bundle_path, out, mask_ratio, seed, backend, device, precision, threads, checkpoint, no_verify,
-                exact_resize):
+@click.option(
+    "--exact-resize",
+    is_flag=True,
+    help="Decode and resize every image at full size; by default images at least twice the model's "
+    "input are JPEG-draft-decoded and box-reduced first (feature cosine 0.999999, see "
+    "benchmarks/RESULTS.md).",
+)
+def reconstruct(
+    images, bundle_path, out, mask_ratio, seed, backend, device, precision, threads, checkpoint, no_verify, exact_resize
+):
     """Mask, encode, decode: one PNG per image with the official demo's four panels.
 
     \b
@@ -99,9 +127,15 @@ def reconstruct(images, bundle_path, out, mask_ratio, seed, backend, device, pre
     if not paths:
         raise InputError(f"no image files in {', '.join(map(str, images))}")
     bundle = Bundle.load(bundle_path, verify=not no_verify)
-    with Reconstructor(bundle, backend=backend, device=device, precision=precision, threads=threads,
-                       preprocessor=Preprocessor.from_bundle(bundle, exact_resize=exact_resize),
-                       **_runner_opts(backend, checkpoint)) as rec:
+    with Reconstructor(
+        bundle,
+        backend=backend,
+        device=device,
+        precision=precision,
+        threads=threads,
+        preprocessor=Preprocessor.from_bundle(bundle, exact_resize=exact_resize),
+        **_runner_opts(backend, checkpoint),
+    ) as rec:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:

@@ -62,12 +62,22 @@ def data() -> None:
 @data.command("digits")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--size", default=32, show_default=True, type=click.IntRange(min=8), help="Image side in pixels.")
-@click.option("--val-fraction", default=0.2, show_default=True,
-              type=click.FloatRange(0, 1, min_open=True, max_open=True),
-              help="Fraction of each digit held out in val/.")
+@click.option(
+    "--val-fraction",
+    default=0.2,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="Fraction of each digit held out in val/.",
+)
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the train/val split.")
-@click.option("--format", "fmt", type=click.Choice(["folder", "webdataset", "parquet"]), default="folder",
-              show_default=True, help="folder: <digit>/*.png; webdataset: .tar shards; parquet: an image column.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["folder", "webdataset", "parquet"]),
+    default="folder",
+    show_default=True,
+    help="folder: <digit>/*.png; webdataset: .tar shards; parquet: an image column.",
+)
 def digits(directory: Path, size: int, val_fraction: float, seed: int, fmt: str) -> None:
     """Write scikit-learn's 1797 handwritten digits to DIRECTORY/{train,val}/.
 
@@ -90,8 +100,10 @@ def digits(directory: Path, size: int, val_fraction: float, seed: int, fmt: str)
         for split in ("train", "val"):
             pack(folder / split, directory / split)
         shutil.rmtree(folder)
-    click.echo(f"{directory}: {rec['train']} train + {rec['val']} val images, 10 classes, "
-               f"{size}x{size} greyscale PNG, as {fmt}")
+    click.echo(
+        f"{directory}: {rec['train']} train + {rec['val']} val images, 10 classes, "
+        f"{size}x{size} greyscale PNG, as {fmt}"
+    )
 
 
 COMMANDS = [pretrain, finetune, linprobe, data]

@@ -56,7 +56,14 @@ from mae_deploy.fileio import atomic_write, fsync_dir, write_temp
 
 # Settings that decide the bytes of the output: resuming with any of them changed is refused.
 BINDING_SETTINGS = (
-    "pool", "dtype", "shard_size", "min_side", "max_pixels", "num_parts", "part_index", "exact_resize",
+    "pool",
+    "dtype",
+    "shard_size",
+    "min_side",
+    "max_pixels",
+    "num_parts",
+    "part_index",
+    "exact_resize",
     "decoder",
 )
 # Manifests written before the source split was called "parts" (output files are the only "shards").
@@ -117,8 +124,11 @@ def commit_shard(out: Path, shard: Shard) -> dict:
     os.replace(tmp_npy, npy)
     os.replace(tmp_idx, idx)
     fsync_dir(out)
-    return {"rows": len(shard.index), "sha256": hashed["sha256"],
-            "index_sha256": hashlib.sha256(index_bytes).hexdigest()}
+    return {
+        "rows": len(shard.index),
+        "sha256": hashed["sha256"],
+        "index_sha256": hashlib.sha256(index_bytes).hexdigest(),
+    }
 
 
 class ShardWriter:
@@ -249,9 +259,11 @@ def prepare_output(out: Path, manifest: dict, num_shards: int) -> ResumeState:
         if problem is not None:
             damaged.append(problem)
             continue
-        rec = recorded.get(k) or {"rows": npy_layout(out / shard_name(k))[0],
-                                  "sha256": file_sha256(out / shard_name(k)),
-                                  "index_sha256": file_sha256(out / index_name(k))}
+        rec = recorded.get(k) or {
+            "rows": npy_layout(out / shard_name(k))[0],
+            "sha256": file_sha256(out / shard_name(k)),
+            "index_sha256": file_sha256(out / index_name(k)),
+        }
         checksums[k] = rec
         features += rec["rows"]
         done.add(k)

@@ -61,8 +61,12 @@ def device_decodable(data: bytes, max_pixels: int, min_side: int) -> bool:
     try:
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
-            return (im.format == "JPEG" and im.mode in ("RGB", "L") and min(w, h) >= min_side
-                    and (not max_pixels or w * h <= max_pixels))
+            return (
+                im.format == "JPEG"
+                and im.mode in ("RGB", "L")
+                and min(w, h) >= min_side
+                and (not max_pixels or w * h <= max_pixels)
+            )
     except Exception:  # the PIL path will say what is wrong with it
         return False
 
@@ -71,13 +75,23 @@ class Decoder:
     """Row -> model-sized image: the source's reader gives the bytes, the runtime's Preprocessor decodes them
     (one definition of the preprocessing). ``reader`` None reads plain files."""
 
-    def __init__(self, preprocessing: dict, in_chans: int, min_side: int, max_pixels: int, transfer: str,
-                 exact_resize: bool = False, reader: RowReader | None = None, device_jpeg: bool = False) -> None:
+    def __init__(
+        self,
+        preprocessing: dict,
+        in_chans: int,
+        min_side: int,
+        max_pixels: int,
+        transfer: str,
+        exact_resize: bool = False,
+        reader: RowReader | None = None,
+        device_jpeg: bool = False,
+    ) -> None:
         from mae_deploy.preprocess import Preprocessor
         from mae_deploy.sources.files import FileReader
 
-        self.pre = Preprocessor.from_config(preprocessing, in_chans=in_chans, max_pixels=max_pixels, min_side=1,
-                                            exact_resize=exact_resize)
+        self.pre = Preprocessor.from_config(
+            preprocessing, in_chans=in_chans, max_pixels=max_pixels, min_side=1, exact_resize=exact_resize
+        )
         self.min_side = min_side
         self.max_pixels = max_pixels
         self.transfer = transfer
@@ -141,7 +155,7 @@ class Decoder:
             except Exception as e:
                 failures.append((row, classify_failure(e), str(e)))
         if out is not None:
-            pixels = out[:len(rows)] if rows else None
+            pixels = out[: len(rows)] if rows else None
         else:
             pixels = np.stack(images) if images else None
         return Decoded(rows, pixels, failures, time.perf_counter() - t0, encoded=encoded)

@@ -16,7 +16,7 @@ from mae_deploy.extract.decode import Decoded, Decoder
 
 def torch_device(device: str) -> str:
     """The torch device of a runner's device name (``tensorrt:1`` is CUDA device 1)."""
-    return "cuda" + device[len("tensorrt"):] if device.startswith("tensorrt") else device
+    return "cuda" + device[len("tensorrt") :] if device.startswith("tensorrt") else device
 
 
 class DeviceBatcher:

@@ -43,7 +43,12 @@ def runner_info(runner) -> dict:
     """A runner's RunnerInfo as JSON-safe data for the manifest (informational: never fails the job)."""
     try:
         info = runner.info
-        return {"backend": info.backend, "device": info.device, "precision": info.precision,
-                "providers": list(info.providers), "details": json.loads(json.dumps(info.details, default=str))}
+        return {
+            "backend": info.backend,
+            "device": info.device,
+            "precision": info.precision,
+            "providers": list(info.providers),
+            "details": json.loads(json.dumps(info.details, default=str)),
+        }
     except Exception as e:  # informational only
         return {"error": repr(e)}

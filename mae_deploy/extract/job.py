@@ -85,15 +85,24 @@ class _Job:
 
     def finish_manifest(self, status: str) -> None:
         wall = time.perf_counter() - self.t_start
-        self.run.update({
-            "finished": now(), "status": status, "wall_s": round(wall, 3), "images": self.processed,
-            "images_per_s": round(self.processed / wall, 3) if wall > 0 else 0.0,
-            "timings": {k: round(v, 4) for k, v in self.timings.items()},
-        })
+        self.run.update(
+            {
+                "finished": now(),
+                "status": status,
+                "wall_s": round(wall, 3),
+                "images": self.processed,
+                "images_per_s": round(self.processed / wall, 3) if wall > 0 else 0.0,
+                "timings": {k: round(v, 4) for k, v in self.timings.items()},
+            }
+        )
         by_reason = dict(Counter(e.get("reason", "corrupt") for e in self.errors))
-        self.manifest["counts"] = {"inputs": len(self.plan.part), "features": self.n_features,
-                                   "failed": len(self.errors), "failed_by_reason": by_reason,
-                                   "shards": len(self.plan.shard_rows)}
+        self.manifest["counts"] = {
+            "inputs": len(self.plan.part),
+            "features": self.n_features,
+            "failed": len(self.errors),
+            "failed_by_reason": by_reason,
+            "shards": len(self.plan.shard_rows),
+        }
         self.manifest["status"] = status
         try:
             self._write_manifest()
@@ -110,8 +119,15 @@ class _Job:
         self.writer = ShardWriter(self.out, on_commit=self._checkpoint)
         self.timings["startup_s"] = time.perf_counter() - self.t_start
         done_inputs = sum(len(self.plan.shard_rows[k]) for k in self.state.done)
-        bar = tqdm(total=len(self.plan.part), initial=done_inputs, unit="img", desc="extract",
-                   disable=not progress, dynamic_ncols=True, smoothing=0.1)
+        bar = tqdm(
+            total=len(self.plan.part),
+            initial=done_inputs,
+            unit="img",
+            desc="extract",
+            disable=not progress,
+            dynamic_ncols=True,
+            smoothing=0.1,
+        )
         status = "interrupted"
         try:
             self._consume(engine, bar, strict)
@@ -166,11 +182,21 @@ class _Job:
         wall = time.perf_counter() - self.t_start
         by_reason = dict(Counter(e.get("reason", "corrupt") for e in self.errors))
         return ExtractSummary(
-            out_dir=self.out, inputs=len(self.plan.part), features=self.n_features, failed=len(self.errors),
-            failures_by_reason=by_reason, shards=len(self.plan.shard_rows), processed=self.processed, wall_s=wall,
-            images_per_s=self.processed / wall if wall > 0 else 0.0, feature_shape=self.plan.feature_shape,
-            dtype=self.plan.dtype, pool=self.plan.pool, complete=True,
-            timings={k: round(v, 4) for k, v in self.timings.items()}, engine=engine_name,
+            out_dir=self.out,
+            inputs=len(self.plan.part),
+            features=self.n_features,
+            failed=len(self.errors),
+            failures_by_reason=by_reason,
+            shards=len(self.plan.shard_rows),
+            processed=self.processed,
+            wall_s=wall,
+            images_per_s=self.processed / wall if wall > 0 else 0.0,
+            feature_shape=self.plan.feature_shape,
+            dtype=self.plan.dtype,
+            pool=self.plan.pool,
+            complete=True,
+            timings={k: round(v, 4) for k, v in self.timings.items()},
+            engine=engine_name,
             repaired=list(self.state.damaged),
         )
 
@@ -219,9 +245,17 @@ def extract_features(
     o = (options or ExtractOptions()).updated(**settings)
     t_start = time.perf_counter()
     started = now()
-    workers, max_pixels = check_options(pool=o.pool, dtype=o.dtype, transfer=o.transfer, batch_size=o.batch_size,
-                                        min_side=o.min_side, workers=o.workers, shard_size=o.shard_size,
-                                        max_pixels=o.max_pixels, engine=o.engine)
+    workers, max_pixels = check_options(
+        pool=o.pool,
+        dtype=o.dtype,
+        transfer=o.transfer,
+        batch_size=o.batch_size,
+        min_side=o.min_side,
+        workers=o.workers,
+        shard_size=o.shard_size,
+        max_pixels=o.max_pixels,
+        engine=o.engine,
+    )
     decoder = o.decoder or default_decoder(o.device)
     if decoder not in DECODERS:
         raise InputError(f"decoder must be one of {list(DECODERS)}, got {decoder!r}")
@@ -240,9 +274,22 @@ def extract_features(
     refuse_foreign(out)
     out.mkdir(parents=True, exist_ok=True)
     with OutputLock(out):
-        plan = make_plan(bundle, src, part, out, pool=o.pool, dtype=o.dtype, shard_size=o.shard_size,
-                         num_parts=o.num_parts, part_index=o.part_index, min_side=o.min_side,
-                         max_pixels=max_pixels, precision=o.precision, exact_resize=o.exact_resize, decoder=decoder)
+        plan = make_plan(
+            bundle,
+            src,
+            part,
+            out,
+            pool=o.pool,
+            dtype=o.dtype,
+            shard_size=o.shard_size,
+            num_parts=o.num_parts,
+            part_index=o.part_index,
+            min_side=o.min_side,
+            max_pixels=max_pixels,
+            precision=o.precision,
+            exact_resize=o.exact_resize,
+            decoder=decoder,
+        )
         state = prepare_output(out, plan.manifest, len(plan.shard_rows))
         job = _Job(plan, state, t_start, started)
         job.start_manifest(o.engine)
@@ -272,12 +319,30 @@ def _make_engine(plan: JobPlan, todo: list[int], o: ExtractOptions) -> Engine:
     if o.engine == "ray":
         from mae_deploy.extract.ray_engine import RayEngine
 
-        return RayEngine(plan, todo, address=o.ray_address, actors=o.actors, gpus_per_actor=o.gpus_per_actor,
-                         cpus_per_actor=o.cpus_per_actor, batch_size=o.batch_size, backend=o.backend,
-                         device=o.device, transfer=o.transfer, runner_opts=runner_opts)
+        return RayEngine(
+            plan,
+            todo,
+            address=o.ray_address,
+            actors=o.actors,
+            gpus_per_actor=o.gpus_per_actor,
+            cpus_per_actor=o.cpus_per_actor,
+            batch_size=o.batch_size,
+            backend=o.backend,
+            device=o.device,
+            transfer=o.transfer,
+            runner_opts=runner_opts,
+        )
     from mae_deploy.extract.local import LocalEngine
 
     assert o.workers is not None  # check_options filled in the default
-    return LocalEngine(plan, plan.tasks(todo, o.batch_size), workers=o.workers, start_method=o.start_method,
-                       batch_size=o.batch_size, backend=o.backend, device=o.device, transfer=o.transfer,
-                       runner_opts=runner_opts)
+    return LocalEngine(
+        plan,
+        plan.tasks(todo, o.batch_size),
+        workers=o.workers,
+        start_method=o.start_method,
+        batch_size=o.batch_size,
+        backend=o.backend,
+        device=o.device,
+        transfer=o.transfer,
+        runner_opts=runner_opts,
+    )

@@ -24,7 +24,14 @@ ERRORS_NAME = "errors.jsonl"
 LOCK_NAME = ".extract.lock"
 DTYPES = ("float32", "float16")
 FAILURE_REASONS = (
-    "empty", "not_an_image", "truncated", "corrupt", "too_small", "decompression_bomb", "unreadable", "decoder_crashed",
+    "empty",
+    "not_an_image",
+    "truncated",
+    "corrupt",
+    "too_small",
+    "decompression_bomb",
+    "unreadable",
+    "decoder_crashed",
     "missing_image",
 )
 

@@ -28,8 +28,19 @@ class LocalEngine:
 
     name = "local"
 
-    def __init__(self, plan: JobPlan, tasks: Iterator[Task], *, backend: str, device: str, batch_size: int,
-                 workers: int, transfer: str, start_method: str, runner_opts: dict) -> None:
+    def __init__(
+        self,
+        plan: JobPlan,
+        tasks: Iterator[Task],
+        *,
+        backend: str,
+        device: str,
+        batch_size: int,
+        workers: int,
+        transfer: str,
+        start_method: str,
+        runner_opts: dict,
+    ) -> None:
         """``plan.decoder`` "torch": workers send JPEGs encoded, decoded here on the runner's device."""
         from mae_deploy.features import FeatureExtractor
         from mae_deploy.preprocess import Preprocessor
@@ -37,19 +48,42 @@ class LocalEngine:
         self.transfer = transfer
         self.dtype = plan.dtype
         # first_batch_s: until the first decoded batch (worker start-up); the rest is the steady state.
-        self.timings = {"decode_wait_s": 0.0, "normalize_s": 0.0, "inference_s": 0.0, "decode_worker_s": 0.0,
-                        "first_batch_s": 0.0}
+        self.timings = {
+            "decode_wait_s": 0.0,
+            "normalize_s": 0.0,
+            "inference_s": 0.0,
+            "decode_worker_s": 0.0,
+            "first_batch_s": 0.0,
+        }
         self.pre = Preprocessor.from_bundle(plan.bundle, exact_resize=plan.exact_resize)
         args = plan.decoder_args(transfer)
         self.device_batcher = None
         # Workers start first: their start-up (imports) overlaps with creating the inference session.
-        self.stage: DecodeStage = (DecodeWorkers(tasks, args, plan.max_pixels, workers, 2 * workers + 2, start_method,
-                                 batch_size=batch_size) if workers > 0 else ThreadDecode(tasks, args, 2))
-        self.settings = {"backend": backend, "device": device, "batch_size": batch_size, "workers": workers,
-                         "transfer": transfer, "transport": self.stage.transport, "decoder": plan.decoder}
+        self.stage: DecodeStage = (
+            DecodeWorkers(tasks, args, plan.max_pixels, workers, 2 * workers + 2, start_method, batch_size=batch_size)
+            if workers > 0
+            else ThreadDecode(tasks, args, 2)
+        )
+        self.settings = {
+            "backend": backend,
+            "device": device,
+            "batch_size": batch_size,
+            "workers": workers,
+            "transfer": transfer,
+            "transport": self.stage.transport,
+            "decoder": plan.decoder,
+        }
         try:
-            self.fx = FeatureExtractor(plan.bundle, backend=backend, device=device, precision=plan.precision,
-                                       pool=plan.pool, batch_size=batch_size, preprocessor=self.pre, **runner_opts)
+            self.fx = FeatureExtractor(
+                plan.bundle,
+                backend=backend,
+                device=device,
+                precision=plan.precision,
+                pool=plan.pool,
+                batch_size=batch_size,
+                preprocessor=self.pre,
+                **runner_opts,
+            )
             if plan.decoder == "torch":  # after the runner: its checks of device and options come first
                 from mae_deploy.extract.device_decode import DeviceBatcher
 
@@ -100,8 +134,7 @@ class LocalEngine:
         return BatchResult(rows, feats, failures)
 
     def run_info(self) -> dict:
-        return {**self.settings, "runner": runner_info(self.fx.runner),
-                "decode_worker_restarts": self.stage.restarts}
+        return {**self.settings, "runner": runner_info(self.fx.runner), "decode_worker_restarts": self.stage.restarts}
 
     def close(self) -> None:
         try:

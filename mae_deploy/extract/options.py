@@ -49,8 +49,9 @@ class ExtractOptions:
         names = {f.name for f in fields(self)}
         unknown = sorted(set(changes) - names)
         if unknown:
-            raise InputError(f"extract_features has no option {', '.join(unknown)}; "
-                             f"it takes: {', '.join(sorted(names))}")
+            raise InputError(
+                f"extract_features has no option {', '.join(unknown)}; it takes: {', '.join(sorted(names))}"
+            )
         if "runner_opts" in changes and changes["runner_opts"] is None:
             changes["runner_opts"] = {}
         return replace(self, **changes)

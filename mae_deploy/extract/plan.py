@@ -43,8 +43,18 @@ def default_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
-def check_options(*, pool: str, dtype: str, transfer: str, batch_size: int, min_side: int, workers: int | None,
-                  shard_size: int | None, max_pixels: int | None, engine: str) -> tuple[int, int]:
+def check_options(
+    *,
+    pool: str,
+    dtype: str,
+    transfer: str,
+    batch_size: int,
+    min_side: int,
+    workers: int | None,
+    shard_size: int | None,
+    max_pixels: int | None,
+    engine: str,
+) -> tuple[int, int]:
     """InputError for any bad option; returns (workers, max_pixels) with their defaults filled in."""
     if engine not in ENGINES:
         raise InputError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
@@ -91,9 +101,16 @@ class JobPlan:
 
     def decoder_args(self, transfer: str) -> dict:
         b = self.bundle
-        return {"preprocessing": b.preprocessing, "in_chans": b.in_chans, "min_side": self.min_side,
-                "max_pixels": self.max_pixels, "transfer": transfer, "exact_resize": self.exact_resize,
-                "reader": self.src.reader, "device_jpeg": self.decoder == "torch"}
+        return {
+            "preprocessing": b.preprocessing,
+            "in_chans": b.in_chans,
+            "min_side": self.min_side,
+            "max_pixels": self.max_pixels,
+            "transfer": transfer,
+            "exact_resize": self.exact_resize,
+            "reader": self.src.reader,
+            "device_jpeg": self.decoder == "torch",
+        }
 
     def tasks(self, shards: Sequence[int], batch_size: int) -> Iterator[Task]:
         """Batches of the given shards, in order; a batch never straddles two shards."""
@@ -105,9 +122,23 @@ class JobPlan:
                 yield Task(k, [(r, paths[r]) for r in range(b, stop)], stop == rows.stop)
 
 
-def make_plan(bundle: Bundle, src: Source, part: range, out: Path, *, pool: str, dtype: str,
-              shard_size: int | None, num_parts: int, part_index: int, min_side: int, max_pixels: int,
-              precision: str, exact_resize: bool = False, decoder: str = "pil") -> JobPlan:
+def make_plan(
+    bundle: Bundle,
+    src: Source,
+    part: range,
+    out: Path,
+    *,
+    pool: str,
+    dtype: str,
+    shard_size: int | None,
+    num_parts: int,
+    part_index: int,
+    min_side: int,
+    max_pixels: int,
+    precision: str,
+    exact_resize: bool = False,
+    decoder: str = "pil",
+) -> JobPlan:
     """The plan of a job into ``out`` (read under its lock: an existing job's shard size is reused)."""
     L, D = bundle.num_patches, bundle.embed_dim
     feature_shape = (L + 1, D) if pool == "tokens" else (D,)
@@ -123,21 +154,57 @@ def make_plan(bundle: Bundle, src: Source, part: range, out: Path, *, pool: str,
         "format_version": FORMAT_VERSION,
         "status": "running",
         "bundle": {
-            "path": str(Path(bundle.path).resolve()), "name": bundle.name,
-            "fingerprint": bundle_fingerprint(bundle, precision), "precision": precision, "embed_dim": D,
-            "num_patches": L, "image_size": bundle.image_size, "preprocessing": bundle.preprocessing,
+            "path": str(Path(bundle.path).resolve()),
+            "name": bundle.name,
+            "fingerprint": bundle_fingerprint(bundle, precision),
+            "precision": precision,
+            "embed_dim": D,
+            "num_patches": L,
+            "image_size": bundle.image_size,
+            "preprocessing": bundle.preprocessing,
         },
-        "source": {"spec": src.spec, "kind": src.kind, "fingerprint": src.fingerprint, "num_inputs": len(src),
-                   "rows": [part.start, part.stop]},
-        "settings": {"pool": pool, "dtype": dtype, "shard_size": shard_size, "min_side": min_side,
-                     "max_pixels": max_pixels, "num_parts": num_parts, "part_index": part_index,
-                     "exact_resize": bool(exact_resize), "decoder": decoder},
+        "source": {
+            "spec": src.spec,
+            "kind": src.kind,
+            "fingerprint": src.fingerprint,
+            "num_inputs": len(src),
+            "rows": [part.start, part.stop],
+        },
+        "settings": {
+            "pool": pool,
+            "dtype": dtype,
+            "shard_size": shard_size,
+            "min_side": min_side,
+            "max_pixels": max_pixels,
+            "num_parts": num_parts,
+            "part_index": part_index,
+            "exact_resize": bool(exact_resize),
+            "decoder": decoder,
+        },
         "feature_shape": list(feature_shape),
-        "layout": {"features": "shard-{k:05d}.npy", "index": "shard-{k:05d}.index.jsonl", "errors": ERRORS_NAME,
-                   "sharding": "contiguous row ranges of shard_size inputs; parts are contiguous row ranges"},
+        "layout": {
+            "features": "shard-{k:05d}.npy",
+            "index": "shard-{k:05d}.index.jsonl",
+            "errors": ERRORS_NAME,
+            "sharding": "contiguous row ranges of shard_size inputs; parts are contiguous row ranges",
+        },
     }
-    return JobPlan(bundle, src, part, out, shard_rows, feature_shape, manifest, pool, dtype, min_side, max_pixels,
-                   precision, bool(exact_resize), decoder)
+    return JobPlan(
+        bundle,
+        src,
+        part,
+        out,
+        shard_rows,
+        feature_shape,
+        manifest,
+        pool,
+        dtype,
+        min_side,
+        max_pixels,
+        precision,
+        bool(exact_resize),
+        decoder,
+    )
 
 
 def bundle_fingerprint(bundle: Bundle, precision: str) -> str:
@@ -162,8 +229,12 @@ def bundle_fingerprint(bundle: Bundle, precision: str) -> str:
 def versions() -> dict:
     import PIL
 
-    v = {"mae_deploy": __version__, "python": platform.python_version(), "numpy": np.__version__,
-         "pillow": PIL.__version__}
+    v = {
+        "mae_deploy": __version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+    }
     for mod in ("onnxruntime", "torch", "tensorrt", "ray"):
         if mod in sys.modules:
             v[mod] = getattr(sys.modules[mod], "__version__", "?")
@@ -213,9 +284,11 @@ class ExtractSummary:
         lines += [
             f"images: {self.features} extracted, {self.failed} failed"
             + (f" ({reasons_text(self.failures_by_reason)})" if self.failed else "")
-            + f", {self.inputs} inputs" + (f" ({resumed} resumed from earlier runs)" if resumed else ""),
+            + f", {self.inputs} inputs"
+            + (f" ({resumed} resumed from earlier runs)" if resumed else ""),
             f"speed: {self.images_per_s:.1f} img/s over {self.processed} images, wall time {self.wall_s:.1f} s"
-            if self.processed else "speed: nothing left to do (every shard was finished by an earlier run)",
+            if self.processed
+            else "speed: nothing left to do (every shard was finished by an earlier run)",
             f"output: {self.out_dir} ({self.shards} shards, {self.pool} features {self.dtype} "
             f"(N, {', '.join(map(str, self.feature_shape))}))",
         ]

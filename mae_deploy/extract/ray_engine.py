@@ -65,8 +65,9 @@ def check_ray_options(*, actors: int, gpus_per_actor: float, cpus_per_actor: flo
         if not math.isfinite(value):  # nan passes every comparison below and breaks Ray's resource maths
             raise InputError(f"{name} must be a finite number of 0 or more, got {value}")
     if gpus_per_actor < 0 or cpus_per_actor < 0:
-        raise InputError(f"--gpus-per-actor and --cpus-per-actor must be 0 or more, got {gpus_per_actor}, "
-                         f"{cpus_per_actor}")
+        raise InputError(
+            f"--gpus-per-actor and --cpus-per-actor must be 0 or more, got {gpus_per_actor}, {cpus_per_actor}"
+        )
     if gpus_per_actor == 0 and cpus_per_actor == 0:
         raise InputError("an encoder actor needs some resource: give --cpus-per-actor or --gpus-per-actor above 0")
 
@@ -101,12 +102,28 @@ def decode_rows(batch: dict, decoder_args: dict, pixel_shape: tuple[int, ...]) -
 class EncodeActor:
     """Ray actor (a callable class): one runner; decoded rows -> pooled features in the job's dtype."""
 
-    def __init__(self, bundle_path: str, backend: str, device: str, precision: str, pool: str, dtype: str,
-                 batch_size: int, runner_opts: dict) -> None:
+    def __init__(
+        self,
+        bundle_path: str,
+        backend: str,
+        device: str,
+        precision: str,
+        pool: str,
+        dtype: str,
+        batch_size: int,
+        runner_opts: dict,
+    ) -> None:
         from mae_deploy.features import FeatureExtractor
 
-        self.fx = FeatureExtractor(bundle_path, backend=backend, device=device, precision=precision, pool=pool,
-                                   batch_size=batch_size, **runner_opts)
+        self.fx = FeatureExtractor(
+            bundle_path,
+            backend=backend,
+            device=device,
+            precision=precision,
+            pool=pool,
+            batch_size=batch_size,
+            **runner_opts,
+        )
         self.dtype = dtype
         b = self.fx.bundle
         self.feature_shape = (b.num_patches + 1, b.embed_dim) if pool == "tokens" else (b.embed_dim,)
@@ -117,8 +134,13 @@ class EncodeActor:
         if ok.any():
             x = np.stack([self.fx.preprocessor.normalize(im) for im in batch["pixels"][ok]])
             feats[ok] = self.fx.extract_pixels(x).astype(self.dtype, copy=False)
-        return {"row": batch["row"], "ok": ok, "features": feats, "reason": batch["reason"],
-                "message": batch["message"]}
+        return {
+            "row": batch["row"],
+            "ok": ok,
+            "features": feats,
+            "reason": batch["reason"],
+            "message": batch["message"],
+        }
 
 
 def pixel_shape(plan: JobPlan, decoder_args: dict) -> tuple[int, ...]:
@@ -137,17 +159,36 @@ class RayEngine:
 
     name = "ray"
 
-    def __init__(self, plan: JobPlan, todo: list[int], *, address: str | None, actors: int, gpus_per_actor: float,
-                 cpus_per_actor: float, backend: str, device: str, batch_size: int, transfer: str,
-                 runner_opts: dict) -> None:
+    def __init__(
+        self,
+        plan: JobPlan,
+        todo: list[int],
+        *,
+        address: str | None,
+        actors: int,
+        gpus_per_actor: float,
+        cpus_per_actor: float,
+        backend: str,
+        device: str,
+        batch_size: int,
+        transfer: str,
+        runner_opts: dict,
+    ) -> None:
         self.ray = import_ray()
         self.plan, self.todo, self.batch_size = plan, todo, batch_size
         self.timings = {"ray_wait_s": 0.0}
         if device.startswith("cuda") and gpus_per_actor == 0:
             gpus_per_actor = 1.0  # an actor sees a GPU only when Ray gives it one
-        self.info = {"backend": backend, "device": device, "batch_size": batch_size, "transfer": "uint8",
-                     "actors": actors, "gpus_per_actor": gpus_per_actor, "cpus_per_actor": cpus_per_actor,
-                     "address": address}
+        self.info = {
+            "backend": backend,
+            "device": device,
+            "batch_size": batch_size,
+            "transfer": "uint8",
+            "actors": actors,
+            "gpus_per_actor": gpus_per_actor,
+            "cpus_per_actor": cpus_per_actor,
+            "address": address,
+        }
         self._iter: Iterator[dict[str, Any]] | None = None  # Ray Data's batches, while they are read
         self._saved_context: tuple[bool, bool] | None = None
         self._own = connect(self.ray, address, include_dashboard=False, log_to_driver=False)
@@ -187,11 +228,16 @@ class RayEngine:
                 b = min(a + step, rows.stop)
                 # Paths travel as bytes (os.fsencode): a file name that is not valid UTF-8 (held with
                 # surrogate escapes) cannot be an Arrow string, yet the local engine reads it.
-                yield pa.table({"row": pa.array(np.arange(a, b, dtype=np.int64)),
-                                "path": pa.array([os.fsencode(p) for p in paths[a:b]], type=pa.binary())})
+                yield pa.table(
+                    {
+                        "row": pa.array(np.arange(a, b, dtype=np.int64)),
+                        "path": pa.array([os.fsencode(p) for p in paths[a:b]], type=pa.binary()),
+                    }
+                )
 
-    def _dataset(self, backend: str, device: str, runner_opts: dict, actors: int, gpus_per_actor: float,
-                 cpus_per_actor: float):
+    def _dataset(
+        self, backend: str, device: str, runner_opts: dict, actors: int, gpus_per_actor: float, cpus_per_actor: float
+    ):
         data = self.ray.data
         ctx = data.DataContext.get_current()
         self._saved_context = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
@@ -199,8 +245,11 @@ class RayEngine:
         ctx.enable_progress_bars = False
         args = self.plan.decoder_args("uint8")
         decoded = data.from_arrow(list(self._blocks())).map_batches(
-            decode_rows, fn_kwargs={"decoder_args": args, "pixel_shape": pixel_shape(self.plan, args)},
-            batch_size=self.batch_size, batch_format="numpy", num_cpus=1,
+            decode_rows,
+            fn_kwargs={"decoder_args": args, "pixel_shape": pixel_shape(self.plan, args)},
+            batch_size=self.batch_size,
+            batch_format="numpy",
+            num_cpus=1,
             # Memory for a batch of decoded full-size images. Also: Ray Data fuses map steps whose resource
             # requests are equal, which would decode inside the encoder actors (a GPU idle while its actor
             # decodes); this request differs from the actors', so decoding stays a separate CPU task.
@@ -208,11 +257,22 @@ class RayEngine:
         )
         plan = self.plan
         return decoded.map_batches(
-            EncodeActor, batch_size=self.batch_size, batch_format="numpy", compute=data.ActorPoolStrategy(size=actors),
-            num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None,
-            fn_constructor_kwargs={"bundle_path": str(plan.bundle.path), "backend": backend, "device": device,
-                                   "precision": plan.precision, "pool": plan.pool, "dtype": plan.dtype,
-                                   "batch_size": self.batch_size, "runner_opts": runner_opts},
+            EncodeActor,
+            batch_size=self.batch_size,
+            batch_format="numpy",
+            compute=data.ActorPoolStrategy(size=actors),
+            num_cpus=cpus_per_actor,
+            num_gpus=gpus_per_actor or None,
+            fn_constructor_kwargs={
+                "bundle_path": str(plan.bundle.path),
+                "backend": backend,
+                "device": device,
+                "precision": plan.precision,
+                "pool": plan.pool,
+                "dtype": plan.dtype,
+                "batch_size": self.batch_size,
+                "runner_opts": runner_opts,
+            },
         )
 
     def _ordered_rows(self) -> Iterator[tuple]:
@@ -245,9 +305,14 @@ class RayEngine:
             yield task, BatchResult(good, np.stack(feats) if feats else None, failures)
 
     def run_info(self) -> dict:
-        return {**{k: v for k, v in self.info.items() if k not in ("cluster_resources", "nodes")},
-                "ray": {"version": self.ray.__version__, "nodes": self.info.get("nodes"),
-                        "cluster_resources": self.info.get("cluster_resources")}}
+        return {
+            **{k: v for k, v in self.info.items() if k not in ("cluster_resources", "nodes")},
+            "ray": {
+                "version": self.ray.__version__,
+                "nodes": self.info.get("nodes"),
+                "cluster_resources": self.info.get("cluster_resources"),
+            },
+        }
 
     def close(self) -> None:
         it, self._iter = self._iter, None

@@ -169,8 +169,16 @@ def open_features(dir_or_dirs, allow_incomplete: bool = False, verify: bool = Fa
             )
         parts.append((d, m))
     first = parts[0][1]
-    key = lambda m: (m["source"]["fingerprint"], m["bundle"]["fingerprint"], m["settings"]["pool"],  # noqa: E731
-                     m["settings"]["dtype"], job_settings(m)["num_parts"])
+
+    def key(m: dict) -> tuple:
+        return (
+            m["source"]["fingerprint"],
+            m["bundle"]["fingerprint"],
+            m["settings"]["pool"],
+            m["settings"]["dtype"],
+            job_settings(m)["num_parts"],
+        )
+
     for d, m in parts[1:]:
         if key(m) != key(first):
             raise InputError(
@@ -204,8 +212,10 @@ def _read_shards(d: Path, m: dict, *, complete: bool, verify: bool):
     for k in range(-(-(stop - start) // size)):
         if not (d / index_name(k)).is_file():
             if complete:
-                raise InputError(f"{d / index_name(k)} is missing from a finished extraction; rerun the same "
-                                 "`mae-deploy extract` command to recompute it")
+                raise InputError(
+                    f"{d / index_name(k)} is missing from a finished extraction; rerun the same "
+                    "`mae-deploy extract` command to recompute it"
+                )
             return  # an unfinished job: its shards up to the first gap, so positions are a prefix of the source
         problem = check_shard_files(d, k)
         if problem is None and verify and str(k) in recorded:

@@ -114,8 +114,12 @@ class _Worker:
     def __init__(self, ctx, decoder_args: dict, max_pixels: int) -> None:
         task_r, self.task_conn = ctx.Pipe(duplex=False)
         self.result_conn, result_w = ctx.Pipe(duplex=False)
-        self.proc = ctx.Process(target=_worker_main, args=(task_r, result_w, decoder_args, max_pixels, os.getpid()),
-                                daemon=True, name="mae-deploy-decode")
+        self.proc = ctx.Process(
+            target=_worker_main,
+            args=(task_r, result_w, decoder_args, max_pixels, os.getpid()),
+            daemon=True,
+            name="mae-deploy-decode",
+        )
         self.proc.start()
         task_r.close()  # the child's ends: the parent's copies would keep the pipes open after a death
         result_w.close()
@@ -151,9 +155,17 @@ class DecodeWorkers:
 
     MAX_RESTARTS = 100
 
-    def __init__(self, tasks: Iterator[Task], decoder_args: dict, max_pixels: int, workers: int,
-                 max_in_flight: int, start_method: str = "spawn", batch_size: int | None = None,
-                 shared_memory: bool = True) -> None:
+    def __init__(
+        self,
+        tasks: Iterator[Task],
+        decoder_args: dict,
+        max_pixels: int,
+        workers: int,
+        max_in_flight: int,
+        start_method: str = "spawn",
+        batch_size: int | None = None,
+        shared_memory: bool = True,
+    ) -> None:
         self.tasks = tasks
         self.decoder_args = decoder_args
         self.max_pixels = max_pixels
@@ -262,8 +274,9 @@ class DecodeWorkers:
         w.assigned.remove(tid)
         if res.in_slot:
             assert self._slots is not None  # a task is given a slot only when there are slots
-            res.pixels = (self._slots.array(self._slot_of[tid], (len(res.rows), *self._shape), self._dtype)
-                          if res.rows else None)
+            res.pixels = (
+                self._slots.array(self._slot_of[tid], (len(res.rows), *self._shape), self._dtype) if res.rows else None
+            )
         if isinstance(tid, tuple):
             self._single_done(tid, res)
         else:
@@ -313,9 +326,23 @@ class DecodeWorkers:
 
     def _blame(self, tid: tuple[int, int], why: str) -> None:
         row, path = self._items(tid)[0]
-        self._single_done(tid, Decoded([], None, [(row, "decoder_crashed", (
-            f"decoding {path} made the decode worker die ({why}): the file crashes the image decoder "
-            "or needs more memory than the machine has"))]))
+        self._single_done(
+            tid,
+            Decoded(
+                [],
+                None,
+                [
+                    (
+                        row,
+                        "decoder_crashed",
+                        (
+                            f"decoding {path} made the decode worker die ({why}): the file crashes the image decoder "
+                            "or needs more memory than the machine has"
+                        ),
+                    )
+                ],
+            ),
+        )
 
     def close(self) -> None:
         """Stop every worker (a worker blocked sending a result nobody wants is terminated)."""

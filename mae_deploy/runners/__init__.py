@@ -39,8 +39,9 @@ def _runner_class(backend: str) -> Callable[..., BaseRunner]:
     return TorchRunner
 
 
-def create_runner(bundle, backend: str = "ort", device: str = "cpu", precision: str = "fp32", *,
-                  threads: int | None = None, **opts) -> Runner:
+def create_runner(
+    bundle, backend: str = "ort", device: str = "cpu", precision: str = "fp32", *, threads: int | None = None, **opts
+) -> Runner:
     """A runner for ``bundle`` (a :class:`~mae_deploy.bundle.Bundle` or a bundle path).
 
     backend ``ort``: ONNX Runtime (device cpu, cuda[:N] or tensorrt[:N]); ``trt``: TensorRT's own API
@@ -65,6 +66,7 @@ def create_runner(bundle, backend: str = "ort", device: str = "cpu", precision: 
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     unknown = sorted(set(opts) - accepted)
     if unknown and not takes_any:
-        raise InputError(f"the {backend} backend has no option {', '.join(unknown)}; "
-                         f"it takes: {', '.join(sorted(accepted))}")
+        raise InputError(
+            f"the {backend} backend has no option {', '.join(unknown)}; it takes: {', '.join(sorted(accepted))}"
+        )
     return cls(bundle, device=device, precision=precision, threads=threads, **opts)

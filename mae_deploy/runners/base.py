@@ -79,8 +79,9 @@ def check_threads(threads: int | None, name: str = "threads") -> int | None:
     return int(threads)
 
 
-def run_in_chunks(run: Callable[[dict[str, np.ndarray]], np.ndarray], feeds: dict[str, np.ndarray],
-                  step: int) -> np.ndarray:
+def run_in_chunks(
+    run: Callable[[dict[str, np.ndarray]], np.ndarray], feeds: dict[str, np.ndarray], step: int
+) -> np.ndarray:
     """``run(feeds)``, or ``run`` on consecutive batch slices of at most ``step`` rows, concatenated.
 
     For engines whose optimization profile has a largest batch (TensorRT, ORT's TensorRT provider): a
@@ -89,7 +90,7 @@ def run_in_chunks(run: Callable[[dict[str, np.ndarray]], np.ndarray], feeds: dic
     n = next(iter(feeds.values())).shape[0]
     if n <= step:
         return run(feeds)
-    outs = [run({k: v[i:i + step] for k, v in feeds.items()}) for i in range(0, n, step)]
+    outs = [run({k: v[i : i + step] for k, v in feeds.items()}) for i in range(0, n, step)]
     return np.concatenate(outs, axis=0)
 
 
@@ -182,8 +183,9 @@ class BaseRunner:
 
     def classify(self, pixel_values: np.ndarray) -> np.ndarray:
         """pixel_values [N,C,H,W] -> logits [N,num_classes]; backends that run the classifier graph override it."""
-        raise InputError(f"the {self.info.backend} backend does not run the classifier graph; use --backend ort "
-                         "or torch")
+        raise InputError(
+            f"the {self.info.backend} backend does not run the classifier graph; use --backend ort or torch"
+        )
 
     def load(self, parts: Iterable[str] = PARTS):
         """Create the sessions/engines of ``parts`` now (those the runner has) instead of on first use."""

@@ -22,12 +22,18 @@ class NullRunner(BaseRunner):
 
     info: RunnerInfo
 
-    def __init__(self, bundle: Bundle, device: str = "cpu", precision: str = "fp32", threads: int | None = None
-                 ) -> None:
+    def __init__(
+        self, bundle: Bundle, device: str = "cpu", precision: str = "fp32", threads: int | None = None
+    ) -> None:
         self.bundle = bundle
         self._specs = {ENCODER: True, DECODER: True}
-        self.info = RunnerInfo(backend="null", device=device, precision=precision, providers=("null",),
-                               details={"diagnostic": "returns zeros without running the model"})
+        self.info = RunnerInfo(
+            backend="null",
+            device=device,
+            precision=precision,
+            providers=("null",),
+            details={"diagnostic": "returns zeros without running the model"},
+        )
 
     def _encode(self, pixel_values: np.ndarray, ids_keep: np.ndarray) -> np.ndarray:
         n, k = ids_keep.shape
@@ -36,5 +42,5 @@ class NullRunner(BaseRunner):
 
     def _decode(self, latent: np.ndarray, ids_restore: np.ndarray) -> np.ndarray:
         b = self.bundle
-        width = b.patch_size ** 2 * b.in_chans
+        width = b.patch_size**2 * b.in_chans
         return np.broadcast_to(np.zeros((1, 1, width), np.float32), (latent.shape[0], b.num_patches, width))

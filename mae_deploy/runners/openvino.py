@@ -119,8 +119,10 @@ class OpenVinoRunner(BaseRunner):
         if device.lower() != "cpu":
             raise InputError(f"the openvino backend runs on cpu, not {device!r}")
         if precision not in (*PRECISIONS, *GRAPH_NAMED):
-            raise InputError(f"the openvino backend runs {', '.join(PRECISIONS)}, not {precision!r} (int8 can also "
-                             f"name its graph: {', '.join(GRAPH_NAMED)})")
+            raise InputError(
+                f"the openvino backend runs {', '.join(PRECISIONS)}, not {precision!r} (int8 can also "
+                f"name its graph: {', '.join(GRAPH_NAMED)})"
+            )
         if hint not in HINTS:
             raise InputError(f"hint must be one of {list(HINTS)}, got {hint!r}")
         self.threads = check_threads(threads)
@@ -128,8 +130,9 @@ class OpenVinoRunner(BaseRunner):
         self.bundle, self.device, self.precision, self.hint = bundle, "cpu", precision, hint
         # Resolve the graph files before loading OpenVINO, so a bundle without a Q/DQ graph fails fast.
         variants = {part: graph_precision(bundle, part, precision) for part in (ENCODER, DECODER)}
-        self._specs: dict[str, GraphSpec | None] = {part: bundle.graph(part, v) if v else None
-                                                    for part, v in variants.items()}
+        self._specs: dict[str, GraphSpec | None] = {
+            part: bundle.graph(part, v) if v else None for part, v in variants.items()
+        }
         self.ov = import_openvino()
         self.core = self.ov.Core()
         if precision == "bf16" and not cpu_supports_bf16(self.core):
@@ -155,8 +158,10 @@ class OpenVinoRunner(BaseRunner):
         inputs = sorted(n for i in model.inputs for n in i.get_names())
         outputs = [n for o in model.outputs for n in o.get_names()]
         if not set(_INPUTS[part]) <= set(inputs) or _OUTPUT[part] not in outputs:
-            raise BundleError(f"{path} has inputs {inputs} and outputs {outputs}; a bundle {part} needs inputs "
-                              f"{list(_INPUTS[part])} and output '{_OUTPUT[part]}'")
+            raise BundleError(
+                f"{path} has inputs {inputs} and outputs {outputs}; a bundle {part} needs inputs "
+                f"{list(_INPUTS[part])} and output '{_OUTPUT[part]}'"
+            )
         try:
             return self.core.compile_model(model, "CPU", self.config)
         except Exception as e:
@@ -195,8 +200,10 @@ class OpenVinoRunner(BaseRunner):
         """What the compiled models really use (threads, precision, hint), read back from OpenVINO."""
         compiled = {}
         for part, cm in self._compiled.items():
-            compiled[part] = {k: _property_text(cm.get_property(k)) for k in
-                              ("INFERENCE_NUM_THREADS", "INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT", "NUM_STREAMS")}
+            compiled[part] = {
+                k: _property_text(cm.get_property(k))
+                for k in ("INFERENCE_NUM_THREADS", "INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT", "NUM_STREAMS")
+            }
         return RunnerInfo(
             backend="openvino",
             device=self.device,

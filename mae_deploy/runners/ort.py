@@ -71,8 +71,13 @@ def cuda_libraries(cuda_major: str | None) -> list[str]:
     (onnxruntime-gpu 1.31 on PyPI: 13; older releases and NVIDIA's CUDA 12 feed: 12); cuDNN 9 for both."""
     major = cuda_major or "13"
     # cuFFT's soname runs one behind the CUDA major (CUDA 12: libcufft.so.11).
-    return [f"libcudart.so.{major}", f"libcublas.so.{major}", f"libcublasLt.so.{major}",
-            f"libcufft.so.{int(major) - 1}", "libcudnn.so.9"]
+    return [
+        f"libcudart.so.{major}",
+        f"libcublas.so.{major}",
+        f"libcublasLt.so.{major}",
+        f"libcufft.so.{int(major) - 1}",
+        "libcudnn.so.9",
+    ]
 
 
 def unloadable_libraries(names: list[str]) -> list[str]:
@@ -97,8 +102,13 @@ def _ort_cuda_major() -> str | None:
     return version.split(".")[0] or None
 
 
-def check_providers(device: str, requested: str, available_or_actual: list[str], session: bool,
-                    missing_libraries: list[str] | None = None) -> None:
+def check_providers(
+    device: str,
+    requested: str,
+    available_or_actual: list[str],
+    session: bool,
+    missing_libraries: list[str] | None = None,
+) -> None:
     """DeviceUnavailable unless ``requested`` is among the providers (available ones, or a session's own).
 
     After a session fell back to the CPU, the message names the CUDA / cuDNN libraries that cannot be loaded
@@ -115,9 +125,11 @@ def check_providers(device: str, requested: str, available_or_actual: list[str],
     if missing_libraries is None:
         missing_libraries = unloadable_libraries(cuda_libraries(_ort_cuda_major()))
     if missing_libraries:
-        why = (f"these libraries cannot be loaded: {', '.join(missing_libraries)}; install them (e.g. pip install "
-               "the matching nvidia-*-cu13 / -cu12 packages) or put their folders on LD_LIBRARY_PATH (the "
-               "nvidia/*/lib folders of a CUDA torch's environment hold them)")
+        why = (
+            f"these libraries cannot be loaded: {', '.join(missing_libraries)}; install them (e.g. pip install "
+            "the matching nvidia-*-cu13 / -cu12 packages) or put their folders on LD_LIBRARY_PATH (the "
+            "nvidia/*/lib folders of a CUDA torch's environment hold them)"
+        )
     else:
         why = "the CUDA/cuDNN or TensorRT libraries could not be loaded; ONNX Runtime's log says which"
     raise DeviceUnavailable(
@@ -185,9 +197,15 @@ class OrtRunner(BaseRunner):
         if self.kind == "tensorrt":
             from mae_deploy.runners.trt.ort_ep import OrtTrtSetup
 
-            self.trt = OrtTrtSetup.for_bundle(bundle, precision, max_batch=trt_max_batch, opt_batch=trt_opt_batch,
-                                              opt_visible=trt_opt_visible, cache_root=trt_cache_dir,
-                                              generation=trt_generation)
+            self.trt = OrtTrtSetup.for_bundle(
+                bundle,
+                precision,
+                max_batch=trt_max_batch,
+                opt_batch=trt_opt_batch,
+                opt_visible=trt_opt_visible,
+                cache_root=trt_cache_dir,
+                generation=trt_generation,
+            )
             self._specs = dict(self.trt.specs)
         else:
             # Resolve graph files now so a missing precision fails before any work.
@@ -207,8 +225,11 @@ class OrtRunner(BaseRunner):
         if self.kind == "cuda":
             return [cuda, "CPUExecutionProvider"]
         assert self.trt is not None  # made for the tensorrt device
-        return [("TensorrtExecutionProvider", self.trt.provider_options(part, self.device_id)), cuda,
-                "CPUExecutionProvider"]
+        return [
+            ("TensorrtExecutionProvider", self.trt.provider_options(part, self.device_id)),
+            cuda,
+            "CPUExecutionProvider",
+        ]
 
     def _session_options(self):
         so = self.ort.SessionOptions()
@@ -310,7 +331,8 @@ class OrtRunner(BaseRunner):
         """Bind the caller's tensor by address and write the result into a tensor on the same device."""
         kind = "cpu" if pixels.device_type == DL_CPU else "cuda"
         same_place = (kind == self.kind == "cpu") or (
-            kind == "cuda" == self.kind and pixels.on_gpu and pixels.device_id == self.device_id)
+            kind == "cuda" == self.kind and pixels.on_gpu and pixels.device_id == self.device_id
+        )
         out = _OUTPUT[ENCODER] if pool is None else self.pooled_output(pool)
         if not same_place or out is None or self.trt is not None:
             return super()._encode_device(pixels, ids_keep, pool)
@@ -336,8 +358,10 @@ class OrtRunner(BaseRunner):
         """pixel_values float32 [N,C,H,W] -> logits float32 [N,num_classes] with the bundle's classifier graph."""
         b = self.bundle
         if self.trt is not None:
-            raise InputError("the classifier runs on --device cpu or cuda with ONNX Runtime; its TensorRT "
-                             "provider profile covers the encoder and decoder only")
+            raise InputError(
+                "the classifier runs on --device cpu or cuda with ONNX Runtime; its TensorRT "
+                "provider profile covers the encoder and decoder only"
+            )
         if self._specs.get(CLASSIFIER) is None:
             b.classifier_graph(self.precision)  # raises: no classifier, or none at this precision
         return self._run(CLASSIFIER, {"pixel_values": check_pixel_values(pixel_values, b.in_chans, b.image_size)})
@@ -360,8 +384,9 @@ class OrtRunner(BaseRunner):
         }
         if self.trt is not None:
             details["tensorrt"] = self.trt.describe()
-        return RunnerInfo(backend="ort", device=self.device, precision=self.precision, providers=tuple(providers),
-                          details=details)
+        return RunnerInfo(
+            backend="ort", device=self.device, precision=self.precision, providers=tuple(providers), details=details
+        )
 
     def close(self) -> None:
         with self._lock:

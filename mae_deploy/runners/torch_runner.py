@@ -84,13 +84,13 @@ class TorchRunner(BaseRunner):
         cfg, arch = ckpt.config, bundle.architecture
         diffs = [f"{k} {getattr(cfg, k)} vs {arch[k]}" for k in _ARCH_KEYS if k in arch and getattr(cfg, k) != arch[k]]
         if diffs:
-            raise BundleError(
-                f"checkpoint {self.checkpoint} does not match bundle {bundle.path}: {', '.join(diffs)}"
-            )
+            raise BundleError(f"checkpoint {self.checkpoint} does not match bundle {bundle.path}: {', '.join(diffs)}")
         self.model = model.to(self._device).eval()
         # The checkpoint, not the bundle, decides which parts exist here.
-        self._specs = {ENCODER: self.checkpoint,
-                       DECODER: self.checkpoint if getattr(model, "has_decoder", False) else None}
+        self._specs = {
+            ENCODER: self.checkpoint,
+            DECODER: self.checkpoint if getattr(model, "has_decoder", False) else None,
+        }
         self.compiled = bool(compile)
         self._forward_encoder: Callable[..., Any] = self.model.forward_encoder
         self._forward_decoder: Callable[..., Any] | None = getattr(self.model, "forward_decoder", None)
@@ -185,8 +185,10 @@ class TorchRunner(BaseRunner):
         from training.model import VisionTransformer
 
         if not isinstance(self.model, VisionTransformer) or self.model.num_classes == 0:
-            raise BundleError(f"checkpoint {self.checkpoint} has no classification head; classification needs a "
-                              "fine-tuned or linear-probe checkpoint")
+            raise BundleError(
+                f"checkpoint {self.checkpoint} has no classification head; classification needs a "
+                "fine-tuned or linear-probe checkpoint"
+            )
         b, torch = self.bundle, self.torch
         x = check_pixel_values(pixel_values, b.in_chans, b.image_size)
         with torch.inference_mode(), self._autocast():
@@ -196,8 +198,12 @@ class TorchRunner(BaseRunner):
     @property
     def info(self) -> RunnerInfo:
         torch = self.torch
-        details = {"torch": torch.__version__, "checkpoint": str(self.checkpoint), "threads": torch.get_num_threads(),
-                   "compiled": self.compiled}
+        details = {
+            "torch": torch.__version__,
+            "checkpoint": str(self.checkpoint),
+            "threads": torch.get_num_threads(),
+            "compiled": self.compiled,
+        }
         if self._device.type == "cuda":
             details["gpu"] = torch.cuda.get_device_name(self._device)
         return RunnerInfo("torch", self.device, self.precision, ("torch",), details)

@@ -80,12 +80,15 @@ class DecodeBudget:
             which = "its image" if len(costs) == 1 else f"its images (image {biggest}: {_mib(costs[biggest])})"
             raise payload_too_large(
                 f"the request needs about {_mib(total)} to decode {which}, above this server's --max-decode-mb of "
-                f"{_mib(self.limit)}; send smaller images (fewer pixels, 8-bit) or fewer per request")
+                f"{_mib(self.limit)}; send smaller images (fewer pixels, 8-bit) or fewer per request"
+            )
         with self._lock:
             if self.in_flight + total > self.limit:
                 raise overloaded(
                     f"the server is decoding {_mib(self.in_flight)} of images; this request's {_mib(total)} would "
-                    f"exceed --max-decode-mb of {_mib(self.limit)}; retry shortly", retry_after_s=1)
+                    f"exceed --max-decode-mb of {_mib(self.limit)}; retry shortly",
+                    retry_after_s=1,
+                )
             self.in_flight += total
         return total
 

@@ -31,8 +31,18 @@ CLIENT_CLOSED = 499  # nginx's status for a client that went away before the ans
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 # Probes and docs answer without a key (a load balancer's health check carries none; docs hold no data).
-_OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/docs", "/openapi.json",
-                         "/docs/oauth2-redirect", "/redoc"})
+_OPEN_PATHS = frozenset(
+    {
+        "/healthz",
+        "/readyz",
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/docs",
+        "/openapi.json",
+        "/docs/oauth2-redirect",
+        "/redoc",
+    }
+)
 
 
 def error_response(e: ApiError, path: str, request_id: str | None = None):
@@ -55,8 +65,9 @@ class BodyLimit:
         self.timeout_s = timeout_s
 
     def _too_large(self, size: int | str) -> ApiError:
-        return payload_too_large(f"the body has {size} bytes, above this server's --max-body-mb of "
-                                 f"{self.limit / 2**20:g} MiB")
+        return payload_too_large(
+            f"the body has {size} bytes, above this server's --max-body-mb of {self.limit / 2**20:g} MiB"
+        )
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -72,17 +83,27 @@ class BodyLimit:
 
 def _body_timeout(timeout_s: float, declared: str | None, received: int) -> ApiError:
     of = f" of the {declared} declared" if declared else ""
-    return ApiError(408, "request_timeout", f"the request body did not arrive within the server's --timeout-s of "
-                    f"{timeout_s:g} s ({received} bytes{of} came); send the whole body at once",
-                    {"Connection": "close"})  # the rest of the body may still come: never read it as a request
+    return ApiError(
+        408,
+        "request_timeout",
+        f"the request body did not arrive within the server's --timeout-s of "
+        f"{timeout_s:g} s ({received} bytes{of} came); send the whole body at once",
+        {"Connection": "close"},
+    )  # the rest of the body may still come: never read it as a request
 
 
 class _BodyReceive:
     """An ASGI receive that counts body bytes (413 once past the limit, for chunked uploads) and waits for them
     only until the request's deadline (408)."""
 
-    def __init__(self, receive, limit: int, too_large: Callable[[str], ApiError], deadline: float,
-                 too_slow: Callable[[int], ApiError]) -> None:
+    def __init__(
+        self,
+        receive,
+        limit: int,
+        too_large: Callable[[str], ApiError],
+        deadline: float,
+        too_slow: Callable[[int], ApiError],
+    ) -> None:
         self.receive, self.limit, self.too_large = receive, limit, too_large
         self.deadline, self.too_slow = deadline, too_slow
         self.seen = 0
@@ -123,8 +144,9 @@ class RequestFrame:
     the ~5 ms per-request budget of a lone request (issue #11).
     """
 
-    def __init__(self, app, service: ModelService, replica: str,
-                 request_id: Callable[[], str | None] | None = None) -> None:
+    def __init__(
+        self, app, service: ModelService, replica: str, request_id: Callable[[], str | None] | None = None
+    ) -> None:
         self.app, self.service, self.replica, self.request_id = app, service, replica, request_id
 
     def _denied(self, scope, headers) -> bool:
@@ -132,7 +154,8 @@ class RequestFrame:
         if not key:
             return False
         return scope["path"] not in _OPEN_PATHS and not hmac.compare_digest(
-            (_client_key(headers) or "").encode(), key.encode())
+            (_client_key(headers) or "").encode(), key.encode()
+        )
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -144,7 +167,8 @@ class RequestFrame:
         headers = Headers(scope=scope)
         given = headers.get(REQUEST_ID, "")
         rid = (self.request_id() if self.request_id else None) or (
-            given if _CLIENT_ID.match(given) else uuid.uuid4().hex)
+            given if _CLIENT_ID.match(given) else uuid.uuid4().hex
+        )
         token = request_id_var.set(rid)
         state = scope.setdefault("state", {})  # what routes read as request.state.start / .request_id
         state["start"], state["request_id"] = start, rid
@@ -165,9 +189,15 @@ class RequestFrame:
         path = scope["path"]
         try:
             if self._denied(scope, headers):
-                await error_response(ApiError(401, "unauthorized", "missing or wrong API key: send "
-                                              "'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
-                                              {"WWW-Authenticate": "Bearer"}), path)(scope, receive, framed_send)
+                await error_response(
+                    ApiError(
+                        401,
+                        "unauthorized",
+                        "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+                        {"WWW-Authenticate": "Bearer"},
+                    ),
+                    path,
+                )(scope, receive, framed_send)
             else:
                 try:
                     await self.app(scope, receive, framed_send)
@@ -177,21 +207,32 @@ class RequestFrame:
                     log.exception("internal error on %s", path)
                     if sent["started"]:  # the status line is out: nothing else can be said to this client
                         raise
-                    await error_response(ApiError(500, "internal", f"internal error: {type(e).__name__}"),
-                                         path)(scope, receive, framed_send)
+                    await error_response(ApiError(500, "internal", f"internal error: {type(e).__name__}"), path)(
+                        scope, receive, framed_send
+                    )
             seconds = time.monotonic() - start
             status = sent["status"]
             self.service.metrics.request_done(_route_label(scope), status, seconds)
             what = " (the client closed the connection)" if status == CLIENT_CLOSED else ""
-            log.info("%s %s -> %d in %.1f ms%s", scope["method"], path, status, seconds * 1000, what,
-                     extra={"status": status, "path": path, "ms": round(seconds * 1000, 2)})
+            log.info(
+                "%s %s -> %d in %.1f ms%s",
+                scope["method"],
+                path,
+                status,
+                seconds * 1000,
+                what,
+                extra={"status": status, "path": path, "ms": round(seconds * 1000, 2)},
+            )
         finally:
             request_id_var.reset(token)
 
 
-def create_app(service: ModelService, replica: str | None = None,
-               on_load_failed: Callable[[BaseException], None] | None = None,
-               request_id: Callable[[], str | None] | None = None):
+def create_app(
+    service: ModelService,
+    replica: str | None = None,
+    on_load_failed: Callable[[BaseException], None] | None = None,
+    request_id: Callable[[], str | None] | None = None,
+):
     """The app for ``service``; ``replica`` names this process in the X-Replica header of every response.
 
     ``request_id``: where a front proxy already assigns request ids and returns them in X-Request-ID (Ray
@@ -224,7 +265,7 @@ def create_app(service: ModelService, replica: str | None = None,
         title="mae-deploy serve",
         version="1",
         description="Masked Autoencoder features and reconstructions over HTTP, micro-batched; KServe v2 "
-                    "(Open Inference Protocol) under /v2 for tensor clients such as tritonclient.",
+        "(Open Inference Protocol) under /v2 for tensor clients such as tritonclient.",
         lifespan=lifespan,
     )
     app.state.service = service
@@ -237,8 +278,9 @@ def create_app(service: ModelService, replica: str | None = None,
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
         codes = {404: "not_found", 405: "method_not_allowed"}
-        return error_response(ApiError(e.status_code, codes.get(e.status_code, "bad_request"), str(e.detail)),
-                              request.url.path)
+        return error_response(
+            ApiError(e.status_code, codes.get(e.status_code, "bad_request"), str(e.detail)), request.url.path
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):

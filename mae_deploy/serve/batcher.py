@@ -66,8 +66,10 @@ def batch_key(part: str, inputs: Sequence[np.ndarray]) -> tuple:
     """Work with equal keys can be concatenated along the batch dimension and run in one call: the same part,
     and per input the same library (numpy, or torch for images decoded on the device), device, dtype and
     per-row shape."""
-    return (part, tuple((type(a).__module__, str(a.dtype), str(getattr(a, "device", "cpu")), tuple(a.shape[1:]))
-                        for a in inputs))
+    return (
+        part,
+        tuple((type(a).__module__, str(a.dtype), str(getattr(a, "device", "cpu")), tuple(a.shape[1:])) for a in inputs),
+    )
 
 
 def concatenate(parts: Sequence) -> Any:  # np.ndarray or torch.Tensor, as the parts are
@@ -149,8 +151,13 @@ class MicroBatcher:
             raise
         return outs[0] if len(outs) == 1 else concatenate(outs)
 
-    async def run_async(self, part: str, inputs: Sequence[np.ndarray], timeout: float | None = None,
-                        on_ran: Callable[[float], None] | None = None) -> np.ndarray:
+    async def run_async(
+        self,
+        part: str,
+        inputs: Sequence[np.ndarray],
+        timeout: float | None = None,
+        on_ran: Callable[[float], None] | None = None,
+    ) -> np.ndarray:
         """From the event loop: submit and await. ``asyncio.TimeoutError`` after ``timeout`` seconds.
 
         ``on_ran(seconds)``: told how long the runner calls carrying this work took (their sum over chunks), so a

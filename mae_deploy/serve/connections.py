@@ -22,8 +22,9 @@ def bounded_http_protocol(header_timeout_s: float):
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:  # httptools missing: uvicorn falls back to h11 itself
-        log.warning("httptools is not installed: connections that send no request are not timed out; "
-                    "pip install httptools")
+        log.warning(
+            "httptools is not installed: connections that send no request are not timed out; pip install httptools"
+        )
         return "h11"
 
     class HeaderDeadlineProtocol(HttpToolsProtocol):

@@ -33,14 +33,22 @@ class ServeMetrics:
 
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("mae_serve_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
-                                registry=r)
-        self.latency = Histogram("mae_serve_request_latency_seconds", "Request latency (arrival to response)",
-                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("mae_serve_batch_size", "Rows per runner call", ["part"], buckets=BATCH_BUCKETS,
-                                    registry=r)
-        self.batch_latency = Histogram("mae_serve_batch_latency_seconds", "Runner call duration", ["part"],
-                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter(
+            "mae_serve_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "mae_serve_request_latency_seconds",
+            "Request latency (arrival to response)",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "mae_serve_batch_size", "Rows per runner call", ["part"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.batch_latency = Histogram(
+            "mae_serve_batch_latency_seconds", "Runner call duration", ["part"], buckets=LATENCY_BUCKETS, registry=r
+        )
         self.queue = Gauge("mae_serve_queue_depth", "Images waiting for the runner", registry=r)
         self.images = Counter("mae_serve_images", "Images processed", ["endpoint"], registry=r)
 

@@ -28,10 +28,18 @@ BINARY_CONTENT_TYPE = "application/octet-stream"
 
 # v2 datatype names <-> numpy dtypes (BYTES is not a tensor type these graphs take).
 DATATYPES = {
-    "BOOL": np.dtype(np.bool_), "UINT8": np.dtype(np.uint8), "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32), "UINT64": np.dtype(np.uint64), "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16), "INT32": np.dtype(np.int32), "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16), "FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64),
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
 }
 _NAMES = {v: k for k, v in DATATYPES.items()}
 
@@ -95,8 +103,9 @@ def _check_finite(arr: np.ndarray, name: str) -> np.ndarray:
     """NaN and infinity are no pixel or token value, and a response holding them would not be JSON."""
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         bad = int(np.flatnonzero(~np.isfinite(arr.ravel()))[0])
-        raise _bad(f"input {name!r} holds a non-finite value ({arr.ravel()[bad]}) at flat index {bad}; "
-                   "send finite numbers")
+        raise _bad(
+            f"input {name!r} holds a non-finite value ({arr.ravel()[bad]}) at flat index {bad}; send finite numbers"
+        )
     return arr
 
 
@@ -113,14 +122,17 @@ def _json_tensor(spec: dict, name: str, shape: tuple[int, ...], dtype: np.dtype)
     return arr.reshape(shape)
 
 
-def _binary_tensor(name: str, shape: tuple[int, ...], dtype: np.dtype, size: object, blob: memoryview,
-                   offset: int) -> np.ndarray:
+def _binary_tensor(
+    name: str, shape: tuple[int, ...], dtype: np.dtype, size: object, blob: memoryview, offset: int
+) -> np.ndarray:
     if not _is_int(size) or size < 0:
         raise _bad(f"input {name!r}: parameters.binary_data_size must be a non-negative integer, got {_short(size)}")
     expected = _elements(shape) * dtype.itemsize
     if size != expected or offset + size > len(blob):
-        raise _bad(f"input {name!r}: binary_data_size {size}, shape {list(shape)} x {dtype} needs {expected} "
-                   f"bytes, {len(blob) - offset} left in the body")
+        raise _bad(
+            f"input {name!r}: binary_data_size {size}, shape {list(shape)} x {dtype} needs {expected} "
+            f"bytes, {len(blob) - offset} left in the body"
+        )
     return np.frombuffer(blob[offset : offset + size], dtype=dtype.newbyteorder("<")).reshape(shape)
 
 
@@ -166,8 +178,13 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
     rid = doc.get("id")
     if rid is not None and not (isinstance(rid, str) or _is_int(rid)):
         raise _bad(f"'id' must be a string, got {type(rid).__name__} {_short(rid)}")
-    return InferRequest(inputs=inputs, id=None if rid is None else str(rid), outputs=outputs,
-                        binary_outputs=binary, binary_default=bool(params.get("binary_data_output")))
+    return InferRequest(
+        inputs=inputs,
+        id=None if rid is None else str(rid),
+        outputs=outputs,
+        binary_outputs=binary,
+        binary_default=bool(params.get("binary_data_output")),
+    )
 
 
 def _outputs(specs: object) -> tuple[list[str], set[str]]:
@@ -217,9 +234,13 @@ def encode_infer_response(
 def _json_data(name: str, arr: np.ndarray) -> list:
     """An output's values as a JSON list; NaN or infinity has no JSON form, so it is an error, not bad JSON."""
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        raise ApiError(500, "non_finite_output", f"the model's output {name!r} holds non-finite values (NaN or "
-                       "infinity), which JSON cannot carry; ask for it with parameters.binary_data to get the raw "
-                       "values, and report the input that caused it")
+        raise ApiError(
+            500,
+            "non_finite_output",
+            f"the model's output {name!r} holds non-finite values (NaN or "
+            "infinity), which JSON cannot carry; ask for it with parameters.binary_data to get the raw "
+            "values, and report the input that caused it",
+        )
     return arr.ravel().tolist()
 
 

@@ -55,8 +55,9 @@ class MaeReplica:
         return create_app(self.service, replica=self.name, request_id=_ray_request_id)
 
 
-def build_deployment(config: ServeConfig, replicas: int = 1, gpus_per_replica: float = 0.0,
-                     cpus_per_replica: float = 1.0):
+def build_deployment(
+    config: ServeConfig, replicas: int = 1, gpus_per_replica: float = 0.0, cpus_per_replica: float = 1.0
+):
     """The bound Ray Serve application (pass it to ``serve.run``)."""
     from mae_deploy.serve.server import require
 
@@ -69,13 +70,20 @@ def build_deployment(config: ServeConfig, replicas: int = 1, gpus_per_replica: f
     if config.api_key_env:  # replicas on other machines do not inherit this shell's environment
         actor["runtime_env"] = {"env_vars": {config.api_key_env: config.api_key}}
     ingress = serve.ingress()(MaeReplica)
-    deployment = serve.deployment(name="MaeDeploy", num_replicas=replicas, ray_actor_options=actor,
-                                  max_ongoing_requests=max(config.max_queue, 8))(ingress)
+    deployment = serve.deployment(
+        name="MaeDeploy", num_replicas=replicas, ray_actor_options=actor, max_ongoing_requests=max(config.max_queue, 8)
+    )(ingress)
     return deployment.bind(config)
 
 
-def deploy(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
-           gpus_per_replica: float = 0.0, cpus_per_replica: float = 1.0):
+def deploy(
+    config: ServeConfig,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    replicas: int = 1,
+    gpus_per_replica: float = 0.0,
+    cpus_per_replica: float = 1.0,
+):
     """Start Ray Serve's HTTP proxy on host:port and deploy ``replicas`` replicas (Ray must be initialised)."""
     from ray import serve
     from ray.exceptions import ActorDiedError
@@ -93,8 +101,15 @@ def deploy(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, repli
     return serve.run(app, name=APP_NAME, route_prefix="/")
 
 
-def run_on_ray(config: ServeConfig, host: str = "127.0.0.1", port: int = 8080, replicas: int = 1,
-               address: str | None = None, gpus_per_replica: float = 0.0, cpus_per_replica: float = 1.0) -> None:
+def run_on_ray(
+    config: ServeConfig,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    replicas: int = 1,
+    address: str | None = None,
+    gpus_per_replica: float = 0.0,
+    cpus_per_replica: float = 1.0,
+) -> None:
     """Blocking: join (or start) Ray, deploy, wait for SIGTERM/SIGINT, then shut the deployment down."""
     from mae_deploy.serve.server import configure_logging, require, require_app_deps
 

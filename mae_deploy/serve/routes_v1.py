@@ -51,14 +51,22 @@ _IMAGE_BODY = {
     "requestBody": {
         "required": True,
         "description": "one image (image/* or application/octet-stream), multipart/form-data with one or more "
-                       'files, or JSON {"images": ["<base64>", ...]}',
+        'files, or JSON {"images": ["<base64>", ...]}',
         "content": {
             "image/*": {"schema": {"type": "string", "format": "binary"}},
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-            "multipart/form-data": {"schema": {"type": "object", "properties": {
-                "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
-            "application/json": {"schema": {"type": "object", "properties": {
-                "images": {"type": "array", "items": {"type": "string", "format": "byte"}}}}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                }
+            },
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"images": {"type": "array", "items": {"type": "string", "format": "byte"}}},
+                }
+            },
         },
     }
 }
@@ -98,8 +106,12 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["health"], summary="Readiness: 200 once the model is loaded and warmed up",
-            responses={503: {"model": ErrorBody}})
+@router.get(
+    "/readyz",
+    tags=["health"],
+    summary="Readiness: 200 once the model is loaded and warmed up",
+    responses={503: {"model": ErrorBody}},
+)
 async def readyz(request: Request):
     svc = _service(request)
     svc.check_ready()
@@ -117,11 +129,15 @@ async def models(request: Request) -> dict:
     return {"object": "list", "data": [_service(request).model_card()]}
 
 
-@router.post("/v1/features", tags=["v1"], summary="Encoder features of one or more images",
-             response_model=FeaturesResponse, responses={**_ERRORS, 200: {"content": {NPY: {}}}},
-             openapi_extra=_IMAGE_BODY)
-async def features(request: Request,
-                   pool: Annotated[Pool, Query(description="cls, mean or tokens")] = Pool["cls"]):
+@router.post(
+    "/v1/features",
+    tags=["v1"],
+    summary="Encoder features of one or more images",
+    response_model=FeaturesResponse,
+    responses={**_ERRORS, 200: {"content": {NPY: {}}}},
+    openapi_extra=_IMAGE_BODY,
+)
+async def features(request: Request, pool: Annotated[Pool, Query(description="cls, mean or tokens")] = Pool["cls"]):
     """Features equal the offline FeatureExtractor on the same image. ``Accept: application/x-npy`` returns
     the float32 array as an .npy file instead of JSON."""
     svc = _service(request)
@@ -155,23 +171,36 @@ class ClassifyResponse(BaseModel):
     data: list[Classification]
 
 
-@router.post("/v1/classify", tags=["v1"], summary="Top-k labels of one or more images (classifier bundles)",
-             response_model=ClassifyResponse, responses=_ERRORS, openapi_extra=_IMAGE_BODY)
-async def classify(request: Request,
-                   top_k: Annotated[int, Query(ge=1, description="labels per image (at most the classes)")] = 5):
+@router.post(
+    "/v1/classify",
+    tags=["v1"],
+    summary="Top-k labels of one or more images (classifier bundles)",
+    response_model=ClassifyResponse,
+    responses=_ERRORS,
+    openapi_extra=_IMAGE_BODY,
+)
+async def classify(
+    request: Request, top_k: Annotated[int, Query(ge=1, description="labels per image (at most the classes)")] = 5
+):
     """The bundle's classifier graph; equals ``mae_deploy.classify.Classifier`` on the same image."""
     svc = _service(request)
     blobs = await read_images(request, svc.config.max_images_per_request)
     preds = await svc.classify(blobs, top_k, svc.deadline(request.state.start))
     svc.metrics.images_done("/v1/classify", len(blobs))
-    data = [{"index": i, "predictions": [{"label": lab, "probability": p} for lab, p in row]}
-            for i, row in enumerate(preds)]
+    data = [
+        {"index": i, "predictions": [{"label": lab, "probability": p} for lab, p in row]} for i, row in enumerate(preds)
+    ]
     return JSONResponse({"model": svc.bundle.name, "top_k": top_k, "data": data})
 
 
-@router.post("/v1/reconstruct", tags=["v1"], summary="The four-panel reconstruction PNG of one image",
-             response_class=Response, openapi_extra=_IMAGE_BODY,
-             responses={**_ERRORS, 200: {"content": {"image/png": {}, "application/x-npz": {}}}})
+@router.post(
+    "/v1/reconstruct",
+    tags=["v1"],
+    summary="The four-panel reconstruction PNG of one image",
+    response_class=Response,
+    openapi_extra=_IMAGE_BODY,
+    responses={**_ERRORS, 200: {"content": {"image/png": {}, "application/x-npz": {}}}},
+)
 async def reconstruct(
     request: Request,
     mask_ratio: Annotated[float, Query(ge=0.0, lt=1.0, description="fraction of patches removed")] = 0.75,

@@ -20,9 +20,11 @@ _INFER_BODY = {
     "requestBody": {
         "required": True,
         "description": "v2 inference request JSON; with the Inference-Header-Content-Length header, the JSON "
-                       "is followed by the binary tensors (binary_data_size in each input's parameters)",
-        "content": {"application/json": {"schema": {"type": "object"}},
-                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        "is followed by the binary tensors (binary_data_size in each input's parameters)",
+        "content": {
+            "application/json": {"schema": {"type": "object"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
     }
 }
 
@@ -70,16 +72,23 @@ async def model_ready(request: Request, name: str, version: str | None = None) -
 
 
 @router.post("/models/{name}/infer", summary="Inference", openapi_extra=_INFER_BODY, response_class=Response)
-@router.post("/models/{name}/versions/{version}/infer", summary="Inference (one version)",
-             openapi_extra=_INFER_BODY, response_class=Response)
+@router.post(
+    "/models/{name}/versions/{version}/infer",
+    summary="Inference (one version)",
+    openapi_extra=_INFER_BODY,
+    response_class=Response,
+)
 async def infer(request: Request, name: str, version: str | None = None) -> Response:
     _check_version(version)
     svc = _service(request)
     svc.check_ready()
     encoding = request.headers.get("content-encoding", "identity").lower()
     if encoding not in ("identity", ""):
-        raise ApiError(415, "unsupported_media_type", f"Content-Encoding {encoding} is not supported; send the "
-                       "request uncompressed")
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"Content-Encoding {encoding} is not supported; send the request uncompressed",
+        )
     body = await request.body()
     parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
     results = await svc.infer(name, parsed, svc.deadline(request.state.start))

@@ -28,8 +28,11 @@ def require(module: str, package: str | None = None, extra: str = "serve") -> An
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise MissingDependency(package or module, f"mae-deploy serve{' --ray' if extra == 'ray' else ''}",
-                                f"pip install 'mae-deploy[{extra}]'") from e
+        raise MissingDependency(
+            package or module,
+            f"mae-deploy serve{' --ray' if extra == 'ray' else ''}",
+            f"pip install 'mae-deploy[{extra}]'",
+        ) from e
 
 
 def require_app_deps() -> None:
@@ -117,16 +120,25 @@ def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8080, r
         server.should_exit = True
 
     app = create_app(service, on_load_failed=on_load_failed)
-    uconfig = uvicorn_config(app, config.timeout_s, host=host, port=port, log_config=None, access_log=False,
-                             lifespan="on", timeout_graceful_shutdown=config.timeout_s + 5)
+    uconfig = uvicorn_config(
+        app,
+        config.timeout_s,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=config.timeout_s + 5,
+    )
     server = _Server(uconfig)
     previous = signal.signal(signal.SIGTERM, _ignore_sigterm)
     try:
         log.info("serving %s on http://%s:%d (ready once /readyz answers 200)", config.bundle, host, port)
         server.run()
     except SystemExit as e:  # uvicorn exits 1 when it cannot bind
-        raise InputError(f"cannot listen on {host}:{port} (in use, or not an address of this machine); pick "
-                         "another --host/--port") from e
+        raise InputError(
+            f"cannot listen on {host}:{port} (in use, or not an address of this machine); pick another --host/--port"
+        ) from e
     finally:
         signal.signal(signal.SIGTERM, previous)
     if failure:

@@ -92,8 +92,9 @@ class BatchedRunner:
 class ModelService:
     """Loads the runner, warms it up, and serves features, reconstructions and v2 inference."""
 
-    def __init__(self, config: ServeConfig, runner=None, metrics: ServeMetrics | None = None,
-                 bundle: Bundle | None = None) -> None:
+    def __init__(
+        self, config: ServeConfig, runner=None, metrics: ServeMetrics | None = None, bundle: Bundle | None = None
+    ) -> None:
         self.config = config
         self.bundle = bundle or Bundle.load(config.bundle, verify=config.verify_bundle)
         self.preprocessor = Preprocessor.from_bundle(self.bundle, max_pixels=config.max_pixels)
@@ -134,8 +135,9 @@ class ModelService:
                 self.device_images = DeviceImageDecoder(self.preprocessor, self.config.device)
             self._warm_up()
             c = self.config
-            self.batcher = MicroBatcher(self._calls(), c.max_batch_size, c.max_delay_ms / 1000.0, c.max_queue,
-                                        observer=self.metrics).start()
+            self.batcher = MicroBatcher(
+                self._calls(), c.max_batch_size, c.max_delay_ms / 1000.0, c.max_queue, observer=self.metrics
+            ).start()
         except BaseException as e:
             self.state, self.load_error = "failed", e
             raise
@@ -256,8 +258,9 @@ class ModelService:
     async def _batched(self, part: str, inputs: tuple, deadline: float) -> np.ndarray:
         assert self.batcher is not None  # start() made it before the service took requests
         try:
-            return await self.batcher.run_async(part, inputs, timeout=_left(deadline),
-                                                on_ran=lambda s: add_timing("runner", s * 1000))
+            return await self.batcher.run_async(
+                part, inputs, timeout=_left(deadline), on_ran=lambda s: add_timing("runner", s * 1000)
+            )
         except (asyncio.TimeoutError, TimeoutError):
             raise timed_out(self.config.timeout_s) from None
         except QueueFull as e:
@@ -274,8 +277,10 @@ class ModelService:
         limit = self.config.max_queue + self.config.max_batch_size
         with self._inflight_lock:
             if self._inflight + n > limit:
-                raise overloaded(f"the server is overloaded: {self._inflight} images in flight, {n} more would "
-                                 f"exceed {limit} (--max-queue {self.config.max_queue} + one batch)")
+                raise overloaded(
+                    f"the server is overloaded: {self._inflight} images in flight, {n} more would "
+                    f"exceed {limit} (--max-queue {self.config.max_queue} + one batch)"
+                )
             self._inflight += n
         try:
             yield
@@ -299,8 +304,12 @@ class ModelService:
         """Image bytes -> per image the top_k (label, probability) pairs of the bundle's classifier."""
         self.check_ready()
         if self.classifier is None:
-            raise ApiError(400, "no_classifier", f"the bundle {self.bundle.name} has no classifier graph with class "
-                           "names; export a fine-tuned or linear-probe checkpoint")
+            raise ApiError(
+                400,
+                "no_classifier",
+                f"the bundle {self.bundle.name} has no classifier graph with class "
+                "names; export a fine-tuned or linear-probe checkpoint",
+            )
         with self._admit(len(blobs)):
             with timed("preprocess"):
                 x = await self._preprocess(blobs, deadline)
@@ -311,19 +320,32 @@ class ModelService:
         except InputError as e:
             raise bad_input(e, "bad_request") from e
 
-    async def reconstruct(self, blob: bytes, mask_ratio: float, seed: int, fmt: str,
-                          deadline: float) -> tuple[bytes, str]:
+    async def reconstruct(
+        self, blob: bytes, mask_ratio: float, seed: int, fmt: str, deadline: float
+    ) -> tuple[bytes, str]:
         """One image -> (the four-panel PNG, or an .npz of mask / ids / prediction, and its media type)."""
         self.check_ready()
         if not self.runner.has_decoder:
-            raise ApiError(400, "no_decoder", f"the bundle {self.bundle.name} has no decoder, so it cannot "
-                           "reconstruct; export a *_full or mae_visualize_* checkpoint")
+            raise ApiError(
+                400,
+                "no_decoder",
+                f"the bundle {self.bundle.name} has no decoder, so it cannot "
+                "reconstruct; export a *_full or mae_visualize_* checkpoint",
+            )
         if fmt not in RECONSTRUCT_FORMATS:
             raise ApiError(400, "bad_request", f"format must be one of {list(RECONSTRUCT_FORMATS)}, got {fmt!r}")
         try:
             with self._admit(1):
-                return await self._in_thread(self._reconstruct, blob, mask_ratio, seed, fmt, deadline,
-                                             deadline=deadline, reserved=self._reserve([blob]))
+                return await self._in_thread(
+                    self._reconstruct,
+                    blob,
+                    mask_ratio,
+                    seed,
+                    fmt,
+                    deadline,
+                    deadline=deadline,
+                    reserved=self._reserve([blob]),
+                )
         except TimeoutError:
             raise timed_out(self.config.timeout_s) from None
         except QueueFull as e:
@@ -344,8 +366,15 @@ class ModelService:
             result.grid_image().save(buf, format="PNG")
             return buf.getvalue(), "image/png"
         ids_keep, ids_restore, _ = random_masking(1, self.bundle.num_patches, mask_ratio, rng=seed)  # as rec did
-        np.savez(buf, mask=result.mask, ids_keep=ids_keep[0], ids_restore=ids_restore[0], pred=result.pred,
-                 reconstruction=result.reconstruction, original=result.original)
+        np.savez(
+            buf,
+            mask=result.mask,
+            ids_keep=ids_keep[0],
+            ids_restore=ids_restore[0],
+            pred=result.pred,
+            reconstruction=result.reconstruction,
+            original=result.original,
+        )
         return buf.getvalue(), "application/x-npz"
 
     # -- KServe v2 --------------------------------------------------------------------------------------
@@ -375,8 +404,9 @@ class ModelService:
     def _check_tensors(self, name: str, request: InferRequest) -> tuple[np.ndarray, ...]:
         inputs, outputs = _GRAPH_IO[name]
         if sorted(request.inputs) != sorted(inputs):
-            raise ApiError(400, "bad_request", f"model {name!r} takes inputs {list(inputs)}, "
-                           f"got {sorted(request.inputs)}")
+            raise ApiError(
+                400, "bad_request", f"model {name!r} takes inputs {list(inputs)}, got {sorted(request.inputs)}"
+            )
         unknown = [o for o in request.outputs if o not in outputs]
         if unknown:
             raise ApiError(400, "bad_request", f"model {name!r} has outputs {list(outputs)}, not {unknown}")
@@ -386,8 +416,9 @@ class ModelService:
                 return (check_pixel_values(request.inputs[inputs[0]], b.in_chans, b.image_size),)
             a, c = (request.inputs[n] for n in inputs)
             if name == ENCODER:
-                return check_encode_inputs(a, c, in_chans=b.in_chans, image_size=b.image_size,
-                                           num_patches=b.num_patches)
+                return check_encode_inputs(
+                    a, c, in_chans=b.in_chans, image_size=b.image_size, num_patches=b.num_patches
+                )
             return check_decode_inputs(a, c, embed_dim=b.embed_dim, num_patches=b.num_patches)
         except InputError as e:
             raise bad_input(e) from e
@@ -400,8 +431,12 @@ class ModelService:
         inputs = self._check_tensors(name, request)
         n = inputs[0].shape[0]
         if n > self.config.max_images_per_request:
-            raise ApiError(413, "payload_too_large", f"the request holds a batch of {n}; this server takes at most "
-                           f"{self.config.max_images_per_request} per request")
+            raise ApiError(
+                413,
+                "payload_too_large",
+                f"the request holds a batch of {n}; this server takes at most "
+                f"{self.config.max_images_per_request} per request",
+            )
         wanted = request.outputs or self._graph_outputs(name)
         with self._admit(n), timed("infer"):
             if name == ENCODER and all(o in _POOL_OF for o in wanted):
@@ -440,8 +475,12 @@ class ModelService:
             card["class_names"] = self.classifier.class_names
         if self.runner is not None:
             info = self.runner.info
-            card["runner"] = {"backend": info.backend, "device": info.device, "precision": info.precision,
-                              "providers": list(info.providers)}
+            card["runner"] = {
+                "backend": info.backend,
+                "device": info.device,
+                "precision": info.precision,
+                "providers": list(info.providers),
+            }
         return card
 
 

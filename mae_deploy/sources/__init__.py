@@ -37,8 +37,16 @@ from mae_deploy.sources import urls
 from mae_deploy.sources.base import Failure, NamedBytes, RowReader, Source
 from mae_deploy.sources.files import expand_glob, is_image_name, read_list, walk_directory, walk_url
 
-__all__ = ["IMAGE_EXTENSIONS", "Failure", "NamedBytes", "RowReader", "Source", "is_image_name", "list_source",
-           "split_rows"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "Failure",
+    "NamedBytes",
+    "RowReader",
+    "Source",
+    "is_image_name",
+    "list_source",
+    "split_rows",
+]
 _GLOB_CHARS = frozenset("*?[")
 _SHARD_SUFFIX, _PARQUET_SUFFIX = ".tar", ".parquet"
 
@@ -64,8 +72,12 @@ def _expand_braces(s: str) -> list[str]:
         from mae_deploy.errors import MissingDependency
 
         raise MissingDependency("braceexpand", f"the brace list {s}", urls.INSTALL) from e
-    return [urls.local_path(e) if urls.is_url(e) or e.lower().startswith("file://")
-            else os.path.abspath(os.path.expanduser(e)) for e in braceexpand(s)]
+    return [
+        urls.local_path(e)
+        if urls.is_url(e) or e.lower().startswith("file://")
+        else os.path.abspath(os.path.expanduser(e))
+        for e in braceexpand(s)
+    ]
 
 
 def _walk_containers(root: str, is_url: bool) -> tuple[str, list[str]] | None:
@@ -108,8 +120,10 @@ def _listing(s: str) -> tuple[str, list[str]]:
             raise InputError(f"the list of paths {s} is empty (no non-blank, non-comment lines)")
         return _suffix_kind(entries) or "list", entries
     if p.exists():  # neither a directory nor a regular file: reading it would block or never end
-        raise InputError(f"source {s} is not a regular file (a FIFO, socket or device); give a directory, a glob "
-                         "or a text file of image paths")
+        raise InputError(
+            f"source {s} is not a regular file (a FIFO, socket or device); give a directory, a glob "
+            "or a text file of image paths"
+        )
     if _GLOB_CHARS & set(s):
         entries = expand_glob(s)
         if not entries:
@@ -144,8 +158,7 @@ def _url_listing(s: str) -> tuple[str, list[str]]:
     return _suffix_kind(entries) or "list", entries
 
 
-def list_source(spec: str | os.PathLike, *, image_column: str | None = None,
-                id_column: str | None = None) -> Source:
+def list_source(spec: str | os.PathLike, *, image_column: str | None = None, id_column: str | None = None) -> Source:
     """The ordered listing of ``spec`` (any SOURCE above) with its reader.
 
     ``image_column`` / ``id_column`` choose the Parquet columns of the image bytes and of the row's path
@@ -155,8 +168,10 @@ def list_source(spec: str | os.PathLike, *, image_column: str | None = None,
     s = urls.local_path(os.fspath(spec))
     kind, entries = _listing(s)
     if kind != "parquet" and (image_column is not None or id_column is not None):
-        raise InputError(f"--image-column and --id-column apply to Parquet sources; {s} is "
-                         f"{'WebDataset shards' if kind == 'webdataset' else 'image files'}")
+        raise InputError(
+            f"--image-column and --id-column apply to Parquet sources; {s} is "
+            f"{'WebDataset shards' if kind == 'webdataset' else 'image files'}"
+        )
     if kind == "webdataset":
         from mae_deploy.sources.webdataset import plan_shards
 
@@ -173,7 +188,5 @@ def split_rows(num_rows: int, num_parts: int = 1, part_index: int = 0) -> range:
     if num_parts < 1:
         raise InputError(f"--num-parts must be at least 1, got {num_parts}")
     if not 0 <= part_index < num_parts:
-        raise InputError(
-            f"--part-index must be in 0..{num_parts - 1} for --num-parts {num_parts}, got {part_index}"
-        )
+        raise InputError(f"--part-index must be in 0..{num_parts - 1} for --num-parts {num_parts}, got {part_index}")
     return range(part_index * num_rows // num_parts, (part_index + 1) * num_rows // num_parts)

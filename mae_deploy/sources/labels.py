@@ -45,7 +45,7 @@ def webdataset_labels(src: Source) -> list[str | None]:
             except (ConnectionError, TimeoutError) as e:
                 raise urls.unreachable(shard, e) from e
         for row in range(int(reader.starts[s]), int(reader.starts[s + 1])):
-            member = src.paths[row][len(shard) + 1:]  # a row's path is SHARD#MEMBER (or SHARD#KEY)
+            member = src.paths[row][len(shard) + 1 :]  # a row's path is SHARD#MEMBER (or SHARD#KEY)
             m = _KEY.match(member)
             out.append(found.get(m.group(1) if m else member))
     return out
@@ -60,13 +60,17 @@ def parquet_labels(src: Source, column: str) -> list[object]:
         pf, f = _open_parquet(file)
         try:
             if column not in pf.schema_arrow.names:
-                raise InputError(f"--label-column {column!r} is not a column of {file}; its columns: "
-                                 f"{', '.join(pf.schema_arrow.names)}")
+                raise InputError(
+                    f"--label-column {column!r} is not a column of {file}; its columns: "
+                    f"{', '.join(pf.schema_arrow.names)}"
+                )
             for batch in pf.iter_batches(columns=[column]):
                 out += batch.column(0).to_pylist()
         finally:
             f.close()
     if len(out) != len(src):
-        raise InputError(f"the Parquet files of {src.spec} changed since they were listed ({len(out)} labels for "
-                         f"{len(src)} rows); run again")
+        raise InputError(
+            f"the Parquet files of {src.spec} changed since they were listed ({len(out)} labels for "
+            f"{len(src)} rows); run again"
+        )
     return out

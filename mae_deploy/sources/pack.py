@@ -40,21 +40,27 @@ def write_shards(root: str | os.PathLike, out: str | os.PathLike, per_shard: int
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for k in range(0, len(items), per_shard):
-        def write(f, part=items[k:k + per_shard]) -> None:
+
+        def write(f, part=items[k : k + per_shard]) -> None:
             with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
                 for path, key, label, name in part:
                     ext = os.path.splitext(path)[1].lower()
-                    for member, data in ((key + ext, Path(path).read_bytes()), (f"{key}.cls", str(label).encode()),
-                                         (f"{key}.txt", name.encode())):
+                    for member, data in (
+                        (key + ext, Path(path).read_bytes()),
+                        (f"{key}.cls", str(label).encode()),
+                        (f"{key}.txt", name.encode()),
+                    ):
                         info = tarfile.TarInfo(member)
                         info.size, info.mtime = len(data), 0  # no timestamps: the same digits, the same bytes
                         tf.addfile(info, io.BytesIO(data))
+
         written.append(atomic_write(out / f"shard-{k // per_shard:06d}.tar", write))
     return written
 
 
-def write_parquet(root: str | os.PathLike, out: str | os.PathLike, per_file: int = 5000,
-                  row_group: int = 256) -> list[Path]:
+def write_parquet(
+    root: str | os.PathLike, out: str | os.PathLike, per_file: int = 5000, row_group: int = 256
+) -> list[Path]:
     """Pack the ImageFolder ``root`` into Parquet files in ``out`` (row groups of ``row_group``)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -63,12 +69,14 @@ def write_parquet(root: str | os.PathLike, out: str | os.PathLike, per_file: int
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for k in range(0, len(items), per_file):
-        part = items[k:k + per_file]
-        table = pa.table({
-            "image": [{"bytes": Path(p).read_bytes(), "path": os.path.basename(p)} for p, _, _, _ in part],
-            "label": pa.array([label for _, _, label, _ in part], pa.int64()),
-            "class_name": [name for _, _, _, name in part],
-        })
+        part = items[k : k + per_file]
+        table = pa.table(
+            {
+                "image": [{"bytes": Path(p).read_bytes(), "path": os.path.basename(p)} for p, _, _, _ in part],
+                "label": pa.array([label for _, _, label, _ in part], pa.int64()),
+                "class_name": [name for _, _, _, name in part],
+            }
+        )
 
         def write(f, t=table) -> None:
             pq.write_table(t, f, row_group_size=row_group)

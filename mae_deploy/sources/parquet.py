@@ -42,8 +42,11 @@ def image_field(type_) -> Literal["bytes", False] | None:
     import pyarrow as pa
 
     def binary(t) -> bool:
-        return pa.types.is_binary(t) or pa.types.is_large_binary(t) or getattr(pa.types, "is_binary_view",
-                                                                               lambda _: False)(t)
+        return (
+            pa.types.is_binary(t)
+            or pa.types.is_large_binary(t)
+            or getattr(pa.types, "is_binary_view", lambda _: False)(t)
+        )
 
     if binary(type_):
         return None
@@ -62,15 +65,19 @@ def choose_image_column(schema, wanted: str | None, file: str) -> tuple[str, str
             raise InputError(f"--image-column {wanted!r} is not a column of {file}; its columns: {described}")
         how = image_field(schema.field(wanted).type)
         if how is False:
-            raise InputError(f"--image-column {wanted!r} of {file} is {schema.field(wanted).type}, not image bytes "
-                             "(binary, or a struct {bytes, path} as Hugging Face datasets write)")
+            raise InputError(
+                f"--image-column {wanted!r} of {file} is {schema.field(wanted).type}, not image bytes "
+                "(binary, or a struct {bytes, path} as Hugging Face datasets write)"
+            )
         return wanted, how
     for name in schema.names:
         how = image_field(schema.field(name).type)
         if how is not False:
             return name, how
-    raise InputError(f"{file} has no image column (binary, or a struct {{bytes, path}}); its columns: {described}. "
-                     "Give --image-column")
+    raise InputError(
+        f"{file} has no image column (binary, or a struct {{bytes, path}}); its columns: {described}. "
+        "Give --image-column"
+    )
 
 
 def _open_parquet(file: str):
@@ -92,8 +99,9 @@ def _scan_file(file: str, image_column: str | None, id_column: str | None) -> di
         schema = pf.schema_arrow
         column, how = choose_image_column(schema, image_column, file)
         if id_column is not None and id_column not in schema.names:
-            raise InputError(f"--id-column {id_column!r} is not a column of {file}; its columns: "
-                             f"{', '.join(schema.names)}")
+            raise InputError(
+                f"--id-column {id_column!r} is not a column of {file}; its columns: {', '.join(schema.names)}"
+            )
         md = pf.metadata
         counts = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
         n = sum(counts)
@@ -115,8 +123,10 @@ def plan_parquet(spec: str, files: list[str], *, image_column: str | None, id_co
         scans = list(pool.map(lambda f: _scan_file(f, image_column, id_column), files))
     chosen = {(s["column"], s["field"]) for s in scans}
     if len(chosen) > 1:
-        raise InputError(f"the files of {spec} put their images in different columns ({sorted(map(str, chosen))}); "
-                         "give --image-column")
+        raise InputError(
+            f"the files of {spec} put their images in different columns ({sorted(map(str, chosen))}); "
+            "give --image-column"
+        )
     paths = [p for s in scans for p in s["paths"]]
     if not paths:
         raise InputError(f"the Parquet files of {spec} hold no rows ({len(files)} files read)")
@@ -130,8 +140,14 @@ def plan_parquet(spec: str, files: list[str], *, image_column: str | None, id_co
 class ParquetReader:
     """Reads a row's image bytes: its row group's image column is read once and kept until another is needed."""
 
-    def __init__(self, files: tuple[str, ...], file_starts: np.ndarray, group_starts: tuple[np.ndarray, ...],
-                 column: str, field: str | None) -> None:
+    def __init__(
+        self,
+        files: tuple[str, ...],
+        file_starts: np.ndarray,
+        group_starts: tuple[np.ndarray, ...],
+        column: str,
+        field: str | None,
+    ) -> None:
         self.files, self.file_starts, self.group_starts = files, file_starts, group_starts
         self.column, self.field = column, field
         self._open: OrderedDict[int, tuple[Any, IO[bytes]]] = OrderedDict()  # (pyarrow ParquetFile, its file)
@@ -174,8 +190,9 @@ class ParquetReader:
         except Exception as e:  # noqa: BLE001 - a damaged page or a network error: this row's failure
             self._open.pop(i, None)
             reason = "unreadable" if isinstance(e, OSError) else "corrupt"
-            raise Failure(reason, f"cannot read {path} (row group {g} of {self.files[i]}): "
-                                     f"{type(e).__name__}: {e}") from e
+            raise Failure(
+                reason, f"cannot read {path} (row group {g} of {self.files[i]}): {type(e).__name__}: {e}"
+            ) from e
         if isinstance(value, dict):
             value = value.get(self.field)
         if value is None:

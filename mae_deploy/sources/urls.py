@@ -18,8 +18,16 @@ from mae_deploy.errors import InputError, MissingDependency, SourceUnreachable
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # The package that provides each protocol, for the install line of a missing one.
-_PROTOCOL_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": "aiohttp",
-                      "https": "aiohttp", "az": "adlfs", "abfs": "adlfs"}
+_PROTOCOL_PACKAGES = {
+    "s3": "s3fs",
+    "s3a": "s3fs",
+    "gs": "gcsfs",
+    "gcs": "gcsfs",
+    "http": "aiohttp",
+    "https": "aiohttp",
+    "az": "adlfs",
+    "abfs": "adlfs",
+}
 INSTALL = "pip install 'mae-deploy[sources]'"
 
 
@@ -51,8 +59,9 @@ def _filesystem(proto: str):
         package = _PROTOCOL_PACKAGES.get(proto, f"the fsspec implementation of {proto}://")
         raise MissingDependency(package, f"reading {proto}:// sources", INSTALL) from e
     except ValueError as e:  # fsspec: "Protocol not known"
-        raise InputError(f"{proto}:// is not a protocol fsspec knows ({e}); use s3://, gs://, http(s):// or "
-                         "file://") from e
+        raise InputError(
+            f"{proto}:// is not a protocol fsspec knows ({e}); use s3://, gs://, http(s):// or file://"
+        ) from e
 
 
 def filesystem(url: str):
@@ -96,8 +105,10 @@ def missing_or_unreachable(url: str, exc: FileNotFoundError) -> Exception:
         except Exception as e:  # noqa: BLE001 - whatever the library raises, the bucket is not reachable
             return unreachable(f"{scheme}://{root}", e)
         if not root_there:
-            return SourceUnreachable(f"bucket {scheme}://{root} (of {url}) does not exist or is not visible with "
-                                     "these credentials; check its name and the credentials")
+            return SourceUnreachable(
+                f"bucket {scheme}://{root} (of {url}) does not exist or is not visible with "
+                "these credentials; check its name and the credentials"
+            )
     return InputError(f"source {url} does not exist; check the path")
 
 

@@ -112,8 +112,12 @@ def plan_shards(spec: str, shards: list[str]) -> Source:
     if not paths:
         raise InputError(f"the shards of {spec} hold no samples ({len(shards)} shards read)")
     starts = np.cumsum([0, *(len(s[0]) for s in scans)], dtype=np.int64)
-    reader = TarReader(tuple(shards), starts, np.fromiter((o for s in scans for o in s[1]), dtype=np.int64),
-                       np.fromiter((n for s in scans for n in s[2]), dtype=np.int64))
+    reader = TarReader(
+        tuple(shards),
+        starts,
+        np.fromiter((o for s in scans for o in s[1]), dtype=np.int64),
+        np.fromiter((n for s in scans for n in s[2]), dtype=np.int64),
+    )
     return Source(spec=spec, kind="webdataset", paths=tuple(paths), reader=reader)
 
 
@@ -146,8 +150,10 @@ class TarReader:
     def read(self, row: int, path: str) -> bytes:
         size = int(self.sizes[row])
         if size == NO_IMAGE:
-            raise Failure("missing_image", f"{path}: the sample has no image member (extensions "
-                                           f"{', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise Failure(
+                "missing_image",
+                f"{path}: the sample has no image member (extensions {', '.join(sorted(IMAGE_SUFFIXES))})",
+            )
         if size == 0:
             raise Failure("empty", f"{path} is empty (0 bytes)")
         s = int(np.searchsorted(self.starts, row, side="right") - 1)

@@ -36,8 +36,15 @@ FEATURES_TENSOR = "features"
 LABELS_FILE = "labels.txt"
 
 _TRITON_DTYPES = {
-    "float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "float64": "TYPE_FP64",
-    "int64": "TYPE_INT64", "int32": "TYPE_INT32", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL",
+    "float32": "TYPE_FP32",
+    "float16": "TYPE_FP16",
+    "bfloat16": "TYPE_BF16",
+    "float64": "TYPE_FP64",
+    "int64": "TYPE_INT64",
+    "int32": "TYPE_INT32",
+    "int8": "TYPE_INT8",
+    "uint8": "TYPE_UINT8",
+    "bool": "TYPE_BOOL",
 }
 
 
@@ -96,7 +103,11 @@ def _tensorrt_accelerator(s: Scheduling, profile: dict[str, tuple[tuple[int, ...
 
 
 def onnx_model_config(
-    name: str, graph: GraphSpec, s: Scheduling, *, labels: bool = False,
+    name: str,
+    graph: GraphSpec,
+    s: Scheduling,
+    *,
+    labels: bool = False,
     trt_profile: dict[str, tuple[tuple[int, ...], ...]] | None = None,
 ) -> dict:
     """config.pbtxt of an ONNX graph served by the onnxruntime backend."""
@@ -119,11 +130,13 @@ def onnx_model_config(
     return cfg
 
 
-def python_model_config(name: str, inputs: list[dict], outputs: list[dict], s: Scheduling,
-                        parameters: Mapping[str, object]) -> dict:
+def python_model_config(
+    name: str, inputs: list[dict], outputs: list[dict], s: Scheduling, parameters: Mapping[str, object]
+) -> dict:
     """config.pbtxt of a Python-backend model (CPU instances; parameters as JSON-free strings)."""
-    params = [{"key": k, "value": {"string_value": v if isinstance(v, str) else json.dumps(v)}}
-              for k, v in parameters.items()]
+    params = [
+        {"key": k, "value": {"string_value": v if isinstance(v, str) else json.dumps(v)}} for k, v in parameters.items()
+    ]
     return {
         "name": name,
         "backend": "python",
@@ -144,13 +157,15 @@ def ensemble_config(name: str, inputs: list[dict], outputs: list[dict], steps: l
         "max_batch_size": s.max_batch_size,
         "input": inputs,
         "output": outputs,
-        "ensemble_scheduling": {"step": [
-            {
-                "model_name": st["model_name"],
-                "model_version": -1,
-                "input_map": [{"key": k, "value": v} for k, v in st["input_map"].items()],
-                "output_map": [{"key": k, "value": v} for k, v in st["output_map"].items()],
-            }
-            for st in steps
-        ]},
+        "ensemble_scheduling": {
+            "step": [
+                {
+                    "model_name": st["model_name"],
+                    "model_version": -1,
+                    "input_map": [{"key": k, "value": v} for k, v in st["input_map"].items()],
+                    "output_map": [{"key": k, "value": v} for k, v in st["output_map"].items()],
+                }
+                for st in steps
+            ]
+        },
     }

@@ -73,9 +73,11 @@ class RepositoryReport:
 def docker_command(repo: Path, gpu: bool) -> str:
     """The docker run line that serves ``repo`` (mae-deploy installed in the container for the Python models)."""
     gpus = "--gpus all " if gpu else ""
-    return (f"docker run --rm {gpus}-p 8000:8000 -p 8001:8001 -p 8002:8002 -v {repo.resolve()}:/models "
-            f"-v <mae-deploy source>:/src {TRITON_IMAGE} "
-            'bash -c "pip install /src && tritonserver --model-repository=/models"')
+    return (
+        f"docker run --rm {gpus}-p 8000:8000 -p 8001:8001 -p 8002:8002 -v {repo.resolve()}:/models "
+        f"-v <mae-deploy source>:/src {TRITON_IMAGE} "
+        'bash -c "pip install /src && tritonserver --model-repository=/models"'
+    )
 
 
 def read_labels(path: str | os.PathLike) -> list[str]:
@@ -92,8 +94,10 @@ def read_labels(path: str | os.PathLike) -> list[str]:
     for i, lab in enumerate(labels, start=1):
         # Triton reports a class by its name: two classes of one name could not be told apart.
         if lab in first:
-            raise InputError(f"the labels file {p} names {lab!r} twice (lines {first[lab]} and {i}); class names "
-                             "must be unique: fix the file")
+            raise InputError(
+                f"the labels file {p} names {lab!r} twice (lines {first[lab]} and {i}); class names "
+                "must be unique: fix the file"
+            )
         first[lab] = i
     return labels
 
@@ -105,8 +109,16 @@ def bundle_class_names(bundle: Bundle) -> list[str] | None:
     return bundle.class_names
 
 
-def _check_options(max_batch_size: int, instances: int, preferred: Sequence[int] | None, max_queue_delay_us: int,
-                   kind: str, precision: str, tensorrt: bool, pool: str) -> tuple[int, ...]:
+def _check_options(
+    max_batch_size: int,
+    instances: int,
+    preferred: Sequence[int] | None,
+    max_queue_delay_us: int,
+    kind: str,
+    precision: str,
+    tensorrt: bool,
+    pool: str,
+) -> tuple[int, ...]:
     if max_batch_size < 1:
         raise InputError(f"--max-batch-size must be at least 1, got {max_batch_size} (Triton's batching needs >= 1)")
     if instances < 1:
@@ -139,11 +151,15 @@ def _pick_models(bundle: Bundle, models: Sequence[str] | None) -> list[str]:
         if m not in MODEL_CHOICES:
             raise InputError(f"unknown model {m!r}; choose from {', '.join(MODEL_CHOICES)}")
         if m == "decoder" and not bundle.has_decoder:
-            raise BundleError(f"bundle {bundle.path} has no decoder graph, so it cannot serve mae_decoder; "
-                              "export a *_full or mae_visualize_* checkpoint, or leave decoder out of --models")
+            raise BundleError(
+                f"bundle {bundle.path} has no decoder graph, so it cannot serve mae_decoder; "
+                "export a *_full or mae_visualize_* checkpoint, or leave decoder out of --models"
+            )
         if m in ("classifier", "classify") and not have_cls:
-            raise BundleError(f"bundle {bundle.path} has no classifier graph (classifier.onnx), so it cannot serve "
-                              f"{m}; export a fine-tuned or linear-probe checkpoint, or leave {m} out of --models")
+            raise BundleError(
+                f"bundle {bundle.path} has no classifier graph (classifier.onnx), so it cannot serve "
+                f"{m}; export a fine-tuned or linear-probe checkpoint, or leave {m} out of --models"
+            )
         if m not in out:
             out.append(m)
     if "features" in out and "encoder" not in out:
@@ -162,9 +178,11 @@ def _graph(bundle: Bundle, part: str, precision: str, tensorrt: bool, notes: lis
         if INT8_QDQ in bundle.precisions(part):
             return bundle.graph(part, INT8_QDQ), "INT8"
         if strict:
-            raise BundleError(f"--tensorrt --precision int8 builds TensorRT int8 from a Q/DQ graph, and bundle "
-                              f"{bundle.path} has none: export with --precision int8-qdq --calibration DIR, or use "
-                              "--precision fp16")
+            raise BundleError(
+                f"--tensorrt --precision int8 builds TensorRT int8 from a Q/DQ graph, and bundle "
+                f"{bundle.path} has none: export with --precision int8-qdq --calibration DIR, or use "
+                "--precision fp16"
+            )
         notes.append(f"the bundle has no Q/DQ int8 {part}; {part} runs TensorRT fp16 on its fp32 graph")
         return bundle.graph(part, "fp32"), "FP16"
     mode = "FP16" if precision == "fp16" else "FP32"
@@ -211,18 +229,23 @@ def _string_tensor(name: str) -> dict:
     return {"name": name, "data_type": Enum("TYPE_STRING"), "dims": [1]}
 
 
-def _onnx_models(tmp: Path, bundle: Bundle, models: list[str], sched: c.Scheduling, precision: str,
-                 notes: list[str]) -> tuple[dict[str, GraphSpec], dict[str, str]]:
+def _onnx_models(
+    tmp: Path, bundle: Bundle, models: list[str], sched: c.Scheduling, precision: str, notes: list[str]
+) -> tuple[dict[str, GraphSpec], dict[str, str]]:
     """The graph models; returns (part -> graph served, model name -> bundle file)."""
-    parts = {"encoder": (c.ENCODER_MODEL, ENCODER), "decoder": (c.DECODER_MODEL, DECODER),
-             "classifier": (c.CLASSIFIER_MODEL, CLASSIFIER)}
+    parts = {
+        "encoder": (c.ENCODER_MODEL, ENCODER),
+        "decoder": (c.DECODER_MODEL, DECODER),
+        "classifier": (c.CLASSIFIER_MODEL, CLASSIFIER),
+    }
     graphs: dict[str, GraphSpec] = {}
     served: dict[str, str] = {}
     for name, part in (parts[m] for m in models if m in parts):
         g, trt_mode = _graph(bundle, part, precision, sched.tensorrt, notes)
         profile = _trt_profile(bundle, part, sched) if sched.tensorrt else None
-        cfg = c.onnx_model_config(name, g, replace(sched, tensorrt_precision=trt_mode), labels=part == CLASSIFIER,
-                                  trt_profile=profile)
+        cfg = c.onnx_model_config(
+            name, g, replace(sched, tensorrt_precision=trt_mode), labels=part == CLASSIFIER, trt_profile=profile
+        )
         _write_config(tmp / name, cfg)
         _copy_graph(bundle, g, tmp / name / "1")
         graphs[part], served[name] = g, g.file
@@ -233,12 +256,19 @@ def _preprocess_model(tmp: Path, bundle: Bundle, graphs: dict[str, GraphSpec], s
     first = graphs[ENCODER] if ENCODER in graphs else graphs[CLASSIFIER]
     pix_cfg = c.tensor_config(next(t for t in first.inputs if t.name == "pixel_values"), first.file)
     ids_cfg = {"name": "ids_keep", "data_type": Enum("TYPE_INT64"), "dims": [bundle.num_patches]}
-    params = {"preprocessing": json.dumps(bundle.preprocessing, sort_keys=True), "in_chans": str(bundle.in_chans),
-              "num_patches": str(bundle.num_patches), "mae_deploy_version": __version__}
-    _write_config(tmp / c.PREPROCESS_MODEL, c.python_model_config(
-        c.PREPROCESS_MODEL, [_string_tensor(c.IMAGE_TENSOR)], [pix_cfg, ids_cfg], sched, params))
-    _python_model(tmp / c.PREPROCESS_MODEL, c.PREPROCESS_MODEL, "PreprocessModel",
-                  "encoded image bytes -> pixel_values, ids_keep")
+    params = {
+        "preprocessing": json.dumps(bundle.preprocessing, sort_keys=True),
+        "in_chans": str(bundle.in_chans),
+        "num_patches": str(bundle.num_patches),
+        "mae_deploy_version": __version__,
+    }
+    _write_config(
+        tmp / c.PREPROCESS_MODEL,
+        c.python_model_config(c.PREPROCESS_MODEL, [_string_tensor(c.IMAGE_TENSOR)], [pix_cfg, ids_cfg], sched, params),
+    )
+    _python_model(
+        tmp / c.PREPROCESS_MODEL, c.PREPROCESS_MODEL, "PreprocessModel", "encoded image bytes -> pixel_values, ids_keep"
+    )
 
 
 def _features_models(tmp: Path, bundle: Bundle, encoder: GraphSpec, sched: c.Scheduling, pool: str) -> None:
@@ -248,41 +278,77 @@ def _features_models(tmp: Path, bundle: Bundle, encoder: GraphSpec, sched: c.Sch
     bundle's latent goes through mae_pool (Python backend).
     """
     feats_cfg = {"name": c.FEATURES_TENSOR, "data_type": Enum("TYPE_FP32"), "dims": [bundle.embed_dim]}
-    steps = [{"model_name": c.PREPROCESS_MODEL, "input_map": {c.IMAGE_TENSOR: c.IMAGE_TENSOR},
-              "output_map": {"pixel_values": "pixel_values", "ids_keep": "ids_keep"}}]
+    steps = [
+        {
+            "model_name": c.PREPROCESS_MODEL,
+            "input_map": {c.IMAGE_TENSOR: c.IMAGE_TENSOR},
+            "output_map": {"pixel_values": "pixel_values", "ids_keep": "ids_keep"},
+        }
+    ]
     encoder_inputs = {"pixel_values": "pixel_values", "ids_keep": "ids_keep"}
     pooled = POOLED_OUTPUTS[pool]
     if pooled in encoder.output_names:
-        steps.append({"model_name": c.ENCODER_MODEL, "input_map": encoder_inputs,
-                      "output_map": {pooled: c.FEATURES_TENSOR}})
+        steps.append(
+            {"model_name": c.ENCODER_MODEL, "input_map": encoder_inputs, "output_map": {pooled: c.FEATURES_TENSOR}}
+        )
     else:
         latent_cfg = c.tensor_config(next(t for t in encoder.outputs if t.name == "latent"), encoder.file)
-        _write_config(tmp / c.POOL_MODEL, c.python_model_config(
-            c.POOL_MODEL, [latent_cfg], [feats_cfg], sched, {"pool": pool}))
+        _write_config(
+            tmp / c.POOL_MODEL, c.python_model_config(c.POOL_MODEL, [latent_cfg], [feats_cfg], sched, {"pool": pool})
+        )
         _python_model(tmp / c.POOL_MODEL, c.POOL_MODEL, "PoolModel", f"encoder latent -> {pool}-pooled features")
-        steps += [{"model_name": c.ENCODER_MODEL, "input_map": encoder_inputs, "output_map": {"latent": "latent"}},
-                  {"model_name": c.POOL_MODEL, "input_map": {"latent": "latent"},
-                   "output_map": {c.FEATURES_TENSOR: c.FEATURES_TENSOR}}]
-    _write_config(tmp / c.FEATURES_ENSEMBLE, c.ensemble_config(
-        c.FEATURES_ENSEMBLE, [_string_tensor(c.IMAGE_TENSOR)], [feats_cfg], steps, sched))
+        steps += [
+            {"model_name": c.ENCODER_MODEL, "input_map": encoder_inputs, "output_map": {"latent": "latent"}},
+            {
+                "model_name": c.POOL_MODEL,
+                "input_map": {"latent": "latent"},
+                "output_map": {c.FEATURES_TENSOR: c.FEATURES_TENSOR},
+            },
+        ]
+    _write_config(
+        tmp / c.FEATURES_ENSEMBLE,
+        c.ensemble_config(c.FEATURES_ENSEMBLE, [_string_tensor(c.IMAGE_TENSOR)], [feats_cfg], steps, sched),
+    )
 
 
 def _classify_ensemble(tmp: Path, classifier: GraphSpec, sched: c.Scheduling, label_text: str) -> None:
     """mae_classify: image bytes -> preprocess -> classifier logits (with the labels for class_count)."""
     logits = c.tensor_config(classifier.outputs[0], classifier.file)
     logits["label_filename"] = c.LABELS_FILE
-    _write_config(tmp / c.CLASSIFY_ENSEMBLE, c.ensemble_config(
-        c.CLASSIFY_ENSEMBLE, [_string_tensor(c.IMAGE_TENSOR)], [logits], [
-            {"model_name": c.PREPROCESS_MODEL, "input_map": {c.IMAGE_TENSOR: c.IMAGE_TENSOR},
-             "output_map": {"pixel_values": "pixel_values"}},
-            {"model_name": c.CLASSIFIER_MODEL, "input_map": {"pixel_values": "pixel_values"},
-             "output_map": {logits["name"]: logits["name"]}},
-        ], sched))
+    _write_config(
+        tmp / c.CLASSIFY_ENSEMBLE,
+        c.ensemble_config(
+            c.CLASSIFY_ENSEMBLE,
+            [_string_tensor(c.IMAGE_TENSOR)],
+            [logits],
+            [
+                {
+                    "model_name": c.PREPROCESS_MODEL,
+                    "input_map": {c.IMAGE_TENSOR: c.IMAGE_TENSOR},
+                    "output_map": {"pixel_values": "pixel_values"},
+                },
+                {
+                    "model_name": c.CLASSIFIER_MODEL,
+                    "input_map": {"pixel_values": "pixel_values"},
+                    "output_map": {logits["name"]: logits["name"]},
+                },
+            ],
+            sched,
+        ),
+    )
     atomic_write_text(tmp / c.CLASSIFY_ENSEMBLE / c.LABELS_FILE, label_text)
 
 
-def _build(tmp: Path, bundle: Bundle, models: list[str], sched: c.Scheduling, precision: str, pool: str,
-           labels: list[str] | None, notes: list[str]) -> dict[str, str]:
+def _build(
+    tmp: Path,
+    bundle: Bundle,
+    models: list[str],
+    sched: c.Scheduling,
+    precision: str,
+    pool: str,
+    labels: list[str] | None,
+    notes: list[str],
+) -> dict[str, str]:
     """Write every model into ``tmp``; returns model name -> bundle graph file."""
     graphs, served = _onnx_models(tmp, bundle, models, sched, precision, notes)
     label_text = "\n".join(labels) + "\n" if labels else ""
@@ -337,41 +403,64 @@ def write_repository(
     FP16 mode on the fp32 graph; int8 with ``tensorrt`` needs the bundle's Q/DQ graph). Bad options or a
     bundle without a needed graph: InputError / BundleError.
     """
-    preferred = _check_options(max_batch_size, instances, preferred_batch_sizes, max_queue_delay_us, kind,
-                               precision, tensorrt, pool)
+    preferred = _check_options(
+        max_batch_size, instances, preferred_batch_sizes, max_queue_delay_us, kind, precision, tensorrt, pool
+    )
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     chosen = _pick_models(bundle, models)
     class_names = None
     if "classifier" in chosen:
         class_names = read_labels(labels) if labels is not None else bundle_class_names(bundle)
         if not class_names:
-            raise InputError(f"bundle {bundle.path} records no class names for its classifier (only generated "
-                             "class_0 ...); give them with --labels FILE (one name per line, in class-index order)")
+            raise InputError(
+                f"bundle {bundle.path} records no class names for its classifier (only generated "
+                "class_0 ...); give them with --labels FILE (one name per line, in class-index order)"
+            )
         n = bundle.graph(CLASSIFIER, "fp32").outputs[0].shape[-1]
         if isinstance(n, int) and n != len(class_names):
             where = labels if labels is not None else f"{bundle.path}/mae.json"
             raise InputError(f"{where} gives {len(class_names)} class names, but the classifier has {n} classes")
     out = Path(out)
     _check_destination(out, overwrite, bundle)
-    sched = c.Scheduling(max_batch_size=max_batch_size, preferred_batch_sizes=preferred,
-                         max_queue_delay_us=max_queue_delay_us, instances=instances, kind=kind, tensorrt=tensorrt)
+    sched = c.Scheduling(
+        max_batch_size=max_batch_size,
+        preferred_batch_sizes=preferred,
+        max_queue_delay_us=max_queue_delay_us,
+        instances=instances,
+        kind=kind,
+        tensorrt=tensorrt,
+    )
     notes: list[str] = []
     if kind == "gpu" and precision == "int8" and not tensorrt:
-        notes.append("int8 graphs are ONNX Runtime dynamic quantisation, which runs largely on the CPU: on a GPU "
-                     "prefer --precision fp16, or --tensorrt with a Q/DQ int8 export")
+        notes.append(
+            "int8 graphs are ONNX Runtime dynamic quantisation, which runs largely on the CPU: on a GPU "
+            "prefer --precision fp16, or --tensorrt with a Q/DQ int8 export"
+        )
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         served = _build(tmp, bundle, chosen, sched, precision, pool, class_names, notes)
         names = sorted(p.name for p in tmp.iterdir() if p.is_dir())
-        atomic_write_json(tmp / MANIFEST, {
-            "generator": f"mae-deploy {__version__}", "bundle": str(bundle.path.resolve()), "models": names,
-            "graphs": served, "options": {"kind": kind, "precision": precision, "max_batch_size": max_batch_size,
-                                          "instances": instances, "preferred_batch_sizes": list(preferred),
-                                          "max_queue_delay_us": max_queue_delay_us, "tensorrt": tensorrt,
-                                          "pool": pool},
-            "notes": notes, "checked": "config.pbtxt files are schema-checked by mae-deploy's tests; unrun against "
-                                       "a live Triton",
-        })
+        atomic_write_json(
+            tmp / MANIFEST,
+            {
+                "generator": f"mae-deploy {__version__}",
+                "bundle": str(bundle.path.resolve()),
+                "models": names,
+                "graphs": served,
+                "options": {
+                    "kind": kind,
+                    "precision": precision,
+                    "max_batch_size": max_batch_size,
+                    "instances": instances,
+                    "preferred_batch_sizes": list(preferred),
+                    "max_queue_delay_us": max_queue_delay_us,
+                    "tensorrt": tensorrt,
+                    "pool": pool,
+                },
+                "notes": notes,
+                "checked": "config.pbtxt files are schema-checked by mae-deploy's tests; unrun against a live Triton",
+            },
+        )
         _publish(tmp, out)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -56,8 +56,10 @@ def ort_cuda(cuda_torch):
     except ImportError:
         pytest.skip("onnxruntime is not installed (pip install 'mae-deploy[gpu]')")
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        pytest.skip(f"onnxruntime {ort.__version__} here has no CUDAExecutionProvider "
-                    f"({ort.get_available_providers()}); install onnxruntime-gpu: pip install 'mae-deploy[gpu]'")
+        pytest.skip(
+            f"onnxruntime {ort.__version__} here has no CUDAExecutionProvider "
+            f"({ort.get_available_providers()}); install onnxruntime-gpu: pip install 'mae-deploy[gpu]'"
+        )
     _skip_unless_provider_answers(ort, "CUDAExecutionProvider")
     return ort
 
@@ -75,9 +77,12 @@ def _skip_unless_provider_answers(ort, provider: str) -> None:
     """A provider can be listed and still fall back to the CPU when its libraries fail to load: try one."""
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     try:
@@ -85,8 +90,10 @@ def _skip_unless_provider_answers(ort, provider: str) -> None:
     except Exception as e:
         pytest.skip(f"{provider} listed but failed to start: {type(e).__name__}: {e}")
     if sess.get_providers()[0] != provider:
-        pytest.skip(f"{provider} listed but ONNX Runtime fell back to {sess.get_providers()} (its libraries "
-                    "could not be loaded; ONNX Runtime's log says which)")
+        pytest.skip(
+            f"{provider} listed but ONNX Runtime fell back to {sess.get_providers()} (its libraries "
+            "could not be loaded; ONNX Runtime's log says which)"
+        )
 
 
 def _export(model, out: Path) -> Path:
@@ -150,5 +157,8 @@ def cpu_reference(gpu_tiny_bundle, tiny_inputs):
 
     r = TorchRunner(Bundle.load(gpu_tiny_bundle), device="cpu")
     latent = r.encode(tiny_inputs["x"], tiny_inputs["ids_keep"])
-    return {"latent": latent, "pred": r.decode(latent, tiny_inputs["ids_restore"]),
-            "features": r.encode(tiny_inputs["x"], tiny_inputs["all"])}
+    return {
+        "latent": latent,
+        "pred": r.decode(latent, tiny_inputs["ids_restore"]),
+        "features": r.encode(tiny_inputs["x"], tiny_inputs["all"]),
+    }

@@ -17,8 +17,9 @@ def _ref_pooled(cpu_reference, pool: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("pool", ["cls", "mean"])
-def test_ort_cuda_pooled_output_from_numpy_and_from_a_cuda_tensor(ort_cuda, cuda_torch, gpu_tiny_bundle,
-                                                                    tiny_inputs, cpu_reference, pool):
+def test_ort_cuda_pooled_output_from_numpy_and_from_a_cuda_tensor(
+    ort_cuda, cuda_torch, gpu_tiny_bundle, tiny_inputs, cpu_reference, pool
+):
     from mae_deploy.runners.ort import OrtRunner
 
     torch = cuda_torch
@@ -63,8 +64,10 @@ def test_torch_pinned_staging_keeps_calls_apart(cuda_torch, gpu_tiny_bundle, tin
     from mae_deploy.runners.torch_runner import TorchRunner
 
     x = tiny_inputs["x"]
-    with TorchRunner(Bundle.load(gpu_tiny_bundle), device="cuda") as r, \
-            TorchRunner(Bundle.load(gpu_tiny_bundle), device="cpu") as cpu:
+    with (
+        TorchRunner(Bundle.load(gpu_tiny_bundle), device="cuda") as r,
+        TorchRunner(Bundle.load(gpu_tiny_bundle), device="cpu") as cpu,
+    ):
         outs = [r.encode_pooled(x * s, tiny_inputs["ids_keep"], "mean") for s in (1.0, -1.0, 0.5, 2.0)]
         for s, got in zip((1.0, -1.0, 0.5, 2.0), outs, strict=True):
             assert np.abs(got - cpu.encode_pooled(x * s, tiny_inputs["ids_keep"], "mean")).max() <= 1e-2

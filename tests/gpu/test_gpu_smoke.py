@@ -68,8 +68,9 @@ def _check_reduced(runner, inputs, ref, min_cos: float, max_rel: float) -> None:
 def _trt_runner(bundle_dir, precision, cache, **kw):
     from mae_deploy.runners.trt import TrtRunner
 
-    return TrtRunner(Bundle.load(bundle_dir), device="cuda", precision=precision, cache_dir=cache, max_batch=4,
-                     progress=False, **kw)
+    return TrtRunner(
+        Bundle.load(bundle_dir), device="cuda", precision=precision, cache_dir=cache, max_batch=4, progress=False, **kw
+    )
 
 
 def test_trt_fp32_matches_torch_cpu(tensorrt_ready, gpu_tiny_bundle, tiny_inputs, cpu_reference, trt_cache):
@@ -99,13 +100,16 @@ def test_trt_engine_cache_is_reused(tensorrt_ready, gpu_tiny_bundle, tiny_inputs
 def test_trt_profile_limits_are_enforced(tensorrt_ready, gpu_tiny_bundle, tiny_inputs, trt_cache):
     from mae_deploy.errors import InputError
 
-    with _trt_runner(gpu_tiny_bundle, "fp32", trt_cache, max_visible="L/4") as r, \
-            pytest.raises(InputError, match="visible tokens, but this call has 64"):
+    with (
+        _trt_runner(gpu_tiny_bundle, "fp32", trt_cache, max_visible="L/4") as r,
+        pytest.raises(InputError, match="visible tokens, but this call has 64"),
+    ):
         r.encode(tiny_inputs["x"], tiny_inputs["all"])
 
 
-def test_trt_refuses_threads_and_sets_the_device_per_thread(tensorrt_ready, gpu_tiny_bundle, tiny_inputs,
-                                                            cpu_reference, trt_cache):
+def test_trt_refuses_threads_and_sets_the_device_per_thread(
+    tensorrt_ready, gpu_tiny_bundle, tiny_inputs, cpu_reference, trt_cache
+):
     import threading
 
     from mae_deploy.errors import InputError
@@ -126,8 +130,9 @@ def test_trt_refuses_threads_and_sets_the_device_per_thread(tensorrt_ready, gpu_
 # --------------------------------------------------------------------------------------------------
 
 
-def test_ort_tensorrt_fp32_chunks_above_its_profile(ort_tensorrt, gpu_tiny_bundle, tiny_inputs, cpu_reference,
-                                                     tmp_path):
+def test_ort_tensorrt_fp32_chunks_above_its_profile(
+    ort_tensorrt, gpu_tiny_bundle, tiny_inputs, cpu_reference, tmp_path
+):
     from mae_deploy.runners.ort import OrtRunner
 
     with OrtRunner(Bundle.load(gpu_tiny_bundle), device="tensorrt", trt_max_batch=4, trt_cache_dir=tmp_path) as r:
@@ -141,8 +146,9 @@ def test_ort_tensorrt_fp16_really_runs_fp16(ort_tensorrt, gpu_tiny_bundle, tiny_
     """On TensorRT 11 trt_fp16_enable is a no-op: the runner must feed the fp16 graph there."""
     from mae_deploy.runners.ort import OrtRunner
 
-    with OrtRunner(Bundle.load(gpu_tiny_bundle), device="tensorrt", precision="fp16", trt_max_batch=4,
-                   trt_cache_dir=tmp_path) as r:
+    with OrtRunner(
+        Bundle.load(gpu_tiny_bundle), device="tensorrt", precision="fp16", trt_max_batch=4, trt_cache_dir=tmp_path
+    ) as r:
         _check_reduced(r, tiny_inputs, cpu_reference, min_cos=0.999, max_rel=0.01)
         latent = r.encode(tiny_inputs["x"], tiny_inputs["ids_keep"])
         assert np.abs(latent - cpu_reference["latent"]).max() > 1e-5  # not silently fp32
@@ -258,8 +264,15 @@ def test_vit_b_throughput_batch_64(cuda_torch, gpu_name, gpu_vitb_bundle, tmp_pa
         trt, why = None, str(e)
     if trt is not None:
         for precision in ("fp32", "fp16"):
-            with TrtRunner(bundle, device="cuda", precision=precision, max_batch=64, opt_batch=64,
-                           cache_dir=tmp_path / "engines", progress=True) as r:
+            with TrtRunner(
+                bundle,
+                device="cuda",
+                precision=precision,
+                max_batch=64,
+                opt_batch=64,
+                cache_dir=tmp_path / "engines",
+                progress=True,
+            ) as r:
                 ips, ms = _throughput(r, x, ids)
                 measured.append(("trt", precision, ips, ms, f"TensorRT {trt.__version__}"))
     else:

@@ -26,8 +26,14 @@ INSTALL_HINT = "pip install 'mae-deploy[trt]' (CUDA 12 driver; 'mae-deploy[trt-c
 PRECISIONS = TRT_PRECISIONS
 INPUTS, OUTPUT = PART_INPUTS, PART_OUTPUT
 # Distributions that carry TensorRT's libraries, newest naming first (for a version without importing them).
-TRT_DISTRIBUTIONS = ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-cu13-libs", "tensorrt-cu12-libs",
-                     "tensorrt-libs")
+TRT_DISTRIBUTIONS = (
+    "tensorrt",
+    "tensorrt-cu13",
+    "tensorrt-cu12",
+    "tensorrt-cu13-libs",
+    "tensorrt-cu12-libs",
+    "tensorrt-libs",
+)
 
 
 @dataclass(frozen=True)
@@ -43,10 +49,22 @@ class TrtCapabilities:
 
 
 CAPABILITIES: dict[int, TrtCapabilities] = {
-    10: TrtCapabilities(10, precision_builder_flags=True, always_strongly_typed=False, strongly_typed_flag=True,
-                        explicit_batch_flag=False, fp16_source="builder-flag"),
-    11: TrtCapabilities(11, precision_builder_flags=False, always_strongly_typed=True, strongly_typed_flag=False,
-                        explicit_batch_flag=False, fp16_source="onnx-variant"),
+    10: TrtCapabilities(
+        10,
+        precision_builder_flags=True,
+        always_strongly_typed=False,
+        strongly_typed_flag=True,
+        explicit_batch_flag=False,
+        fp16_source="builder-flag",
+    ),
+    11: TrtCapabilities(
+        11,
+        precision_builder_flags=False,
+        always_strongly_typed=True,
+        strongly_typed_flag=False,
+        explicit_batch_flag=False,
+        fp16_source="onnx-variant",
+    ),
 }
 
 

@@ -49,7 +49,6 @@ class BuildResult:
     inputs: list[str] = field(default_factory=list)
 
 
-
 class BuildProgress:
     """A tqdm bar over TensorRT's build phases: it follows the outermost phase's steps and names the current one.
 
@@ -233,7 +232,6 @@ def build_engine(
     )
 
 
-
 def get_or_build_engine(
     bundle,
     part: str,
@@ -274,10 +272,20 @@ def get_or_build_engine(
     tpath = timing_cache_path(cache, trt.__version__, gpu_name)
     seed = tpath.read_bytes() if tpath.is_file() else None
     if say:
-        say(f"building the TensorRT {part} engine ({precision}, {profile.describe()}) from {spec.file}; "
-            "this takes a while once, then it is cached")
-    result = build_engine(bundle.path / spec.file, profile.shapes(part), precision, seed,
-                          int(workspace_gb * (1 << 30)), tf32=tf32, trt=trt, progress=progress)
+        say(
+            f"building the TensorRT {part} engine ({precision}, {profile.describe()}) from {spec.file}; "
+            "this takes a while once, then it is cached"
+        )
+    result = build_engine(
+        bundle.path / spec.file,
+        profile.shapes(part),
+        precision,
+        seed,
+        int(workspace_gb * (1 << 30)),
+        tf32=tf32,
+        trt=trt,
+        progress=progress,
+    )
     atomic_write(paths.engine, result.engine)
     from mae_deploy import __version__
 
@@ -286,8 +294,13 @@ def get_or_build_engine(
         "key_version": ENGINE_KEY_VERSION,
         "part": part,
         "precision": precision,
-        "graph": {"file": spec.file, "precision": spec.precision, "sha256": onnx_sha, "bundle": str(bundle.path),
-                  "model": bundle.name},
+        "graph": {
+            "file": spec.file,
+            "precision": spec.precision,
+            "sha256": onnx_sha,
+            "bundle": str(bundle.path),
+            "model": bundle.name,
+        },
         "tensorrt": trt.__version__,
         "api_generation": gen,
         "gpu": gpu_name,
@@ -306,5 +319,3 @@ def get_or_build_engine(
     if result.timing_cache:
         atomic_write(tpath, result.timing_cache)
     return CachedEngine(part, precision, key, paths, built=True, build_seconds=result.seconds, graph_file=spec.file)
-
-

@@ -25,7 +25,6 @@ from mae_deploy.runners.trt.profile import TrtProfile
 ENGINE_KEY_VERSION = 1
 
 
-
 def _canonical(value: Any) -> Any:
     """JSON-ready, order-independent form (dataclasses and tuples become dicts and lists)."""
     if isinstance(value, TrtProfile):
@@ -104,8 +103,6 @@ def engine_paths(cache_dir: str | os.PathLike, part: str, precision: str, key: s
 def timing_cache_path(cache_dir: str | os.PathLike, trt_version: str, gpu_name: str) -> Path:
     """One timing cache per TensorRT version and GPU, shared by every model and profile built there."""
     return Path(cache_dir) / f"timing-trt{_slug(trt_version)}-{_slug(gpu_name)}.cache"
-
-
 
 
 @dataclass

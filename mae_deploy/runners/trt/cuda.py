@@ -51,7 +51,6 @@ def cuda_device_name(cudart, device_id: int) -> str:
     return f"{str(name).strip()} (sm_{props.major}{props.minor})"
 
 
-
 def set_device(cudart, device_id: int) -> None:
     """cudaSetDevice: the current device is per thread, so every entry point that may run on a new thread
     (building, creating a session, running) sets it before touching CUDA or TensorRT."""

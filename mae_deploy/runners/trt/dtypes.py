@@ -27,8 +27,17 @@ TRT_TO_NUMPY: dict[str, str | None] = {
     "FP4": None,
 }
 TRT_ITEMSIZE: dict[str, float] = {
-    "FLOAT": 4, "HALF": 2, "BF16": 2, "INT8": 1, "UINT8": 1, "INT32": 4, "INT64": 8, "BOOL": 1,
-    "FP8": 1, "INT4": 0.5, "FP4": 0.5,
+    "FLOAT": 4,
+    "HALF": 2,
+    "BF16": 2,
+    "INT8": 1,
+    "UINT8": 1,
+    "INT32": 4,
+    "INT64": 8,
+    "BOOL": 1,
+    "FP8": 1,
+    "INT4": 0.5,
+    "FP4": 0.5,
 }
 
 
@@ -45,8 +54,10 @@ def numpy_dtype(trt_dtype: Any) -> np.dtype:
         raise InputError(f"unknown TensorRT data type {name!r}; known: {', '.join(TRT_TO_NUMPY)}")
     np_name = TRT_TO_NUMPY[name]
     if np_name is None:
-        raise InputError(f"TensorRT data type {name} has no numpy equivalent; the graph's inputs and outputs "
-                         "must be float32/float16/int32/int64")
+        raise InputError(
+            f"TensorRT data type {name} has no numpy equivalent; the graph's inputs and outputs "
+            "must be float32/float16/int32/int64"
+        )
     if np_name == "bfloat16":
         try:
             import ml_dtypes
@@ -76,4 +87,3 @@ def dtype_itemsize(trt_dtype: Any) -> float:
 def buffer_nbytes(shape: Shape, trt_dtype: Any) -> int:
     """Bytes of a dense tensor of ``shape`` (rounded up for the 4-bit types)."""
     return int(math.ceil(math.prod(int(d) for d in shape) * dtype_itemsize(trt_dtype)))
-

@@ -97,9 +97,18 @@ class OrtTrtSetup:
     cache_dir: Path
 
     @classmethod
-    def for_bundle(cls, bundle, precision: str, *, max_batch: int = DEFAULT_MAX_BATCH, opt_batch: int | None = None,
-                   opt_visible: int | str | None = None, cache_root: str | os.PathLike | None = None,
-                   generation: int | None = None, detect=installed_trt_generation) -> OrtTrtSetup:
+    def for_bundle(
+        cls,
+        bundle,
+        precision: str,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        opt_batch: int | None = None,
+        opt_visible: int | str | None = None,
+        cache_root: str | os.PathLike | None = None,
+        generation: int | None = None,
+        detect=installed_trt_generation,
+    ) -> OrtTrtSetup:
         """Resolve the profile and graphs now, so a bad option or a missing fp16 graph fails before any work."""
         if precision not in ("fp32", "fp16", "int8"):
             raise InputError(f"--device tensorrt runs fp32, fp16 or int8, not {precision!r}")
@@ -127,10 +136,15 @@ class OrtTrtSetup:
         try:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise InputError(f"cannot create the TensorRT engine cache {self.cache_dir}: {e}; "
-                             "pass trt_cache_dir=") from e
+            raise InputError(
+                f"cannot create the TensorRT engine cache {self.cache_dir}: {e}; pass trt_cache_dir="
+            ) from e
         return ort_trt_provider_options(self.profile, self.cache_dir, self.fp16_flag(part), part, device_id)
 
     def describe(self) -> dict:
-        return {"generation": self.generation, "profile": self.profile.as_dict(), "cache_dir": str(self.cache_dir),
-                "fp16_flag": {p: self.fp16_flag(p) for p, s in self.specs.items() if s is not None}}
+        return {
+            "generation": self.generation,
+            "profile": self.profile.as_dict(),
+            "cache_dir": str(self.cache_dir),
+            "fp16_flag": {p: self.fp16_flag(p) for p, s in self.specs.items() if s is not None},
+        }

@@ -20,7 +20,6 @@ DEFAULT_OPT_BATCH = 8
 Shape = tuple[int, ...]
 
 
-
 def parse_visible(spec: int | str, num_patches: int) -> int:
     """A visible-token count from an int or from 'L' / 'L/4' (floor, at least 1); checked to be in 1..L."""
     L = num_patches
@@ -66,8 +65,11 @@ class TrtProfile:
     def shapes(self, part: str) -> dict[str, tuple[Shape, Shape, Shape]]:
         """{input name: (min, opt, max)} for ``part`` ('encoder' or 'decoder')."""
         c, s, L, d = self.in_chans, self.image_size, self.num_patches, self.embed_dim
-        corners = ((self.min_batch, self.min_visible), (self.opt_batch, self.opt_visible),
-                   (self.max_batch, self.max_visible))
+        corners = (
+            (self.min_batch, self.min_visible),
+            (self.opt_batch, self.opt_visible),
+            (self.max_batch, self.max_visible),
+        )
 
         def at_corners(shape: Callable[[int, int], Shape]) -> tuple[Shape, Shape, Shape]:
             lo, opt, hi = (shape(b, k) for b, k in corners)
@@ -89,8 +91,10 @@ class TrtProfile:
         return asdict(self)
 
     def describe(self) -> str:
-        return (f"batch {self.min_batch}..{self.max_batch} (opt {self.opt_batch}), visible tokens "
-                f"{self.min_visible}..{self.max_visible} (opt {self.opt_visible}) of L={self.num_patches}")
+        return (
+            f"batch {self.min_batch}..{self.max_batch} (opt {self.opt_batch}), visible tokens "
+            f"{self.min_visible}..{self.max_visible} (opt {self.opt_visible}) of L={self.num_patches}"
+        )
 
     def check_call(self, part: str, batch: int, visible: int) -> None:
         """InputError unless ``visible`` lies in the profile (batch is chunked by the runner, never refused)."""
@@ -122,8 +126,12 @@ def derive_profile(
     For reconstruction-heavy use pass opt_visible='L/4' (mask ratio 0.75). Visible counts may be ints or
     'L' / 'L/N'. Every bad combination is an InputError naming the value and the allowed range.
     """
-    for name, v in (("num_patches", num_patches), ("image_size", image_size), ("in_chans", in_chans),
-                    ("embed_dim", embed_dim)):
+    for name, v in (
+        ("num_patches", num_patches),
+        ("image_size", image_size),
+        ("in_chans", in_chans),
+        ("embed_dim", embed_dim),
+    ):
         if int(v) < 1:
             raise InputError(f"{name} must be positive, got {v}")
     L = int(num_patches)
@@ -140,16 +148,23 @@ def derive_profile(
     opt = hi if opt_visible is None else parse_visible(opt_visible, L)
     if not lo <= opt <= hi:
         raise InputError(f"opt_visible {opt} must be in min_visible..max_visible ({lo}..{hi})")
-    return TrtProfile(num_patches=L, image_size=int(image_size), in_chans=int(in_chans), embed_dim=int(embed_dim),
-                      max_batch=max_batch, opt_batch=opt_batch, min_visible=lo, opt_visible=opt, max_visible=hi)
+    return TrtProfile(
+        num_patches=L,
+        image_size=int(image_size),
+        in_chans=int(in_chans),
+        embed_dim=int(embed_dim),
+        max_batch=max_batch,
+        opt_batch=opt_batch,
+        min_visible=lo,
+        opt_visible=opt,
+        max_visible=hi,
+    )
 
 
 def profile_for_bundle(bundle, **kwargs) -> TrtProfile:
     """:func:`derive_profile` with the bundle's L, image size, channels and encoder width."""
-    return derive_profile(bundle.num_patches, bundle.image_size, bundle.in_chans, embed_dim=bundle.embed_dim,
-                          **kwargs)
+    return derive_profile(bundle.num_patches, bundle.image_size, bundle.in_chans, embed_dim=bundle.embed_dim, **kwargs)
 
 
 def format_shape(shape: Shape) -> str:
     return "x".join(str(int(d)) for d in shape)
-

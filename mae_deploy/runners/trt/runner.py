@@ -78,12 +78,20 @@ class TrtRunner(BaseRunner):
         self.device_id = parse_cuda_device(device)
         self.precision = precision
         # Resolve graphs and the profile before touching the GPU, so bad options fail fast.
-        self._specs: dict[str, GraphSpec | None] = {"encoder": select_graph(bundle, "encoder", precision,
-                                                                            self.generation)}
-        self._specs["decoder"] = (select_graph(bundle, "decoder", precision, self.generation)
-                                  if bundle.has_decoder else None)
-        self.profile = profile_for_bundle(bundle, max_batch=max_batch, opt_batch=opt_batch, opt_visible=opt_visible,
-                                          min_visible=min_visible, max_visible=max_visible)
+        self._specs: dict[str, GraphSpec | None] = {
+            "encoder": select_graph(bundle, "encoder", precision, self.generation)
+        }
+        self._specs["decoder"] = (
+            select_graph(bundle, "decoder", precision, self.generation) if bundle.has_decoder else None
+        )
+        self.profile = profile_for_bundle(
+            bundle,
+            max_batch=max_batch,
+            opt_batch=opt_batch,
+            opt_visible=opt_visible,
+            min_visible=min_visible,
+            max_visible=max_visible,
+        )
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.workspace_gb, self.tf32, self.rebuild, self.progress = workspace_gb, tf32, rebuild, progress
         self.gpu_name = cuda_device_name(self.cudart, self.device_id)
@@ -105,10 +113,18 @@ class TrtRunner(BaseRunner):
         with self._locks[part]:
             if part not in self._engines or rebuild:
                 self._engines[part] = get_or_build_engine(
-                    self.bundle, part, self.precision, self.profile, gpu_name=self.gpu_name,
-                    cache_dir=self.cache_dir, workspace_gb=self.workspace_gb, tf32=self.tf32,
-                    rebuild=self.rebuild if rebuild is None else rebuild, trt=self.trt,
-                    say=self._say if self.progress else None, progress=self.progress,
+                    self.bundle,
+                    part,
+                    self.precision,
+                    self.profile,
+                    gpu_name=self.gpu_name,
+                    cache_dir=self.cache_dir,
+                    workspace_gb=self.workspace_gb,
+                    tf32=self.tf32,
+                    rebuild=self.rebuild if rebuild is None else rebuild,
+                    trt=self.trt,
+                    say=self._say if self.progress else None,
+                    progress=self.progress,
                 )
             return self._engines[part]
 

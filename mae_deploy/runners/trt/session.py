@@ -41,8 +41,10 @@ class EngineSession:
         self.inputs = [n for n in names if is_input[n]]
         self.outputs = [n for n in names if not is_input[n]]
         if sorted(self.inputs) != sorted(INPUTS[part]) or OUTPUT[part] not in self.outputs:
-            raise BundleError(f"the {part} engine has inputs {self.inputs} and outputs {self.outputs}; expected "
-                              f"inputs {list(INPUTS[part])} and output '{OUTPUT[part]}'")
+            raise BundleError(
+                f"the {part} engine has inputs {self.inputs} and outputs {self.outputs}; expected "
+                f"inputs {list(INPUTS[part])} and output '{OUTPUT[part]}'"
+            )
         self.dtypes = {n: numpy_dtype(self.engine.get_tensor_dtype(n)) for n in names}
         self.trt_dtypes = {n: self.engine.get_tensor_dtype(n) for n in names}
         # Size every buffer for the profile's max shapes: set them, let TensorRT infer the outputs.
@@ -81,11 +83,15 @@ class EngineSession:
             if arr.nbytes > self.capacity[n]:
                 raise InputError(f"{n} of shape {arr.shape} exceeds the engine's max shape {self.max_shapes[n]}")
             if not ctx.set_input_shape(n, tuple(arr.shape)):
-                raise InputError(f"the TensorRT {self.part} engine refused {n} of shape {arr.shape} "
-                                 f"(profile max {self.max_shapes[n]})")
+                raise InputError(
+                    f"the TensorRT {self.part} engine refused {n} of shape {arr.shape} "
+                    f"(profile max {self.max_shapes[n]})"
+                )
             keep.append(arr)
-            _cuda(cudart.cudaMemcpyAsync(self.buffers[n], arr.ctypes.data, arr.nbytes, h2d, self.stream),
-                  f"cudaMemcpyAsync({n} to device)")
+            _cuda(
+                cudart.cudaMemcpyAsync(self.buffers[n], arr.ctypes.data, arr.nbytes, h2d, self.stream),
+                f"cudaMemcpyAsync({n} to device)",
+            )
         out_name = out_name or OUTPUT[self.part]
         shape = tuple(int(d) for d in ctx.get_tensor_shape(out_name))
         out = np.empty(shape, dtype=self.dtypes[out_name])
@@ -93,8 +99,10 @@ class EngineSession:
             raise EngineBuildError(f"output {out_name} {shape} is larger than its buffer; rebuild the engine")
         if not ctx.execute_async_v3(stream_handle(self.stream)):
             raise EngineBuildError(f"TensorRT failed to execute the {self.part} engine")
-        _cuda(cudart.cudaMemcpyAsync(out.ctypes.data, self.buffers[out_name], out.nbytes, d2h, self.stream),
-              f"cudaMemcpyAsync({out_name} to host)")
+        _cuda(
+            cudart.cudaMemcpyAsync(out.ctypes.data, self.buffers[out_name], out.nbytes, d2h, self.stream),
+            f"cudaMemcpyAsync({out_name} to host)",
+        )
         _cuda(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
         del keep
         return out if out.dtype == np.float32 else out.astype(np.float32)
@@ -114,5 +122,3 @@ class EngineSession:
         self.context = None
         self.engine = None
         self.runtime = None
-
-
