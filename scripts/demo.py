@@ -11,6 +11,7 @@
                int8 top-1 within 0.5 points of fp32 or the demo stops   (mae-deploy export, eval)
 5. reconstruct masked digits reconstructed to PNG                           (mae-deploy reconstruct)
 6. extract     features of every image                                      (mae-deploy extract)
+   sources     the same digits as WebDataset shards and as Parquet, same features (data --format, extract)
 7. bench       latency per backend, batch size and visible tokens           (mae-deploy bench)
 8. serve       the bundle behind HTTP: a few requests, then SIGTERM         (mae-deploy serve)
 
@@ -276,6 +277,40 @@ def main() -> None:
 
         demo.stage("extract", "extract", extract, [feats / "manifest.json"])
 
+        def sources() -> dict:
+            """The same digits as WebDataset shards and as Parquet: the same features as from the folder."""
+            import numpy as np
+
+            from mae_deploy import open_features
+
+            folder = np.asarray(open_features(feats))
+            result = {}
+            for fmt in ("webdataset", "parquet"):
+                src, dst = out / f"digits-{fmt}", out / f"features-{fmt}"
+                mae_deploy("data", "digits", str(src), "--format", fmt)
+                mae_deploy(
+                    "extract",
+                    str(src),
+                    "--bundle",
+                    str(bundle),
+                    "--out",
+                    str(dst),
+                    "--pool",
+                    "cls",
+                    "--workers",
+                    "1",
+                    "--no-progress",
+                )
+                got = open_features(dst)
+                result[fmt] = {
+                    "features": len(got),
+                    "first_path": got.paths[0],
+                    "max_abs_diff_vs_folder": float(np.abs(np.asarray(got) - folder).max()),
+                }
+            return result
+
+        demo.stage("sources", "extract", sources, [out / "features-parquet" / "manifest.json"])
+
         bench_dir = out / "bench"
 
         def bench() -> dict:
@@ -308,7 +343,7 @@ def main() -> None:
         samples = [sorted((digits / "val" / str(d)).glob("*.png"))[0] for d in range(3)]
         demo.stage("serve", "serve", lambda: serve_demo(bundle, samples, out / "serve"), [out / "serve"])
     else:
-        for name in ("reconstruct", "extract", "bench", "serve"):
+        for name in ("reconstruct", "extract", "sources", "bench", "serve"):
             demo.state[name] = {"status": "skipped", "reason": "no bundle (export did not run)", "seconds": 0.0}
 
     write_json(demo.state_path, demo.state)
@@ -417,6 +452,13 @@ def summarize(demo: Demo, out: Path, elapsed: float) -> None:
             f"extract     {x.get('features')} images -> features of shape {x.get('feature_shape')} "
             f"({x.get('failed')} failed)   {out / 'features'}"
         )
+    src = s.get("sources", {})
+    if src.get("status") == "ran":
+        for fmt in ("webdataset", "parquet"):
+            lines.append(
+                f"sources     {fmt:<10} {src[fmt]['features']} features, max |diff| to the folder's "
+                f"{src[fmt]['max_abs_diff_vs_folder']:.1e}   {out / ('features-' + fmt)}"
+            )
     bn = s.get("bench", {})
     if bn.get("status") == "ran":
         lines.append(
