@@ -48,7 +48,7 @@ clean-venv:
 COMPAT_VENV  := .venv-compat
 COMPAT_PY    := $(COMPAT_VENV)/bin/python
 COMPAT_STAMP := $(COMPAT_VENV)/.installed
-COMPAT_TESTS := tests/test_export.py tests/test_qdq.py tests/test_fp16_compat.py
+COMPAT_TESTS := tests/export/test_export.py tests/export/test_qdq.py tests/export/test_fp16_compat.py
 
 .PHONY: compat
 

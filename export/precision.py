@@ -123,7 +123,7 @@ def _one_copy_of_the_weights(graph: onnx.ModelProto) -> Iterator[None]:
     the export's peak, issue #10). With no Gemm node the rewrite changes nothing and the model was already
     shape-inferred when the quantiser loaded it, so the refresh would return an equal model: here it returns
     the same one (2.5 GB peak). Graphs with Gemm (classifier heads, small) keep the library's path, and so
-    does a version of ONNX Runtime that lacks the function (tests/test_export.py checks the result is equal).
+    does a version of ONNX Runtime that lacks the function (tests/export/test_export.py checks the result is equal).
     """
     import importlib
 

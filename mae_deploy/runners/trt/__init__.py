@@ -2,7 +2,7 @@
 
 Written from the TensorRT 10.x / 11.x Python API documentation and the cuda-python runtime bindings'
 documentation (what has run where: docs/verification.md). tests/gpu/test_gpu_smoke.py is its runtime
-check on a GPU; tests/test_trt_logic.py checks the pure logic, the
+check on a GPU; tests/runners/test_trt_logic.py checks the pure logic, the
 builder configuration against a recording fake ``tensorrt`` and the runner's execute path against a fake
 TensorRT/CUDA pair that simulates the documented contracts on the host.
 

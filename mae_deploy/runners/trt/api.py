@@ -1,7 +1,7 @@
 """TensorRT API generations (10.x, 11.x), importing tensorrt / cuda-python, and which graph a build takes.
 
 Unrun on this project's machines (no GPU, no TensorRT): written from the TensorRT 10.x / 11.x Python API
-and cuda-python documentation, checked on the CPU against fakes (tests/test_trt_logic.py).
+and cuda-python documentation, checked on the CPU against fakes (tests/runners/test_trt_logic.py).
 
 TensorRT 10 still has the weak-typing builder flags (``BuilderFlag.FP16`` ...); TensorRT 11 removed them
 and ``EXPLICIT_BATCH``: every network is strongly typed, so precision comes from the ONNX file. fp16

@@ -1,7 +1,7 @@
 """Building engines: parse the ONNX, configure the builder per TensorRT generation, build, and cache.
 
 Unrun on this project's machines (no GPU, no TensorRT): checked against a recording fake ``tensorrt``
-module (tests/test_trt_logic.py); tests/gpu/ builds real engines where TensorRT exists.
+module (tests/runners/test_trt_logic.py); tests/gpu/ builds real engines where TensorRT exists.
 
 Writes go through :mod:`mae_deploy.fileio` (engine, then sidecar, then the shared timing cache, each
 atomic), so a concurrent build of the same key by another process only costs time.

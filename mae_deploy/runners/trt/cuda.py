@@ -1,7 +1,7 @@
 """CUDA through cuda-python's runtime bindings: error checks, device selection and naming, stream handles.
 
 Unrun on this project's machines (no GPU): checked against a fake ``cuda.bindings.runtime``
-(tests/test_trt_logic.py) and, for "no driver", against the real cuda-python installed here.
+(tests/runners/test_trt_logic.py) and, for "no driver", against the real cuda-python installed here.
 """
 
 from __future__ import annotations

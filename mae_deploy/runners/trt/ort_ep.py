@@ -4,8 +4,8 @@ The profile is the trt package's one definition (:mod:`.profile`), so ``--backen
 ``--backend trt`` accept the same shapes. Pure: imports neither onnxruntime nor tensorrt.
 
 Unrun on this project's machines (no GPU): ONNX Runtime's own TensorRT build. What is tested on the CPU:
-the options, the graph choice per TensorRT generation and the cache layout (tests/test_trt_logic.py), and
-that OrtRunner splits batches above the profile (tests/test_runners.py).
+the options, the graph choice per TensorRT generation and the cache layout (tests/runners/test_trt_logic.py), and
+that OrtRunner splits batches above the profile (tests/runners/test_runners.py).
 
 - fp16: ``trt_fp16_enable`` is a weak-typing builder flag, which TensorRT 11 removed; there the option has
   no effect and fp16 would silently build fp32. So on 11 the provider gets the bundle's fp16 graph, exactly

@@ -1,7 +1,7 @@
 """TrtRunner: a bundle's encoder/decoder as TensorRT engines on one CUDA GPU (TensorRT 10.x and 11.x).
 
 Written from the TensorRT 10.x / 11.x Python API and cuda-python documentation (what has run where:
-docs/verification.md). tests/gpu/test_gpu_smoke.py is its runtime check on a GPU; tests/test_trt_logic.py
+docs/verification.md). tests/gpu/test_gpu_smoke.py is its runtime check on a GPU; tests/runners/test_trt_logic.py
 drives it on the CPU through fakes of tensorrt and cuda-python.
 
 Threading: engines and sessions are made once per part under that part's lock; calls on a part are

@@ -3,7 +3,7 @@
 Execution uses the name-based tensor API (``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``)
 on one CUDA stream, with device buffers from cuda-python (``cudaMalloc``) sized for the profile's max shapes
 and reused by every call. Unrun on this project's machines (no GPU): checked against fakes that simulate
-the documented contracts on the host (tests/test_trt_logic.py).
+the documented contracts on the host (tests/runners/test_trt_logic.py).
 """
 
 from __future__ import annotations

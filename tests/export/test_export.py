@@ -412,7 +412,7 @@ def test_a_killed_export_leaves_nothing_after_the_next_run(ckpt_dir, tmp_path):
     out = tmp_path / "b"
     proc = subprocess.Popen(
         [sys.executable, "-m", "mae_deploy.cli", "export", str(ckpt_dir), "--out", str(out)],
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from serve_support import WAIT_S, free_port, jpeg_bytes, wait_until
 from test_serve import offline_features, post_image
-from test_serve_support import WAIT_S, free_port, jpeg_bytes, wait_until
 
 ray = pytest.importorskip("ray")
 httpx = pytest.importorskip("httpx")

@@ -33,7 +33,7 @@ from mae_deploy.bench import (
 from mae_deploy.cli import main
 from mae_deploy.errors import InputError, MissingDependency
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "bench-schema.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "bench-schema.md"
 
 
 @pytest.fixture(scope="module")

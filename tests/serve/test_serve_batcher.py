@@ -7,7 +7,7 @@ import threading
 
 import numpy as np
 import pytest
-from test_serve_support import WAIT_S, wait_until
+from serve_support import WAIT_S, wait_until
 
 from mae_deploy.serve.batcher import BatcherClosed, MicroBatcher, QueueFull
 

@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 import pytest
-from test_serve_support import LiveServer
+from serve_support import LiveServer
 
 httpx = pytest.importorskip("httpx")
 

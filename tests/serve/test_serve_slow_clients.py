@@ -14,7 +14,7 @@ import socket
 import time
 
 import pytest
-from test_serve_support import LiveServer, jpeg_bytes, metric_values, wait_until
+from serve_support import LiveServer, jpeg_bytes, metric_values, wait_until
 
 httpx = pytest.importorskip("httpx")
 

@@ -19,7 +19,7 @@ from training.compiled import compile_note, eager_module, plain_state_dict, reso
 from training.data import write_digits_imagefolder
 from training.model import create_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # The digits demo's model and recipe (scripts/demo.py), on a smaller set: 80 train images, 5 steps/epoch.
 DEMO = [
     "--model",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from serve_support import LiveServer, jpeg_bytes
 from test_serve import post_image
-from test_serve_support import LiveServer, jpeg_bytes
 
 httpx = pytest.importorskip("httpx")
 th = pytest.importorskip("tritonclient.http")

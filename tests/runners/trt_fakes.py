@@ -1,7 +1,7 @@
 """Fakes of tensorrt and cuda-python's runtime for the CPU tests of the trt backend, and their bundles.
 
 The fixtures that install them and export their bundles (``installed_trt_fakes``, ``trt_bundle_dir``,
-``trt_bundle``, ``trt_fp32_only_bundle``) are in tests/conftest.py; test modules import the classes from here.
+``trt_bundle``, ``trt_fp32_only_bundle``) are in tests/runners/conftest.py; test modules import the classes from here.
 
 ``FakeTrt`` / ``FakeCudart`` are small stand-ins that record every call and simulate the documented
 contracts on the host (device memory is a bytearray; the current device is per thread, as in CUDA; an

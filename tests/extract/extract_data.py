@@ -1,7 +1,7 @@
 """Shared data for the extraction tests: 330+ images (crops of scikit-image's photos as JPEG and PNG, every
 unusual mode, every broken kind), a tiny exported bundle and one clean reference run.
 
-The builders behind tests/conftest.py's ``extract_images``, ``extract_bundle_dir``,
+The builders behind tests/extract/conftest.py's ``extract_images``, ``extract_bundle_dir``,
 ``extract_other_stats_bundle_dir`` and ``extract_clean_run`` fixtures, and the constants the tests check against.
 """
 
@@ -21,7 +21,7 @@ from mae_deploy.bundle import MANIFEST_NAME, write_manifest
 
 skimage_data = pytest.importorskip("skimage.data")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # The settings of the reference run; the killed/resumed run must use the same ones.
 RUN = {"batch_size": 4, "shard_size": 12, "workers": 1}
 BROKEN = {  # file name -> the reason errors.jsonl must give

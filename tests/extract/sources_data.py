@@ -1,7 +1,7 @@
 """Shared data for the sources tests: the same images as a folder, as WebDataset shards and as Parquet files,
 plus broken shards and rows; uploaded to the session's S3 endpoint on request.
 
-The builders behind tests/conftest.py's ``source_data``, ``broken_source_data`` and ``s3_source_data``
+The builders behind tests/extract/conftest.py's ``source_data``, ``broken_source_data`` and ``s3_source_data``
 fixtures; the S3 endpoint itself is its ``s3_endpoint``.
 """
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_serve_support import LiveServer, metric_values
+from serve_support import LiveServer, metric_values
 
 th = pytest.importorskip("tritonclient.http")
 

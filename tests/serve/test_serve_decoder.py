@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from test_serve_support import LiveServer
+from serve_support import LiveServer
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("torchvision")

@@ -3,7 +3,7 @@
 In the full suite (after Ray, ONNX Runtime, torch and tritonclient have run in the same process) a
 clean-clone CI run lost the whole pytest process to a segfault inside the OpenVINO tests, which pass in a
 process of their own. Until that interaction is understood (see the session note), the cases in
-tests/openvino_cases.py run in a fresh interpreter: every case still runs and any failure fails this test.
+tests/runners/openvino_cases.py run in a fresh interpreter: every case still runs and any failure fails this test.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from serve_support import ROOT, WAIT_S, CliServer, batches_over_one, jpeg_bytes, metric_values, wait_until
 from test_serve import N_CONCURRENT, offline_features, post_image
-from test_serve_support import ROOT, WAIT_S, CliServer, batches_over_one, jpeg_bytes, metric_values, wait_until
 
 httpx = pytest.importorskip("httpx")
 

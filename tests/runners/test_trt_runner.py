@@ -1,5 +1,5 @@
 """The trt runner's execute path, its GPU-path rules and the build-engine command, on fakes of tensorrt and
-cuda-python (tests/trt_fakes.py): buffers, chunking, the cache, cudaSetDevice on every entry point,
+cuda-python (tests/runners/trt_fakes.py): buffers, chunking, the cache, cudaSetDevice on every entry point,
 close() under each part's lock, stream handles, and the errors a user sees without a GPU.
 """
 

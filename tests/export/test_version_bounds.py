@@ -10,7 +10,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXACT_BOUNDS = ("onnx", "onnxscript", "onnx-ir")  # torch's is older: see pyproject.toml's comment
 
 

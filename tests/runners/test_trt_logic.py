@@ -1,6 +1,6 @@
 """TensorRT backend logic that needs no GPU (mae_deploy/runners/trt/): generations, profiles, cache keys and
 paths, dtypes, ONNX Runtime's TensorRT-provider options, and the builder configuration against a recording
-fake ``tensorrt`` (tests/trt_fakes.py). The runner's execute path is tested in test_trt_runner.py.
+fake ``tensorrt`` (tests/runners/trt_fakes.py). The runner's execute path is tested in test_trt_runner.py.
 """
 
 from __future__ import annotations
@@ -570,7 +570,7 @@ def test_trt_extras_are_pinned_per_cuda_major():
     """Unpinned, tensorrt and cuda-python resolve to TensorRT 11 + cuda-python 13, which need a CUDA 13 driver."""
     import tomllib
 
-    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
+    extras = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"][
         "optional-dependencies"
     ]
     assert extras["trt-cu12"] == ["tensorrt-cu12>=10.3,<11", "cuda-python>=12.9,<13"]

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from PIL import Image
-from test_serve_support import LiveServer, jpeg_bytes, wait_until
+from serve_support import LiveServer, jpeg_bytes, wait_until
 
 httpx = pytest.importorskip("httpx")
 

@@ -37,7 +37,7 @@ from training.optim import (
     param_groups_weight_decay,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--model", "mae_vit_test", "--input_size", "32", "--num_workers", "0", "--device", "cpu"]
 
 

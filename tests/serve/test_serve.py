@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from PIL import Image
-from test_serve_support import GatedRunner, LiveServer, batches_over_one, jpeg_bytes, metric_values, wait_until
+from serve_support import GatedRunner, LiveServer, batches_over_one, jpeg_bytes, metric_values, wait_until
 
 httpx = pytest.importorskip("httpx")
 
