@@ -30,6 +30,7 @@ from pathlib import Path
 
 import onnx
 
+from export.precision import save_graph
 from mae_deploy.errors import InputError, MissingDependency
 
 NNCF_INSTALL = "pip install 'mae-deploy[nncf]'"
@@ -97,20 +98,6 @@ def float_matmuls(model: onnx.ModelProto) -> list[str]:
     ]
 
 
-def _save(model: onnx.ModelProto, dst: Path, external_data: bool) -> None:
-    if external_data:
-        onnx.save_model(
-            model,
-            str(dst),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=dst.name + ".data",
-            size_threshold=1024,
-        )
-    else:
-        onnx.save_model(model, str(dst))
-
-
 def to_int8_nncf(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -147,5 +134,5 @@ def to_int8_nncf(
     finally:
         nncf_log.setLevel(level)
     del model
-    _save(quantized, dst, external_data)
+    save_graph(quantized, dst, external_data)
     return dst

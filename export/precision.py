@@ -216,7 +216,8 @@ def _topologically_sorted(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _save(model: onnx.ModelProto, dst: Path, external_data: bool) -> None:
+def save_graph(model: onnx.ModelProto, dst: Path, external_data: bool) -> None:
+    """Write a variant graph, its weights in ``<file>.data`` beside it when ``external_data``."""
     if external_data:
         onnx.save_model(
             model,
@@ -323,7 +324,7 @@ def to_fp16(src: str | os.PathLike, dst: str | os.PathLike, external_data: bool 
         model, keep_io_types=True, op_block_list=list(FP16_KEEP_FP32_OPS), disable_shape_infer=True
     )
     _one_node_per_output(half)
-    _save(_topologically_sorted(half), dst, external_data)
+    save_graph(_topologically_sorted(half), dst, external_data)
     return dst
 
 

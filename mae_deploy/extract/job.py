@@ -274,22 +274,7 @@ def extract_features(
     refuse_foreign(out)
     out.mkdir(parents=True, exist_ok=True)
     with OutputLock(out):
-        plan = make_plan(
-            bundle,
-            src,
-            part,
-            out,
-            pool=o.pool,
-            dtype=o.dtype,
-            shard_size=o.shard_size,
-            num_parts=o.num_parts,
-            part_index=o.part_index,
-            min_side=o.min_side,
-            max_pixels=max_pixels,
-            precision=o.precision,
-            exact_resize=o.exact_resize,
-            decoder=decoder,
-        )
+        plan = make_plan(bundle, src, part, out, o)
         state = prepare_output(out, plan.manifest, len(plan.shard_rows))
         job = _Job(plan, state, t_start, started)
         job.start_manifest(o.engine)

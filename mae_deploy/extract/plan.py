@@ -24,6 +24,7 @@ from mae_deploy.bundle import Bundle
 from mae_deploy.errors import InputError, PartialFailure
 from mae_deploy.extract.decode import TRANSFERS
 from mae_deploy.extract.layout import DTYPES, ERRORS_NAME, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, read_manifest
+from mae_deploy.extract.options import ExtractOptions
 from mae_deploy.extract.workers import Task
 from mae_deploy.names import POOLS
 from mae_deploy.sources import Source
@@ -122,24 +123,15 @@ class JobPlan:
                 yield Task(k, [(r, paths[r]) for r in range(b, stop)], stop == rows.stop)
 
 
-def make_plan(
-    bundle: Bundle,
-    src: Source,
-    part: range,
-    out: Path,
-    *,
-    pool: str,
-    dtype: str,
-    shard_size: int | None,
-    num_parts: int,
-    part_index: int,
-    min_side: int,
-    max_pixels: int,
-    precision: str,
-    exact_resize: bool = False,
-    decoder: str = "pil",
-) -> JobPlan:
-    """The plan of a job into ``out`` (read under its lock: an existing job's shard size is reused)."""
+def make_plan(bundle: Bundle, src: Source, part: range, out: Path, o: ExtractOptions) -> JobPlan:
+    """The plan of a job into ``out`` (read under its lock: an existing job's shard size is reused).
+
+    ``o`` has its defaults filled in (``max_pixels``, ``decoder``): what the manifest records is what runs.
+    """
+    pool, dtype, shard_size, precision, exact_resize = o.pool, o.dtype, o.shard_size, o.precision, o.exact_resize
+    max_pixels, decoder = o.max_pixels, o.decoder
+    if max_pixels is None or decoder is None:
+        raise ValueError("make_plan needs the job's options with max_pixels and decoder filled in")
     L, D = bundle.num_patches, bundle.embed_dim
     feature_shape = (L + 1, D) if pool == "tokens" else (D,)
     if shard_size is None:
@@ -174,10 +166,10 @@ def make_plan(
             "pool": pool,
             "dtype": dtype,
             "shard_size": shard_size,
-            "min_side": min_side,
+            "min_side": o.min_side,
             "max_pixels": max_pixels,
-            "num_parts": num_parts,
-            "part_index": part_index,
+            "num_parts": o.num_parts,
+            "part_index": o.part_index,
             "exact_resize": bool(exact_resize),
             "decoder": decoder,
         },
@@ -199,7 +191,7 @@ def make_plan(
         manifest,
         pool,
         dtype,
-        min_side,
+        o.min_side,
         max_pixels,
         precision,
         bool(exact_resize),
