@@ -88,9 +88,25 @@ def float_stages(model: onnx.ModelProto) -> list[str]:
     return names
 
 
+# Ops that only move or relabel elements: an int8 tensor stays int8 through them (engines move the int8 data).
+_LAYOUT_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity")
+
+
+def dequantized_tensors(model: onnx.ModelProto) -> set[str]:
+    """Tensors that are a DequantizeLinear's output, directly or through layout-only ops (``_LAYOUT_OPS``)."""
+    out: set[str] = set()
+    for n in model.graph.node:  # topologically sorted: a producer comes before its readers
+        if n.op_type == "DequantizeLinear" or (n.op_type in _LAYOUT_OPS and n.input and n.input[0] in out):
+            out.update(n.output)
+    return out
+
+
 def float_matmuls(model: onnx.ModelProto) -> list[str]:
-    """MatMul/Gemm nodes of a Q/DQ graph with an input not produced by a DequantizeLinear (they run in float)."""
-    dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    """MatMul/Gemm nodes of a Q/DQ graph with an input that is not dequantized int8 (they run in float).
+
+    k of ``q @ k^T`` is quantised before its reshape and transposes: it still counts as int8.
+    """
+    dequantized = dequantized_tensors(model)
     return [
         n.name
         for n in model.graph.node

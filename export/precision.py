@@ -3,7 +3,7 @@
 Both take and return float32 at the graph boundary, so a runner feeds every variant the same arrays.
 
 int8 — ONNX Runtime dynamic quantisation (``onnxruntime.quantization.quantize_dynamic``) of the MatMuls
-whose second input is a weight (the Linear layers: qkv, proj, fc1, fc2, decoder_embed/pred): int8 weights,
+whose second input is a weight (the Linear layers: q, k, v, proj, fc1, fc2, decoder_embed/pred): int8 weights,
 uint8 activations quantised per call (no calibration data needed, which suits an export step). The two
 attention MatMuls (q@k^T, attn@v) multiply two activations; they stay fp32 (ONNX Runtime 1.32 leaves them
 alone anyway; excluding them by name keeps it so across versions: softmax outputs span orders of magnitude

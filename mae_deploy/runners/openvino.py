@@ -15,7 +15,10 @@ Precisions:
   one (``int8-nncf``: OpenVINO's own quantiser, attention's q @ k^T in int8 too) where the bundle has it,
   else ``int8-qdq``. ``int8-nncf`` / ``int8-qdq`` name one of them exactly (benchmarks compare the two).
   The bundle's plain ``int8`` graphs are ONNX Runtime dynamic quantisation (MatMulInteger), not what
-  OpenVINO is fast at, so they are not used here.
+  OpenVINO is fast at, so they are not used here. What the Q/DQ nodes leave float (LayerNorm, softmax,
+  GELU, softmax @ v, the embedding stage) runs in bf16 where the CPU has bf16 kernels, as OpenVINO does
+  by default, and f32 elsewhere: on the ViT-B/16 encoder (AMX CPU, batch 8) that made int8 1.1x faster at
+  the same pooled cosine to fp32 (benchmarks/RESULTS.md, issue #25).
 
 Options: ``threads`` -> ``INFERENCE_NUM_THREADS``; ``hint`` "latency" | "throughput" -> ``PERFORMANCE_HINT``;
 ``num_streams`` -> ``NUM_STREAMS``. Each part has one infer request, used under a lock, so a runner can be
@@ -39,8 +42,7 @@ from mae_deploy.runners.base import BaseRunner, RunnerInfo, check_threads
 PRECISIONS = OPENVINO_PRECISIONS
 GRAPH_NAMED = CALIBRATED_PRECISIONS  # int8 with the graph named: benchmarks compare the two
 HINTS = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
-# int8: the Q/DQ nodes decide what runs in int8; the rest runs f32.
-_INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", **{p: "f32" for p in ("int8", *CALIBRATED_PRECISIONS)}}
+INT8_PRECISIONS = ("int8", *CALIBRATED_PRECISIONS)
 
 
 def import_openvino():
@@ -85,9 +87,18 @@ def graph_precision(bundle: Bundle, part: str, precision: str) -> str | None:
     )
 
 
-def compile_config(precision: str, threads: int | None, hint: str, num_streams: int | None) -> dict[str, str]:
+def inference_precision(precision: str, bf16_cpu: bool) -> str:
+    """OpenVINO's INFERENCE_PRECISION_HINT for ``precision``: what runs the ops that are not int8."""
+    if precision == "bf16" or (precision in INT8_PRECISIONS and bf16_cpu):
+        return "bf16"
+    return "f32"
+
+
+def compile_config(
+    precision: str, threads: int | None, hint: str, num_streams: int | None, bf16_cpu: bool = False
+) -> dict[str, str]:
     """The CPU plugin's properties for our options (values as strings, as OpenVINO's config takes them)."""
-    config = {"PERFORMANCE_HINT": HINTS[hint], "INFERENCE_PRECISION_HINT": _INFERENCE_PRECISION[precision]}
+    config = {"PERFORMANCE_HINT": HINTS[hint], "INFERENCE_PRECISION_HINT": inference_precision(precision, bf16_cpu)}
     if threads is not None:
         config["INFERENCE_NUM_THREADS"] = str(threads)
     if num_streams is not None:
@@ -141,7 +152,8 @@ class OpenVinoRunner(BaseRunner):
                 f"--precision bf16 on openvino needs a CPU with bf16 instructions (AVX512_BF16 or AMX), and this "
                 f"one offers {caps}; use --precision fp32 (or int8 with a Q/DQ graph) here"
             )
-        self.config = compile_config(precision, self.threads, hint, self.num_streams)
+        bf16_cpu = precision in INT8_PRECISIONS and cpu_supports_bf16(self.core)
+        self.config = compile_config(precision, self.threads, hint, self.num_streams, bf16_cpu)
         self._compiled: dict[str, Any] = {}  # part -> openvino.CompiledModel
         self._requests: dict[str, Any] = {}  # part -> its openvino.InferRequest
         self._locks = {ENCODER: threading.Lock(), DECODER: threading.Lock()}

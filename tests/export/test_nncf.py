@@ -13,7 +13,7 @@ from PIL import Image
 from runtime_fixtures import _perturbed_model
 
 from export.bundle_writer import export_bundle
-from export.nncf_int8 import float_matmuls, float_stages, to_int8_nncf
+from export.nncf_int8 import dequantized_tensors, float_matmuls, float_stages, to_int8_nncf
 from export.verify import ort_session
 from mae_deploy.bundle import Bundle
 from mae_deploy.errors import InputError, MissingDependency
@@ -78,16 +78,39 @@ def test_nncf_variant_is_listed_verified_and_calibrated(nncf_bundle, photos):
     assert b.graph("encoder", INT8_NNCF).parity["min_feature_cosine"] >= 0.99
 
 
+def test_int8_is_followed_through_layout_ops_and_not_through_compute():
+    from onnx import TensorProto, helper
+
+    node = helper.make_node
+    graph = helper.make_graph(
+        [
+            node("DequantizeLinear", ["a8", "s"], ["a"]),
+            node("DequantizeLinear", ["b8", "s"], ["b"]),
+            node("Reshape", ["b", "shape"], ["b2"]),
+            node("Transpose", ["b2"], ["bt"], perm=[1, 0]),
+            node("MatMul", ["a", "bt"], ["ab"], name="int8_matmul"),
+            node("Softmax", ["ab"], ["p"]),
+            node("MatMul", ["p", "bt"], ["out"], name="float_matmul"),
+        ],
+        "g",
+        [helper.make_tensor_value_info(n, TensorProto.INT8, None) for n in ("a8", "b8")],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph)
+    assert {"a", "b", "b2", "bt"} <= dequantized_tensors(model) and "p" not in dequantized_tensors(model)
+    assert float_matmuls(model) == ["float_matmul"]
+
+
 def test_block_matmuls_are_int8_and_the_ends_stay_float(nncf_bundle):
-    g = onnx.load(str(nncf_bundle / f"encoder.{INT8_NNCF}.onnx")).graph
+    model = onnx.load(str(nncf_bundle / f"encoder.{INT8_NNCF}.onnx"))
+    g = model.graph
     prod = _producers(g)
     matmuls = [n for n in g.node if n.op_type == "MatMul"]
-    int8 = [
-        n for n in matmuls if all(prod.get(i) is not None and prod[i].op_type == "DequantizeLinear" for i in n.input)
-    ]
-    # Per block: qkv, q @ k^T, proj, fc1, fc2 in int8; softmax @ v has a float v.
+    int8 = [n for n in matmuls if all(i in dequantized_tensors(model) for i in n.input)]
+    # Per block: q, k, v, q @ k^T, proj, fc1, fc2 in int8; softmax @ v has a float v.
     depth = 2
-    assert len(int8) == 5 * depth and len(matmuls) == 6 * depth
+    assert len(int8) == 7 * depth and len(matmuls) == 8 * depth
+    assert float_matmuls(model) == [n.name for n in matmuls if n not in int8]
     # The patch-embedding Conv reads the pixels unquantised; nothing after the final norm is quantised.
     conv = next(n for n in g.node if n.op_type == "Conv")
     assert all(prod.get(i) is None or prod[i].op_type != "DequantizeLinear" for i in conv.input)

@@ -100,7 +100,7 @@ def test_qdq_graph_quantises_weight_matmuls_only(qdq_bundle):
             assert not zero.any()  # symmetric: what TensorRT requires
         else:
             float_matmuls += 1
-    assert quantised == 8  # qkv, proj, fc1, fc2 x 2 blocks
+    assert quantised == 12  # q, k, v, proj, fc1, fc2 x 2 blocks
     assert float_matmuls == 4  # q @ k^T and attn @ v x 2 blocks stay float
     for n in g.node:  # LayerNorm and Softmax read float tensors, not dequantised int8 ones straight away
         if n.op_type in ("LayerNormalization", "Softmax"):

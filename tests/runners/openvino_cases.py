@@ -147,6 +147,15 @@ def test_bf16_maps_to_the_inference_precision_hint(loaded_tiny_bundle, monkeypat
     assert r.info.details["graphs"]["encoder"] == "encoder.onnx"  # bf16 is a hint on the fp32 graph
 
 
+@pytest.mark.parametrize("precision", ["int8", "int8-nncf", "int8-qdq"])
+def test_int8_runs_its_float_ops_in_bf16_only_where_the_cpu_has_bf16(precision):
+    assert ovr.compile_config(precision, 2, "latency", None, bf16_cpu=True)["INFERENCE_PRECISION_HINT"] == "bf16"
+    assert ovr.compile_config(precision, 2, "latency", None, bf16_cpu=False)["INFERENCE_PRECISION_HINT"] == "f32"
+    # fp32 stays f32 on any CPU; bf16 is bf16 (refused earlier where the CPU lacks it).
+    assert ovr.inference_precision("fp32", bf16_cpu=True) == "f32"
+    assert ovr.inference_precision("bf16", bf16_cpu=False) == "bf16"
+
+
 def test_cpu_supports_bf16_reads_the_optimization_capabilities():
     def core(*caps):
         return types.SimpleNamespace(get_property=lambda dev, key: list(caps))
