@@ -13,10 +13,18 @@ a time budget (``budget_s``): a shape whose five calls would not fit in what is 
 the earlier shapes reached, is skipped and recorded as such, so tiny test models and slow machines stay
 quick. Every shape, its rate and which one set the peak are in the results (docs/bench-schema.md).
 
-    ort       fp32 MatMul; int8 MatMulInteger (uint8 x int8, what the dynamic-int8 graphs run);
-              an int8 Q/DQ variant (name containing "qdq" or "nncf") the Q/DQ MatMul ORT fuses; fp16 MatMul
-    openvino  the same ONNX probes read by OpenVINO: fp32 (inference precision f32), bf16 (precision
-              hint bf16), int8 (the Q/DQ MatMul, which OpenVINO runs in int8)
+The Q/DQ probes time a chain of ``QDQ_CHAIN`` products (K -> N, N -> K, ...) with a Quantize/Dequantize
+pair between them, as in the int8 graphs, where an engine writes the tensor between two int8 layers once,
+in int8, from the GEMM that makes it. A single Q/DQ product timed its float output write as well: it read
+OpenVINO's int8 GEMMs at 1.2-1.7 TOPS where they run at 2.6-3.0 inside a graph (AMX, 2 threads), and rows
+at 88 % of such a "peak" (issue #25).
+
+    ort       fp32 MatMul; int8 MatMulInteger (uint8 x int8 -> int32, what the dynamic-int8 graphs run);
+              an int8 Q/DQ variant (name containing "qdq" or "nncf") the chained Q/DQ MatMul ORT fuses;
+              fp16 MatMul
+    openvino  the same ONNX probes read by OpenVINO with the runner's inference precision
+              (``runners.openvino.inference_precision``): fp32 (f32), bf16 (bf16), int8 (the chained Q/DQ
+              MatMul, which OpenVINO runs in int8; bf16 between the int8 parts where the CPU has it)
     torch     torch.matmul in fp32 or bf16 (fp16 on CUDA); the torch backend has no int8
     trt       no probe (a TensorRT engine per probe would cost more than the rows)
 
@@ -31,6 +39,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -58,6 +67,16 @@ _CPU_SIZE, _GPU_SIZE = 1024, 8192
 # Large generic products after the model's own: a square one and a wider one (packing amortised over more work).
 _GENERIC = {"cpu": ((1024, 1024, 1024), (2048, 1024, 2048)), "gpu": ((8192, 8192, 8192),)}
 _BUDGET_S = {"cpu": 2.0, "gpu": 4.0}
+QDQ_CHAIN = 4  # products per Q/DQ probe call (see the module docstring)
+
+
+@dataclass(frozen=True)
+class ProbeCall:
+    """One shape's probe: ``call`` runs ``products`` products of M x K x N each (``op`` names them)."""
+
+    call: Callable[[], object]
+    op: str
+    products: int = 1
 
 
 def unit_for(precision: str) -> str:
@@ -110,13 +129,40 @@ def probe_shapes(device: str, model: Iterable[dict] = ()) -> list[dict]:
     return out
 
 
-def _onnx_matmul(m: int, k: int, n: int, precision: str) -> tuple[bytes, np.ndarray, str]:
-    """(serialized ONNX model, its input, op name) for an (m x k) @ (k x n) product at ``precision``."""
+def _qdq_chain(m: int, k: int, n: int, rng: np.random.Generator, helper, numpy_helper) -> tuple[list, list]:
+    """Nodes and initializers of ``QDQ_CHAIN`` Q/DQ MatMuls A (m x k) -> (m x n) -> (m x k) ... with int8
+    weights per output channel (as NNCF and ORT's static quantiser write them)."""
+    inits = [
+        numpy_helper.from_array(np.array(0.03, np.float32), "as"),
+        numpy_helper.from_array(np.array(128, np.uint8), "az"),
+    ]
+    nodes, x = [], "A"
+    for i in range(QDQ_CHAIN):
+        rows, cols = (k, n) if i % 2 == 0 else (n, k)
+        inits += [
+            numpy_helper.from_array(rng.integers(-127, 127, (rows, cols), dtype=np.int8), f"W{i}"),
+            numpy_helper.from_array(np.full(cols, 0.02, np.float32), f"ws{i}"),
+            numpy_helper.from_array(np.zeros(cols, np.int8), f"wz{i}"),
+        ]
+        nodes += [
+            helper.make_node("QuantizeLinear", [x, "as", "az"], [f"q{i}"]),
+            helper.make_node("DequantizeLinear", [f"q{i}", "as", "az"], [f"a{i}"]),
+            helper.make_node("DequantizeLinear", [f"W{i}", f"ws{i}", f"wz{i}"], [f"w{i}"], axis=1),
+            helper.make_node("MatMul", [f"a{i}", f"w{i}"], [f"y{i}"]),
+        ]
+        x = f"y{i}"
+    nodes[-1].output[0] = "Y"
+    return nodes, inits
+
+
+def _onnx_matmul(m: int, k: int, n: int, precision: str) -> tuple[bytes, np.ndarray, str, int]:
+    """(serialized ONNX model, its input, op name, products per call) for (m x k) @ (k x n) at ``precision``."""
     try:
         from onnx import TensorProto, helper, numpy_helper
     except ImportError as e:
         raise MaeDeployError("the MatMul probe graph is built with the onnx package: pip install onnx") from e
     rng = np.random.default_rng(0)
+    products, out_cols = 1, n
     if precision == "int8":  # ORT's dynamic int8 graphs
         a: np.ndarray = rng.integers(0, 255, (m, k), dtype=np.uint8)
         w = numpy_helper.from_array(rng.integers(-127, 127, (k, n), dtype=np.int8), "W")
@@ -129,23 +175,12 @@ def _onnx_matmul(m: int, k: int, n: int, precision: str) -> tuple[bytes, np.ndar
         nodes, inits = [node], [w]
     elif precision.startswith("int8"):
         a = rng.standard_normal((m, k), dtype=np.float32)
-        inits = [
-            numpy_helper.from_array(rng.integers(-127, 127, (k, n), dtype=np.int8), "Wq"),
-            numpy_helper.from_array(np.array(0.02, np.float32), "ws"),
-            numpy_helper.from_array(np.array(0, np.int8), "wz"),
-            numpy_helper.from_array(np.array(0.03, np.float32), "as"),
-            numpy_helper.from_array(np.array(128, np.uint8), "az"),
-        ]
-        nodes = [
-            helper.make_node("QuantizeLinear", ["A", "as", "az"], ["Aq"]),
-            helper.make_node("DequantizeLinear", ["Aq", "as", "az"], ["Ad"]),
-            helper.make_node("DequantizeLinear", ["Wq", "ws", "wz"], ["Wd"]),
-            helper.make_node("MatMul", ["Ad", "Wd"], ["Y"]),
-        ]
+        nodes, inits = _qdq_chain(m, k, n, rng, helper, numpy_helper)
+        products, out_cols = QDQ_CHAIN, (n if QDQ_CHAIN % 2 else k)
         inputs, out_type, op = (
             [helper.make_tensor_value_info("A", TensorProto.FLOAT, [m, k])],
             TensorProto.FLOAT,
-            "Q/DQ MatMul",
+            f"Q/DQ MatMul x{QDQ_CHAIN}",
         )
     else:
         dtype, elem = (np.float16, TensorProto.FLOAT16) if precision == "fp16" else (np.float32, TensorProto.FLOAT)
@@ -154,46 +189,46 @@ def _onnx_matmul(m: int, k: int, n: int, precision: str) -> tuple[bytes, np.ndar
         nodes = [helper.make_node("MatMul", ["A", "W"], ["Y"])]
         inputs, out_type, op = [helper.make_tensor_value_info("A", elem, [m, k])], elem, "MatMul"
     graph = helper.make_graph(
-        nodes, "matmul_probe", inputs, [helper.make_tensor_value_info("Y", out_type, [m, n])], inits
+        nodes, "matmul_probe", inputs, [helper.make_tensor_value_info("Y", out_type, [m, out_cols])], inits
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    return model.SerializeToString(), a, op
+    return model.SerializeToString(), a, op, products
 
 
-def _ort_call(precision: str, device: str, threads: int, m: int, k: int, n: int) -> tuple[Callable[[], object], str]:
+def _ort_call(precision: str, device: str, threads: int, m: int, k: int, n: int) -> ProbeCall:
     import onnxruntime as ort
 
-    data, a, op = _onnx_matmul(m, k, n, precision)
+    data, a, op, products = _onnx_matmul(m, k, n, precision)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3
     providers = ["CPUExecutionProvider"] if device == "cpu" else ["CUDAExecutionProvider"]
     sess = ort.InferenceSession(data, opts, providers=providers)
-    return (lambda: sess.run(None, {"A": a})), op
+    return ProbeCall(lambda: sess.run(None, {"A": a}), op, products)
 
 
-def _openvino_call(
-    precision: str, device: str, threads: int, m: int, k: int, n: int
-) -> tuple[Callable[[], object], str]:
+def _openvino_call(precision: str, device: str, threads: int, m: int, k: int, n: int) -> ProbeCall:
     import openvino as ov
+
+    from mae_deploy.runners.openvino import cpu_supports_bf16, inference_precision
 
     if device != "cpu":
         raise MaeDeployError(f"the openvino probe runs on cpu, not {device}")
-    data, a, op = _onnx_matmul(m, k, n, "int8-qdq" if precision.startswith("int8") else "fp32")
+    data, a, op, products = _onnx_matmul(m, k, n, "int8-qdq" if precision.startswith("int8") else "fp32")
     core = ov.Core()
-    hint = "bf16" if precision == "bf16" else "f32"
+    hint = inference_precision(precision, cpu_supports_bf16(core))
     compiled = core.compile_model(
         core.read_model(data),
         "CPU",
         {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"},
     )
     request = compiled.create_infer_request()
-    return (lambda: request.infer({0: a})), op
+    return ProbeCall(lambda: request.infer({0: a}), op, products)
 
 
-def _torch_call(precision: str, device: str, threads: int, m: int, k: int, n: int) -> tuple[Callable[[], object], str]:
+def _torch_call(precision: str, device: str, threads: int, m: int, k: int, n: int) -> ProbeCall:
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -211,7 +246,7 @@ def _torch_call(precision: str, device: str, threads: int, m: int, k: int, n: in
             torch.cuda.synchronize(device)
         return y
 
-    return call, "matmul"
+    return ProbeCall(call, "matmul")
 
 
 _PROBES = {"ort": _ort_call, "openvino": _openvino_call, "torch": _torch_call}
@@ -261,16 +296,18 @@ def probe_peak(
     if make is None:
         out.update(status="skipped", reason=f"no peak probe for the {backend} backend")
         return out
-    start, best_rate, op, calls = time.perf_counter(), 0.0, None, 0
+    start, best_rate, op, calls, products = time.perf_counter(), 0.0, None, 0, 1
     for s in todo:
-        flops = 2 * s["m"] * s["k"] * s["n"]
+        flops = 2 * s["m"] * s["k"] * s["n"] * products  # products per call: known from the first shape on
         left = budget - (time.perf_counter() - start)
         if best_rate and 5 * flops / (best_rate * 1e9) > left:  # two untimed + three timed calls would not fit
             s.update(status=f"skipped: over the probe's {budget:g} s budget")
             continue
         try:
-            call, op = make(precision, device, threads, s["m"], s["k"], s["n"])
-            t, n_calls, spent = _time_shape(call, seconds / len(todo), max_calls)
+            probe = make(precision, device, threads, s["m"], s["k"], s["n"])
+            op, products = probe.op, probe.products
+            flops = 2 * s["m"] * s["k"] * s["n"] * products
+            t, n_calls, spent = _time_shape(probe.call, seconds / len(todo), max_calls)
         except (ImportError, MaeDeployError) as e:
             out.update(status="skipped", reason=f"{backend} {precision} probe unavailable: {e}")
             return out

@@ -101,8 +101,9 @@ def test_flops_refuse_what_they_cannot_count():
     [
         ("ort", "fp32", "MatMul"),
         ("ort", "int8", "MatMulInteger"),
-        ("ort", "int8-qdq", "Q/DQ MatMul"),
+        ("ort", "int8-qdq", "Q/DQ MatMul x4"),
         ("openvino", "fp32", "MatMul"),
+        ("openvino", "int8-nncf", "Q/DQ MatMul x4"),
         ("torch", "fp32", "matmul"),
     ],
 )
@@ -112,6 +113,24 @@ def test_peak_probe_runs_the_same_engine(backend, precision, op):
     assert p["status"] == "ok", p["reason"]
     assert p["op"] == op and p["peak"] > 0 and p["calls"] >= 3 and p["size"] == 256
     assert p["unit"] == ("GOP/s" if precision.startswith("int8") else "GFLOP/s")
+
+
+def test_qdq_probe_is_a_chain_of_int8_products_counted_in_full(monkeypatch):
+    import onnxruntime as ort
+
+    from mae_deploy.bench import peak
+
+    data, a, op, products = peak._onnx_matmul(8, 16, 24, "int8-qdq")
+    assert (op, products) == (f"Q/DQ MatMul x{peak.QDQ_CHAIN}", peak.QDQ_CHAIN)
+    (y,) = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"A": a})
+    assert y.shape == (8, 16 if peak.QDQ_CHAIN % 2 == 0 else 24)  # K -> N -> K ...: each product feeds the next
+    # The rate counts every product of the chain: a call of 4 products in 1 ms is 4x one product's rate.
+    monkeypatch.setattr(peak, "_time_shape", lambda call, seconds, max_calls: (1e-3, 3, 0.01))
+    monkeypatch.setitem(
+        peak._PROBES, "ort", lambda precision, device, threads, m, k, n: peak.ProbeCall(lambda: None, "fake", 4)
+    )
+    p = probe_peak("ort", "int8-qdq", "cpu", threads=1, size=100)
+    assert p["peak"] == pytest.approx(4 * 2 * 100**3 / 1e-3 / 1e9)
 
 
 def test_confirm_keeps_the_faster_probe(monkeypatch):
