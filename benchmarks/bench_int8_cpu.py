@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_int8_cpu.py prepare DIR     # checkpoint + photos, then `mae-deploy export`
     .venv/bin/mae-deploy bench DIR/bundle --backends torch,ort,openvino --precisions fp32,bf16,int8 \\
         --batch-sizes 8 --threads 2 --out DIR/bench.json --markdown DIR/bench.md
-    .venv/bin/python benchmarks/bench_int8_cpu.py own-nncf DIR [--rounds 8] [--threads 2]
+    .venv/bin/python benchmarks/bench_int8_cpu.py own-nncf DIR [--rounds 8] [--threads 2] [--emulate-isa avx2]
     .venv/bin/python benchmarks/bench_int8_cpu.py digits DIR [--pretrain-epochs 20] [--probe-epochs 10]
 
 ``prepare``: the ViT-B/16 MAE encoder at its official initialisation with every LayerNorm weight and bias
@@ -14,6 +14,12 @@ included). ``own-nncf``: OpenVINO's own NNCF (``nncf.quantize`` on the ``ov.Mode
 encoder.onnx, transformer preset, the same photos through the bundle's preprocessing) timed interleaved,
 round by round, with OpenVINO and ONNX Runtime on the bundle's graphs and PyTorch eager fp32, batch 8, all tokens; best
 call per path (a loaded machine's medians measure the other processes), pooled cosine against torch fp32.
+``--emulate-isa avx512-vnni|avx2`` runs ``own-nncf`` as if the CPU stopped at that instruction set, for a
+machine that has more (AMX here): oneDNN (OpenVINO's CPU plugin, PyTorch's oneDNN kernels) is capped with
+``ONEDNN_MAX_CPU_ISA``, MKL (PyTorch's fp32 GEMMs) with ``MKL_ENABLE_INSTRUCTIONS``, ATen's vector kernels
+with ``ATEN_CPU_CAPABILITY``, and OpenVINO runs without bf16 (neither CPU kind has it). ONNX Runtime's MLAS
+picks its kernels from cpuid and has no such cap, so its rows and the bf16 row are left out. An emulation:
+same cores, caches and clocks, other kernels; the real CPU's numbers are measured on that CPU.
 ``digits``: the demo's recipe (scripts/demo.py: MAE pretraining of mae_vit_tiny_patch4 on the digits, then
 a linear probe), shortened by the epoch options; the classifier exported with every int8 variant, calibrated
 on 256 train images, and ``mae-deploy eval`` top-1 per precision on the val split (ONNX Runtime).
@@ -159,15 +165,36 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())
 
 
-def own_nncf(out: Path, rounds: int, threads: int, batch: int = 8) -> dict:
+# --emulate-isa: (ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS, ATEN_CPU_CAPABILITY, int8 ISA named in the results)
+EMULATED_ISAS = {
+    "avx512-vnni": ("AVX512_CORE_VNNI", "AVX512", "avx512", "AVX-512 VNNI (emulated)"),
+    "avx2": ("AVX2", "AVX2", "avx2", "AVX2 (no VNNI) (emulated)"),
+}
+
+
+def cap_isa(name: str) -> None:
+    """Set the caps of ``EMULATED_ISAS[name]``; before torch, MKL or OpenVINO are loaded (they read them once)."""
+    onednn, mkl, aten, _ = EMULATED_ISAS[name]
+    if any(m in sys.modules for m in ("torch", "openvino")):
+        raise RuntimeError("--emulate-isa must be set before torch or openvino is imported")
+    os.environ.update(ONEDNN_MAX_CPU_ISA=onednn, MKL_ENABLE_INSTRUCTIONS=mkl, ATEN_CPU_CAPABILITY=aten)
+
+
+def own_nncf(out: Path, rounds: int, threads: int, batch: int = 8, emulate: str | None = None) -> dict:
+    if emulate:
+        cap_isa(emulate)
     import nncf
     import openvino as ov
     import torch
 
+    import mae_deploy.runners.openvino as ov_runner
     from mae_deploy.bench.machine import load_average, machine_info
     from mae_deploy.bundle import Bundle
     from mae_deploy.preprocess import Preprocessor
     from mae_deploy.runners import create_runner
+
+    if emulate:  # neither emulated CPU has bf16: OpenVINO's int8 keeps its float ops in f32 there
+        ov_runner.cpu_supports_bf16 = lambda core: False
 
     bundle = Bundle.load(out / "bundle")
     pre = Preprocessor.from_bundle(bundle)
@@ -179,13 +206,8 @@ def own_nncf(out: Path, rounds: int, threads: int, batch: int = 8) -> dict:
     torch.set_num_threads(threads)
     eager = create_runner(bundle, backend="torch", precision="fp32", threads=threads)
     calls["PyTorch eager fp32"] = lambda: eager.encode(x, keep)
-    for backend, precision in (
-        ("openvino", "fp32"),
-        ("openvino", "bf16"),
-        ("openvino", "int8"),
-        ("ort", "int8"),
-        ("ort", "int8-nncf"),
-    ):
+    paths = [("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8"), ("ort", "int8"), ("ort", "int8-nncf")]
+    for backend, precision in paths if not emulate else [("openvino", "fp32"), ("openvino", "int8")]:
         runner = create_runner(bundle, backend=backend, precision=precision, threads=threads)
         calls[f"{backend} {precision} (bundle)"] = (lambda r: lambda: r.encode(x, keep))(runner)
 
@@ -195,7 +217,10 @@ def own_nncf(out: Path, rounds: int, threads: int, batch: int = 8) -> dict:
     feeds = [{"pixel_values": x[i : i + 1], "ids_keep": keep[i : i + 1]} for i in range(len(x))]
     quantized = nncf.quantize(fp32, nncf.Dataset(feeds), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(feeds))
     quantize_s = time.perf_counter() - t0
-    compiled = core.compile_model(quantized, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    if emulate:
+        config["INFERENCE_PRECISION_HINT"] = "f32"  # its default is bf16 where cpuid shows bf16
+    compiled = core.compile_model(quantized, "CPU", config)
     request = compiled.create_infer_request()
     latent_port = compiled.output("latent")
     calls["OpenVINO int8, OpenVINO's own NNCF"] = lambda: request.infer({"pixel_values": x, "ids_keep": keep})[
@@ -228,7 +253,13 @@ def own_nncf(out: Path, rounds: int, threads: int, batch: int = 8) -> dict:
         "visible": L,
         "quantize_s": quantize_s,
         "cpu": m["cpu_model"],
-        "int8_isa": m["int8_isa"],
+        "int8_isa": EMULATED_ISAS[emulate][3] if emulate else m["int8_isa"],
+        "emulated_isa": {
+            k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+        }
+        if emulate
+        else None,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_flags": m["cpu_flags"],
         "libraries": m["libraries"],
         "load_average": {"start": load_start, "end": load_average()},
@@ -244,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pretrain-epochs", type=int, default=20)
     ap.add_argument("--probe-epochs", type=int, default=10)
+    ap.add_argument("--emulate-isa", choices=sorted(EMULATED_ISAS), help="own-nncf: cap the instruction set")
     args = ap.parse_args(argv)
     if args.stage == "prepare":
         prepare(args.dir)
@@ -252,8 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         digits(args.dir, args.pretrain_epochs, args.probe_epochs)
         return 0
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    result = own_nncf(args.dir, args.rounds, args.threads)
-    (args.dir / "own_nncf.json").write_text(json.dumps(result, indent=2) + "\n")
+    result = own_nncf(args.dir, args.rounds, args.threads, emulate=args.emulate_isa)
+    name = f"own_nncf.{args.emulate_isa}.json" if args.emulate_isa else "own_nncf.json"
+    (args.dir / name).write_text(json.dumps(result, indent=2) + "\n")
     print(
         f"{result['cpu']}, int8 on {result['int8_isa']}, {args.threads} threads, batch {result['batch']}, "
         f"{result['rounds']} interleaved rounds, load average {result['load_average']}"
