@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mae_deploy import names
 from mae_deploy.errors import InputError
+
+if TYPE_CHECKING:
+    from mae_deploy.sources import Source
 
 # Every backend the runners offer; one missing here (package or device) becomes skipped rows.
 BACKENDS = names.BACKENDS
@@ -52,6 +57,16 @@ def visible_counts(
     return list(dict.fromkeys(out))  # unique, in the order given
 
 
+def image_source(spec: str | os.PathLike) -> Source:
+    """The listing of ``--images`` (any source ``extract`` takes); InputError names the path and what to pass."""
+    from mae_deploy.sources import list_source
+
+    try:
+        return list_source(spec)
+    except InputError as e:  # its message names the path and says what to give instead
+        raise InputError(f"--images: {e}") from e
+
+
 def _check_names(values: Sequence[str], allowed: Sequence[str], what: str) -> None:
     if not values:
         raise InputError(f"no {what} given; choose from: {', '.join(allowed)}")
@@ -78,6 +93,7 @@ class BenchConfig:
     checkpoint: str | None = None  # weights for the torch backend and the torch reference
     reference: bool = True  # compare outputs with the reference (costs one reference run per workload)
     seed: int = 0
+    images: str | None = None  # a folder, glob or list file of images fed as pixel values (None: seeded noise)
     peak: bool = True  # probe each backend's MatMul peak and report the share of it each row reaches
     compile: bool = False  # the torch backend through torch.compile (the reference stays eager)
 
@@ -109,6 +125,8 @@ class BenchConfig:
             raise InputError(f"unknown device {self.device!r}; use cpu, cuda or cuda:N")
         if self.checkpoint is not None and not Path(self.checkpoint).exists():
             raise InputError(f"--checkpoint {self.checkpoint} does not exist")
+        if self.images is not None:
+            image_source(self.images)
 
     @property
     def effective_iters(self) -> int | None:

@@ -14,6 +14,7 @@ import math
 import os
 from pathlib import Path
 
+from mae_deploy.bench.schema import AGREEMENT_KEYS
 from mae_deploy.bench.stats import STATS
 from mae_deploy.fileio import atomic_write_text, check_writable
 
@@ -42,6 +43,7 @@ CSV_COLUMNS = (
     "max_abs_diff",
     "mean_abs_diff",
     "cosine",
+    "pooled_cosine",
     "flops",
     "compute_unit",
     "achieved",
@@ -72,7 +74,7 @@ def csv_rows(results: dict) -> list[dict]:
         flat.update({f"{s}_ms": lat.get(s) for s in STATS})
         flat.update({f"gpu_{s}_ms": gpu.get(s) for s in ("p50", "mean")})
         flat.update(intra_op_threads=thr.get("intra_op"), inter_op_threads=thr.get("inter_op"))
-        flat.update({k: agr.get(k) for k in ("reference", "max_abs_diff", "mean_abs_diff", "cosine")})
+        flat.update({k: agr.get(k) for k in AGREEMENT_KEYS})
         flat.update(
             {k: comp.get(k) for k in ("flops", "achieved", "peak", "fraction_of_peak")}, compute_unit=comp.get("unit")
         )
@@ -123,6 +125,18 @@ def machine_line(results: dict) -> str:
     return (
         f"{m['cpu_model']}{flags}, {m.get('cores')} cores / {m.get('threads')} threads "
         f"({m.get('cpus_allowed')} allowed), {gpu}"
+    )
+
+
+def inputs_line(results: dict) -> str:
+    """What the pixel values were: seeded noise, or how many images from which source."""
+    inputs = results.get("inputs")
+    if not inputs or inputs["pixels"] != "images":  # files before schema 4 always fed seeded noise
+        return f"seeded standard-normal noise (seed {results['config'].get('seed')})"
+    skipped = f", {inputs['skipped']} unreadable passed over" if inputs.get("skipped") else ""
+    return (
+        f"{inputs['images']} image{'s' if inputs['images'] != 1 else ''} from {inputs['source']}{skipped} "
+        "(the bundle's preprocessing; cycled to fill each batch)"
     )
 
 
@@ -180,13 +194,13 @@ def markdown_table(results: dict) -> str:
         + (f"{cfg['iters']} iterations" if cfg.get("iters") else f"{cfg['duration']} s per row")
         + f"; reference: {ref['name'] or 'none'}"
         + (f" ({ref['note']})" if ref.get("note") else "")
-        + ".",
+        + f"; inputs: {inputs_line(results)}.",
         "",
         "| backend | precision | int8 ISA | part | batch | visible | p50 ms | p90 ms | p99 ms | mean ms | min ms "
         "| max ms | images/s | GFLOP/s (GOP/s int8) | % of peak | peak RSS MB | build s | max abs diff | cosine "
-        "| status |",
+        "| pooled cosine | status |",
         "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-        "| ---: | ---: | ---: | --- |",
+        "| ---: | ---: | ---: | ---: | --- |",
     ]
     for r in results["rows"]:
         lat, agr, comp = r["latency_ms"] or {}, r["agreement"] or {}, r.get("compute") or {}
@@ -197,7 +211,8 @@ def markdown_table(results: dict) -> str:
             + " | ".join(_fmt(lat.get(s)) for s in ("p50", "p90", "p99", "mean", "min", "max"))
             + f" | {_fmt(r['throughput_ips'], 1)} | {_rate(comp.get('achieved'))} | {_pct(comp)} | "
             f"{_fmt(r['peak_rss_mb'], 0)} | {_fmt(r['build_s'])} | "
-            f"{_fmt_sci(agr.get('max_abs_diff'))} | {_fmt(agr.get('cosine'), 6)} | {status.replace('|', '/')} |"
+            f"{_fmt_sci(agr.get('max_abs_diff'))} | {_fmt(agr.get('cosine'), 6)} | "
+            f"{_fmt(agr.get('pooled_cosine'), 6)} | {status.replace('|', '/')} |"
         )
     peaks = peak_lines(results)
     if peaks:
@@ -248,6 +263,7 @@ def format_summary(results: dict) -> str:
         f"{cfg['threads']})",
         f"timing    wall-clock per call, warm-up {cfg['warmup']} excluded, {iters}; latency in ms",
         f"reference {ref['name'] or 'none'}" + (f": {ref['note']}" if ref.get("note") else ""),
+        f"inputs    {inputs_line(results)}",
     ]
     if la.get("other_cpu_share") is not None:
         share = la["other_cpu_share"]
@@ -258,7 +274,7 @@ def format_summary(results: dict) -> str:
     head = (
         f"{'backend':<8} {'prec':<5} {'part':<11} {'batch':>5} {'vis':>4} | {'p50':>8} {'p90':>8} {'p99':>8} "
         f"{'mean':>8} {'min':>8} {'max':>8} {'cv%':>5} | {'img/s':>8} {'G/s':>7} {'%peak':>6} | "
-        f"{'RSS MB':>7} {'build s':>7} | {'max|d|':>7} {'cosine':>8} | int8 ISA"
+        f"{'RSS MB':>7} {'build s':>7} | {'max|d|':>7} {'cosine':>8} {'pooled':>8} | int8 ISA"
     )
     lines += [head, "-" * len(head)]
     rows = results["rows"]
@@ -276,8 +292,8 @@ def format_summary(results: dict) -> str:
             + " ".join(f"{lat[s]:>8.2f}" for s in ("p50", "p90", "p99", "mean", "min", "max"))
             + f" {cv:>5.0f} | {r['throughput_ips']:>8.1f} {_rate(comp.get('achieved')):>7} {_pct(comp, '!'):>6} | "
             f"{r['peak_rss_mb']:>7.0f} {_fmt(r['build_s']):>7} | "
-            f"{_fmt_sci(agr.get('max_abs_diff')):>7} {_fmt(agr.get('cosine'), 5):>8}"
-            + (f" | {r['int8_isa']}" if r.get("int8_isa") else "")
+            f"{_fmt_sci(agr.get('max_abs_diff')):>7} {_fmt(agr.get('cosine'), 5):>8} "
+            f"{_fmt(agr.get('pooled_cosine'), 5):>8}" + (f" | {r['int8_isa']}" if r.get("int8_isa") else "")
         )
         i += 1
         if r.get("gpu_compute_ms"):

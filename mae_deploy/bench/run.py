@@ -45,7 +45,7 @@ from mae_deploy.bench.machine import (
 from mae_deploy.bench.peak import PeakProbes, compute, model_shapes
 from mae_deploy.bench.schema import ROW_KEYS, RUNNER_KEYS, SCHEMA_VERSION, jsonable
 from mae_deploy.bench.stats import agreement, latency_stats, time_calls
-from mae_deploy.bench.workloads import Reference, Workloads, compute_reference
+from mae_deploy.bench.workloads import Reference, Workloads, compute_reference, load_images
 
 _TIMING = (
     "wall-clock (perf_counter) around the runner call; host arrays in and out, so GPU work is "
@@ -189,7 +189,7 @@ def bench_row(
             "allocator (use nvidia-smi or Nsight for it)"
         )
     if expected is not None:
-        row["agreement"] = agreement(out, expected, ref.name)
+        row["agreement"] = agreement(out, expected, ref.name, pooled=part == "encoder")
 
 
 def _runner_rows(
@@ -255,7 +255,9 @@ def run_benchmark(bundle, config: BenchConfig, progress: bool = True) -> dict:
     load_start = load_average()
     cpu_share = CpuShare()
     created = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    work = Workloads(bundle, config.seed)
+    # Real images are read before anything is timed: an unreadable --images fails here, not after the run.
+    images = load_images(bundle, config.images, max(config.batch_sizes)) if config.images is not None else None
+    work = Workloads(bundle, config.seed, images)
     ref = compute_reference(bundle, config, work, visibles, threads, progress)
     peaks = PeakProbes(threads, enabled=config.peak, shapes=_own_shapes(bundle, config, visibles))
 
@@ -339,6 +341,7 @@ def run_benchmark(bundle, config: BenchConfig, progress: bool = True) -> dict:
             "threads": threads,
             "iters": config.effective_iters,
         },
+        "inputs": work.describe(),
         "machine": machine_info(),
         "reference": ref.describe(),
         "runners": runners,

@@ -2,7 +2,8 @@
 
 Version 2 adds the MatMul peaks (top-level ``peaks``) and each row's ``compute`` (FLOPs, achieved
 GFLOP/s, share of the peak). Version 3 adds each row's ``int8_isa`` and, per peak, every GEMM shape probed
-(``shapes``), the one that set the peak (``shape``) and the probe's time budget. Version 1 and 2 files still
+(``shapes``), the one that set the peak (``shape``) and the probe's time budget. Version 4 adds the top-level
+``inputs`` (seeded noise or ``--images``) and the agreement's ``pooled_cosine``. Files of earlier versions still
 load (for ``--compare``): they simply lack those.
 """
 
@@ -19,8 +20,8 @@ from mae_deploy.bench.peak import PROBE_KEYS
 from mae_deploy.bench.stats import STATS
 from mae_deploy.errors import InputError
 
-SCHEMA_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+SCHEMA_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 
 # Keys every results file and every row carries (docs/bench-schema.md documents each; tests check both agree).
 TOP_KEYS = (
@@ -30,6 +31,7 @@ TOP_KEYS = (
     "created",
     "bundle",
     "config",
+    "inputs",
     "machine",
     "reference",
     "runners",
@@ -64,10 +66,20 @@ ROW_KEYS = (
     "int8_isa",
 )
 RUNNER_KEYS = ("backend", "precision", "device", "status", "reason", "build_s", "providers", "threads", "details")
-AGREEMENT_KEYS = ("reference", "max_abs_diff", "mean_abs_diff", "cosine")
+AGREEMENT_KEYS = ("reference", "max_abs_diff", "mean_abs_diff", "cosine", "pooled_cosine")
+INPUT_KEYS = ("pixels", "source", "images", "skipped", "seed")
 COMPUTE_KEYS = ("flops", "unit", "achieved", "peak", "fraction_of_peak", "peak_probe", "note")
 # The version that added a key: files written before it lack the key and still load.
-_ADDED_IN = {"peaks": 2, "compute": 2, "int8_isa": 3, "shape": 3, "shapes": 3, "budget_s": 3}
+_ADDED_IN = {
+    "peaks": 2,
+    "compute": 2,
+    "int8_isa": 3,
+    "shape": 3,
+    "shapes": 3,
+    "budget_s": 3,
+    "inputs": 4,
+    "pooled_cosine": 4,
+}
 
 
 def jsonable(x: Any) -> Any:
@@ -102,6 +114,9 @@ def validate_results(d: Any, where: str = "results") -> dict:
     missing = _lacks(d, TOP_KEYS, version)
     if missing:
         raise InputError(f"{where} lacks {missing}")
+    inputs = d.get("inputs")
+    if inputs is not None and (not isinstance(inputs, dict) or _lacks(inputs, INPUT_KEYS, version)):
+        raise InputError(f"{where}: inputs lacks some of {list(INPUT_KEYS)}")
     if not isinstance(d["rows"], list):
         raise InputError(f"{where}: 'rows' is not a list")
     for i, row in enumerate(d["rows"]):
@@ -119,6 +134,9 @@ def validate_results(d: Any, where: str = "results") -> dict:
             comp = row.get("compute")
             if version >= 2 and comp is not None and (not isinstance(comp, dict) or _lacks(comp, COMPUTE_KEYS, 2)):
                 raise InputError(f"{where}: rows[{i}] compute lacks some of {list(COMPUTE_KEYS)}")
+            agr = row.get("agreement")
+            if agr is not None and (not isinstance(agr, dict) or _lacks(agr, AGREEMENT_KEYS, version)):
+                raise InputError(f"{where}: rows[{i}] agreement lacks some of {list(AGREEMENT_KEYS)}")
     for i, r in enumerate(d["runners"]):
         missing = _lacks(r, RUNNER_KEYS, version)
         if missing:

@@ -11,6 +11,7 @@ from typing import cast
 import numpy as np
 
 from mae_deploy.errors import InputError
+from mae_deploy.pooling import pool_latent
 
 STATS = ("p50", "p90", "p99", "mean", "min", "max", "std")
 
@@ -51,13 +52,10 @@ def latency_stats(samples_ms: Iterable[float]) -> dict[str, float]:
     }
 
 
-def agreement(output: np.ndarray, reference: np.ndarray, reference_name: str | None) -> dict:
-    """Max/mean absolute difference and the lowest per-image cosine similarity against the reference."""
-    if output.shape != reference.shape:
-        raise InputError(f"output shape {output.shape} differs from the reference's {reference.shape}")
-    a = output.astype(np.float64).reshape(output.shape[0], -1)
-    b = reference.astype(np.float64).reshape(reference.shape[0], -1)
-    diff = np.abs(a - b)
+def lowest_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """The lowest per-image cosine similarity of ``a`` and ``b`` (N, ...), each image flattened."""
+    a = a.astype(np.float64).reshape(a.shape[0], -1)
+    b = b.astype(np.float64).reshape(b.shape[0], -1)
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     # Two all-zero images agree perfectly; one zero and one not share no direction.
     cos = np.where(
@@ -65,12 +63,31 @@ def agreement(output: np.ndarray, reference: np.ndarray, reference_name: str | N
         (a * b).sum(axis=1) / np.where(norms > 0, norms, 1.0),
         np.where(np.linalg.norm(a - b, axis=1) == 0, 1.0, 0.0),
     )
-    finite = bool(np.isfinite(a).all())
+    return float(np.clip(cos, -1.0, 1.0).min())  # rounding can land a hair outside [-1, 1]
+
+
+def agreement(output: np.ndarray, reference: np.ndarray, reference_name: str | None, pooled: bool = False) -> dict:
+    """Max/mean absolute difference and the lowest per-image cosine similarity against the reference.
+
+    ``pooled`` (encoder latents, (N, 1+K, D)): also the lowest per-image cosine of the mean-pooled features
+    (``pooling.pool_latent(..., "mean")``), what users of MAE features judge a variant by; else None.
+    """
+    if output.shape != reference.shape:
+        raise InputError(f"output shape {output.shape} differs from the reference's {reference.shape}")
+    if pooled and output.ndim != 3:
+        raise InputError(f"pooled agreement needs encoder latents (N, 1+K, D), got shape {output.shape}")
+    diff = np.abs(output.astype(np.float64) - reference.astype(np.float64))
+    finite = bool(np.isfinite(output).all())
+    nan = float("nan")
+    pooled_cos = None
+    if pooled:
+        pooled_cos = lowest_cosine(pool_latent(output, "mean"), pool_latent(reference, "mean")) if finite else nan
     return {
         "reference": reference_name,
-        "max_abs_diff": float(diff.max()) if finite else float("nan"),
-        "mean_abs_diff": float(diff.mean()) if finite else float("nan"),
-        "cosine": float(cos.min()) if finite else float("nan"),
+        "max_abs_diff": float(diff.max()) if finite else nan,
+        "mean_abs_diff": float(diff.mean()) if finite else nan,
+        "cosine": lowest_cosine(output, reference) if finite else nan,
+        "pooled_cosine": pooled_cos,
     }
 
 

@@ -3,28 +3,92 @@
 from __future__ import annotations
 
 import gc
+import os
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from mae_deploy.bench.build import build_runner, torch_not_offered
-from mae_deploy.bench.config import BenchConfig
+from mae_deploy.bench.config import BenchConfig, image_source
+from mae_deploy.errors import InputError
+
+
+@dataclass
+class ImageInputs:
+    """Real images fed as pixel values (``--images``), preprocessed, and where they came from."""
+
+    source: str
+    pixel_values: np.ndarray  # (n, C, H, W) float32, in the listing's order
+    skipped: list[str] = field(default_factory=list)  # "path: why" for each unreadable file passed over
+
+
+def load_images(bundle, spec: str | os.PathLike, count: int) -> ImageInputs:
+    """The first ``count`` readable images of ``spec`` (a folder, glob, list file ... as ``extract`` takes), in
+    the listing's order (sorted for a folder or glob), through the bundle's own preprocessing.
+
+    Unreadable files are passed over (and counted); none readable is an InputError naming the source.
+    """
+    from mae_deploy.preprocess import Preprocessor
+    from mae_deploy.sources import Failure, NamedBytes
+
+    source = image_source(spec)
+    pre = Preprocessor.from_bundle(bundle)
+    arrays: list[np.ndarray] = []
+    skipped: list[str] = []
+    for row, path in enumerate(source.paths):
+        if len(arrays) == count:
+            break
+        try:
+            # Bytes through the source's reader (tar members and Parquet cells too), decoded as extract does.
+            im = pre.load_image(NamedBytes(source.reader.read(row, path), path))
+            arrays.append(pre.normalize(pre.resize_crop(im)))
+        except (Failure, InputError, OSError, ValueError) as e:
+            skipped.append(f"{path}: {e}")
+    if not arrays:
+        raise InputError(
+            f"--images {os.fspath(spec)}: none of its {len(source)} files is a readable image (first: {skipped[0]}); "
+            "give a folder, glob or list file of images (what `extract` takes), or leave --images out for seeded noise"
+        )
+    return ImageInputs(os.fspath(spec), np.stack(arrays).astype(np.float32, copy=False), skipped)
 
 
 class Workloads:
-    """Seeded inputs per (batch, visible): pixel values, ids_keep, ids_restore. Same on every backend."""
+    """Inputs per (batch, visible): pixel values, ids_keep, ids_restore. Same on every backend.
 
-    def __init__(self, bundle, seed: int) -> None:
-        self.bundle, self.seed = bundle, seed
+    Pixel values are seeded standard-normal noise, or with ``images`` those images cycled to fill the batch
+    (batch 8 from 3 images: 0 1 2 0 1 2 0 1). Masks are seeded either way.
+    """
+
+    def __init__(self, bundle, seed: int, images: ImageInputs | None = None) -> None:
+        self.bundle, self.seed, self.images = bundle, seed, images
         self._pixels: dict[int, np.ndarray] = {}
         self._ids: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def pixels(self, batch: int) -> np.ndarray:
         if batch not in self._pixels:
             b = self.bundle
-            rng = np.random.default_rng([self.seed, batch])
-            # Preprocessed images are roughly standard normal per channel.
-            self._pixels[batch] = rng.standard_normal((batch, b.in_chans, b.image_size, b.image_size), np.float32)
+            if self.images is not None:
+                x = self.images.pixel_values
+                self._pixels[batch] = np.ascontiguousarray(x[np.arange(batch) % len(x)])
+            else:
+                rng = np.random.default_rng([self.seed, batch])
+                # Preprocessed images are roughly standard normal per channel.
+                shape = (batch, b.in_chans, b.image_size, b.image_size)
+                self._pixels[batch] = rng.standard_normal(shape, np.float32)
         return self._pixels[batch]
+
+    def describe(self) -> dict:
+        """The results' ``inputs``: what the pixel values were (docs/bench-schema.md)."""
+        im = self.images
+        if im is None:
+            return {"pixels": "seeded noise", "source": None, "images": None, "skipped": None, "seed": self.seed}
+        return {
+            "pixels": "images",
+            "source": im.source,
+            "images": len(im.pixel_values),
+            "skipped": len(im.skipped),
+            "seed": self.seed,
+        }
 
     def ids(self, batch: int, visible: int) -> tuple[np.ndarray, np.ndarray]:
         """(ids_keep (N,K), ids_restore (N,L)): all tokens in order when K = L, else a random mask per image."""

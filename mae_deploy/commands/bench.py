@@ -104,6 +104,13 @@ def _floats(ctx, param, value):
 )
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random inputs and masks (>= 0).")
 @click.option(
+    "--images",
+    default=None,
+    help="Feed these images instead of seeded noise: a folder, glob or list file (what `extract` takes), "
+    "preprocessed as the bundle says, in the listing's order (sorted for a folder or glob) and cycled to fill "
+    "each batch. int8 variants are calibrated on real images: judge their agreement on real images too.",
+)
+@click.option(
     "--peak/--no-peak",
     default=True,
     show_default=True,
@@ -145,6 +152,7 @@ def bench(
     checkpoint,
     reference,
     seed,
+    images,
     peak,
     out_json,
     out_csv,
@@ -160,18 +168,21 @@ def bench(
     Each row: latency p50/p90/p99/mean/min/max (ms, warm-up excluded), images/s, GFLOP/s (GOP/s for
     int8) and its share of the same engine's MatMul peak probed in this run ("87 % of this machine's
     fp32 peak"), peak host RSS, peak device memory (torch on CUDA), runner build time (separate from
-    inference), and agreement with the torch fp32 reference (max abs diff, lowest per-image cosine) so
-    a fast wrong backend cannot look good. The JSON format is docs/bench-schema.md.
+    inference), and agreement with the torch fp32 reference (max abs diff, lowest per-image cosine, and
+    for encoder rows the lowest cosine of the mean-pooled features) so a fast wrong backend cannot look
+    good. Inputs are seeded noise, or real images with --images. The JSON format is docs/bench-schema.md.
 
     \b
     Examples:
       mae-deploy bench bundle/ --backends torch,ort --precisions fp32,int8 --batch-sizes 1,8 --out r.json
       mae-deploy bench bundle/ --parts encoder --visible 49,98,147,196 --plot enc.png
       mae-deploy bench bundle/ --compare r.json          # ratios against an earlier run
+      mae-deploy bench bundle/ --precisions fp32,int8 --images val/  # agreement on real images
 
     Exit codes: 3 bad input (unknown backend, visible > L, batch 0, seed < 0, a graph that cannot be
-    loaded, an unreadable --checkpoint, an output path that cannot be written: all found before the
-    run), 4 some rows failed, 6 --plot without matplotlib, 7 no row could run here (all skipped).
+    loaded, an unreadable --checkpoint, an --images source with no readable image, an output path that
+    cannot be written: all found before the run), 4 some rows failed, 6 --plot without matplotlib, 7 no
+    row could run here (all skipped).
     """
     from mae_deploy.bench import (
         BenchConfig,
@@ -204,6 +215,7 @@ def bench(
         checkpoint=checkpoint,
         reference=reference,
         seed=seed,
+        images=images,
         peak=peak,
         compile=bool(compile_runner_opts(backends, compile_model)),
     )

@@ -123,6 +123,7 @@ def test_agreement_metrics():
     ref = np.arange(1, 13, dtype=np.float32).reshape(2, 2, 3)
     same = agreement(ref.copy(), ref, "r")
     assert same["max_abs_diff"] == 0 and same["cosine"] == pytest.approx(1.0)
+    assert same["pooled_cosine"] is None  # only encoder rows pool (pooled=True)
     flipped = ref.copy()
     flipped[1] *= -1  # one image pointing the other way must show, not be averaged away
     a = agreement(flipped, ref, "r")
@@ -187,14 +188,19 @@ def _doc_keys(section: str) -> list[str]:
 
 def test_schema_doc_lists_the_keys_the_code_writes():
     from mae_deploy.bench.peak import PROBE_KEYS
+    from mae_deploy.bench.schema import INPUT_KEYS
 
     assert _doc_keys("Top level") == list(TOP_KEYS)
     assert _doc_keys("rows[]") == list(ROW_KEYS)
     assert _doc_keys("runners[]") == list(RUNNER_KEYS)
     assert _doc_keys("peaks[]") == list(PROBE_KEYS)
-    assert re.findall(
-        r"^\| `([a-z_0-9]+)` \|", DOC.read_text().split("### compute\n", 1)[1].split("\n#", 1)[0], re.M
-    ) == list(bench.COMPUTE_KEYS)
+    for section, keys in [
+        ("compute", bench.COMPUTE_KEYS),
+        ("agreement", bench.AGREEMENT_KEYS),
+        ("inputs", INPUT_KEYS),
+    ]:
+        body = DOC.read_text().split(f"### {section}\n", 1)[1].split("\n#", 1)[0]
+        assert re.findall(r"^\| `([a-z_0-9]+)` \|", body, re.M) == list(keys), section
     assert f"schema_version {bench.SCHEMA_VERSION})" in DOC.read_text()
 
 
@@ -243,6 +249,11 @@ def test_bench_writes_well_formed_results(run_dir, bundle_dir):
             assert agr["max_abs_diff"] < 1e-4 and agr["cosine"] > 0.99999
         else:  # int8 really differs from the reference, and not by much
             assert 0 < agr["max_abs_diff"] and agr["cosine"] > 0.9
+        if r["part"] == "encoder":  # the mean of the patch tokens, as users of the features pool them
+            assert agr["pooled_cosine"] > (0.99999 if r["precision"] == "fp32" else 0.9)
+        else:
+            assert agr["pooled_cosine"] is None
+    assert data["inputs"]["pixels"] == "seeded noise" and data["config"]["images"] is None
     peaks = {(p["backend"], p["precision"]): p for p in data["peaks"]}
     assert set(peaks) == {("torch", "fp32"), ("ort", "fp32"), ("ort", "int8")}  # one probe per runner built
     assert all(p["status"] == "ok" and p["peak"] > 0 for p in peaks.values())

@@ -135,7 +135,7 @@ def results(tmp_path_factory) -> dict:
 
 def test_a_run_probes_its_own_shapes_and_labels_int8_rows(results):
     validate_results(results)
-    assert results["schema_version"] == 3
+    assert results["schema_version"] >= 3  # 3 added shapes and int8_isa, which validate_results then requires
     for p in results["peaks"]:
         assert p["status"] == "ok"
         mkn = _mkn(p["shapes"])
