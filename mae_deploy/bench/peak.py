@@ -377,7 +377,7 @@ class PeakProbes:
 
 
 def probe_name(probe: dict) -> str:
-    """``ort fp32 MatMul 1024^3`` or ``openvino int8 Q/DQ MatMul 1576x768x3072 (encoder fc1)``: what set the peak."""
+    """``ort fp32 MatMul 1024^3`` or ``openvino int8 Q/DQ MatMul x4 1576x768x3072 (encoder fc1)``: what set the peak."""
     head = f"{probe['backend']} {probe['precision']} {probe['op']}"
     if probe.get("size"):
         return f"{head} {probe['size']}^3"
