@@ -114,6 +114,48 @@ def float_matmuls(model: onnx.ModelProto) -> list[str]:
     ]
 
 
+def unsigned_asymmetric_activations(model: onnx.ModelProto) -> int:
+    """Rewrite asymmetric activation Q/DQ pairs from int8 to uint8 in place; returns how many zero points changed.
+
+    NNCF's ONNX backend writes an activation quantiser as int8 whenever its range reaches below zero, so an
+    asymmetric one (GELU's output, zero point -80) becomes int8 with a zero point that the int8 GEMM has to
+    subtract. uint8 with the zero point + 128 is the same set of real values (q' = q + 128), and it is the
+    form AVX-512 VNNI multiplies natively (u8 x s8): OpenVINO then runs those GEMMs as OpenVINO's own NNCF
+    does, where they were 1.08x slower (ViT-B/16, VNNI). Symmetric quantisers (zero point 0) and weights stay
+    int8.
+    """
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    quantize = [n for n in graph.node if n.op_type == "QuantizeLinear"]
+    quantized_activations = {n.output[0] for n in quantize if n.input[0] not in inits}
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2:
+            users.setdefault(n.input[2], []).append(n)
+    retyped: set[str] = set()  # names whose declared type was int8 and is uint8 now
+    for name, nodes in users.items():
+        zp = inits.get(name)
+        activation = all(
+            (n.op_type == "QuantizeLinear" and n.input[0] not in inits) or n.input[0] in quantized_activations
+            for n in nodes
+        )
+        if zp is None or zp.data_type != onnx.TensorProto.INT8 or not activation:
+            continue
+        value = numpy_helper.to_array(zp)
+        if not value.any():
+            continue  # symmetric: int8 is what the engines want
+        zp.CopyFrom(numpy_helper.from_array((value.astype("int16") + 128).astype("uint8"), name))
+        retyped |= {name, *(n.output[0] for n in nodes if n.op_type == "QuantizeLinear")}
+    # Exporters declare the types of initializers and intermediate tensors too: drop the stale ones.
+    keep = [v for v in graph.value_info if v.name not in retyped]
+    del graph.value_info[:]
+    graph.value_info.extend(keep)
+    changed = sum(1 for n in retyped if n in inits)
+    return changed
+
+
 def to_int8_nncf(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -150,5 +192,6 @@ def to_int8_nncf(
     finally:
         nncf_log.setLevel(level)
     del model
+    unsigned_asymmetric_activations(quantized)
     save_graph(quantized, dst, external_data)
     return dst

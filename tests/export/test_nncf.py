@@ -13,7 +13,13 @@ from PIL import Image
 from runtime_fixtures import _perturbed_model
 
 from export.bundle_writer import export_bundle
-from export.nncf_int8 import dequantized_tensors, float_matmuls, float_stages, to_int8_nncf
+from export.nncf_int8 import (
+    dequantized_tensors,
+    float_matmuls,
+    float_stages,
+    to_int8_nncf,
+    unsigned_asymmetric_activations,
+)
 from export.verify import ort_session
 from mae_deploy.bundle import Bundle
 from mae_deploy.errors import InputError, MissingDependency
@@ -101,6 +107,54 @@ def test_int8_is_followed_through_layout_ops_and_not_through_compute():
     assert float_matmuls(model) == ["float_matmul"]
 
 
+def test_asymmetric_activations_become_uint8_with_the_same_values():
+    from onnx import TensorProto, helper, numpy_helper
+
+    node, init = helper.make_node, numpy_helper.from_array
+    graph = helper.make_graph(
+        [
+            node("QuantizeLinear", ["x", "s", "zp_asym"], ["xq"]),
+            node("DequantizeLinear", ["xq", "s", "zp_asym"], ["xd"]),
+            node("QuantizeLinear", ["x", "s", "zp_sym"], ["yq"]),
+            node("DequantizeLinear", ["yq", "s", "zp_sym"], ["yd"]),
+            node("DequantizeLinear", ["w8", "s", "zp_w"], ["w"]),
+            node("MatMul", ["xd", "w"], ["a"]),
+            node("MatMul", ["yd", "w"], ["b"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 4]) for n in ("xd", "a", "b")],
+        [
+            init(np.array(0.05, np.float32), "s"),
+            init(np.array(-80, np.int8), "zp_asym"),
+            init(np.array(0, np.int8), "zp_sym"),
+            init(np.array(-3, np.int8), "zp_w"),  # a weight's zero point is never touched
+            init(np.arange(16, dtype=np.int8).reshape(4, 4), "w8"),
+        ],
+    )
+    graph.value_info.append(helper.make_tensor_value_info("xq", TensorProto.INT8, [2, 4]))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    x = np.linspace(-3, 11, 8, dtype=np.float32).reshape(2, 4)  # beyond both ends of [-2.4, 10.35]
+    before = ort_session_from(model).run(None, {"x": x})
+    assert unsigned_asymmetric_activations(model) == 1
+    zps = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name.startswith("zp")}
+    assert zps["zp_asym"].dtype == np.uint8 and zps["zp_asym"] == 48
+    assert zps["zp_sym"].dtype == np.int8 and zps["zp_w"].dtype == np.int8 and zps["zp_w"] == -3
+    assert "xq" not in {v.name for v in model.graph.value_info}
+    onnx.checker.check_model(model, full_check=True)
+    after = ort_session_from(model).run(None, {"x": x})
+    np.testing.assert_array_equal(after[0], before[0])  # the same real values, clipped at the same ends
+    assert after[0].min() == pytest.approx(-2.4) and after[0].max() == pytest.approx(10.35)
+    for b, a in zip(before[1:], after[1:], strict=True):  # the MatMuls: other int8 kernels, same sums
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def ort_session_from(model):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
 def test_block_matmuls_are_int8_and_the_ends_stay_float(nncf_bundle):
     model = onnx.load(str(nncf_bundle / f"encoder.{INT8_NNCF}.onnx"))
     g = model.graph
@@ -118,6 +172,11 @@ def test_block_matmuls_are_int8_and_the_ends_stay_float(nncf_bundle):
     assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.name in final for n in g.node)
     for out in g.output:  # every output is written by a float op, not a DequantizeLinear
         assert prod[out.name].op_type != "DequantizeLinear"
+    # Asymmetric activation quantisers are uint8 (what VNNI multiplies), symmetric ones and weights int8.
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in g.initializer}
+    zero_points = [inits[n.input[2]] for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
+    assert any(z.dtype == np.uint8 for z in zero_points)
+    assert all(z.dtype == np.uint8 or not z.any() for z in zero_points)
 
 
 def test_pooled_outputs_stay_consistent_with_the_latent(nncf_bundle):
