@@ -18,7 +18,9 @@ Precisions:
   OpenVINO is fast at, so they are not used here. What the Q/DQ nodes leave float (LayerNorm, softmax,
   GELU, softmax @ v, the embedding stage) runs in bf16 where the CPU has bf16 kernels, as OpenVINO does
   by default, and f32 elsewhere: on the ViT-B/16 encoder (AMX CPU, batch 8) that made int8 1.1x faster at
-  the same pooled cosine to fp32 (benchmarks/RESULTS.md, issue #25).
+  the same pooled cosine to fp32 (benchmarks/RESULTS.md, issue #25). On a CPU without VNNI (AVX2 only)
+  oneDNN has no fast int8 GEMM: OpenVINO's int8 ran slower than its fp32 there (oneDNN capped at AVX2),
+  and ONNX Runtime's dynamic int8 (``--backend ort --precision int8``) is the int8 to use.
 
 Options: ``threads`` -> ``INFERENCE_NUM_THREADS``; ``hint`` "latency" | "throughput" -> ``PERFORMANCE_HINT``;
 ``num_streams`` -> ``NUM_STREAMS``. Each part has one infer request, used under a lock, so a runner can be
