@@ -210,6 +210,9 @@ def own_nncf(out: Path, rounds: int, threads: int, batch: int = 8, emulate: str 
     for backend, precision in paths if not emulate else [("openvino", "fp32"), ("openvino", "int8")]:
         runner = create_runner(bundle, backend=backend, precision=precision, threads=threads)
         calls[f"{backend} {precision} (bundle)"] = (lambda r: lambda: r.encode(x, keep))(runner)
+    # --compile: OpenVINO's int8 compiled for this batch's static shape
+    compiled_int8 = create_runner(bundle, backend="openvino", precision="int8", threads=threads, compile=True)
+    calls["openvino int8 (bundle, --compile)"] = lambda: compiled_int8.encode(x, keep)
 
     core = ov.Core()
     t0 = time.perf_counter()

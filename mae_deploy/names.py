@@ -13,6 +13,8 @@ BACKENDS = ("ort", "trt", "torch", "openvino")
 # Diagnostic runners that create_runner also accepts: never offered by --backend or `mae-deploy bench`
 # ("null" returns zeros at once, for measuring the extraction pipeline without a model).
 DIAGNOSTIC_BACKENDS = ("null",)
+# Backends with a ``compile`` option (--compile): torch.compile; OpenVINO's model per input shape.
+COMPILING_BACKENDS = ("torch", "openvino")
 
 # Image decoders of extraction, classification and serving: Pillow on the host (the exact reference), or
 # torch on the runner's device (nvJPEG on CUDA).

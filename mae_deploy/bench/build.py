@@ -36,8 +36,8 @@ def torch_not_offered(bundle, precision: str, device: str, checkpoint: str | Non
 def runner_options(
     backend: str, threads: int, checkpoint: str | None, max_batch: int, compile_model: bool = False
 ) -> dict:
-    """Constructor options per backend: pinned threads, the torch weights and torch.compile, the TensorRT
-    profile."""
+    """Constructor options per backend: pinned threads, the torch weights, ``compile`` (torch.compile; OpenVINO's
+    model per input shape), the TensorRT profile."""
     if backend == "ort":
         return {"intra_op_threads": threads, "inter_op_threads": 1}
     if backend == "torch":
@@ -50,6 +50,8 @@ def runner_options(
         # The engine's profile must cover the largest batch, or the runner would split it into chunks.
         # Its optimum shape stays the runner's default (batch min(8, max), all tokens).
         return {"max_batch": max_batch}
+    if backend == "openvino":
+        return {"threads": threads, **({"compile": True} if compile_model else {})}
     return {"threads": threads}
 
 

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 # Every backend the runners offer; one missing here (package or device) becomes skipped rows.
 BACKENDS = names.BACKENDS
+COMPILING_BACKENDS = names.COMPILING_BACKENDS
 # The bundle's graph precisions (int8-qdq: the statically calibrated Q/DQ variant, which ORT can run beside its
 # dynamic int8), plus bf16 (torch autocast; OpenVINO's inference-precision hint).
 PRECISIONS = tuple(dict.fromkeys((*names.GRAPH_PRECISIONS, "bf16")))
@@ -95,13 +96,21 @@ class BenchConfig:
     seed: int = 0
     images: str | None = None  # a folder, glob or list file of images fed as pixel values (None: seeded noise)
     peak: bool = True  # probe each backend's MatMul peak and report the share of it each row reaches
-    compile: bool = False  # the torch backend through torch.compile (the reference stays eager)
+    # Backends whose runners compile (torch: torch.compile; openvino: a model per input shape); the reference
+    # stays eager.
+    compile: tuple[str, ...] = ()
 
     def validate(self) -> None:
         """Check everything that does not need the bundle; InputError names the bad value."""
         _check_names(self.backends, BACKENDS, "backends")
         _check_names(self.precisions, PRECISIONS, "precisions")
         _check_names(self.parts, PARTS, "parts")
+        for backend in self.compile:
+            if backend not in COMPILING_BACKENDS or backend not in self.backends:
+                raise InputError(
+                    f"--compile {backend}: only the run's {' and '.join(COMPILING_BACKENDS)} backends compile "
+                    f"(this run's backends: {', '.join(self.backends)})"
+                )
         if not self.batch_sizes:
             raise InputError("no batch sizes given")
         for b in self.batch_sizes:

@@ -285,7 +285,7 @@ def run_benchmark(bundle, config: BenchConfig, progress: bool = True) -> dict:
                 config.checkpoint,
                 config.parts,
                 max(config.batch_sizes),
-                compile_model=config.compile,
+                compile_model=backend in config.compile,
             )
             if runner is None:
                 entry.update(status="skipped", reason=reason)

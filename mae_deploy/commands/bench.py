@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from mae_deploy.bench import BACKENDS, PARTS, PRECISIONS
-from mae_deploy.commands.options import compile_option, compile_runner_opts
+from mae_deploy.commands.options import COMPILE_HELP
+from mae_deploy.names import COMPILING_BACKENDS
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -21,6 +22,20 @@ def _split(value: str | None) -> list[str] | None:
 
 def _names(ctx, param, value):
     return tuple(_split(value)) if value is not None else None
+
+
+def compiled_backends(value: str | None, backends) -> tuple[str, ...]:
+    """--compile's backends: none, every compiling backend of the run ("all"), or the ones listed."""
+    if value is None:
+        return ()
+    if value == "all":
+        chosen = tuple(b for b in backends if b in COMPILING_BACKENDS)
+        if not chosen:
+            raise click.UsageError(
+                f"--compile compiles the {' and '.join(COMPILING_BACKENDS)} backends, and this run has neither"
+            )
+        return chosen
+    return tuple(_split(value) or ())
 
 
 def _ints(ctx, param, value):
@@ -134,7 +149,16 @@ def _floats(ctx, param, value):
     type=click.Path(path_type=Path),
     help="An earlier results JSON: print per-row latency and throughput ratios against it.",
 )
-@compile_option
+@click.option(
+    "--compile",
+    "compile_model",
+    is_flag=False,
+    flag_value="all",
+    default=None,
+    metavar="[BACKENDS]",
+    help=COMPILE_HELP + " Alone: every backend of the run that compiles; with a list (--compile openvino): those "
+    "only, so the others run as they are (e.g. PyTorch eager beside a compiled OpenVINO).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar and no table (files are still written).")
 def bench(
     bundle: Path,
@@ -217,7 +241,7 @@ def bench(
         seed=seed,
         images=images,
         peak=peak,
-        compile=bool(compile_runner_opts(backends, compile_model)),
+        compile=compiled_backends(compile_model, backends or BACKENDS),
     )
     config.validate()
     # Fail before the (possibly long) run, not after it.

@@ -25,11 +25,19 @@ Precisions:
 Options: ``threads`` -> ``INFERENCE_NUM_THREADS``; ``hint`` "latency" | "throughput" -> ``PERFORMANCE_HINT``;
 ``num_streams`` -> ``NUM_STREAMS``. Each part has one infer request, used under a lock, so a runner can be
 shared by threads (calls on a part are serialised).
+
+``compile=True`` (``--compile``) also compiles the graph for each input shape (batch, visible) it meets, with
+static dimensions, and runs that shape there; the ``STATIC_SHAPES_KEPT`` most recent are kept (LRU), others
+run on the dynamic model. OpenVINO's CPU kernels for static shapes are faster: ViT-B/16 int8, batch 8, AMX,
+170 -> 157 ms (the attention subgraph 43 -> 34 ms). The first call of a shape pays the compile (about a
+second for ViT-B/16); it suits extraction and benchmarks (one batch size), less a server whose batches take
+many sizes.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -45,6 +53,7 @@ PRECISIONS = OPENVINO_PRECISIONS
 GRAPH_NAMED = CALIBRATED_PRECISIONS  # int8 with the graph named: benchmarks compare the two
 HINTS = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
 INT8_PRECISIONS = ("int8", *CALIBRATED_PRECISIONS)
+STATIC_SHAPES_KEPT = 8  # compile=True: per-shape compiled models kept (each holds its own weights)
 
 
 def import_openvino():
@@ -128,6 +137,7 @@ class OpenVinoRunner(BaseRunner):
         threads: int | None = None,
         hint: str = "latency",
         num_streams: int | None = None,
+        compile: bool = False,
     ) -> None:
         if device.lower() != "cpu":
             raise InputError(f"the openvino backend runs on cpu, not {device!r}")
@@ -156,12 +166,19 @@ class OpenVinoRunner(BaseRunner):
             )
         bf16_cpu = precision in INT8_PRECISIONS and cpu_supports_bf16(self.core)
         self.config = compile_config(precision, self.threads, hint, self.num_streams, bf16_cpu)
+        self.compile = bool(compile)
+        self._models: dict[str, Any] = {}  # part -> the openvino.Model read from its graph
         self._compiled: dict[str, Any] = {}  # part -> openvino.CompiledModel
         self._requests: dict[str, Any] = {}  # part -> its openvino.InferRequest
+        # compile=True: (part, input shapes) -> infer request of a model compiled for those shapes, LRU order
+        self._static: OrderedDict[tuple, Any] = OrderedDict()
         self._locks = {ENCODER: threading.Lock(), DECODER: threading.Lock()}
 
     # -- compiling --------------------------------------------------------------------------------
-    def _compile(self, part: str):
+    def _read(self, part: str):
+        """The part's openvino.Model, read once and checked for the bundle's input and output names."""
+        if part in self._models:
+            return self._models[part]
         spec = self._specs[part]
         assert spec is not None  # request() compiles only the parts this runner has
         path = self.bundle.path / spec.file
@@ -176,10 +193,33 @@ class OpenVinoRunner(BaseRunner):
                 f"{path} has inputs {inputs} and outputs {outputs}; a bundle {part} needs inputs "
                 f"{list(_INPUTS[part])} and output '{_OUTPUT[part]}'"
             )
+        self._models[part] = model
+        return model
+
+    def _compile(self, part: str, shapes: dict[str, tuple[int, ...]] | None = None):
+        """Compile the part's graph: dynamic, or with ``shapes`` (input name -> shape) fixed."""
+        model = self._read(part)
+        if shapes is not None:
+            model = model.clone()
+            model.reshape(shapes)
         try:
             return self.core.compile_model(model, "CPU", self.config)
         except Exception as e:
+            spec = self._specs[part]
+            path = self.bundle.path / spec.file if spec else part
             raise BundleError(f"OpenVINO cannot compile {path} for the CPU: {e}") from e
+
+    def _static_request(self, part: str, feeds: dict[str, np.ndarray]):
+        """compile=True: the infer request compiled for these inputs' shapes (called under the part's lock)."""
+        key = (part, *((name, a.shape) for name, a in sorted(feeds.items())))
+        request = self._static.get(key)
+        if request is None:
+            request = self._compile(part, {name: tuple(a.shape) for name, a in feeds.items()}).create_infer_request()
+            self._static[key] = request
+            while len(self._static) > STATIC_SHAPES_KEPT:
+                self._static.popitem(last=False)
+        self._static.move_to_end(key)
+        return request
 
     def request(self, part: str):
         """The part's infer request, compiled on first use."""
@@ -199,6 +239,8 @@ class OpenVinoRunner(BaseRunner):
     def _run(self, part: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
         req = self.request(part)
         with self._locks[part]:  # one request per part: calls are serialised
+            if self.compile:
+                req = self._static_request(part, feeds)
             req.infer(feeds)
             # Copy out: the request's output tensor is overwritten by the next call.
             return np.array(req.get_tensor(_OUTPUT[part]).data, dtype=np.float32, copy=True)
@@ -232,6 +274,10 @@ class OpenVinoRunner(BaseRunner):
                 "hint": self.hint,
                 "config": dict(self.config),
                 "compiled": compiled,
+                "compile": self.compile,
+                "static_shapes": [
+                    {"part": key[0], **{name: list(shape) for name, shape in key[1:]}} for key in self._static
+                ],
             },
         )
 
@@ -240,3 +286,5 @@ class OpenVinoRunner(BaseRunner):
             with lock:
                 self._requests.pop(part, None)
                 self._compiled.pop(part, None)
+                for key in [k for k in self._static if k[0] == part]:
+                    del self._static[key]

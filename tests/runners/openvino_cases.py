@@ -91,6 +91,28 @@ def test_info_reports_what_openvino_compiled(loaded_tiny_bundle):
     assert r.info.details["sessions"] == []
 
 
+def test_compile_runs_each_shape_on_its_own_static_model(loaded_tiny_bundle, monkeypatch):
+    monkeypatch.setattr(ovr, "STATIC_SHAPES_KEPT", 2)
+    x = np.random.default_rng(4).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    with (
+        create_runner(loaded_tiny_bundle, "openvino", threads=1) as dynamic,
+        create_runner(loaded_tiny_bundle, "openvino", threads=1, compile=True) as compiled,
+    ):
+        for b, k in ((2, 16), (3, 4), (2, 16), (1, 8)):
+            ids = np.stack([np.random.default_rng(i).permutation(16)[:k] for i in range(b)])
+            np.testing.assert_allclose(compiled.encode(x[:b], ids), dynamic.encode(x[:b], ids), atol=1e-5)
+        details = compiled.info.details
+        assert details["compile"] is True and dynamic.info.details["static_shapes"] == []
+        # Least recently used first; (3, 4) was the oldest when (1, 8) came, so it went.
+        assert [(s["part"], s["ids_keep"]) for s in details["static_shapes"]] == [
+            ("encoder", [2, 16]),
+            ("encoder", [1, 8]),
+        ]
+        assert details["static_shapes"][0]["pixel_values"] == [2, 3, 32, 32]
+        compiled.close()
+        assert compiled.info.details["static_shapes"] == []
+
+
 def test_concurrent_calls_on_one_runner_agree(ovino, ort):
     rng = np.random.default_rng(1)
     xs = [rng.standard_normal((2, 3, 32, 32)).astype(np.float32) for _ in range(4)]

@@ -109,7 +109,7 @@ def test_compile_is_an_option_of_extract_bench_and_serve(images, torch_tiny_bund
         atol=1e-4,
     )
     r = _extract(images, torch_tiny_bundle, tmp_path / "o", "--backend", "ort", "--compile")
-    assert r.exit_code == 3 and "--compile compiles the PyTorch model" in r.output
+    assert r.exit_code == 3 and "--compile compiles the model for torch or openvino" in r.output
     r = CliRunner().invoke(
         main,
         [
