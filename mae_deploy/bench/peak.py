@@ -13,18 +13,20 @@ a time budget (``budget_s``): a shape whose five calls would not fit in what is 
 the earlier shapes reached, is skipped and recorded as such, so tiny test models and slow machines stay
 quick. Every shape, its rate and which one set the peak are in the results (docs/bench-schema.md).
 
-The Q/DQ probes time a chain of ``QDQ_CHAIN`` products (K -> N, N -> K, ...) with a Quantize/Dequantize
-pair between them, as in the int8 graphs, where an engine writes the tensor between two int8 layers once,
-in int8, from the GEMM that makes it. A single Q/DQ product timed its float output write as well: it read
-OpenVINO's int8 GEMMs at 1.2-1.7 TOPS where they run at 2.6-3.0 inside a graph (AMX, 2 threads), and rows
-at 88 % of such a "peak" (issue #25).
+The ONNX probes (ORT, OpenVINO) time a chain of ``CHAIN`` products (K -> N, N -> K, ...) per call, as a
+graph runs its layers: the input copy and the call's overhead are shared by four products, and the Q/DQ
+probes put a Quantize/Dequantize pair before each, so an engine writes the tensor between two int8 layers
+once, in int8, from the GEMM that makes it. A single Q/DQ product timed its float output write as well: it
+read OpenVINO's int8 GEMMs at 1.2-1.7 TOPS where they run at 2.6-3.0 inside a graph (AMX, 2 threads), and
+rows at 88 % of such a "peak" (issue #25). MatMulInteger (ORT's dynamic int8) stays one product: its graphs
+write the int32 result of every product too.
 
-    ort       fp32 MatMul; int8 MatMulInteger (uint8 x int8 -> int32, what the dynamic-int8 graphs run);
-              an int8 Q/DQ variant (name containing "qdq" or "nncf") the chained Q/DQ MatMul ORT fuses;
-              fp16 MatMul
+    ort       fp32 MatMul chain; int8 MatMulInteger (uint8 x int8 -> int32, what the dynamic-int8 graphs run);
+              an int8 Q/DQ variant (name containing "qdq" or "nncf") the Q/DQ MatMul chain ORT fuses;
+              fp16 MatMul chain
     openvino  the same ONNX probes read by OpenVINO with the runner's inference precision
-              (``runners.openvino.inference_precision``): fp32 (f32), bf16 (bf16), int8 (the chained Q/DQ
-              MatMul, which OpenVINO runs in int8; bf16 between the int8 parts where the CPU has it)
+              (``runners.openvino.inference_precision``): fp32 (f32), bf16 (bf16), int8 (the Q/DQ chain,
+              which OpenVINO runs in int8; bf16 between the int8 parts where the CPU has it)
     torch     torch.matmul in fp32 or bf16 (fp16 on CUDA); the torch backend has no int8
     trt       no probe (a TensorRT engine per probe would cost more than the rows)
 
@@ -67,7 +69,7 @@ _CPU_SIZE, _GPU_SIZE = 1024, 8192
 # Large generic products after the model's own: a square one and a wider one (packing amortised over more work).
 _GENERIC = {"cpu": ((1024, 1024, 1024), (2048, 1024, 2048)), "gpu": ((8192, 8192, 8192),)}
 _BUDGET_S = {"cpu": 2.0, "gpu": 4.0}
-QDQ_CHAIN = 4  # products per Q/DQ probe call (see the module docstring)
+CHAIN = 4  # products per call of an ONNX probe but MatMulInteger (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -129,27 +131,38 @@ def probe_shapes(device: str, model: Iterable[dict] = ()) -> list[dict]:
     return out
 
 
-def _qdq_chain(m: int, k: int, n: int, rng: np.random.Generator, helper, numpy_helper) -> tuple[list, list]:
-    """Nodes and initializers of ``QDQ_CHAIN`` Q/DQ MatMuls A (m x k) -> (m x n) -> (m x k) ... with int8
-    weights per output channel (as NNCF and ORT's static quantiser write them)."""
-    inits = [
-        numpy_helper.from_array(np.array(0.03, np.float32), "as"),
-        numpy_helper.from_array(np.array(128, np.uint8), "az"),
-    ]
-    nodes, x = [], "A"
-    for i in range(QDQ_CHAIN):
-        rows, cols = (k, n) if i % 2 == 0 else (n, k)
+def _chain(m: int, k: int, n: int, elem_dtype: type[np.floating] | None, helper, numpy_helper) -> tuple[list, list]:
+    """Nodes and initializers of ``CHAIN`` MatMuls A (m x k) -> (m x n) -> (m x k) ..., output "Y".
+
+    ``elem_dtype`` None: Q/DQ MatMuls with int8 weights per output channel (as NNCF and ORT's static quantiser
+    write them) and a uint8 Quantize/Dequantize pair before each; else float weights of that dtype, scaled by
+    1/sqrt(rows) so that values stay near 1 through the chain (fp16 would overflow otherwise)."""
+    rng = np.random.default_rng(0)
+    inits = []
+    if elem_dtype is None:
         inits += [
-            numpy_helper.from_array(rng.integers(-127, 127, (rows, cols), dtype=np.int8), f"W{i}"),
-            numpy_helper.from_array(np.full(cols, 0.02, np.float32), f"ws{i}"),
-            numpy_helper.from_array(np.zeros(cols, np.int8), f"wz{i}"),
+            numpy_helper.from_array(np.array(0.03, np.float32), "as"),
+            numpy_helper.from_array(np.array(128, np.uint8), "az"),
         ]
-        nodes += [
-            helper.make_node("QuantizeLinear", [x, "as", "az"], [f"q{i}"]),
-            helper.make_node("DequantizeLinear", [f"q{i}", "as", "az"], [f"a{i}"]),
-            helper.make_node("DequantizeLinear", [f"W{i}", f"ws{i}", f"wz{i}"], [f"w{i}"], axis=1),
-            helper.make_node("MatMul", [f"a{i}", f"w{i}"], [f"y{i}"]),
-        ]
+    nodes, x = [], "A"
+    for i in range(CHAIN):
+        rows, cols = (k, n) if i % 2 == 0 else (n, k)
+        if elem_dtype is None:
+            inits += [
+                numpy_helper.from_array(rng.integers(-127, 127, (rows, cols), dtype=np.int8), f"W{i}"),
+                numpy_helper.from_array(np.full(cols, 0.02, np.float32), f"ws{i}"),
+                numpy_helper.from_array(np.zeros(cols, np.int8), f"wz{i}"),
+            ]
+            nodes += [
+                helper.make_node("QuantizeLinear", [x, "as", "az"], [f"q{i}"]),
+                helper.make_node("DequantizeLinear", [f"q{i}", "as", "az"], [f"a{i}"]),
+                helper.make_node("DequantizeLinear", [f"W{i}", f"ws{i}", f"wz{i}"], [f"w{i}"], axis=1),
+                helper.make_node("MatMul", [f"a{i}", f"w{i}"], [f"y{i}"]),
+            ]
+        else:
+            weight = rng.standard_normal((rows, cols)) / np.sqrt(rows)
+            inits.append(numpy_helper.from_array(weight.astype(elem_dtype), f"W{i}"))
+            nodes.append(helper.make_node("MatMul", [x, f"W{i}"], [f"y{i}"]))
         x = f"y{i}"
     nodes[-1].output[0] = "Y"
     return nodes, inits
@@ -162,34 +175,24 @@ def _onnx_matmul(m: int, k: int, n: int, precision: str) -> tuple[bytes, np.ndar
     except ImportError as e:
         raise MaeDeployError("the MatMul probe graph is built with the onnx package: pip install onnx") from e
     rng = np.random.default_rng(0)
-    products, out_cols = 1, n
-    if precision == "int8":  # ORT's dynamic int8 graphs
+    if precision == "int8":  # ORT's dynamic int8 graphs: one product, its int32 output is what they write too
         a: np.ndarray = rng.integers(0, 255, (m, k), dtype=np.uint8)
         w = numpy_helper.from_array(rng.integers(-127, 127, (k, n), dtype=np.int8), "W")
-        node = helper.make_node("MatMulInteger", ["A", "W"], ["Y"])
-        inputs, out_type, op = (
-            [helper.make_tensor_value_info("A", TensorProto.UINT8, [m, k])],
-            TensorProto.INT32,
-            "MatMulInteger",
-        )
-        nodes, inits = [node], [w]
-    elif precision.startswith("int8"):
-        a = rng.standard_normal((m, k), dtype=np.float32)
-        nodes, inits = _qdq_chain(m, k, n, rng, helper, numpy_helper)
-        products, out_cols = QDQ_CHAIN, (n if QDQ_CHAIN % 2 else k)
-        inputs, out_type, op = (
-            [helper.make_tensor_value_info("A", TensorProto.FLOAT, [m, k])],
-            TensorProto.FLOAT,
-            f"Q/DQ MatMul x{QDQ_CHAIN}",
-        )
+        nodes, inits = [helper.make_node("MatMulInteger", ["A", "W"], ["Y"])], [w]
+        in_type, out_type, op, products, out_cols = TensorProto.UINT8, TensorProto.INT32, "MatMulInteger", 1, n
     else:
+        quantized = precision.startswith("int8")
         dtype, elem = (np.float16, TensorProto.FLOAT16) if precision == "fp16" else (np.float32, TensorProto.FLOAT)
         a = rng.standard_normal((m, k)).astype(dtype)
-        inits = [numpy_helper.from_array(rng.standard_normal((k, n)).astype(dtype), "W")]
-        nodes = [helper.make_node("MatMul", ["A", "W"], ["Y"])]
-        inputs, out_type, op = [helper.make_tensor_value_info("A", elem, [m, k])], elem, "MatMul"
+        nodes, inits = _chain(m, k, n, None if quantized else dtype, helper, numpy_helper)
+        in_type = out_type = elem
+        op, products, out_cols = f"{'Q/DQ MatMul' if quantized else 'MatMul'} x{CHAIN}", CHAIN, (n if CHAIN % 2 else k)
     graph = helper.make_graph(
-        nodes, "matmul_probe", inputs, [helper.make_tensor_value_info("Y", out_type, [m, out_cols])], inits
+        nodes,
+        "matmul_probe",
+        [helper.make_tensor_value_info("A", in_type, [m, k])],
+        [helper.make_tensor_value_info("Y", out_type, [m, out_cols])],
+        inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -377,7 +380,7 @@ class PeakProbes:
 
 
 def probe_name(probe: dict) -> str:
-    """``ort fp32 MatMul 1024^3`` or ``openvino int8 Q/DQ MatMul x4 1576x768x3072 (encoder fc1)``: what set the peak."""
+    """What set the peak: ``ort fp32 MatMul x4 1024^3``, ``openvino int8 Q/DQ MatMul x4 1576x768x3072 (fc1)``."""
     head = f"{probe['backend']} {probe['precision']} {probe['op']}"
     if probe.get("size"):
         return f"{head} {probe['size']}^3"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -99,10 +100,10 @@ def test_flops_refuse_what_they_cannot_count():
 @pytest.mark.parametrize(
     "backend, precision, op",
     [
-        ("ort", "fp32", "MatMul"),
+        ("ort", "fp32", "MatMul x4"),
         ("ort", "int8", "MatMulInteger"),
         ("ort", "int8-qdq", "Q/DQ MatMul x4"),
-        ("openvino", "fp32", "MatMul"),
+        ("openvino", "fp32", "MatMul x4"),
         ("openvino", "int8-nncf", "Q/DQ MatMul x4"),
         ("torch", "fp32", "matmul"),
     ],
@@ -121,9 +122,14 @@ def test_qdq_probe_is_a_chain_of_int8_products_counted_in_full(monkeypatch):
     from mae_deploy.bench import peak
 
     data, a, op, products = peak._onnx_matmul(8, 16, 24, "int8-qdq")
-    assert (op, products) == (f"Q/DQ MatMul x{peak.QDQ_CHAIN}", peak.QDQ_CHAIN)
+    assert (op, products) == (f"Q/DQ MatMul x{peak.CHAIN}", peak.CHAIN)
     (y,) = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"A": a})
-    assert y.shape == (8, 16 if peak.QDQ_CHAIN % 2 == 0 else 24)  # K -> N -> K ...: each product feeds the next
+    assert y.shape == (8, 16 if peak.CHAIN % 2 == 0 else 24)  # K -> N -> K ...: each product feeds the next
+    # A float chain keeps its values near 1 (no overflow however long), and feeds each product to the next.
+    data, a, op, products = peak._onnx_matmul(64, 256, 512, "fp32")
+    assert (op, products) == (f"MatMul x{peak.CHAIN}", peak.CHAIN)
+    (y,) = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"A": a})
+    assert y.shape == (64, 256 if peak.CHAIN % 2 == 0 else 512) and 0.3 < float(np.std(y)) < 3
     # The rate counts every product of the chain: a call of 4 products in 1 ms is 4x one product's rate.
     monkeypatch.setattr(peak, "_time_shape", lambda call, seconds, max_calls: (1e-3, 3, 0.01))
     monkeypatch.setitem(
