@@ -71,6 +71,10 @@ __all__ = ["ExportReport", "export_bundle", "default_preprocessing"]
 RELEASE_MIN_BYTES = 64 * 2**20
 
 
+# Variants judged on the calibration images when the export has them (noise says little about int8: a
+# trained classifier's decisions on noise are near-arbitrary, so 12 noise images flip on rounding alone).
+JUDGED_ON_IMAGES = ("int8", *CALIBRATED_PRECISIONS)
+
 def release_memory() -> None:
     """Collect garbage and hand freed heap pages back to the OS, so the next stage's peak does not stack
     on this one's (glibc keeps freed small-block arenas otherwise)."""
@@ -298,7 +302,7 @@ def export_bundle(
     - ``labels``: class names of a classifier (a file with one per line, or a list); overrides the names
       the checkpoint records; neither gives ``class_0 ...``.
     - ``calibration``: images (directory, glob or list file) for the calibrated int8; ``calibration_count`` of
-      them are used.
+      them are used. Every int8 variant, the dynamic one too, is then judged on them instead of noise.
     - ``external_data``: None = weights in a side ``.onnx.data`` file only when above ~1.5 GB (ViT-H);
       True/False forces it.
     - ``verify``: False skips the parity grid (mae.json then records it as skipped); only for quick tests.
@@ -369,9 +373,9 @@ def _torch_stage(
     cases: dict[str, list] = {}
     if plan.verify:
         cases = _reference_outputs(model, plan.parts)
-        if plan.calibration is not None:  # calibrated int8 is judged on images like those it was calibrated on
+        if plan.calibration is not None:  # int8 is judged on images like those the model will see
             real = _reference_outputs(model, plan.parts, plan.calibration.pixel_values)
-            cases.update({f"{part}:{p}": c for part, c in real.items() for p in CALIBRATED_PRECISIONS})
+            cases.update({f"{part}:{p}": c for part, c in real.items() for p in JUDGED_ON_IMAGES})
         say("  PyTorch reference outputs computed")
     if reference_weights:
         from training.checkpoints import save_native
@@ -442,7 +446,7 @@ def _onnx_stage(
                 if plan.verify
                 else skipped
             )
-            if plan.verify and precision in CALIBRATED_PRECISIONS:
+            if plan.verify and precision in JUDGED_ON_IMAGES and plan.calibration is not None:
                 parity[(part, precision)]["inputs"] = "calibration images"
             if plan.verify:
                 say(f"  {dst.name}: verified")
@@ -485,7 +489,7 @@ def _export_locked(model_or_checkpoint_path, out: Path, o: ExportOptions, t0: fl
         )
     cfg = model.config
     preprocessing = default_preprocessing(cfg.img_size, cfg.in_chans)
-    if calibration is not None and any(p in plan.precisions for p in CALIBRATED_PRECISIONS):
+    if calibration is not None and any(p in plan.precisions for p in JUDGED_ON_IMAGES):
         plan.calibration = load_calibration(calibration, preprocessing, cfg.in_chans, o.calibration_count)
         say(
             f"calibration: {len(plan.calibration.pixel_values)} images from {calibration}"

@@ -120,6 +120,18 @@ def test_qdq_variant_listed_verified_and_found_by_runners(qdq_bundle, calib_dir)
     assert q["calibration"]["images"] == COUNT and q["calibration"]["source"] == str(calib_dir)
     assert b.graph("encoder", INT8_QDQ).parity["min_feature_cosine"] >= 0.99
     assert "encoder.int8-qdq.onnx" in text and "calibration: 12 images" in text
+    # Given images, the dynamic int8 variant is judged on them too, not on noise.
+    for part in ("encoder", "decoder"):
+        assert b.graph(part, INT8_QDQ).parity["inputs"] == "calibration images"
+        assert b.graph(part, "int8").parity["inputs"] == "calibration images"
+
+
+def test_without_images_int8_is_judged_on_noise(tmp_path):
+    from export.bundle_writer import export_bundle
+
+    b = export_bundle(_model(), tmp_path / "b", precisions="int8", parts="encoder", progress=None).bundle
+    parity = Bundle.load(b).graph("encoder", "int8").parity
+    assert parity["passed"] and "inputs" not in parity
 
 
 def test_qdq_encoder_serves_any_visible_count(qdq_bundle):
