@@ -75,6 +75,7 @@ RELEASE_MIN_BYTES = 64 * 2**20
 # trained classifier's decisions on noise are near-arbitrary, so 12 noise images flip on rounding alone).
 JUDGED_ON_IMAGES = ("int8", *CALIBRATED_PRECISIONS)
 
+
 def release_memory() -> None:
     """Collect garbage and hand freed heap pages back to the OS, so the next stage's peak does not stack
     on this one's (glibc keeps freed small-block arenas otherwise)."""
