@@ -299,6 +299,26 @@ def test_reconstruct_command_takes_backend_openvino(tiny_bundle, tmp_path):
     assert "on openvino/cpu [openvino:CPU], fp32" in res.output and (tmp_path / "out" / "a.png").is_file()
 
 
+def test_extract_with_compile_on_openvino_gives_the_same_features(tiny_bundle, tmp_path):
+    from click.testing import CliRunner
+
+    from mae_deploy import open_features
+    from mae_deploy.cli import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(5):  # batch 2: shapes (2, ...) and the last (1, ...) each get their own compiled model
+        Image.fromarray((np.random.default_rng(i).random((40, 40, 3)) * 255).astype(np.uint8)).save(images / f"{i}.png")
+    common = ["--bundle", str(tiny_bundle), "--backend", "openvino", "--threads", "1", "--batch-size", "2"]
+    for name, extra in (("dynamic", []), ("compiled", ["--compile"])):
+        args = ["extract", str(images), "--out", str(tmp_path / name), "--workers", "0", "--no-progress", *common]
+        res = CliRunner().invoke(main, [*args, *extra])
+        assert res.exit_code == 0, res.output
+    np.testing.assert_allclose(
+        np.asarray(open_features(tmp_path / "compiled")), np.asarray(open_features(tmp_path / "dynamic")), atol=1e-5
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # int8 end to end: a bundle exported with the Q/DQ variant
 # --------------------------------------------------------------------------------------------------
