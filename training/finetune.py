@@ -16,7 +16,7 @@ from torch import nn
 from mae_deploy.errors import InputError
 from training import data, loop, optim, options
 from training.compiled import compile_note, prepare_model
-from training.distributed import ShardSampler, cleanup, init_distributed, train_sampler
+from training.distributed import cleanup, init_distributed
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -49,38 +49,21 @@ def train(args: argparse.Namespace, info) -> None:
     say, device, precision, out = loop.start_run(args, info)
 
     # Data (a checkpoint decides the channel count).
-    in_chans = args.in_chans
-    if args.finetune:
-        from training.checkpoints import load_checkpoint
-
-        in_chans = load_checkpoint(args.finetune).config.in_chans
-    train_tf = data.finetune_transform(
-        args.input_size, in_chans, aa=args.aa, reprob=args.reprob, remode=args.remode, color_jitter=args.color_jitter
+    d = loop.classifier_data(
+        args,
+        info,
+        device,
+        lambda in_chans: data.finetune_transform(
+            args.input_size,
+            in_chans,
+            aa=args.aa,
+            reprob=args.reprob,
+            remode=args.remode,
+            color_jitter=args.color_jitter,
+        ),
     )
-    train_set = data.image_folder(data.split_dir(args.data_path, "train"), train_tf, in_chans)
-    val_set = data.image_folder(
-        data.split_dir(args.data_path, "val"), data.eval_transform(args.input_size, in_chans), in_chans
-    )
-    nb_classes = args.nb_classes or len(train_set.classes)
-    if nb_classes < len(train_set.classes):
-        raise InputError(f"--nb_classes {nb_classes} but {args.data_path} has {len(train_set.classes)} classes")
-    sampler = train_sampler(train_set, info, args.seed)
-    pin = args.pin_mem and device.type == "cuda"
-    loader = torch.utils.data.DataLoader(
-        train_set,
-        sampler=sampler,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        pin_memory=pin,
-        drop_last=True,
-    )
-    val_loader = torch.utils.data.DataLoader(
-        val_set,
-        sampler=ShardSampler(val_set, info),
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        pin_memory=pin,
-    )
+    in_chans, train_set, val_set, nb_classes = d.in_chans, d.train_set, d.val_set, d.nb_classes
+    sampler, loader, val_loader = d.sampler, d.loader, d.val_loader
     mixup = None
     if args.mixup > 0 or args.cutmix > 0:
         mixup = data.MixupCutmix(

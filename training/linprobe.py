@@ -13,10 +13,9 @@ import time
 import torch
 from torch import nn
 
-from mae_deploy.errors import InputError
 from training import data, loop, optim, options
 from training.compiled import compile_note, prepare_model
-from training.distributed import ShardSampler, cleanup, init_distributed, train_sampler
+from training.distributed import cleanup, init_distributed
 from training.model import VisionTransformer
 
 
@@ -49,38 +48,10 @@ def main(args: argparse.Namespace) -> None:
 def train(args: argparse.Namespace, info) -> None:
     say, device, precision, out = loop.start_run(args, info)
 
-    # Model first: a checkpoint decides the channel count the data must be read with.
-    in_chans = args.in_chans
-    if args.finetune:
-        from training.checkpoints import load_checkpoint
-
-        in_chans = load_checkpoint(args.finetune).config.in_chans
-    train_set = data.image_folder(
-        data.split_dir(args.data_path, "train"), data.linprobe_transform(args.input_size, in_chans), in_chans
-    )
-    val_set = data.image_folder(
-        data.split_dir(args.data_path, "val"), data.eval_transform(args.input_size, in_chans), in_chans
-    )
-    nb_classes = args.nb_classes or len(train_set.classes)
-    if nb_classes < len(train_set.classes):
-        raise InputError(f"--nb_classes {nb_classes} but {args.data_path} has {len(train_set.classes)} classes")
-    sampler = train_sampler(train_set, info, args.seed)
-    pin = args.pin_mem and device.type == "cuda"
-    loader = torch.utils.data.DataLoader(
-        train_set,
-        sampler=sampler,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        pin_memory=pin,
-        drop_last=True,
-    )
-    val_loader = torch.utils.data.DataLoader(
-        val_set,
-        sampler=ShardSampler(val_set, info),
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        pin_memory=pin,
-    )
+    # A checkpoint decides the channel count the data must be read with.
+    d = loop.classifier_data(args, info, device, lambda in_chans: data.linprobe_transform(args.input_size, in_chans))
+    in_chans, train_set, val_set, nb_classes = d.in_chans, d.train_set, d.val_set, d.nb_classes
+    sampler, loader, val_loader = d.sampler, d.loader, d.val_loader
 
     model = loop.build_classifier(
         args.finetune, args.model, nb_classes, args.global_pool, args.input_size, in_chans, log=say

@@ -501,6 +501,60 @@ def keep_checkpoint(last: Path, epoch: int | str) -> Path:
     return dst
 
 
+@dataclass
+class ClassifierData:
+    """The labelled ImageFolder splits of fine-tuning and linear probing, and their loaders."""
+
+    in_chans: int
+    train_set: object  # training.data.image_folder's dataset (``.classes``)
+    val_set: object
+    nb_classes: int
+    sampler: torch.utils.data.DistributedSampler  # set_epoch each epoch
+    loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+
+
+def classifier_data(args, info: DistInfo, device: torch.device, train_transform: Callable) -> ClassifierData:
+    """``args.data_path``'s train/ and val/ splits with the channel count a ``--finetune`` checkpoint decides.
+
+    ``train_transform(in_chans)`` is the command's training augmentation; val uses the eval transform. The
+    train loader shards and shuffles (drop_last), val is sharded without padding.
+    """
+    from training import data
+    from training.distributed import ShardSampler, train_sampler
+
+    in_chans = args.in_chans
+    if args.finetune:
+        from training.checkpoints import load_checkpoint
+
+        in_chans = load_checkpoint(args.finetune).config.in_chans
+    train_set = data.image_folder(data.split_dir(args.data_path, "train"), train_transform(in_chans), in_chans)
+    val_set = data.image_folder(
+        data.split_dir(args.data_path, "val"), data.eval_transform(args.input_size, in_chans), in_chans
+    )
+    nb_classes = args.nb_classes or len(train_set.classes)
+    if nb_classes < len(train_set.classes):
+        raise InputError(f"--nb_classes {nb_classes} but {args.data_path} has {len(train_set.classes)} classes")
+    sampler = train_sampler(train_set, info, args.seed)
+    pin = args.pin_mem and device.type == "cuda"
+    loader = torch.utils.data.DataLoader(
+        train_set,
+        sampler=sampler,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        pin_memory=pin,
+        drop_last=True,
+    )
+    val_loader = torch.utils.data.DataLoader(
+        val_set,
+        sampler=ShardSampler(val_set, info),
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        pin_memory=pin,
+    )
+    return ClassifierData(in_chans, train_set, val_set, nb_classes, sampler, loader, val_loader)
+
+
 def build_classifier(
     finetune: str,
     model_name: str,
