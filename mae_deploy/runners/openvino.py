@@ -222,25 +222,36 @@ class OpenVinoRunner(BaseRunner):
         return request
 
     def request(self, part: str):
-        """The part's infer request, compiled on first use."""
+        """The part's infer request on the dynamic model, compiled on first use."""
         if not self.has_part(part):
             self._missing_part(part)
         with self._locks[part]:
-            if part not in self._requests:
-                compiled = self._compile(part)
-                self._compiled[part] = compiled
-                self._requests[part] = compiled.create_infer_request()
-            return self._requests[part]
+            return self._dynamic_request(part)
+
+    def _dynamic_request(self, part: str):
+        """The dynamic model's infer request (called under the part's lock)."""
+        if part not in self._requests:
+            compiled = self._compile(part)
+            self._compiled[part] = compiled
+            self._requests[part] = compiled.create_infer_request()
+        return self._requests[part]
 
     def _load(self, part: str) -> None:
-        self.request(part)
+        if not self.compile:
+            self.request(part)
+            return
+        if not self.has_part(part):
+            self._missing_part(part)
+        with self._locks[part]:  # compile=True compiles per shape at the first call: read and check the graph now
+            self._read(part)
 
     # -- running ----------------------------------------------------------------------------------
     def _run(self, part: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        req = self.request(part)
-        with self._locks[part]:  # one request per part: calls are serialised
-            if self.compile:
-                req = self._static_request(part, feeds)
+        if not self.has_part(part):
+            self._missing_part(part)
+        with self._locks[part]:  # one request per part and shape: calls are serialised
+            # compile=True never builds the dynamic model: each shape has its own (a second copy of the weights)
+            req = self._static_request(part, feeds) if self.compile else self._dynamic_request(part)
             req.infer(feeds)
             # Copy out: the request's output tensor is overwritten by the next call.
             return np.array(req.get_tensor(_OUTPUT[part]).data, dtype=np.float32, copy=True)
@@ -286,5 +297,6 @@ class OpenVinoRunner(BaseRunner):
             with lock:
                 self._requests.pop(part, None)
                 self._compiled.pop(part, None)
+                self._models.pop(part, None)
                 for key in [k for k in self._static if k[0] == part]:
                     del self._static[key]

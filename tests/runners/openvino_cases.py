@@ -103,6 +103,7 @@ def test_compile_runs_each_shape_on_its_own_static_model(loaded_tiny_bundle, mon
             np.testing.assert_allclose(compiled.encode(x[:b], ids), dynamic.encode(x[:b], ids), atol=1e-5)
         details = compiled.info.details
         assert details["compile"] is True and dynamic.info.details["static_shapes"] == []
+        assert details["sessions"] == []  # the dynamic model was never compiled beside the static ones
         # Least recently used first; (3, 4) was the oldest when (1, 8) came, so it went.
         assert [(s["part"], s["ids_keep"]) for s in details["static_shapes"]] == [
             ("encoder", [2, 16]),
