@@ -1,6 +1,7 @@
 """The machine a benchmark ran on: CPU model and flags, cores, GPUs, library versions, load, memory.
 
-Read from /proc and package metadata only: nothing here imports torch or an inference engine.
+Read from /proc, the ``cpuid`` instruction and package metadata only: nothing here imports torch or an
+inference engine.
 """
 
 from __future__ import annotations
@@ -17,20 +18,23 @@ from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
 
+from mae_deploy.cpuid import FEATURE_BITS, visible_flags
+
 LIBRARIES = ("numpy", "onnxruntime", "onnxruntime-gpu", "onnx", "torch", "tensorrt", "openvino", "mae-deploy")
-_CPU_FLAGS = ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+_CPU_FLAGS = tuple(FEATURE_BITS)
 # The int8 instructions that decide int8 speed, best first: the same int8 graph runs ~2x apart between VNNI
 # and AVX2 without it (16-bit saturating pair sums, vpmaddubsw), and AMX tiles are faster again.
 _INT8_ISAS = (
     ("amx_int8", "AMX"),
     ("avx512_vnni", "AVX-512 VNNI"),
     ("avx_vnni", "AVX-VNNI"),
+    ("avx512f", "AVX-512 (no VNNI)"),
     ("avx2", "AVX2 (no VNNI)"),
 )
 
 
 def int8_isa(flags: Iterable[str]) -> str:
-    """The best int8 instruction set among the CPU ``flags``: AMX, AVX-512 VNNI, AVX-VNNI, AVX2 (no VNNI)."""
+    """The best int8 instruction set among the CPU ``flags``: AMX, AVX-512 VNNI, AVX-VNNI, AVX-512 or AVX2."""
     present = set(flags)
     return next((name for flag, name in _INT8_ISAS if flag in present), "no AVX2")
 
@@ -51,19 +55,25 @@ def default_threads() -> int:
 
 
 def cpu_model_and_flags() -> tuple[str, list[str]]:
-    """CPU model name and the SIMD/matrix flags that decide ViT speed (from /proc/cpuinfo where present)."""
+    """CPU model name and the SIMD/matrix flags that decide ViT speed, as this process's engines see them.
+
+    A flag counts when /proc/cpuinfo lists it (the CPU has it and the kernel enabled it: AMX needs both) and
+    ``cpuid`` shows it to this process (what oneDNN, MLAS and MKL read; less than /proc/cpuinfo says under a
+    cpuid mask such as ``benchmarks/emulate_isa.py``). Either source alone where the other is unavailable.
+    """
     model, flags = platform.processor() or platform.machine(), list[str]()
+    shown = visible_flags()
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return model, flags
+        return model, [x for x in _CPU_FLAGS if shown is not None and x in shown]
     m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
     if m:
         model = m.group(1).strip()
     f = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
     if f:
         present = set(f.group(1).split())
-        flags = [x for x in _CPU_FLAGS if x in present]
+        flags = [x for x in _CPU_FLAGS if x in present and (shown is None or x in shown)]
     return model, flags
 
 

@@ -14,7 +14,9 @@ from mae_deploy.bench.report import machine_line
         (["avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_int8"], "AMX"),
         (["avx2", "avx512f", "avx512_vnni", "avx512_bf16"], "AVX-512 VNNI"),
         (["avx2", "avx_vnni"], "AVX-VNNI"),
-        (["avx2", "avx512f"], "AVX2 (no VNNI)"),
+        (["avx2", "avx512f", "avx_vnni"], "AVX-VNNI"),
+        (["avx2", "avx512f"], "AVX-512 (no VNNI)"),
+        (["avx2"], "AVX2 (no VNNI)"),
         ([], "no AVX2"),
     ],
 )
