@@ -15,11 +15,10 @@ encoder.onnx, transformer preset, the same photos through the bundle's preproces
 round by round, with OpenVINO and ONNX Runtime on the bundle's graphs and PyTorch eager fp32, batch 8, all tokens; best
 call per path (a loaded machine's medians measure the other processes), pooled cosine against torch fp32.
 ``--emulate-isa avx512-vnni|avx2`` runs ``own-nncf`` as if the CPU stopped at that instruction set, for a
-machine that has more (AMX here): oneDNN (OpenVINO's CPU plugin, PyTorch's oneDNN kernels) is capped with
-``ONEDNN_MAX_CPU_ISA``, MKL (PyTorch's fp32 GEMMs) with ``MKL_ENABLE_INSTRUCTIONS``, ATen's vector kernels
-with ``ATEN_CPU_CAPABILITY``, and OpenVINO runs without bf16 (neither CPU kind has it). ONNX Runtime's MLAS
-picks its kernels from cpuid and has no such cap, so its rows and the bf16 row are left out. An emulation:
-same cores, caches and clocks, other kernels; the real CPU's numbers are measured on that CPU.
+machine that has more (AMX here): the script runs itself again under ``emulate_isa.py``, whose cpuid mask
+every engine sees (oneDNN in OpenVINO and PyTorch, ONNX Runtime's MLAS, MKL), so every row is included but
+OpenVINO bf16 (neither emulated CPU has bf16). An emulation: same cores, caches and clocks, other kernels;
+the real CPU's numbers are measured on that CPU.
 ``digits``: the demo's recipe (scripts/demo.py: MAE pretraining of mae_vit_tiny_patch4 on the digits, then
 a linear probe), shortened by the epoch options; the classifier exported with every int8 variant, calibrated
 on 256 train images, and ``mae-deploy eval`` top-1 per precision on the val split (ONNX Runtime).
@@ -165,36 +164,30 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())
 
 
-# --emulate-isa: (ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS, ATEN_CPU_CAPABILITY, int8 ISA named in the results)
-EMULATED_ISAS = {
-    "avx512-vnni": ("AVX512_CORE_VNNI", "AVX512", "avx512", "AVX-512 VNNI (emulated)"),
-    "avx2": ("AVX2", "AVX2", "avx2", "AVX2 (no VNNI) (emulated)"),
-}
+def emulated(isa: str, argv: list[str]) -> int:
+    """Run this script with ``argv`` again under ``emulate_isa.py``'s cpuid mask for ``isa``."""
+    import emulate_isa
 
-
-def cap_isa(name: str) -> None:
-    """Set the caps of ``EMULATED_ISAS[name]``; before torch, MKL or OpenVINO are loaded (they read them once)."""
-    onednn, mkl, aten, _ = EMULATED_ISAS[name]
-    if any(m in sys.modules for m in ("torch", "openvino")):
-        raise RuntimeError("--emulate-isa must be set before torch or openvino is imported")
-    os.environ.update(ONEDNN_MAX_CPU_ISA=onednn, MKL_ENABLE_INSTRUCTIONS=mkl, ATEN_CPU_CAPABILITY=aten)
+    try:
+        emulate_isa.check_machine()
+        lib = emulate_isa.build()
+    except emulate_isa.EmulationUnavailable as e:
+        print(f"--emulate-isa: {e}", file=sys.stderr)
+        return 3
+    command = [sys.executable, str(Path(__file__).resolve()), *argv]
+    return subprocess.run(command, env=emulate_isa.environment(isa, lib)).returncode
 
 
 def own_nncf(out: Path, rounds: int, threads: int, batch: int = 8, emulate: str | None = None) -> dict:
-    if emulate:
-        cap_isa(emulate)
+    """The interleaved comparison; ``emulate``: the cpuid mask this process already runs under."""
     import nncf
     import openvino as ov
     import torch
 
-    import mae_deploy.runners.openvino as ov_runner
     from mae_deploy.bench.machine import load_average, machine_info
     from mae_deploy.bundle import Bundle
     from mae_deploy.preprocess import Preprocessor
     from mae_deploy.runners import create_runner
-
-    if emulate:  # neither emulated CPU has bf16: OpenVINO's int8 keeps its float ops in f32 there
-        ov_runner.cpu_supports_bf16 = lambda core: False
 
     bundle = Bundle.load(out / "bundle")
     pre = Preprocessor.from_bundle(bundle)
@@ -207,7 +200,7 @@ def own_nncf(out: Path, rounds: int, threads: int, batch: int = 8, emulate: str 
     eager = create_runner(bundle, backend="torch", precision="fp32", threads=threads)
     calls["PyTorch eager fp32"] = lambda: eager.encode(x, keep)
     paths = [("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8"), ("ort", "int8"), ("ort", "int8-nncf")]
-    for backend, precision in paths if not emulate else [("openvino", "fp32"), ("openvino", "int8")]:
+    for backend, precision in paths if not emulate else [p for p in paths if p[1] != "bf16"]:
         runner = create_runner(bundle, backend=backend, precision=precision, threads=threads)
         calls[f"{backend} {precision} (bundle)"] = (lambda r: lambda: r.encode(x, keep))(runner)
     # --compile: OpenVINO's int8 compiled for this batch's static shape
@@ -221,8 +214,6 @@ def own_nncf(out: Path, rounds: int, threads: int, batch: int = 8, emulate: str 
     quantized = nncf.quantize(fp32, nncf.Dataset(feeds), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(feeds))
     quantize_s = time.perf_counter() - t0
     config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
-    if emulate:
-        config["INFERENCE_PRECISION_HINT"] = "f32"  # its default is bf16 where cpuid shows bf16
     compiled = core.compile_model(quantized, "CPU", config)
     request = compiled.create_infer_request()
     latent_port = compiled.output("latent")
@@ -256,12 +247,8 @@ def own_nncf(out: Path, rounds: int, threads: int, batch: int = 8, emulate: str 
         "visible": L,
         "quantize_s": quantize_s,
         "cpu": m["cpu_model"],
-        "int8_isa": EMULATED_ISAS[emulate][3] if emulate else m["int8_isa"],
-        "emulated_isa": {
-            k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
-        }
-        if emulate
-        else None,
+        "int8_isa": m["int8_isa"] + (" (emulated)" if emulate else ""),
+        "emulated_isa": emulate,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_flags": m["cpu_flags"],
         "libraries": m["libraries"],
@@ -278,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pretrain-epochs", type=int, default=20)
     ap.add_argument("--probe-epochs", type=int, default=10)
-    ap.add_argument("--emulate-isa", choices=sorted(EMULATED_ISAS), help="own-nncf: cap the instruction set")
+    ap.add_argument("--emulate-isa", choices=("avx2", "avx512-vnni"), help="own-nncf: hide newer instruction sets")
     args = ap.parse_args(argv)
     if args.stage == "prepare":
         prepare(args.dir)
@@ -286,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "digits":
         digits(args.dir, args.pretrain_epochs, args.probe_epochs)
         return 0
+    if args.emulate_isa and os.environ.get("CPUID_MASK_ISA") != args.emulate_isa:
+        return emulated(args.emulate_isa, sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     result = own_nncf(args.dir, args.rounds, args.threads, emulate=args.emulate_isa)
     name = f"own_nncf.{args.emulate_isa}.json" if args.emulate_isa else "own_nncf.json"
