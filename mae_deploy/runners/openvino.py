@@ -19,8 +19,10 @@ Precisions:
   GELU, softmax @ v, the embedding stage) runs in bf16 where the CPU has bf16 kernels, as OpenVINO does
   by default, and f32 elsewhere: on the ViT-B/16 encoder (AMX CPU, batch 8) that made int8 1.1x faster at
   the same pooled cosine to fp32 (benchmarks/RESULTS.md, issue #25). On a CPU without VNNI (AVX2 only)
-  oneDNN has no fast int8 GEMM: OpenVINO's int8 ran slower than its fp32 there (oneDNN capped at AVX2),
-  and ONNX Runtime's dynamic int8 (``--backend ort --precision int8``) is the int8 to use.
+  oneDNN has no fast int8 GEMM: OpenVINO's int8 ran slower than its fp32 there and lost accuracy (0.90x,
+  pooled cosine 0.9976, AVX2 emulated by a cpuid mask), and ONNX Runtime's dynamic int8 (``--backend ort
+  --precision int8``, 1.6x eager fp32 there) is the int8 to use; the runner says so in a RuntimeWarning
+  where cpuid shows AVX2 and none of AVX-512, VNNI, AMX.
 
 Options: ``threads`` -> ``INFERENCE_NUM_THREADS``; ``hint`` "latency" | "throughput" -> ``PERFORMANCE_HINT``;
 ``num_streams`` -> ``NUM_STREAMS``. Each part has one infer request, used under a lock, so a runner can be
@@ -37,12 +39,14 @@ many sizes.
 from __future__ import annotations
 
 import threading
+import warnings
 from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 
 from mae_deploy.bundle import Bundle, GraphSpec
+from mae_deploy.cpuid import visible_flags
 from mae_deploy.errors import BundleError, DeviceUnavailable, InputError, MissingDependency
 from mae_deploy.names import CALIBRATED_PRECISIONS, DECODER, ENCODER, INT8_NNCF, INT8_QDQ, OPENVINO_PRECISIONS
 from mae_deploy.runners.base import PART_INPUTS as _INPUTS
@@ -54,6 +58,8 @@ GRAPH_NAMED = CALIBRATED_PRECISIONS  # int8 with the graph named: benchmarks com
 HINTS = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
 INT8_PRECISIONS = ("int8", *CALIBRATED_PRECISIONS)
 STATIC_SHAPES_KEPT = 8  # compile=True: per-shape compiled models kept (each holds its own weights)
+# Any of these and oneDNN has int8 GEMMs faster than its fp32 ones (AVX-512 without VNNI: not measured).
+BEYOND_AVX2 = frozenset({"avx512f", "avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 def import_openvino():
@@ -68,6 +74,12 @@ def import_openvino():
 def cpu_supports_bf16(core) -> bool:
     """Whether OpenVINO's CPU plugin has bf16 kernels on this CPU (AVX512_BF16 or AMX)."""
     return "BF16" in [str(c).upper() for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+
+
+def int8_slower_than_fp32() -> bool:
+    """Whether cpuid shows this process AVX2 and nothing of ``BEYOND_AVX2``: OpenVINO int8 loses there."""
+    shown = visible_flags()
+    return shown is not None and "avx2" in shown and not shown & BEYOND_AVX2
 
 
 def graph_precision(bundle: Bundle, part: str, precision: str) -> str | None:
@@ -163,6 +175,14 @@ class OpenVinoRunner(BaseRunner):
             raise DeviceUnavailable(
                 f"--precision bf16 on openvino needs a CPU with bf16 instructions (AVX512_BF16 or AMX), and this "
                 f"one offers {caps}; use --precision fp32 (or int8 with a Q/DQ graph) here"
+            )
+        if precision in INT8_PRECISIONS and int8_slower_than_fp32():
+            warnings.warn(
+                "openvino int8 on this CPU (AVX2 without VNNI or AMX) runs slower than openvino fp32 and less "
+                "accurately: use --backend ort --precision int8 (ONNX Runtime's AVX2 int8 kernels) or "
+                "--precision fp32 here",
+                RuntimeWarning,
+                stacklevel=2,
             )
         bf16_cpu = precision in INT8_PRECISIONS and cpu_supports_bf16(self.core)
         self.config = compile_config(precision, self.threads, hint, self.num_streams, bf16_cpu)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -349,6 +350,32 @@ def qdq_bundle(tmp_path_factory) -> Bundle:
         progress=None,
     )
     return Bundle.load(root / "bundle")
+
+
+@pytest.mark.parametrize(
+    ("shown", "slower"),
+    [
+        ({"avx2"}, True),
+        ({"avx2", "avx_vnni"}, False),
+        ({"avx2", "avx512f", "avx512_vnni"}, False),
+        ({"avx2", "avx512f", "avx512_vnni", "amx_int8", "amx_tile"}, False),
+        (set(), False),  # not even AVX2: nothing measured, nothing said
+    ],
+)
+def test_int8_slower_than_fp32_only_on_avx2_alone(monkeypatch, shown, slower):
+    monkeypatch.setattr(ovr, "visible_flags", lambda: frozenset(shown))
+    assert ovr.int8_slower_than_fp32() is slower
+    monkeypatch.setattr(ovr, "visible_flags", lambda: None)  # cpuid unreadable: no claim either way
+    assert not ovr.int8_slower_than_fp32()
+
+
+def test_int8_on_an_avx2_cpu_warns_and_points_to_ort(qdq_bundle, monkeypatch):
+    monkeypatch.setattr(ovr, "visible_flags", lambda: frozenset({"avx2"}))
+    with pytest.warns(RuntimeWarning, match="slower than openvino fp32.*--backend ort --precision int8"):
+        create_runner(qdq_bundle, "openvino", precision="int8", threads=1).close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fp32 on the same CPU: nothing to say
+        create_runner(qdq_bundle, "openvino", precision="fp32", threads=1).close()
 
 
 def test_int8_runs_the_qdq_graph_close_to_fp32(qdq_bundle):
