@@ -9,12 +9,17 @@
  * Faulting is per thread, inherited by threads and forks, and reset by execve: a child process that keeps
  * LD_PRELOAD masks itself again. The C library picked its own string routines before this runs.
  *
+ * The program keeps its own SIGSEGV handling: sigaction() and signal() for SIGSEGV are answered here (the
+ * program sees and sets its handler as usual, e.g. Python's faulthandler), this handler stays installed, and
+ * a fault that is not a cpuid goes to the program's handler, or ends the process if it has none.
+ *
  *   avx512-vnni  AVX-512 with VNNI, no AMX, no AVX-512 BF16/FP16, no AVX-VNNI (a Cascade/Ice Lake server)
  *   avx2         AVX2 and FMA, no AVX-512, no VNNI of either width, no AMX (a Haswell-to-Skylake client)
  */
 #define _GNU_SOURCE
 #include <asm/prctl.h>
 #include <cpuid.h>
+#include <dlfcn.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -47,16 +52,41 @@ static const struct mask NO_AVX512 = {
 };
 
 static struct mask hidden;
-static struct sigaction previous;
+static struct sigaction program; /* the SIGSEGV action the program asked for (or had before us) */
+static int installed;
+
+typedef int (*sigaction_fn)(int, const struct sigaction *, struct sigaction *);
+typedef void (*handler_fn)(int);
+
+static sigaction_fn libc_sigaction(void) {
+    static sigaction_fn next;
+    if (next == NULL)
+        next = (sigaction_fn)dlsym(RTLD_NEXT, "sigaction");
+    return next;
+}
 
 static long set_cpuid_faulting(int on) { return syscall(SYS_arch_prctl, ARCH_SET_CPUID, on ? 0 : 1); }
+
+/* A fault that is not a cpuid: the program's handler runs it, or the default action ends the process. */
+static void to_program(int sig, siginfo_t *info, void *context) {
+    if (program.sa_flags & SA_SIGINFO) {
+        program.sa_sigaction(sig, info, context);
+    } else if (program.sa_handler != SIG_DFL && program.sa_handler != SIG_IGN) {
+        program.sa_handler(sig);
+    } else {
+        struct sigaction dfl;
+        memset(&dfl, 0, sizeof dfl);
+        dfl.sa_handler = SIG_DFL;
+        libc_sigaction()(SIGSEGV, &dfl, NULL); /* the instruction runs again and faults under it */
+    }
+}
 
 static void on_segv(int sig, siginfo_t *info, void *context) {
     greg_t *r = ((ucontext_t *)context)->uc_mcontext.gregs;
     const unsigned char *ip = (const unsigned char *)r[REG_RIP];
-    if (ip[0] != 0x0f || ip[1] != 0xa2) { /* a real fault: hand it to whoever had SIGSEGV before us */
-        sigaction(SIGSEGV, &previous, NULL);
-        return; /* the instruction runs again and faults under the previous action */
+    if (info->si_code == SI_USER || info->si_code == SI_TKILL || ip[0] != 0x0f || ip[1] != 0xa2) {
+        to_program(sig, info, context);
+        return;
     }
     uint32_t leaf = (uint32_t)r[REG_RAX], sub = (uint32_t)r[REG_RCX], a, b, c, d;
     set_cpuid_faulting(0);
@@ -75,8 +105,30 @@ static void on_segv(int sig, siginfo_t *info, void *context) {
     r[REG_RCX] = c;
     r[REG_RDX] = d;
     r[REG_RIP] += 2;
-    (void)sig;
-    (void)info;
+}
+
+/* The program's view of SIGSEGV: its own handler, while this one stays installed. */
+int sigaction(int sig, const struct sigaction *action, struct sigaction *old) {
+    if (sig != SIGSEGV || !installed)
+        return libc_sigaction()(sig, action, old);
+    if (old != NULL)
+        *old = program;
+    if (action != NULL)
+        program = *action;
+    return 0;
+}
+
+handler_fn signal(int sig, handler_fn handler) {
+    static handler_fn (*next)(int, handler_fn);
+    if (sig != SIGSEGV || !installed) {
+        if (next == NULL)
+            next = (handler_fn(*)(int, handler_fn))dlsym(RTLD_NEXT, "signal");
+        return next(sig, handler);
+    }
+    handler_fn before = program.sa_handler; /* shares its storage with sa_sigaction */
+    memset(&program, 0, sizeof program);
+    program.sa_handler = handler;
+    return before;
 }
 
 __attribute__((constructor)) static void mask_cpuid(void) {
@@ -98,10 +150,11 @@ __attribute__((constructor)) static void mask_cpuid(void) {
     struct sigaction action;
     memset(&action, 0, sizeof action);
     action.sa_sigaction = on_segv;
-    action.sa_flags = SA_SIGINFO | SA_NODEFER;
+    action.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK; /* the program's alternate stack, if it has one */
     sigemptyset(&action.sa_mask);
-    if (sigaction(SIGSEGV, &action, &previous) != 0 || set_cpuid_faulting(1) != 0) {
+    if (libc_sigaction()(SIGSEGV, &action, &program) != 0 || set_cpuid_faulting(1) != 0) {
         fprintf(stderr, "cpuid_mask: this CPU or kernel has no CPUID faulting (no cpuid_fault in /proc/cpuinfo)\n");
         _exit(3);
     }
+    installed = 1;
 }

@@ -13,8 +13,9 @@ would run; ``mae-deploy bench`` then names the emulated int8 ISA in its rows (it
 An emulation: the same cores, caches, clocks and memory, other kernels. It says which kernels win on the older
 instruction set and how far apart they are on this core, not what a real CPU of that kind measures; write
 "(emulated)" beside every number taken this way. Needs x86-64 Linux with CPUID faulting (``cpuid_fault`` in
-/proc/cpuinfo) and a C compiler (``cc``); a program that installs its own SIGSEGV handler (``python -X
-faulthandler``, pytest) must not run cpuid after it does.
+/proc/cpuinfo) and a C compiler (``cc``). A program's own SIGSEGV handler (``python -X faulthandler``,
+pytest) keeps working: the mask answers its sigaction()/signal() calls and passes it every fault that is
+not a cpuid.
 
 Exit codes: 3 the emulation cannot run here (the reason is printed); otherwise the command's own.
 """
@@ -64,7 +65,9 @@ def build(cache: Path = HERE / ".cache") -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
     try:
-        done = subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+        done = subprocess.run(
+            ["cc", "-O2", "-shared", "-fPIC", "-o", tmp, str(SOURCE), "-ldl"], capture_output=True, text=True
+        )
         if done.returncode != 0:
             raise EmulationUnavailable(f"cc could not build {SOURCE.name}:\n{done.stderr}")
         os.replace(tmp, lib)

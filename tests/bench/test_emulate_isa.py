@@ -130,13 +130,27 @@ def test_under_avx512_vnni_amx_and_bf16_are_hidden(shim):
     assert seen["aten"] == "AVX512" and "BF16" not in seen["openvino"]
 
 
-def test_a_real_fault_still_kills_the_process(shim):
-    """The mask handles cpuid only: any other SIGSEGV ends the process as it would without it."""
+def _masked(shim, code: str, *flags: str) -> subprocess.CompletedProcess:
     lib = shim.build()
-    done = subprocess.run(
-        [sys.executable, "-c", "import ctypes; ctypes.string_at(0)"],
+    return subprocess.run(
+        [sys.executable, *flags, "-c", code],
         env=shim.environment("avx2", lib),
         capture_output=True,
-        timeout=60,
+        text=True,
+        timeout=120,
     )
+
+
+def test_a_program_with_its_own_segv_handler_still_gets_the_mask(shim):
+    """Python's faulthandler (pytest turns it on) installs a SIGSEGV handler before torch runs cpuid."""
+    done = _masked(shim, "import torch; print(torch.backends.cpu.get_cpu_capability())", "-X", "faulthandler")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["AVX2"]
+
+
+@pytest.mark.parametrize("flags", [(), ("-X", "faulthandler")])
+def test_a_real_fault_still_kills_the_process(shim, flags):
+    """The mask handles cpuid only: any other SIGSEGV ends the process as it would without it."""
+    done = _masked(shim, "import ctypes; ctypes.string_at(0)", *flags)
     assert done.returncode == -11
+    assert ("Fatal Python error: Segmentation fault" in done.stderr) == bool(flags)  # the program's handler ran
