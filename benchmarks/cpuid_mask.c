@@ -1,6 +1,6 @@
 /* Hide instruction sets from a process: an older CPU emulated on a newer one (benchmarks/emulate_isa.py).
  *
- * Loaded with LD_PRELOAD and CPUID_MASK_ISA=avx512-vnni|avx2, it turns on Linux's CPUID faulting for the
+ * Loaded with LD_PRELOAD and CPUID_MASK_ISA=avx512-bf16|avx512-vnni|avx2, it turns on Linux's CPUID faulting for the
  * process (arch_prctl ARCH_SET_CPUID 0; the CPU must list "cpuid_fault" in /proc/cpuinfo). Every cpuid
  * instruction then raises SIGSEGV; the handler runs the real cpuid, clears the feature bits of the hidden
  * instruction sets and steps over the instruction. oneDNN (OpenVINO, PyTorch), ONNX Runtime's MLAS and MKL
@@ -11,8 +11,12 @@
  *
  * The program keeps its own SIGSEGV handling: sigaction() and signal() for SIGSEGV are answered here (the
  * program sees and sets its handler as usual, e.g. Python's faulthandler), this handler stays installed, and
- * a fault that is not a cpuid goes to the program's handler, or ends the process if it has none.
+ * a fault that is not a cpuid goes to the program's handler, or ends the process if it has none. SIGSEGV is
+ * never blocked: a thread that blocks every signal (thread pools often do) would otherwise be killed by its
+ * first cpuid (the kernel cannot deliver a blocked fault). Blocking it changes nothing else, since a real
+ * fault ends the process whether blocked or not.
  *
+ *   avx512-bf16  AVX-512 with VNNI and BF16, no AMX, no AVX-512 FP16, no AVX-VNNI (an AMD Zen 4 EPYC)
  *   avx512-vnni  AVX-512 with VNNI, no AMX, no AVX-512 BF16/FP16, no AVX-VNNI (a Cascade/Ice Lake server)
  *   avx2         AVX2 and FMA, no AVX-512, no VNNI of either width, no AMX (a Haswell-to-Skylake client)
  */
@@ -131,12 +135,42 @@ handler_fn signal(int sig, handler_fn handler) {
     return before;
 }
 
+/* The signal masks the program sets, without SIGSEGV. */
+typedef int (*mask_fn)(int, const sigset_t *, sigset_t *);
+
+static const sigset_t *without_segv(int how, const sigset_t *set, sigset_t *copy) {
+    if (!installed || set == NULL || how == SIG_UNBLOCK || !sigismember(set, SIGSEGV))
+        return set;
+    *copy = *set;
+    sigdelset(copy, SIGSEGV);
+    return copy;
+}
+
+int pthread_sigmask(int how, const sigset_t *set, sigset_t *old) {
+    static mask_fn next;
+    sigset_t copy;
+    if (next == NULL)
+        next = (mask_fn)dlsym(RTLD_NEXT, "pthread_sigmask");
+    return next(how, without_segv(how, set, &copy), old);
+}
+
+int sigprocmask(int how, const sigset_t *set, sigset_t *old) {
+    static mask_fn next;
+    sigset_t copy;
+    if (next == NULL)
+        next = (mask_fn)dlsym(RTLD_NEXT, "sigprocmask");
+    return next(how, without_segv(how, set, &copy), old);
+}
+
 __attribute__((constructor)) static void mask_cpuid(void) {
     const char *isa = getenv("CPUID_MASK_ISA");
     if (isa == NULL || *isa == '\0')
         return;
     if (strcmp(isa, "avx512-vnni") == 0) {
         hidden = NO_AMX;
+    } else if (strcmp(isa, "avx512-bf16") == 0) {
+        hidden = NO_AMX;
+        hidden.l71_eax &= ~BIT(5); /* keep AVX-512 BF16 */
     } else if (strcmp(isa, "avx2") == 0) {
         hidden.l7_ebx = NO_AMX.l7_ebx | NO_AVX512.l7_ebx;
         hidden.l7_ecx = NO_AMX.l7_ecx | NO_AVX512.l7_ecx;
@@ -144,13 +178,15 @@ __attribute__((constructor)) static void mask_cpuid(void) {
         hidden.l71_eax = NO_AMX.l71_eax | NO_AVX512.l71_eax;
         hidden.l71_edx = NO_AMX.l71_edx | NO_AVX512.l71_edx;
     } else {
-        fprintf(stderr, "cpuid_mask: CPUID_MASK_ISA=%s: use avx512-vnni or avx2\n", isa);
+        fprintf(stderr, "cpuid_mask: CPUID_MASK_ISA=%s: use avx512-bf16, avx512-vnni or avx2\n", isa);
         _exit(3);
     }
     struct sigaction action;
     memset(&action, 0, sizeof action);
     action.sa_sigaction = on_segv;
-    action.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK; /* the program's alternate stack, if it has one */
+    /* Not SA_ONSTACK: with it, `mae-deploy bench` on OpenVINO bf16 was killed by a SIGSEGV the handler never
+     * saw (most likely a signal frame that a thread's small alternate stack could not hold). */
+    action.sa_flags = SA_SIGINFO | SA_NODEFER;
     sigemptyset(&action.sa_mask);
     if (libc_sigaction()(SIGSEGV, &action, &program) != 0 || set_cpuid_faulting(1) != 0) {
         fprintf(stderr, "cpuid_mask: this CPU or kernel has no CPUID faulting (no cpuid_fault in /proc/cpuinfo)\n");

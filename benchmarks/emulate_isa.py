@@ -1,4 +1,4 @@
-"""Run a command as if this CPU stopped at an older instruction set: AVX-512 VNNI or AVX2 (no VNNI).
+"""Run a command as if this CPU stopped at an older instruction set: AVX-512 VNNI (with or without BF16) or AVX2.
 
     .venv/bin/python benchmarks/emulate_isa.py avx2 -- .venv/bin/mae-deploy bench bundle/ --precisions fp32,int8
     .venv/bin/python benchmarks/emulate_isa.py avx512-vnni -- .venv/bin/python benchmarks/bench_int8_cpu.py ...
@@ -32,7 +32,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "cpuid_mask.c"
-ISAS = {"avx512-vnni": "AVX-512 VNNI", "avx2": "AVX2 (no VNNI)"}  # CPUID_MASK_ISA -> the int8 ISA it leaves
+# CPUID_MASK_ISA -> the int8 ISA it leaves (cpuid_mask.c says what each hides)
+ISAS = {"avx512-bf16": "AVX-512 VNNI", "avx512-vnni": "AVX-512 VNNI", "avx2": "AVX2 (no VNNI)"}
 
 
 class EmulationUnavailable(RuntimeError):

@@ -120,14 +120,16 @@ def test_under_avx2_every_engine_is_shown_avx2(shim):
     assert "BF16" not in seen["openvino"]  # OpenVINO's CPU plugin: the same
 
 
-def test_under_avx512_vnni_amx_and_bf16_are_hidden(shim):
+@pytest.mark.parametrize(("isa", "bf16"), [("avx512-vnni", False), ("avx512-bf16", True)])
+def test_under_avx512_amx_is_hidden_and_bf16_as_asked(shim, isa, bf16):
     listed = _proc_flags()
-    if "avx512_vnni" not in listed:
-        pytest.skip("this CPU has no AVX-512 VNNI to keep")
-    seen = _seen(shim, "avx512-vnni")
+    if not {"avx512_vnni", "avx512_bf16"} <= listed:
+        pytest.skip("this CPU has no AVX-512 VNNI and BF16 to keep")
+    seen = _seen(shim, isa)
     assert seen["int8_isa"] == "AVX-512 VNNI"
-    assert not {"amx_int8", "amx_tile", "avx512_bf16", "avx_vnni"} & set(seen["flags"])
-    assert seen["aten"] == "AVX512" and "BF16" not in seen["openvino"]
+    assert not {"amx_int8", "amx_tile", "amx_bf16", "avx_vnni"} & set(seen["flags"])
+    assert ("avx512_bf16" in seen["flags"]) is bf16
+    assert seen["aten"] == "AVX512" and ("BF16" in seen["openvino"]) is bf16
 
 
 def _masked(shim, code: str, *flags: str) -> subprocess.CompletedProcess:
@@ -146,6 +148,17 @@ def test_a_program_with_its_own_segv_handler_still_gets_the_mask(shim):
     done = _masked(shim, "import torch; print(torch.backends.cpu.get_cpu_capability())", "-X", "faulthandler")
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["AVX2"]
+
+
+def test_a_thread_that_blocks_every_signal_still_gets_the_mask(shim):
+    """A cpuid fault while SIGSEGV is blocked would kill the process; the mask keeps SIGSEGV unblocked."""
+    code = (
+        "import signal; signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals)); "
+        "from mae_deploy.cpuid import visible_flags; print(sorted(visible_flags()))"
+    )
+    done = _masked(shim, code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['avx2']"
 
 
 @pytest.mark.parametrize("flags", [(), ("-X", "faulthandler")])
