@@ -135,31 +135,29 @@ handler_fn signal(int sig, handler_fn handler) {
     return before;
 }
 
-/* The signal masks the program sets, without SIGSEGV. */
+/* The signal masks the program sets, without SIGSEGV; ``next``: the C library's function called ``name``. */
 typedef int (*mask_fn)(int, const sigset_t *, sigset_t *);
 
-static const sigset_t *without_segv(int how, const sigset_t *set, sigset_t *copy) {
-    if (!installed || set == NULL || how == SIG_UNBLOCK || !sigismember(set, SIGSEGV))
-        return set;
-    *copy = *set;
-    sigdelset(copy, SIGSEGV);
-    return copy;
+static int without_segv(mask_fn *next, const char *name, int how, const sigset_t *set, sigset_t *old) {
+    sigset_t copy;
+    if (*next == NULL)
+        *next = (mask_fn)dlsym(RTLD_NEXT, name);
+    if (installed && set != NULL && how != SIG_UNBLOCK && sigismember(set, SIGSEGV)) {
+        copy = *set;
+        sigdelset(&copy, SIGSEGV);
+        set = &copy;
+    }
+    return (*next)(how, set, old);
 }
 
 int pthread_sigmask(int how, const sigset_t *set, sigset_t *old) {
     static mask_fn next;
-    sigset_t copy;
-    if (next == NULL)
-        next = (mask_fn)dlsym(RTLD_NEXT, "pthread_sigmask");
-    return next(how, without_segv(how, set, &copy), old);
+    return without_segv(&next, "pthread_sigmask", how, set, old);
 }
 
 int sigprocmask(int how, const sigset_t *set, sigset_t *old) {
     static mask_fn next;
-    sigset_t copy;
-    if (next == NULL)
-        next = (mask_fn)dlsym(RTLD_NEXT, "sigprocmask");
-    return next(how, without_segv(how, set, &copy), old);
+    return without_segv(&next, "sigprocmask", how, set, old);
 }
 
 __attribute__((constructor)) static void mask_cpuid(void) {
