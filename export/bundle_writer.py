@@ -30,7 +30,7 @@ import torch
 from export import staging
 from export.calibration import CalibrationSet, load_calibration, part_feeds
 from export.labels import resolve_class_names
-from export.nncf_int8 import NncfOptions, float_matmuls
+from export.nncf_int8 import NncfOptions, float_matmuls, pixel_range
 from export.onnx_export import DEFAULT_OPSET, check_graph_file, export_graph, external_data_files
 from export.precision import VARIANT_PRECISIONS, make_variant, variant_filename
 from export.report import ExportReport
@@ -348,6 +348,7 @@ class _Plan:
     calibration: CalibrationSet | None = None
     external: dict[str, bool] = field(default_factory=dict)  # part -> weights in a side file
     class_names: list[str] | None = None
+    pixels: tuple[float, float] | None = None  # the normalised pixel range (int8-nncf's pixel quantiser)
     release_between_stages: bool = True  # big weights: free each stage's memory before the next one
 
     def release_memory(self) -> None:
@@ -430,7 +431,12 @@ def _onnx_stage(
                     masked=precision == INT8_NNCF,
                 )
             make_variant(
-                tmp / variant_filename(part, "fp32"), dst, precision, external_data=plan.external[part], feeds=feeds
+                tmp / variant_filename(part, "fp32"),
+                dst,
+                precision,
+                external_data=plan.external[part],
+                feeds=feeds,
+                pixels=plan.pixels,
             )
             del feeds
             plan.release_memory()
@@ -490,6 +496,7 @@ def _export_locked(model_or_checkpoint_path, out: Path, o: ExportOptions, t0: fl
         )
     cfg = model.config
     preprocessing = default_preprocessing(cfg.img_size, cfg.in_chans)
+    plan.pixels = pixel_range(preprocessing["mean"], preprocessing["std"])
     if calibration is not None and any(p in plan.precisions for p in JUDGED_ON_IMAGES):
         plan.calibration = load_calibration(calibration, preprocessing, cfg.in_chans, o.calibration_count)
         say(

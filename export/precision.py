@@ -334,12 +334,14 @@ def make_variant(
     precision: str,
     external_data: bool = False,
     feeds: list[dict] | None = None,
+    pixels: tuple[float, float] | None = None,
 ) -> Path:
-    """``dst``: the ``precision`` variant of the fp32 graph ``src``; ``feeds`` calibrate int8-qdq and int8-nncf."""
+    """``dst``: the ``precision`` variant of the fp32 graph ``src``; ``feeds`` calibrate int8-qdq and int8-nncf;
+    ``pixels`` (the normalised pixel range) lets int8-nncf quantise the patch embedding."""
     if precision == INT8_NNCF:  # NNCF's transformer preset: export/nncf_int8.py
         from export.nncf_int8 import to_int8_nncf
 
-        return to_int8_nncf(src, dst, feeds or [], external_data)
+        return to_int8_nncf(src, dst, feeds or [], external_data, pixels=pixels)
     if precision == INT8_QDQ:
         return to_int8_qdq(src, dst, feeds or [], external_data)
     if precision == "int8":

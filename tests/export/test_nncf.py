@@ -17,6 +17,9 @@ from export.nncf_int8 import (
     dequantized_tensors,
     float_matmuls,
     float_stages,
+    pixel_embedding_convs,
+    pixel_range,
+    set_input_range,
     to_int8_nncf,
     unsigned_asymmetric_activations,
 )
@@ -165,10 +168,12 @@ def test_block_matmuls_are_int8_and_the_ends_stay_float(nncf_bundle):
     depth = 2
     assert len(int8) == 7 * depth and len(matmuls) == 8 * depth
     assert float_matmuls(model) == [n.name for n in matmuls if n not in int8]
-    # The patch-embedding Conv reads the pixels unquantised; nothing after the final norm is quantised.
+    # The patch-embedding Conv is int8 (pixels and weights); the rest of the embedding stage and everything
+    # after the final norm are not quantised.
     conv = next(n for n in g.node if n.op_type == "Conv")
-    assert all(prod.get(i) is None or prod[i].op_type != "DequantizeLinear" for i in conv.input)
-    final = set(float_stages(onnx.load(str(nncf_bundle / "encoder.onnx"), load_external_data=False)))
+    assert [prod[i].op_type for i in conv.input[:2]] == ["DequantizeLinear", "DequantizeLinear"]
+    fp32 = onnx.load(str(nncf_bundle / "encoder.onnx"), load_external_data=False)
+    final = set(float_stages(fp32)) - set(pixel_embedding_convs(fp32))
     assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.name in final for n in g.node)
     for out in g.output:  # every output is written by a float op, not a DequantizeLinear
         assert prod[out.name].op_type != "DequantizeLinear"
@@ -177,6 +182,47 @@ def test_block_matmuls_are_int8_and_the_ends_stay_float(nncf_bundle):
     zero_points = [inits[n.input[2]] for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
     assert any(z.dtype == np.uint8 for z in zero_points)
     assert all(z.dtype == np.uint8 or not z.any() for z in zero_points)
+
+
+def test_the_pixel_quantiser_spans_every_normalised_image(nncf_bundle):
+    """Not the calibration's min/max: a pixel the calibration images never reached is not clipped."""
+    b = Bundle.load(nncf_bundle)
+    low, high = pixel_range(b.preprocessing["mean"], b.preprocessing["std"])
+    mean, std = np.array(b.preprocessing["mean"]), np.array(b.preprocessing["std"])
+    assert low == pytest.approx(min(-mean / std)) and high == pytest.approx(max((1 - mean) / std))
+    g = onnx.load(str(nncf_bundle / f"encoder.{INT8_NNCF}.onnx")).graph
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in g.initializer}
+    (q,) = [n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] == "pixel_values"]
+    scale, zp = float(inits[q.input[1]]), inits[q.input[2]]
+    info = np.iinfo(zp.dtype)
+    assert (int(info.min) - int(zp)) * scale == pytest.approx(low, abs=scale / 2)
+    assert (int(info.max) - int(zp)) * scale == pytest.approx(high, abs=scale / 2)
+    # Black and white in every channel, through the graph: the patch embedding sees them within one step.
+    s = ort_session(nncf_bundle / f"encoder.{INT8_NNCF}.onnx")
+    f = ort_session(nncf_bundle / "encoder.onnx")
+    ids = np.tile(np.arange(16, dtype=np.int64), (2, 1))
+    x = np.stack([np.broadcast_to((v - mean) / std, (32, 32, 3)).transpose(2, 0, 1) for v in (0.0, 1.0)])
+    feed = {"pixel_values": x.astype(np.float32), "ids_keep": ids}
+    a, b_ = s.run(["latent"], feed)[0], f.run(["latent"], feed)[0]
+    pa, pb = a[:, 1:].mean(1), b_[:, 1:].mean(1)
+    assert (np.sum(pa * pb, 1) / np.linalg.norm(pa, axis=1) / np.linalg.norm(pb, axis=1)).min() > 0.99
+
+
+def test_set_input_range_keeps_the_zero_point_type():
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="q"),
+        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], name="dq"),
+    ]
+    inits = [numpy_helper.from_array(np.float32(0.1), "s"), numpy_helper.from_array(np.uint8(3), "z")]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [4]) for n in ("x", "y")]
+    m = helper.make_model(helper.make_graph(nodes, "g", [io[0]], [io[1]], inits))
+    assert set_input_range(m, "x", -1.0, 4.1) == 1
+    got = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    assert got["z"].dtype == np.uint8 and float(got["s"]) == pytest.approx(5.1 / 255)
+    assert (0 - int(got["z"])) * float(got["s"]) == pytest.approx(-1.0, abs=float(got["s"]) / 2)
+    assert set_input_range(m, "other", 0.0, 1.0) == 0
 
 
 def test_pooled_outputs_stay_consistent_with_the_latent(nncf_bundle):
