@@ -14,7 +14,7 @@ boundary), so ONNX Runtime, OpenVINO and TensorRT all read it; what differs is w
   normalised image can take (``pixel_range``, from the bundle's mean/std: every 0..1 pixel of every channel
   fits, nothing a calibration set missed is clipped; one step is about one 8-bit grey level). On ViT-B/16
   and real photos that cost no accuracy (pooled cosine within 3e-5 at 196, 49, 4 and 1 visible patches)
-  and gained 1.6 % at AVX-512 VNNI (benchmarks/RESULTS.md). Without ``pixel_range`` the Conv stays float.
+  and gained 1.6 % at AVX-512 VNNI (benchmarks/RESULTS.md). Without a pixel range the Conv stays float.
 - What stays float: the rest of the embedding stage before the first LayerNormalization (position
   embeddings, the token gather), and everything after the final LayerNormalization (the latent output and
   the pooled outputs computed from it, the classifier head, decoder_pred), so the pooled outputs stay
@@ -179,8 +179,8 @@ def pixel_embedding_convs(model: onnx.ModelProto) -> list[str]:
 def set_input_range(model: onnx.ModelProto, name: str, low: float, high: float) -> int:
     """Make every quantiser of the graph input ``name`` span [low, high] exactly; returns how many it changed.
 
-    The scale and zero point are initializers shared by the QuantizeLinear and its DequantizeLinear, so the
-    pair stays consistent. The zero point keeps its type (uint8 or int8).
+    The QuantizeLinear and the DequantizeLinear nodes reading it get the same scale and zero point (NNCF
+    shares the initializers; separate ones are set too). The zero point keeps its type (uint8 or int8).
     """
     from onnx import numpy_helper
 
@@ -189,13 +189,15 @@ def set_input_range(model: onnx.ModelProto, name: str, low: float, high: float) 
     for node in model.graph.node:
         if node.op_type != "QuantizeLinear" or node.input[0] != name or len(node.input) < 3:
             continue
-        scale_init, zp_init = inits[node.input[1]], inits[node.input[2]]
-        zp_type = numpy_helper.to_array(zp_init).dtype
+        zp_type = numpy_helper.to_array(inits[node.input[2]]).dtype
         info = np.iinfo(zp_type)
-        scale = (high - low) / (int(info.max) - int(info.min))
-        zero_point = np.clip(np.round(int(info.min) - low / scale), info.min, info.max).astype(zp_type)
-        scale_init.CopyFrom(numpy_helper.from_array(np.asarray(scale, dtype=np.float32), scale_init.name))
-        zp_init.CopyFrom(numpy_helper.from_array(np.asarray(zero_point, dtype=zp_type), zp_init.name))
+        scale = np.asarray((high - low) / (int(info.max) - int(info.min)), dtype=np.float32)
+        zero_point = np.asarray(np.clip(np.round(int(info.min) - low / scale), info.min, info.max), dtype=zp_type)
+        readers = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == node.output[0]]
+        pair = [node, *readers]
+        for n in pair:
+            inits[n.input[1]].CopyFrom(numpy_helper.from_array(scale, n.input[1]))
+            inits[n.input[2]].CopyFrom(numpy_helper.from_array(zero_point, n.input[2]))
         changed += 1
     return changed
 

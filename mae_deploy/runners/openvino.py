@@ -16,7 +16,7 @@ Precisions:
   else ``int8-qdq``. ``int8-nncf`` / ``int8-qdq`` name one of them exactly (benchmarks compare the two).
   The bundle's plain ``int8`` graphs are ONNX Runtime dynamic quantisation (MatMulInteger), not what
   OpenVINO is fast at, so they are not used here. What the Q/DQ nodes leave float (LayerNorm, softmax,
-  GELU, softmax @ v, the embedding stage) runs in bf16 where the CPU has bf16 kernels, as OpenVINO does
+  GELU, softmax @ v, the position embeddings) runs in bf16 where the CPU has bf16 kernels, as OpenVINO does
   by default, and f32 elsewhere: on the ViT-B/16 encoder (AMX CPU, batch 8) that made int8 1.1x faster at
   the same pooled cosine to fp32 (benchmarks/RESULTS.md, issue #25). On a CPU without VNNI (AVX2 only)
   oneDNN has no fast int8 GEMM: OpenVINO's int8 ran slower than its fp32 there and lost accuracy (0.90x,

@@ -223,6 +223,13 @@ def test_set_input_range_keeps_the_zero_point_type():
     assert got["z"].dtype == np.uint8 and float(got["s"]) == pytest.approx(5.1 / 255)
     assert (0 - int(got["z"])) * float(got["s"]) == pytest.approx(-1.0, abs=float(got["s"]) / 2)
     assert set_input_range(m, "other", 0.0, 1.0) == 0
+    # A DequantizeLinear with initializers of its own gets the same range.
+    m.graph.node[1].input[1:] = ["s2", "z2"]
+    own = [numpy_helper.from_array(np.float32(1), "s2"), numpy_helper.from_array(np.uint8(0), "z2")]
+    m.graph.initializer.extend(own)
+    set_input_range(m, "x", -2.0, 3.1)
+    got = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    assert got["s2"] == got["s"] == np.float32(5.1 / 255) and got["z2"] == got["z"]
 
 
 def test_pooled_outputs_stay_consistent_with_the_latent(nncf_bundle):
